@@ -1,0 +1,30 @@
+// Schemas of every din_ext op. Always compiled (the Python extension and the standalone CMake library);
+// each device registers its implementations in its own file with TORCH_LIBRARY_IMPL.
+//
+// Shared argument conventions (see din_ext/ops/attention.py for the Python side):
+//   query [B, D]; keys [N, D]; values [N, Dv] or None (= keys)
+//   starts [B], lengths [B] int64: row b's behaviours are keys[starts[b] : starts[b] + lengths[b]]
+//     (padded [B, L, D] inputs pass keys.view(B * L, D) and starts = b * L; jagged pass offsets[:-1] and diff)
+//   max_len: an upper bound on lengths, or -1 if unknown (only GPU grids use it)
+//   weights / biases: the MLP, Linear(4D, H1), ..., Linear(H_last, 1), nn.Linear layout [out, in]
+//   act_params [P, sum(H_i)]: per-feature activation parameters of all hidden layers, concatenated:
+//     P = 0 (sigmoid, relu), P = 1 (prelu: slope), P = 5 (dice: alpha, gamma, beta, running_mean, running_var)
+//   stats [2, sum(H_i)]: Dice batch mean and biased variance over valid rows (training mode; zeros otherwise)
+#include <torch/library.h>
+
+TORCH_LIBRARY(din_ext, m) {
+  m.def(
+      "local_activation_attention(Tensor query, Tensor keys, Tensor? values, Tensor starts, Tensor lengths, "
+      "int max_len, Tensor[] weights, Tensor[] biases, Tensor act_params, str activation, str normalization, "
+      "float score_scale, bool training, float eps) -> (Tensor out, Tensor stats)");
+  m.def(
+      "local_activation_attention_backward(Tensor grad_out, Tensor query, Tensor keys, Tensor? values, "
+      "Tensor starts, Tensor lengths, int max_len, Tensor[] weights, Tensor[] biases, Tensor act_params, "
+      "Tensor stats, str activation, str normalization, float score_scale, bool training, float eps) -> "
+      "(Tensor grad_query, Tensor grad_keys, Tensor grad_values, Tensor[] grad_weights, Tensor[] grad_biases, "
+      "Tensor grad_act_params)");
+  m.def("dice(Tensor x, Tensor? mask, Tensor params, bool training, float eps) -> (Tensor y, Tensor stats)");
+  m.def(
+      "dice_backward(Tensor grad_y, Tensor x, Tensor? mask, Tensor params, Tensor stats, bool training, "
+      "float eps) -> (Tensor grad_x, Tensor grad_params)");
+}

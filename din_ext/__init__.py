@@ -1,0 +1,9 @@
+"""din_ext: fast, exact Deep Interest Network (DIN) attention, Dice and MBA regularization for PyTorch."""
+
+from din_ext import _ext, ops, reference
+from din_ext._backend import available_backends, use_backend
+from din_ext.modules import Dice, LocalActivationUnit
+
+__version__ = "0.1.0"
+
+__all__ = ["Dice", "LocalActivationUnit", "available_backends", "ops", "reference", "use_backend", "__version__"]

@@ -1,0 +1,156 @@
+"""DIN layers: thin nn.Modules that hold the parameters and call the din_ext ops."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from din_ext import ops
+from din_ext.ops.dice import pack_params
+from din_ext.reference import ACTIVATIONS, NORMALIZATIONS
+
+
+def _update_running_stats(module: "Dice", mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+    """nn.BatchNorm1d's update (unbiased variance), skipped for batches of fewer than two valid rows."""
+    with torch.no_grad():
+        n = count.to(mean.dtype)
+        update = count > 1
+        momentum = module.momentum
+        unbiased = var * n / (n - 1).clamp_min(1)
+        module.running_mean.copy_(torch.where(update, torch.lerp(module.running_mean, mean, momentum),
+                                              module.running_mean))
+        module.running_var.copy_(torch.where(update, torch.lerp(module.running_var, unbiased, momentum),
+                                             module.running_var))
+        module.num_batches_tracked.add_(update.to(module.num_batches_tracked.dtype))
+
+
+class Dice(nn.Module):
+    """Dice activation (DIN paper section 5.2) with batch statistics over valid rows only.
+
+    ``p = sigmoid((x - mean) / sqrt(var + eps))`` (``sigmoid(gamma * ... + beta)`` when affine),
+    ``y = p * x + (1 - p) * alpha * x`` per feature. Training uses the batch mean and biased variance over the rows
+    where ``mask`` is True and updates the running statistics like nn.BatchNorm1d; eval uses the running ones.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1, affine: bool = False):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.alpha = nn.Parameter(torch.zeros(num_features))
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.backend = "auto"
+
+    def packed_params(self) -> torch.Tensor:
+        """(5, H): alpha, gamma, beta, running_mean, running_var (the ops' packed layout)."""
+        return pack_params(self.alpha, self.weight, self.bias, self.running_mean, self.running_var)
+
+    def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        """Fold one batch's statistics (biased var over ``count`` rows) into the running ones."""
+        _update_running_stats(self, mean, var, count)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (N, H) or (B, L, H); mask: x.shape[:-1] bool, True on real rows. Masked-out rows give 0."""
+        y, mean, var = ops.dice(x, self.alpha, self.running_mean, self.running_var, mask=mask, gamma=self.weight,
+                                beta=self.bias, training=self.training, eps=self.eps, backend=self.backend)
+        if self.training:
+            count = mask.sum() if mask is not None else torch.tensor(x.numel() // x.shape[-1], device=x.device)
+            self.update_running_stats(mean, var, count)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+
+
+class LocalActivationUnit(nn.Module):
+    """DIN's local activation unit with attention pooling (DESIGN.md section 1).
+
+    Scores every behaviour k of a user against the query q with ``MLP([q, k, q - k, q * k])`` and returns the
+    score-weighted sum of the values (unnormalized, as in the paper, or softmax-normalized).
+    Attributes: ``.linears`` (Linear(4D, H1), ...), ``.activations`` (one per hidden layer), ``.out``
+    (Linear(H_last, 1)).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        hidden_units: Sequence[int] = (80, 40),
+        activation: str = "dice",
+        normalization: str = "none",
+        score_scale: float = 1.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        self.embed_dim = embed_dim
+        self.activation = activation
+        self.normalization = normalization
+        self.score_scale = float(score_scale)
+        self.backend = backend
+        widths = [4 * embed_dim, *hidden_units]
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.activations = nn.ModuleList(self._make_activation(h) for h in hidden_units)
+        self.out = nn.Linear(widths[-1], 1)
+
+    def _make_activation(self, width: int) -> nn.Module:
+        if self.activation == "dice":
+            return Dice(width)
+        if self.activation == "prelu":
+            return nn.PReLU(width)
+        return nn.Sigmoid() if self.activation == "sigmoid" else nn.ReLU()
+
+    def act_params(self) -> Optional[torch.Tensor]:
+        """Activation parameters of all hidden layers in the ops' packed (P, sum(H_i)) layout."""
+        if self.activation == "dice":
+            return torch.cat([act.packed_params() for act in self.activations], dim=1)
+        if self.activation == "prelu":
+            return torch.cat([act.weight.expand(lin.out_features)
+                              for act, lin in zip(self.activations, self.linears)])[None]
+        return None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        lengths: Optional[torch.Tensor] = None,
+        offsets: Optional[torch.Tensor] = None,
+        values: Optional[torch.Tensor] = None,
+        max_len: Optional[int] = None,
+    ) -> torch.Tensor:
+        """query: (B, D); keys: (B, L, D) with lengths (B,), or (N, D) jagged with offsets (B+1,) and optional
+        max_len; values: like keys (default keys). Returns (B, Dv); a user without behaviours gets zeros."""
+        training = self.training and self.activation == "dice"
+        eps = self.activations[0].eps if self.activation == "dice" and len(self.activations) else 1e-8
+        params = self.act_params()
+        out, stats = ops.local_activation_attention(
+            query, keys, [lin.weight for lin in self.linears] + [self.out.weight],
+            [lin.bias for lin in self.linears] + [self.out.bias], params, lengths=lengths, offsets=offsets,
+            values=values, max_len=max_len, activation=self.activation, normalization=self.normalization,
+            score_scale=self.score_scale, training=training, eps=eps,
+            backend=self.backend)
+        if training:
+            count = lengths.sum() if lengths is not None else offsets[-1]
+            column = 0
+            for act in self.activations:
+                width = act.num_features
+                act.update_running_stats(stats[0, column:column + width], stats[1, column:column + width], count)
+                column += width
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, activation={self.activation!r}, normalization={self.normalization!r}, "
+                f"score_scale={self.score_scale}, backend={self.backend!r}")

@@ -1,0 +1,6 @@
+"""Functional din_ext ops: each validates its inputs, picks a backend and calls its torch.library op."""
+
+from din_ext.ops.attention import local_activation_attention
+from din_ext.ops.dice import dice
+
+__all__ = ["local_activation_attention", "dice"]

@@ -1,0 +1,185 @@
+"""Functional local-activation attention: validation, backend dispatch, fake kernels and autograd of the op
+``torch.ops.din_ext.local_activation_attention``.
+
+The op sees one canonical form for padded and jagged inputs: keys as rows ``[N, D]`` plus ``starts``/``lengths``
+per user (padded ``[B, L, D]`` keys are viewed as ``[B * L, D]`` with ``starts = b * L``), so every backend has a
+single kernel and padding is skipped rather than masked.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from din_ext import _backend, _ext, _validate, reference
+from din_ext.reference import ACT_PARAM_ROWS, ACTIVATIONS, NORMALIZATIONS
+
+OP_NAME = "din_ext::local_activation_attention"
+
+
+def local_activation_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    act_params: Optional[torch.Tensor] = None,
+    *,
+    lengths: Optional[torch.Tensor] = None,
+    offsets: Optional[torch.Tensor] = None,
+    values: Optional[torch.Tensor] = None,
+    max_len: Optional[int] = None,
+    activation: str = "dice",
+    normalization: str = "none",
+    score_scale: float = 1.0,
+    training: bool = False,
+    eps: float = 1e-8,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DIN attention pooling of each user's behaviours by their local-activation scores against the query.
+
+    query: (B, D); keys: (B, L, D) padded with lengths (B,) int32/int64, or (N, D) jagged with offsets (B+1,);
+    values: like keys with width Dv (default: keys); max_len: jagged only, an upper bound of the row lengths;
+    weights/biases: the MLP Linear(4D, H1), ..., Linear(H_last, 1) in nn.Linear layout;
+    act_params: (P, sum(H_i)) packed activation parameters (see din_ext.reference; None for sigmoid/relu).
+    Returns (out (B, Dv), stats (2, sum(H_i))): stats holds the Dice batch mean and biased variance of each hidden
+    feature over the valid behaviours in training mode (for the running statistics), zeros otherwise.
+    """
+    weights, biases, act_params = _check(query, keys, weights, biases, act_params, lengths, offsets, values,
+                                         max_len, activation, normalization)
+    name = _backend.resolve(backend, query.device)
+    if name == "reference":
+        return reference.local_activation_attention(
+            query, keys, weights, biases, act_params, lengths=lengths, offsets=offsets, values=values,
+            max_len=max_len, activation=activation, normalization=normalization, score_scale=score_scale,
+            training=training, eps=eps)
+    if name == "triton":
+        raise NotImplementedError("din_ext: the triton attention kernels are not implemented yet")
+    _ext.require_cpp(name)
+    if offsets is not None:
+        offsets = offsets.long()
+        starts, row_lengths = offsets[:-1], offsets[1:] - offsets[:-1]
+        bound = -1 if max_len is None else int(max_len)
+    else:
+        batch, bound = keys.shape[0], keys.shape[1]
+        starts = torch.arange(batch, device=keys.device, dtype=torch.long) * bound
+        row_lengths = lengths.long()
+        keys = keys.reshape(batch * bound, keys.shape[2])
+        if values is not None:
+            values = values.reshape(batch * bound, values.shape[2])
+    return torch.ops.din_ext.local_activation_attention(
+        query, keys, values, starts, row_lengths, bound, list(weights), list(biases), act_params, activation,
+        normalization, float(score_scale), bool(training), float(eps))
+
+
+def _check(query, keys, weights, biases, act_params, lengths, offsets, values, max_len, activation, normalization):
+    _validate.tensor(query, "query", 2)
+    _validate.floating(query, "query")
+    batch, dim = query.shape
+    if batch == 0:
+        raise ValueError("query: empty batch (B = 0); din_ext needs at least one user")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if (lengths is None) == (offsets is None):
+        raise ValueError("pass exactly one of lengths (padded keys [B, L, D]) or offsets (jagged keys [N, D])")
+    _validate.tensor(keys, "keys")
+    _validate.floating(keys, "keys", query)
+    if lengths is not None:
+        if keys.dim() != 3 or keys.shape[0] != batch or keys.shape[2] != dim:
+            raise ValueError(f"keys must have shape [B={batch}, L, D={dim}] with lengths, got {tuple(keys.shape)}")
+        if max_len is not None:
+            raise ValueError("max_len is only for jagged inputs (offsets); padded keys give L = keys.shape[1]")
+        _validate.index(lengths, "lengths", (batch,), query)
+        _validate.lengths_in_range(lengths, keys.shape[1])
+        value_shape = (batch, keys.shape[1])
+    else:
+        if keys.dim() != 2 or keys.shape[1] != dim:
+            raise ValueError(f"keys must have shape [N, D={dim}] with offsets, got {tuple(keys.shape)}")
+        if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 0):
+            raise ValueError(f"max_len must be a non-negative int, got {max_len!r}")
+        _validate.index(offsets, "offsets", (batch + 1,), query)
+        _validate.offsets_valid(offsets, keys.shape[0], max_len)
+        value_shape = (keys.shape[0],)
+    if values is not None:
+        _validate.tensor(values, "values")
+        _validate.floating(values, "values", query)
+        if values.dim() != len(value_shape) + 1 or tuple(values.shape[:-1]) != value_shape:
+            raise ValueError(f"values must have shape [{', '.join(map(str, value_shape))}, Dv] (like keys), got "
+                             f"{tuple(values.shape)}")
+
+    weights, biases = list(weights), list(biases)
+    if not weights or len(weights) != len(biases):
+        raise ValueError(f"weights and biases must be non-empty and of equal length, got {len(weights)} and "
+                         f"{len(biases)}")
+    fan_in = 4 * dim
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        _validate.tensor(w, f"weights[{i}]", 2)
+        _validate.floating(w, f"weights[{i}]", query)
+        _validate.tensor(b, f"biases[{i}]", 1)
+        _validate.floating(b, f"biases[{i}]", query)
+        fan_out = 1 if i == len(weights) - 1 else w.shape[0]
+        if tuple(w.shape) != (fan_out, fan_in):
+            raise ValueError(f"weights[{i}] must have shape [{'1' if fan_out == 1 and i == len(weights) - 1 else 'H'}"
+                             f", {fan_in}], got {tuple(w.shape)}")
+        if tuple(b.shape) != (fan_out,):
+            raise ValueError(f"biases[{i}] must have shape [{fan_out}], got {tuple(b.shape)}")
+        fan_in = fan_out
+    hidden_total = sum(w.shape[0] for w in weights[:-1])
+    rows = ACT_PARAM_ROWS[activation]
+    if act_params is None:
+        if rows:
+            raise ValueError(f"activation {activation!r} needs act_params of shape [{rows}, {hidden_total}]")
+        act_params = query.new_empty(0, hidden_total)
+    _validate.tensor(act_params, "act_params", 2)
+    _validate.floating(act_params, "act_params", query)
+    if tuple(act_params.shape) != (rows, hidden_total):
+        raise ValueError(f"act_params must have shape [{rows}, {hidden_total}] for activation {activation!r}, got "
+                         f"{tuple(act_params.shape)}")
+    return weights, biases, act_params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake kernels and autograd of the compiled op (registered only when din_ext._C is loaded).
+
+
+def _fake_forward(query, keys, values, starts, lengths, max_len, weights, biases, act_params, activation,
+                  normalization, score_scale, training, eps):
+    value_dim = keys.shape[1] if values is None else values.shape[1]
+    hidden_total = sum(w.shape[0] for w in weights[:-1])
+    return query.new_empty(query.shape[0], value_dim), query.new_empty(2, hidden_total)
+
+
+def _fake_backward(grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, stats,
+                   activation, normalization, score_scale, training, eps):
+    grad_values = keys.new_empty(0) if values is None else torch.empty_like(values)
+    return (torch.empty_like(query), torch.empty_like(keys), grad_values, [torch.empty_like(w) for w in weights],
+            [torch.empty_like(b) for b in biases], torch.empty_like(act_params))
+
+
+def _setup_context(ctx, inputs, output):
+    (query, keys, values, starts, lengths, max_len, weights, biases, act_params, activation, normalization,
+     score_scale, training, eps) = inputs
+    ctx.num_layers = len(weights)
+    ctx.has_values = values is not None
+    ctx.config = (max_len, activation, normalization, score_scale, training, eps)
+    ctx.save_for_backward(query, keys, values, starts, lengths, act_params, output[1], *weights, *biases)
+
+
+def _backward(ctx, grad_out, grad_stats):
+    query, keys, values, starts, lengths, act_params, stats, *layers = ctx.saved_tensors
+    weights, biases = layers[:ctx.num_layers], layers[ctx.num_layers:]
+    max_len, activation, normalization, score_scale, training, eps = ctx.config
+    grad_query, grad_keys, grad_values, grad_weights, grad_biases, grad_act = (
+        torch.ops.din_ext.local_activation_attention_backward(
+            grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, stats, activation,
+            normalization, score_scale, training, eps))
+    return (grad_query, grad_keys, grad_values if ctx.has_values else None, None, None, None, list(grad_weights),
+            list(grad_biases), grad_act, None, None, None, None, None)
+
+
+if _ext.has_cpp():
+    torch.library.register_fake(OP_NAME)(_fake_forward)
+    torch.library.register_fake(OP_NAME + "_backward")(_fake_backward)
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)

@@ -1,0 +1,99 @@
+"""Functional Dice: validation, backend dispatch, fake kernels and autograd of ``torch.ops.din_ext.dice``."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from din_ext import _backend, _ext, _validate, reference
+
+OP_NAME = "din_ext::dice"
+
+
+def dice(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    gamma: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+    training: bool = True,
+    eps: float = 1e-8,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dice (DIN paper section 5.2) per feature, with batch statistics over the valid rows in training.
+
+    x: (..., H); mask: x.shape[:-1] bool (True = real row) or None; alpha, running_mean, running_var, gamma, beta:
+    (H,). Returns (y, mean, var): y like x, 0 on masked-out rows; the batch (training) or running (eval) mean and
+    biased variance that were used.
+    """
+    _validate.tensor(x, "x")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [N, H] or [B, L, H], got {tuple(x.shape)}")
+    _validate.floating(x, "x")
+    features = x.shape[-1]
+    for name, t in (("alpha", alpha), ("running_mean", running_mean), ("running_var", running_var),
+                    ("gamma", gamma), ("beta", beta)):
+        if t is None and name in ("gamma", "beta"):
+            continue
+        _validate.tensor(t, name)
+        _validate.floating(t, name, x, "x")
+        if tuple(t.shape) != (features,):
+            raise ValueError(f"{name} must have shape [{features}], got {tuple(t.shape)}")
+    if (gamma is None) != (beta is None):
+        raise ValueError("pass both gamma and beta (affine Dice) or neither")
+    if mask is not None:
+        _validate.tensor(mask, "mask")
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:-1]) or mask.device != x.device:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(x.shape[:-1])} on {x.device}, got "
+                             f"{mask.dtype} {tuple(mask.shape)} on {mask.device}")
+    name = _backend.resolve(backend, x.device)
+    if name == "reference":
+        return reference.dice(x, alpha, running_mean, running_var, mask=mask, gamma=gamma, beta=beta,
+                              training=training, eps=eps)
+    if name == "triton":
+        raise NotImplementedError("din_ext: the triton dice kernel is not implemented yet")
+    _ext.require_cpp(name)
+    params = pack_params(alpha, gamma, beta, running_mean, running_var)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    y, stats = torch.ops.din_ext.dice(x.reshape(-1, features), flat_mask, params, bool(training), float(eps))
+    if not training:
+        return y.reshape(x.shape), running_mean.detach(), running_var.detach()
+    return y.reshape(x.shape), stats[0], stats[1]
+
+
+def pack_params(alpha, gamma, beta, running_mean, running_var) -> torch.Tensor:
+    """(5, H) Dice parameters in the ops' packed row order; gamma = 1, beta = 0 when not affine."""
+    if gamma is None:
+        gamma, beta = torch.ones_like(alpha), torch.zeros_like(alpha)
+    return torch.stack([alpha, gamma, beta, running_mean.detach(), running_var.detach()])
+
+
+def _fake_forward(x, mask, params, training, eps):
+    return torch.empty_like(x), x.new_empty(2, x.shape[1])
+
+
+def _fake_backward(grad_y, x, mask, params, stats, training, eps):
+    return torch.empty_like(x), torch.empty_like(params)
+
+
+def _setup_context(ctx, inputs, output):
+    x, mask, params, training, eps = inputs
+    ctx.config = (training, eps)
+    ctx.save_for_backward(x, mask, params, output[1])
+
+
+def _backward(ctx, grad_y, grad_stats):
+    x, mask, params, stats = ctx.saved_tensors
+    training, eps = ctx.config
+    grad_x, grad_params = torch.ops.din_ext.dice_backward(grad_y, x, mask, params, stats, training, eps)
+    return grad_x, None, grad_params, None, None
+
+
+if _ext.has_cpp():
+    torch.library.register_fake(OP_NAME)(_fake_forward)
+    torch.library.register_fake(OP_NAME + "_backward")(_fake_backward)
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)

@@ -1,0 +1,1 @@
+"""Triton kernels of din_ext, installed as the package ``din_ext.kernels``."""
