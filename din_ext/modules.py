@@ -9,7 +9,7 @@ from torch import nn
 
 from din_ext import ops
 from din_ext.ops.dice import pack_params
-from din_ext.reference import ACTIVATIONS, NORMALIZATIONS
+from din_ext.reference import ACT_PARAM_ROWS, ACTIVATIONS, NORMALIZATIONS
 
 
 def _update_running_stats(module: "Dice", mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
@@ -115,6 +115,9 @@ class LocalActivationUnit(nn.Module):
 
     def act_params(self) -> Optional[torch.Tensor]:
         """Activation parameters of all hidden layers in the ops' packed (P, sum(H_i)) layout."""
+        if not len(self.activations):
+            rows = ACT_PARAM_ROWS[self.activation]
+            return self.out.weight.new_zeros(rows, 0) if rows else None
         if self.activation == "dice":
             return torch.cat([act.packed_params() for act in self.activations], dim=1)
         if self.activation == "prelu":

@@ -34,11 +34,16 @@ at::Tensor dice_rows_backward(const at::Tensor& grad_y, const at::Tensor& z, con
   grad_params[kDiceBeta].copy_(g_arg.sum(0));
   const at::Tensor g_xhat = g_arg * gamma;
   at::Tensor grad_z = grad_y * (alpha + (1 - alpha) * p);
-  if (training && z.size(0) > 0) {
-    // xhat_r = (z_r - mean) * rstd with mean and var over the same rows: BatchNorm's backward.
-    grad_z += rstd * (g_xhat - g_xhat.mean(0) - xhat * (g_xhat * xhat).mean(0));
+  if (training) {
+    if (z.size(0) > 0) {
+      // xhat_r = (z_r - mean) * rstd with mean and var over the same rows: BatchNorm's backward.
+      grad_z += rstd * (g_xhat - g_xhat.mean(0) - xhat * (g_xhat * xhat).mean(0));
+    }
   } else {
+    // Fixed (running) statistics: they are inputs of the op too, so they get their exact gradient.
     grad_z += g_xhat * rstd;
+    grad_params[kDiceRunningMean].copy_(-rstd * g_xhat.sum(0));
+    grad_params[kDiceRunningVar].copy_(-0.5 * rstd * rstd * (g_xhat * xhat).sum(0));
   }
   return grad_z;
 }

@@ -15,7 +15,8 @@ at::Tensor dice_rows_forward(const at::Tensor& z, const at::Tensor& params, bool
                              at::Tensor mean, at::Tensor var);
 
 // Backward of dice_rows_forward given the statistics it used. Writes d/d(alpha, gamma, beta) to the first three
-// rows of grad_params ([5, H]); in training the gradient flows through the batch statistics (as BatchNorm's).
+// rows of grad_params ([5, H]). In training the gradient flows through the batch statistics (as BatchNorm's);
+// in eval the running statistics are inputs and get their gradient in the last two rows.
 at::Tensor dice_rows_backward(const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& params,
                               const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
                               at::Tensor grad_params);

@@ -164,6 +164,7 @@ def _setup_context(ctx, inputs, output):
     ctx.num_layers = len(weights)
     ctx.has_values = values is not None
     ctx.config = (max_len, activation, normalization, score_scale, training, eps)
+    ctx.mark_non_differentiable(output[1])  # batch statistics, for the running averages only
     ctx.save_for_backward(query, keys, values, starts, lengths, act_params, output[1], *weights, *biases)
 
 

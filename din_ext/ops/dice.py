@@ -83,6 +83,7 @@ def _fake_backward(grad_y, x, mask, params, stats, training, eps):
 def _setup_context(ctx, inputs, output):
     x, mask, params, training, eps = inputs
     ctx.config = (training, eps)
+    ctx.mark_non_differentiable(output[1])  # batch statistics, for the running averages only
     ctx.save_for_backward(x, mask, params, output[1])
 
 

@@ -1,0 +1,252 @@
+"""Conformance of every attention backend with din_ext.reference: output and every gradient."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import zlib
+
+import pytest
+import torch
+
+import din_ext
+from conftest import clean, make_batch, requires_cpp, run_unit
+
+ACTIVATIONS = ["dice", "sigmoid", "prelu", "relu"]
+CASES = [
+    pytest.param(act, norm, layout, training, id=f"{act}-{norm}-{layout}-{'train' if training else 'eval'}")
+    for act, norm, layout, training in itertools.product(ACTIVATIONS, ["none", "softmax"], ["padded", "jagged"],
+                                                         [True, False])
+]
+
+
+def make_unit(activation, normalization, hidden=(80, 40), dim=24, score_scale=1.0, dtype=torch.float64,
+              device="cpu", seed=0, training=True):
+    torch.manual_seed(seed)
+    unit = din_ext.LocalActivationUnit(dim, hidden, activation=activation, normalization=normalization,
+                                       score_scale=score_scale)
+    with torch.no_grad():  # non-trivial activation parameters and running statistics
+        for act in unit.activations:
+            if isinstance(act, din_ext.Dice):
+                act.alpha.uniform_(-0.5, 0.5)
+                act.running_mean.uniform_(-0.3, 0.3)
+                act.running_var.uniform_(0.5, 2.0)
+            elif isinstance(act, torch.nn.PReLU):
+                act.weight.uniform_(-0.5, 0.5)
+    return unit.to(dtype=dtype, device=device).train(training)
+
+
+def assert_matches_reference(unit, batch, backend, atol=1e-10, rtol=1e-9):
+    oracle = copy.deepcopy(unit)
+    oracle.backend = "reference"
+    unit.backend = backend
+    ours = batch.fresh()
+    out, grads = run_unit(unit, ours)
+    ref_out, ref_grads = run_unit(oracle, clean(batch))
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    names = ["query", "keys", "values"][:len(ours.leaves())] + [n for n, p in unit.named_parameters()]
+    for name, g, r in zip(names, grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=atol, rtol=rtol, msg=lambda m: f"grad of {name}: {m}")
+    for (name, ours_buf), (_, ref_buf) in zip(unit.named_buffers(), oracle.named_buffers()):
+        torch.testing.assert_close(ours_buf, ref_buf, atol=atol, rtol=rtol, msg=lambda m: f"buffer {name}: {m}")
+    return out
+
+
+@pytest.mark.parametrize("activation, normalization, layout, training", CASES)
+def test_matches_reference(backend, activation, normalization, layout, training):
+    name, device = backend
+    unit = make_unit(activation, normalization, device=device, training=training, score_scale=0.37)
+    batch = make_batch(layout, device=device, seed=zlib.crc32(f"{activation}{normalization}{layout}".encode()))
+    assert_matches_reference(unit, batch, name)
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_separate_values(backend, layout, normalization):
+    name, device = backend
+    unit = make_unit("dice", normalization, device=device)
+    batch = make_batch(layout, batch=6, max_len=31, value_dim=17, device=device, seed=3)
+    out = assert_matches_reference(unit, batch, name)
+    assert out.shape == (6, 17)
+
+
+@pytest.mark.parametrize("hidden", [(), (7,), (33, 9, 5)], ids=["no-hidden", "one-hidden", "three-hidden"])
+def test_hidden_depths(backend, hidden):
+    name, device = backend
+    unit = make_unit("prelu", "softmax", hidden=hidden, dim=10, device=device)
+    assert_matches_reference(unit, make_batch("jagged", batch=4, max_len=9, dim=10, device=device), name)
+
+
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+@pytest.mark.parametrize("training", [True, False])
+def test_all_rows_empty(backend, normalization, training):
+    name, device = backend
+    unit = make_unit("dice", normalization, device=device, training=training)
+    before = [b.clone() for b in unit.buffers()]
+    batch = make_batch("padded", batch=3, max_len=4, lengths=[0, 0, 0], device=device)
+    out = assert_matches_reference(unit, batch, name)
+    assert torch.equal(out, torch.zeros_like(out))
+    for old, new in zip(before, unit.buffers()):  # no valid row: the running statistics stay as they were
+        assert torch.equal(old, new)
+
+
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_length_one(backend, layout):
+    name, device = backend
+    unit = make_unit("dice", "softmax", device=device)
+    assert_matches_reference(unit, make_batch(layout, batch=9, max_len=1, device=device, seed=5), name)
+
+
+def test_single_valid_row_in_training(backend):
+    """One valid behaviour in the batch: variance 0, statistics of one row, no running-stat update."""
+    name, device = backend
+    unit = make_unit("dice", "none", device=device)
+    assert_matches_reference(unit, make_batch("padded", batch=3, max_len=5, lengths=[0, 1, 0], device=device), name)
+
+
+def test_int32_indices_and_odd_shapes(backend):
+    name, device = backend
+    unit = make_unit("sigmoid", "none", hidden=(13, 3), dim=5, device=device)
+    for layout in ("padded", "jagged"):
+        batch = make_batch(layout, batch=11, max_len=7, dim=5, device=device, index_dtype=torch.int32, seed=7)
+        assert_matches_reference(unit, batch, name)
+
+
+def test_float32(backend):
+    name, device = backend
+    unit = make_unit("dice", "softmax", dtype=torch.float32, device=device)
+    batch = make_batch("jagged", dtype=torch.float32, device=device, seed=11)
+    assert_matches_reference(unit, batch, name, atol=2e-4, rtol=2e-4)
+
+
+def test_padded_equals_jagged(backend):
+    name, device = backend
+    unit = make_unit("dice", "softmax", device=device, training=False)
+    unit.backend = name
+    padded = make_batch("padded", device=device, seed=2, garbage=0.0)
+    lengths = padded.index["lengths"]
+    valid = torch.arange(padded.keys.shape[1], device=device)[None, :] < lengths[:, None]
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    out_padded = unit(padded.query, padded.keys, lengths=lengths)
+    out_jagged = unit(padded.query, padded.keys[valid], offsets=offsets)
+    torch.testing.assert_close(out_padded, out_jagged, atol=1e-12, rtol=1e-12)
+
+
+def test_zero_length_gets_exact_zero_and_no_nan(backend):
+    name, device = backend
+    unit = make_unit("dice", "softmax", device=device)
+    unit.backend = name
+    batch = make_batch("padded", batch=4, max_len=6, lengths=[6, 0, 3, 0], device=device).fresh()
+    out = unit(batch.query, batch.keys, **batch.index)
+    out.sum().backward()
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(out[3], torch.zeros_like(out[3]))
+    assert torch.isfinite(out).all() and torch.isfinite(batch.query.grad).all()
+    assert torch.equal(batch.query.grad[1], torch.zeros_like(batch.query.grad[1]))
+    pad = torch.arange(6, device=device)[None, :] >= batch.index["lengths"][:, None]
+    assert torch.equal(batch.keys.grad[pad], torch.zeros_like(batch.keys.grad[pad]))  # padding never gets gradient
+
+
+def test_deterministic(backend):
+    name, device = backend
+    results = []
+    for _ in range(2):
+        unit = make_unit("dice", "softmax", dtype=torch.float32, device=device)
+        unit.backend = name
+        batch = make_batch("jagged", dtype=torch.float32, device=device, seed=4).fresh()
+        results.append(run_unit(unit, batch))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_running_stats_match_batchnorm(backend):
+    """The Dice running statistics follow nn.BatchNorm1d run on the valid behaviours' pre-activations."""
+    name, device = backend
+    unit = make_unit("dice", "none", hidden=(6,), dim=4, device=device)
+    unit.backend = name
+    batch = make_batch("padded", batch=5, max_len=8, dim=4, device=device, garbage=0.0, seed=9)
+    bn = torch.nn.BatchNorm1d(6, eps=1e-8, affine=False).double().to(device)
+    bn.running_mean.copy_(unit.activations[0].running_mean)
+    bn.running_var.copy_(unit.activations[0].running_var)
+    unit(batch.query, batch.keys, **batch.index)
+    valid = torch.arange(8, device=device)[None, :] < batch.index["lengths"][:, None]
+    q = batch.query[:, None, :].expand_as(batch.keys)
+    x = torch.cat([q, batch.keys, q - batch.keys, q * batch.keys], -1)[valid]
+    bn(unit.linears[0](x))
+    torch.testing.assert_close(unit.activations[0].running_mean, bn.running_mean)
+    torch.testing.assert_close(unit.activations[0].running_var, bn.running_var)
+
+
+@requires_cpp
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_cpu(activation, training):
+    """float64 finite differences through the op, every differentiable input (running statistics included)."""
+    torch.manual_seed(0)
+    unit = make_unit(activation, "softmax" if training else "none", hidden=(5, 4), dim=3, training=training)
+    batch = make_batch("jagged", batch=3, max_len=4, dim=3, value_dim=2, garbage=0.0, seed=1)
+    weights = [p.detach().clone().requires_grad_() for p in [*[l.weight for l in unit.linears], unit.out.weight]]
+    biases = [p.detach().clone().requires_grad_() for p in [*[l.bias for l in unit.linears], unit.out.bias]]
+    params = unit.act_params()
+    params = None if params is None else params.detach().clone().requires_grad_()
+    inputs = [batch.query, batch.keys, batch.values, *weights, *biases] + ([params] if params is not None else [])
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    n = len(weights)
+
+    def fn(query, keys, values, *rest):
+        act = rest[2 * n] if params is not None else None
+        out, _ = din_ext.ops.local_activation_attention(
+            query, keys, list(rest[:n]), list(rest[n:2 * n]), act, values=values, activation=activation,
+            normalization=unit.normalization, training=training, backend="cpu", **batch.index)
+        return out
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+@requires_cpp
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("with_values", [True, False])
+def test_opcheck(training, with_values):
+    unit = make_unit("dice", "softmax", hidden=(6, 4), dim=5, training=training)
+    batch = make_batch("jagged", batch=4, max_len=5, dim=5, value_dim=3 if with_values else None, garbage=0.0)
+    offsets = batch.index["offsets"]
+    weights = [p.detach().clone().requires_grad_() for p in [*[l.weight for l in unit.linears], unit.out.weight]]
+    biases = [p.detach().clone().requires_grad_() for p in [*[l.bias for l in unit.linears], unit.out.bias]]
+    params = unit.act_params().detach().clone().requires_grad_()
+    args = (batch.query.requires_grad_(), batch.keys.requires_grad_(),
+            None if batch.values is None else batch.values.requires_grad_(), offsets[:-1], offsets.diff(), 5,
+            weights, biases, params, "dice", "softmax", 0.5, training, 1e-8)
+    torch.library.opcheck(torch.ops.din_ext.local_activation_attention.default, args)
+    out, stats = torch.ops.din_ext.local_activation_attention(*args)
+    grad_args = (torch.randn_like(out), *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:9]],
+                 stats.detach(), *args[9:])
+    grad_args = tuple([t.detach() for t in a] if isinstance(a, list) else a for a in grad_args)
+    torch.library.opcheck(torch.ops.din_ext.local_activation_attention_backward.default, grad_args)
+
+
+@requires_cpp
+def test_torch_compile_fullgraph():
+    unit = make_unit("dice", "softmax", hidden=(16, 8), dim=8, dtype=torch.float32)
+    unit.backend = "cpu"
+    reference = copy.deepcopy(unit)
+    compiled = torch.compile(unit, fullgraph=True)
+    for seed in range(2):  # the second call reuses the graph with new data
+        batch = make_batch("jagged", batch=6, max_len=9, dim=8, dtype=torch.float32, garbage=0.0, seed=seed)
+        ours = batch.fresh()
+        out, grads = run_unit(compiled, ours)
+        ref_out, ref_grads = run_unit(reference, batch.fresh())
+        torch.testing.assert_close(out, ref_out)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r)
+    torch.testing.assert_close(unit.activations[0].running_mean, reference.activations[0].running_mean)
+
+
+@requires_cpp
+def test_torch_export():
+    unit = make_unit("dice", "none", hidden=(16, 8), dim=8, dtype=torch.float32, training=False)
+    unit.backend = "cpu"
+    batch = make_batch("padded", batch=6, max_len=9, dim=8, dtype=torch.float32, garbage=0.0)
+    args = (batch.query, batch.keys, batch.index["lengths"])
+    exported = torch.export.export(unit, args)
+    assert any("din_ext.local_activation_attention" in str(node.target) for node in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(*args), unit(*args))
