@@ -69,7 +69,7 @@ def pack_params(alpha, gamma, beta, running_mean, running_var) -> torch.Tensor:
     """(5, H) Dice parameters in the ops' packed row order; gamma = 1, beta = 0 when not affine."""
     if gamma is None:
         gamma, beta = torch.ones_like(alpha), torch.zeros_like(alpha)
-    return torch.stack([alpha, gamma, beta, running_mean.detach(), running_var.detach()])
+    return torch.stack([alpha, gamma, beta, running_mean, running_var])
 
 
 def _fake_forward(x, mask, params, training, eps):

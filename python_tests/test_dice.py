@@ -1,0 +1,159 @@
+"""Dice: every backend against din_ext.reference, and the reference against nn.BatchNorm1d."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import din_ext
+from conftest import requires_cpp
+
+
+def make_dice(features, affine, device, dtype=torch.float64, training=True, seed=0):
+    torch.manual_seed(seed)
+    dice = din_ext.Dice(features, affine=affine).to(device=device, dtype=dtype).train(training)
+    with torch.no_grad():
+        dice.alpha.uniform_(-1, 1)
+        dice.running_mean.uniform_(-0.5, 0.5)
+        dice.running_var.uniform_(0.5, 2)
+        if affine:
+            dice.weight.uniform_(0.5, 1.5)
+            dice.bias.uniform_(-0.5, 0.5)
+    return dice
+
+
+def inputs(shape, masked, device, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=dtype) * 2 + 0.3).to(device)
+    mask = None
+    if masked:
+        mask = (torch.rand(shape[:-1], generator=g) < 0.6).to(device)
+        x = torch.where(mask[..., None], x, torch.full_like(x, float("nan")))  # masked rows are never read
+    return x, mask
+
+
+def run(dice, x, mask):
+    x = x.detach().clone().requires_grad_()
+    y = dice(x, mask)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype).to(y.device)
+    params = [p for p in dice.parameters()]
+    grads = torch.autograd.grad((torch.nan_to_num(y) * g).sum(), [x, *params])
+    return y, grads
+
+
+@pytest.mark.parametrize("shape", [(37, 9), (5, 13, 9)], ids=["2d", "3d"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_reference(backend, shape, masked, affine, training):
+    name, device = backend
+    ours = make_dice(shape[-1], affine, device, training=training)
+    oracle = copy.deepcopy(ours)
+    ours.backend, oracle.backend = name, "reference"
+    x, mask = inputs(shape, masked, device)
+    y, grads = run(ours, x, mask)
+    ref_y, ref_grads = run(oracle, torch.nan_to_num(x), mask)
+    torch.testing.assert_close(y, ref_y, atol=1e-12, rtol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(torch.nan_to_num(g), r, atol=1e-12, rtol=1e-10)
+    for b, r in zip(ours.buffers(), oracle.buffers()):
+        torch.testing.assert_close(b, r, atol=1e-12, rtol=1e-10)
+    if masked:
+        assert torch.equal(y[~mask], torch.zeros_like(y[~mask]))
+        assert torch.equal(grads[0][~mask], torch.zeros_like(grads[0][~mask]))
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_too_few_rows(backend, rows):
+    name, device = backend
+    dice = make_dice(4, False, device)
+    dice.backend = name
+    before = dice.running_var.clone()
+    x = torch.randn(rows, 4, dtype=torch.float64, device=device)
+    y = dice(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert torch.equal(dice.running_var, before)
+
+
+def test_float32(backend):
+    name, device = backend
+    ours = make_dice(33, True, device, dtype=torch.float32)
+    oracle = copy.deepcopy(ours)
+    ours.backend, oracle.backend = name, "reference"
+    x, mask = inputs((7, 19, 33), True, device, dtype=torch.float32)
+    y, grads = run(ours, x, mask)
+    ref_y, ref_grads = run(oracle, torch.nan_to_num(x), mask)
+    torch.testing.assert_close(y, ref_y)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(torch.nan_to_num(g), r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_reference_is_batchnorm_gated(masked):
+    """Dice's gate is sigmoid of BatchNorm over the valid rows; running stats update like BatchNorm1d."""
+    dice = make_dice(6, False, "cpu")
+    dice.backend = "reference"
+    bn = torch.nn.BatchNorm1d(6, eps=dice.eps, affine=False).double()
+    bn.running_mean.copy_(dice.running_mean)
+    bn.running_var.copy_(dice.running_var)
+    x, mask = inputs((40, 6), masked, "cpu")
+    x = torch.nan_to_num(x)
+    rows = x if mask is None else x[mask]
+    p = torch.sigmoid(bn(rows))
+    expected = p * rows + (1 - p) * dice.alpha * rows
+    y = dice(x, mask)
+    torch.testing.assert_close(y if mask is None else y[mask], expected)
+    torch.testing.assert_close(dice.running_mean, bn.running_mean)
+    torch.testing.assert_close(dice.running_var, bn.running_var)
+    dice.eval()
+    bn.eval()
+    p = torch.sigmoid(bn(x))
+    torch.testing.assert_close(dice(x), p * x + (1 - p) * dice.alpha * x)
+
+
+@requires_cpp
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradcheck_cpu(training, masked):
+    x, mask = inputs((9, 3), masked, "cpu")
+    x = torch.nan_to_num(x)
+    g = torch.Generator().manual_seed(3)
+    params = [torch.rand(3, generator=g, dtype=torch.float64) + 0.5 for _ in range(5)]  # alpha ... running_var
+    leaves = [t.requires_grad_() for t in [x, *params]]
+
+    def fn(x, alpha, gamma, beta, running_mean, running_var):
+        y, _, _ = din_ext.ops.dice(x, alpha, running_mean, running_var, mask=mask, gamma=gamma, beta=beta,
+                                   training=training, backend="cpu")
+        return y
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
+
+
+@requires_cpp
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck(training, masked):
+    x, mask = inputs((11, 4), masked, "cpu")
+    x = torch.nan_to_num(x).requires_grad_()
+    params = torch.rand(5, 4, dtype=torch.float64).add_(0.5).requires_grad_()
+    torch.library.opcheck(torch.ops.din_ext.dice.default, (x, mask, params, training, 1e-8))
+    y, stats = torch.ops.din_ext.dice(x, mask, params, training, 1e-8)
+    torch.library.opcheck(torch.ops.din_ext.dice_backward.default,
+                          (torch.randn_like(y), x.detach(), mask, params.detach(), stats.detach(), training, 1e-8))
+
+
+@requires_cpp
+def test_torch_compile_fullgraph():
+    dice = make_dice(8, True, "cpu", dtype=torch.float32)
+    dice.backend = "cpu"
+    reference = copy.deepcopy(dice)
+    x, mask = inputs((6, 5, 8), True, "cpu", dtype=torch.float32)
+    x = torch.nan_to_num(x)
+    y, grads = run(torch.compile(dice, fullgraph=True), x, mask)
+    ref_y, ref_grads = run(reference, x, mask)
+    torch.testing.assert_close(y, ref_y)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    torch.testing.assert_close(dice.running_var, reference.running_var)
