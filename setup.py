@@ -34,17 +34,15 @@ def _extensions():
         _flag("FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
     )
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17, or C++20 from torch 2.14).
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fvisibility=hidden"]
+    cxx += ["-fvisibility=hidden"]
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     extra = {"cxx": cxx}
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + [
-            "-std=c++17",
-            "--expt-relaxed-constexpr",
-        ]
+        extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]) + ["--expt-relaxed-constexpr"]
         define_macros.append(("DIN_EXT_WITH_CUDA", "1"))
         ext_cls = CUDAExtension
     else:
