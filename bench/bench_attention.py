@@ -1,0 +1,260 @@
+"""Benchmark of DIN local-activation attention: eager reference, torch.compile(reference) and each din_ext backend,
+side by side in one run, on the same inputs.
+
+    python bench/bench_attention.py                   # the full CPU table -> bench/results/cpu.md
+    python bench/bench_attention.py --quick           # a smoke run (tiny shapes, one repetition)
+    python bench/bench_attention.py --device cuda     # GPU table -> bench/results/<device>.md
+
+Per shape, activation and mode (eval forward, training forward+backward) it reports the median time and its spread
+(interquartile range), speed ratios against eager and compile, achieved GFLOP/s against the machine's measured fp32
+matmul GFLOP/s, and the peak memory allocated during one call (CPU: torch's allocator, traced with the profiler;
+GPU: torch.cuda.max_memory_allocated).
+
+FLOPs count only valid behaviours and the textbook work per behaviour: 2 * (4D * H1 + H1 * H2 + H2) for the MLP plus
+2 * Dv for pooling; training counts 3x the forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import din_ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Shape:
+    batch: int
+    max_len: int
+    dim: int
+    hidden: tuple = (80, 40)
+
+    def __str__(self):
+        return f"B={self.batch} L={self.max_len} D={self.dim} H={'x'.join(map(str, self.hidden))}"
+
+
+def full_shapes() -> List[Shape]:
+    return [Shape(1024, L, D) for D in (32, 64) for L in (50, 200, 1000)]
+
+
+def quick_shapes() -> List[Shape]:
+    return [Shape(16, 9, 8, (6, 4))]
+
+
+def gpu_shapes() -> List[Shape]:
+    return [Shape(B, L, D) for B in (256, 2048) for D in (32, 64, 128) for L in (100, 1000, 10000)]
+
+
+def make_inputs(shape: Shape, device, dtype, seed=0, min_len=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, shape.max_len + 1, (shape.batch,), generator=g)
+    query = torch.randn(shape.batch, shape.dim, generator=g, dtype=dtype)
+    keys = torch.randn(shape.batch, shape.max_len, shape.dim, generator=g, dtype=dtype)
+    return query.to(device), keys.to(device), lengths.to(device)
+
+
+def flops_per_behaviour(shape: Shape) -> int:
+    widths = [4 * shape.dim, *shape.hidden, 1]
+    return 2 * sum(a * b for a, b in zip(widths[:-1], widths[1:])) + 2 * shape.dim
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable, device, min_reps: int, min_seconds: float) -> List[float]:
+    """Wall times (ms) of repeated calls after two warm-up calls."""
+    if device.type == "cuda":
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_seconds * 1000)), return_mode="all")
+        return list(ms)
+    for _ in range(2):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_seconds and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def peak_memory(fn: Callable, device) -> float:
+    """Peak bytes allocated by torch during one call, above what was allocated before it (MB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def matmul_gflops(device, dtype=torch.float32, n=2048) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = statistics.median(time_fn(lambda: torch.mm(a, b), device, 5, 1.0))
+    return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Implementations
+
+
+def make_unit(shape: Shape, activation: str, backend: str, device, dtype, training: bool):
+    torch.manual_seed(0)
+    unit = din_ext.LocalActivationUnit(shape.dim, shape.hidden, activation=activation, backend=backend)
+    return unit.to(device=device, dtype=dtype).train(training)
+
+
+def implementations(device) -> List[str]:
+    names = ["eager", "compile"]
+    names += [b for b in din_ext.available_backends(device) if b != "reference"]
+    return names
+
+
+def build_call(impl: str, shape: Shape, activation: str, device, dtype, training: bool, inputs):
+    backend = "reference" if impl in ("eager", "compile") else impl
+    unit = make_unit(shape, activation, backend, device, dtype, training)
+    if impl == "compile":
+        unit = torch.compile(unit)
+    query, keys, lengths = inputs
+    if not training:
+        def call():
+            with torch.no_grad():
+                return unit(query, keys, lengths)
+        return call
+    q = query.clone().requires_grad_()
+    k = keys.clone().requires_grad_()
+    params = [p for p in unit.parameters() if p.requires_grad]
+
+    def call():
+        out = unit(q, k, lengths)
+        return torch.autograd.grad(out.sum(), [q, k, *params])
+    return call
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def machine_description(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def run(args) -> str:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shapes = quick_shapes() if args.quick else (gpu_shapes() if device.type == "cuda" else full_shapes())
+    impls = args.impls or implementations(device)
+    reps, seconds = (1, 0.0) if args.quick else (args.reps, args.seconds)
+    ceiling = matmul_gflops(device, dtype)
+    header = (f"# DIN attention benchmark ({device.type})\n\n"
+              f"- machine: {machine_description(device)}\n"
+              f"- torch {torch.__version__}, din_ext {din_ext.__version__}, Python {platform.python_version()}, "
+              f"dtype {args.dtype}\n"
+              f"- date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {git_commit()}\n"
+              f"- measured {args.dtype} matmul ceiling: {ceiling:.0f} GFLOP/s (torch.mm 2048^3)\n"
+              f"- command: `python bench/bench_attention.py {' '.join(sys.argv[1:])}`\n\n"
+              "Times are medians over repetitions (spread = interquartile range). 'x eager' and 'x compile' are "
+              "speed-ups (higher is better). GFLOP/s counts textbook FLOPs of valid behaviours only.\n")
+    rows = []
+    table_head = ("| shape | act | mode | impl | median ms | spread ms | x eager | x compile | GFLOP/s | % matmul "
+                  "| peak MB |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(header)
+    print(table_head, flush=True)
+    for shape in shapes:
+        inputs = make_inputs(shape, device, dtype, min_len=1 if device.type == "cuda" else 0)
+        valid = int(inputs[2].sum())
+        for activation in args.activations:
+            for training in (False, True):
+                mode = "train fwd+bwd" if training else "eval fwd"
+                flops = flops_per_behaviour(shape) * valid * (3 if training else 1)
+                results: Dict[str, float] = {}
+                for impl in impls:
+                    call = build_call(impl, shape, activation, device, dtype, training, inputs)
+                    times = time_fn(call, device, reps, seconds)
+                    med = statistics.median(times)
+                    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [med, med, med]
+                    mem = peak_memory(call, device)
+                    results[impl] = med
+                    gflops = flops / (med * 1e-3) / 1e9
+                    vs = lambda base: f"{results[base] / med:.2f}" if base in results else "-"  # noqa: E731
+                    row = (f"| {shape} | {activation} | {mode} | {impl} | {med:.2f} | {q[2] - q[0]:.2f} | "
+                           f"{vs('eager')} | {vs('compile')} | {gflops:.1f} | {100 * gflops / ceiling:.1f} | "
+                           f"{mem:.1f} |")
+                    rows.append(row)
+                    print(row, flush=True)
+                    del call
+    return header + "\n" + table_head + "\n" + "\n".join(rows) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, one repetition")
+    parser.add_argument("--activations", nargs="+", default=["sigmoid", "dice"])
+    parser.add_argument("--impls", nargs="+", help="subset of eager, compile and the din_ext backends")
+    parser.add_argument("--reps", type=int, default=5, help="minimum repetitions per measurement")
+    parser.add_argument("--seconds", type=float, default=2.0, help="minimum seconds per measurement")
+    parser.add_argument("--out", help="markdown output (default bench/results/<device>.md; none with --quick)")
+    args = parser.parse_args(argv)
+    table = run(args)
+    out = args.out
+    if out is None and not args.quick:
+        name = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
+        out = os.path.join(ROOT, "bench", "results", f"{name}.md")
+    if out:
+        with open(out, "w") as f:
+            f.write(table)
+        print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
