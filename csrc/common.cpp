@@ -105,6 +105,15 @@ AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& k
                 "din_ext: starts + lengths exceeds the number of keys (", s.num_keys, ")");
     TORCH_CHECK(max_len < 0 || lengths.max().item<int64_t>() <= max_len, "din_ext: lengths exceed max_len (",
                 max_len, ")");
+    // Kernels write each key row's gradient once: the rows of different users must not overlap. Sorted by start,
+    // non-empty ranges are disjoint iff each ends before the next begins.
+    const at::Tensor nonempty = (lengths > 0).nonzero().squeeze(1);
+    const at::Tensor used = starts.index_select(0, nonempty), order = used.argsort();
+    const at::Tensor first = used.index_select(0, order);
+    const at::Tensor ends = first + lengths.index_select(0, nonempty).index_select(0, order);
+    const int64_t m = first.size(0);
+    TORCH_CHECK(m < 2 || (first.narrow(0, 1, m - 1) >= ends.narrow(0, 0, m - 1)).all().item<bool>(),
+                "din_ext: the key rows of different users (starts, lengths) overlap");
   }
   return s;
 }

@@ -1,83 +1,452 @@
-// cpu backend of din_ext::local_activation_attention (forward and backward).
+// cpu backend of din_ext::local_activation_attention: fused forward and backward.
 //
-// For user b with behaviours k_l = keys[starts[b] + l], l < lengths[b]:
-//   s_l = MLP([q, k_l, q - k_l, q * k_l])                       (Linear -> act, ..., Linear(H_last, 1))
-//   t_l = score_scale * s_l;  w_l = t_l ("none") or softmax_l(t_l) ("softmax")
-//   out_b = sum_l w_l * v_l                                      (0 for an empty row)
-// Only valid behaviours are gathered, so padded positions cost nothing and never contribute. The backward
-// recomputes the MLP instead of saving [N, H] activations between the two ops.
+// For user b with behaviours k_t = keys[starts[b] + t], t < lengths[b], and the MLP Linear_0 .. Linear_n:
+//   z_0 = W_0 [q, k, q - k, q * k] + b_0 = c_b + Weff_b k,   c_b = (Wq + Wd) q + b_0,
+//                                                           Weff_b = (Wk - Wd) + Wp diag(q)
+//   h_j = act_j(z_j), z_{j+1} = W_{j+1} h_j + b_{j+1} (j < n),   s = z_n (width 1)
+//   pooling weight w_t = score_scale * s_t ("none") or softmax_t(score_scale * s_t); out_b = sum_t w_t v_t.
+// The q-only half of layer 1 is computed once per user, so a behaviour costs one D x H1 product there. Users are
+// processed in tiles of at most kTile rows whose activations live in per-thread buffers: nothing of size [N, H]
+// is materialized, padded positions are never touched, and the backward recomputes the forward.
+//
+// Training-mode Dice needs statistics over all valid rows before its activation, so the forward runs one pass per
+// hidden layer to gather them, then the pooling pass; the backward, for the exact gradient through those
+// statistics (BatchNorm's), runs one pass per hidden layer from the top gathering sum(g_xhat) and
+// sum(g_xhat * xhat), then the gradient pass. Every reduction over rows goes through per-block partial sums over a
+// fixed partition of the users (independent of the thread count) added up in block order, so results are
+// bitwise reproducible run to run.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
+#include <vector>
 
 #include "common.h"
-#include "cpu/activation.h"
+#include "cpu/kernels.h"
 
 namespace din_ext::cpu {
 namespace {
 
-// The valid behaviours in (user, position) order: their user (seg) and their row in keys (row).
-struct ValidRows {
-  at::Tensor seg;
-  at::Tensor row;
+constexpr int64_t kTile = 64;       // rows of one user processed together
+constexpr int64_t kMaxBlocks = 64;  // fixed partition of the users for deterministic reductions
+
+template <typename T>
+using Vec = std::vector<T>;
+
+// Users [first, last) of block i of a fixed partition.
+struct Blocks {
+  int64_t count, size;
+  Blocks(int64_t batch) : count(std::min<int64_t>(std::max<int64_t>(batch, 1), kMaxBlocks)),
+                          size((batch + count - 1) / count) {}
+  int64_t first(int64_t i, int64_t batch) const { return std::min(i * size, batch); }
+  int64_t last(int64_t i, int64_t batch) const { return std::min((i + 1) * size, batch); }
 };
 
-ValidRows valid_rows(const at::Tensor& starts, const at::Tensor& lengths) {
-  const int64_t total = lengths.sum().item<int64_t>();
-  const at::Tensor seg = at::repeat_interleave(lengths, std::optional<int64_t>(total));
-  const at::Tensor first = at::cumsum(lengths, 0) - lengths;
-  const at::Tensor pos = at::arange(total, lengths.options()) - first.index_select(0, seg);
-  return {seg, starts.index_select(0, seg) + pos};
-}
-
-struct MlpTrace {
-  std::vector<at::Tensor> inputs;  // input of each Linear (inputs[0] is [q, k, q - k, q * k])
-  std::vector<at::Tensor> pre;     // pre-activation of each hidden layer
-  at::Tensor score;                // [rows]
+// Per-feature parameters of one hidden layer, padded: padding features have all-zero parameters and rstd 1, so
+// they stay exactly zero through every activation and its backward.
+template <typename T>
+struct ActLayer {
+  Vec<T> alpha, gamma, beta, mean, rstd;  // alpha doubles as PReLU's slope
+  Vec<T> g_mean, gx_mean;                 // Dice training backward: mean of g_xhat and of g_xhat * xhat
 };
 
-MlpTrace mlp_forward(const at::Tensor& x, at::TensorList weights, at::TensorList biases, const at::Tensor& act_params,
-                     Activation act, bool training, bool compute_stats, double eps, const at::Tensor& stats,
-                     bool keep) {
-  MlpTrace t;
-  at::Tensor h = x;
-  int64_t col = 0;
-  const size_t hidden_layers = weights.size() - 1;
-  for (size_t i = 0; i < hidden_layers; ++i) {
-    const int64_t width = weights[i].size(0);
-    at::Tensor z = at::linear(h, weights[i], biases[i]);
-    at::Tensor y = activation_forward(act, z, act_params.narrow(1, col, width), training, compute_stats, eps,
-                                      stats[0].narrow(0, col, width), stats[1].narrow(0, col, width));
-    if (keep) {
-      t.inputs.push_back(h);
-      t.pre.push_back(z);
-    }
-    h = y;
-    col += width;
+// The MLP packed for the kernels; read-only once built.
+template <typename T>
+struct Net {
+  Activation act;
+  bool dice_train;  // Dice with batch statistics
+  int64_t D, Dp, n;  // n hidden layers, n + 1 linears
+  std::vector<int64_t> w, wp;  // output width of linear i, padded
+  Vec<T> A;          // [w0, D]    q coefficient Wq + Wd
+  Vec<T> KcT, PcT;   // [D, wp0]   k coefficient Wk - Wd and q*k coefficient Wp, transposed
+  Vec<T> Kc, Pc;     // [w0, Dp]   the same, h-major
+  std::vector<Vec<T>> WT, Wn, bias;  // linear i >= 1: [w_{i-1}, wp_i], [w_i, wp_{i-1}]; bias [wp_i] (i >= 0)
+  std::vector<ActLayer<T>> acts;
+  int64_t max_wp = 0;
+};
+
+template <typename T>
+Net<T> pack(int64_t D, at::TensorList weights, at::TensorList biases, const at::Tensor& act_params, Activation act,
+            bool training, double eps, const at::Tensor& stats) {
+  Net<T> net;
+  net.act = act;
+  net.dice_train = act == Activation::kDice && training;
+  net.D = D;
+  net.Dp = padded<T>(D);
+  net.n = static_cast<int64_t>(weights.size()) - 1;
+  for (const auto& W : weights) {
+    net.w.push_back(W.size(0));
+    net.wp.push_back(padded<T>(W.size(0)));
+    net.max_wp = std::max(net.max_wp, net.wp.back());
   }
-  if (keep) t.inputs.push_back(h);
-  t.score = at::linear(h, weights.back(), biases.back()).squeeze(1);
-  return t;
+  const int64_t w0 = net.w[0], wp0 = net.wp[0];
+  const at::Tensor W0 = weights[0].contiguous();
+  const T* W = W0.data_ptr<T>();
+  net.A.assign(w0 * D, T(0));
+  net.KcT.assign(D * wp0, T(0));
+  net.PcT.assign(D * wp0, T(0));
+  net.Kc.assign(w0 * net.Dp, T(0));
+  net.Pc.assign(w0 * net.Dp, T(0));
+  for (int64_t h = 0; h < w0; ++h) {
+    const T* row = W + h * 4 * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const T wq = row[d], wk = row[D + d], wd = row[2 * D + d], wpq = row[3 * D + d];
+      net.A[h * D + d] = wq + wd;
+      net.KcT[d * wp0 + h] = net.Kc[h * net.Dp + d] = wk - wd;
+      net.PcT[d * wp0 + h] = net.Pc[h * net.Dp + d] = wpq;
+    }
+  }
+  net.WT.resize(net.n + 1);
+  net.Wn.resize(net.n + 1);
+  net.bias.resize(net.n + 1);
+  for (int64_t i = 0; i <= net.n; ++i) {
+    const at::Tensor b = biases[i].contiguous();
+    net.bias[i].assign(net.wp[i], T(0));
+    std::copy(b.data_ptr<T>(), b.data_ptr<T>() + net.w[i], net.bias[i].begin());
+    if (i == 0) continue;
+    const at::Tensor Wi = weights[i].contiguous();
+    const T* src = Wi.data_ptr<T>();
+    const int64_t in = net.w[i - 1];
+    net.WT[i].assign(in * net.wp[i], T(0));
+    net.Wn[i].assign(net.w[i] * net.wp[i - 1], T(0));
+    for (int64_t o = 0; o < net.w[i]; ++o) {
+      for (int64_t k = 0; k < in; ++k) {
+        net.WT[i][k * net.wp[i] + o] = src[o * in + k];
+        net.Wn[i][o * net.wp[i - 1] + k] = src[o * in + k];
+      }
+    }
+  }
+  const at::Tensor params = act_params.contiguous();
+  const at::Tensor st = stats.contiguous();
+  const int64_t htot = params.size(1);
+  net.acts.resize(net.n);
+  int64_t col = 0;
+  for (int64_t j = 0; j < net.n; ++j) {
+    ActLayer<T>& a = net.acts[j];
+    const int64_t wj = net.w[j], wpj = net.wp[j];
+    a.alpha.assign(wpj, T(0));
+    a.gamma.assign(wpj, T(0));
+    a.beta.assign(wpj, T(0));
+    a.mean.assign(wpj, T(0));
+    a.rstd.assign(wpj, T(1));
+    a.g_mean.assign(wpj, T(0));
+    a.gx_mean.assign(wpj, T(0));
+    const T* p = params.data_ptr<T>();
+    for (int64_t h = 0; h < wj; ++h) {
+      if (act == Activation::kPrelu) a.alpha[h] = p[col + h];
+      if (act != Activation::kDice) continue;
+      a.alpha[h] = p[kDiceAlpha * htot + col + h];
+      a.gamma[h] = p[kDiceGamma * htot + col + h];
+      a.beta[h] = p[kDiceBeta * htot + col + h];
+      // Training: the batch statistics in `stats` (filled by the forward's statistics passes, or saved for the
+      // backward); eval: the running statistics.
+      const T mean = training ? st.data_ptr<T>()[col + h] : p[kDiceRunningMean * htot + col + h];
+      const T var = training ? st.data_ptr<T>()[htot + col + h] : p[kDiceRunningVar * htot + col + h];
+      a.mean[h] = mean;
+      a.rstd[h] = T(1) / std::sqrt(var + static_cast<T>(eps));
+    }
+    col += wj;
+  }
+  return net;
 }
 
-// Pooling weights of every valid behaviour from its scaled score t.
-at::Tensor pooling_weights(const at::Tensor& t, const at::Tensor& seg, int64_t batch, Normalization norm) {
-  if (norm == Normalization::kNone) return t;
-  at::Tensor row_max = at::full({batch}, -std::numeric_limits<double>::infinity(), t.options());
-  row_max.scatter_reduce_(0, seg, t, "amax", /*include_self=*/true);
-  const at::Tensor e = (t - row_max.index_select(0, seg)).exp();
-  const at::Tensor denom = at::zeros({batch}, t.options()).index_add_(0, seg, e);
-  return e / denom.index_select(0, seg);
+// Per-user quantities of layer 1 and per-thread tile buffers.
+template <typename T>
+struct Work {
+  Vec<T> c, weffT, weff, G, dc, gq;
+  std::vector<Vec<T>> z, h;  // [kTile, wp_i]
+  Vec<T> g0, g1, gk, kp;     // backward: [kTile, max_wp] x 2, [kTile, Dp] x 2
+  explicit Work(const Net<T>& net) {
+    const int64_t wp0 = net.wp[0];
+    c.assign(wp0, T(0));
+    weffT.assign(net.D * wp0, T(0));
+    z.resize(net.n + 1);
+    h.resize(net.n);
+    for (int64_t i = 0; i <= net.n; ++i) z[i].assign(kTile * net.wp[i], T(0));
+    for (int64_t i = 0; i < net.n; ++i) h[i].assign(kTile * net.wp[i], T(0));
+  }
+  void init_backward(const Net<T>& net) {
+    weff.assign(net.w[0] * net.Dp, T(0));
+    G.assign(net.wp[0] * net.Dp, T(0));
+    dc.assign(net.wp[0], T(0));
+    gq.assign(net.D, T(0));
+    g0.assign(kTile * net.max_wp, T(0));
+    g1.assign(kTile * net.max_wp, T(0));
+    gk.assign(kTile * net.Dp, T(0));
+    kp.assign(kTile * net.Dp, T(0));
+  }
+  // c = (Wq + Wd) q + b_0 and Weff^T = (Wk - Wd)^T + diag(q) Wp^T for user query q.
+  void set_user(const Net<T>& net, const T* q, bool backward) {
+    const int64_t D = net.D, w0 = net.w[0], wp0 = net.wp[0];
+    for (int64_t hh = 0; hh < w0; ++hh) {
+      T acc = net.bias[0][hh];
+      const T* a = net.A.data() + hh * D;
+      for (int64_t d = 0; d < D; ++d) acc += a[d] * q[d];
+      c[hh] = acc;
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      const T qd = q[d];
+      const T* kc = net.KcT.data() + d * wp0;
+      const T* pc = net.PcT.data() + d * wp0;
+      T* out = weffT.data() + d * wp0;
+      for (int64_t hh = 0; hh < wp0; ++hh) out[hh] = kc[hh] + pc[hh] * qd;
+    }
+    if (backward) {
+      for (int64_t hh = 0; hh < w0; ++hh) {
+        const T* kc = net.Kc.data() + hh * net.Dp;
+        const T* pc = net.Pc.data() + hh * net.Dp;
+        T* out = weff.data() + hh * net.Dp;
+        for (int64_t d = 0; d < D; ++d) out[d] = kc[d] + pc[d] * q[d];
+      }
+    }
+  }
+};
+
+template <typename T>
+void activation_forward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
+  const ActLayer<T>& a = net.acts[j];
+  const int64_t wp = net.wp[j];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* zr = z + r * wp;
+    T* hr = h + r * wp;
+    switch (net.act) {
+      case Activation::kDice:
+        for (int64_t c = 0; c < wp; ++c) {
+          const T p = sigmoid(a.gamma[c] * (zr[c] - a.mean[c]) * a.rstd[c] + a.beta[c]);
+          hr[c] = zr[c] * (a.alpha[c] + (T(1) - a.alpha[c]) * p);
+        }
+        break;
+      case Activation::kSigmoid:
+        for (int64_t c = 0; c < wp; ++c) hr[c] = sigmoid(zr[c]);
+        break;
+      case Activation::kPrelu:
+        for (int64_t c = 0; c < wp; ++c) hr[c] = zr[c] > T(0) ? zr[c] : a.alpha[c] * zr[c];
+        break;
+      case Activation::kRelu:
+        for (int64_t c = 0; c < wp; ++c) hr[c] = zr[c] > T(0) ? zr[c] : T(0);
+        break;
+    }
+  }
 }
 
-at::Tensor behaviour_features(const at::Tensor& q, const at::Tensor& k) {
-  return at::cat({q, k, q - k, q * k}, 1);
+// Forward of `rows` behaviours (keys rows, contiguous) of the current user: z_0 .. z_upto and h_0 .. h_{upto-1}.
+template <typename T>
+void forward_tile(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, int64_t upto) {
+  const Gemm<T>& g = gemm<T>();
+  g.nn(rows, net.D, net.wp[0], keys, net.D, work.weffT.data(), net.wp[0], work.c.data(), work.z[0].data(),
+       net.wp[0]);
+  for (int64_t i = 1; i <= upto; ++i) {
+    activation_forward_tile(net, i - 1, rows, work.z[i - 1].data(), work.h[i - 1].data());
+    g.nn(rows, net.w[i - 1], net.wp[i], work.h[i - 1].data(), net.wp[i - 1], net.WT[i].data(), net.wp[i],
+         net.bias[i].data(), work.z[i].data(), net.wp[i]);
+  }
+}
+
+// Per-block accumulators of the backward: parameter gradients and Dice sums (double for the sums over rows).
+template <typename T>
+struct Partial {
+  std::vector<Vec<T>> dW, db;  // linear i >= 1: [wp_i, wp_{i-1}]; db [wp_i]
+  Vec<T> dA, dKc, dPc;         // [w0, D], [wp0, Dp] x 2
+  std::vector<Vec<double>> act;  // per hidden layer: 5 x wp_j (d alpha, d gamma, d beta, sum g_xhat, sum g_xhat*xhat)
+  void init(const Net<T>& net) {
+    dW.resize(net.n + 1);
+    db.resize(net.n + 1);
+    for (int64_t i = 0; i <= net.n; ++i) {
+      db[i].assign(net.wp[i], T(0));
+      if (i > 0) dW[i].assign(net.wp[i] * net.wp[i - 1], T(0));
+    }
+    dA.assign(net.w[0] * net.D, T(0));
+    dKc.assign(net.wp[0] * net.Dp, T(0));
+    dPc.assign(net.wp[0] * net.Dp, T(0));
+    act.resize(net.n);
+    for (int64_t j = 0; j < net.n; ++j) act[j].assign(5 * net.wp[j], 0.0);
+  }
+};
+
+// Backward through hidden layer j's activation: g (d/dh, [rows, wp_j]) -> d/dz in place. Accumulates the
+// parameter gradients and the Dice sums into acc (5 x wp_j) when acc is not null.
+template <typename T>
+void activation_backward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g, double* acc,
+                              bool stats_known) {
+  const ActLayer<T>& a = net.acts[j];
+  const int64_t wp = net.wp[j];
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* zr = z + r * wp;
+    T* gr = g + r * wp;
+    switch (net.act) {
+      case Activation::kDice:
+        for (int64_t c = 0; c < wp; ++c) {
+          const T xhat = (zr[c] - a.mean[c]) * a.rstd[c];
+          const T p = sigmoid(a.gamma[c] * xhat + a.beta[c]);
+          const T g_arg = gr[c] * zr[c] * (T(1) - a.alpha[c]) * p * (T(1) - p);
+          const T g_xhat = g_arg * a.gamma[c];
+          if (acc) {
+            acc[c] += gr[c] * zr[c] * (T(1) - p);
+            acc[wp + c] += g_arg * xhat;
+            acc[2 * wp + c] += g_arg;
+            acc[3 * wp + c] += g_xhat;
+            acc[4 * wp + c] += g_xhat * xhat;
+          }
+          T gz = gr[c] * (a.alpha[c] + (T(1) - a.alpha[c]) * p);
+          if (net.dice_train) {
+            gz += stats_known ? a.rstd[c] * (g_xhat - a.g_mean[c] - xhat * a.gx_mean[c]) : T(0);
+          } else {
+            gz += g_xhat * a.rstd[c];
+          }
+          gr[c] = gz;
+        }
+        break;
+      case Activation::kSigmoid:
+        for (int64_t c = 0; c < wp; ++c) {
+          const T y = sigmoid(zr[c]);
+          gr[c] = gr[c] * y * (T(1) - y);
+        }
+        break;
+      case Activation::kPrelu:
+        for (int64_t c = 0; c < wp; ++c) {
+          if (acc) acc[c] += zr[c] > T(0) ? T(0) : gr[c] * zr[c];
+          gr[c] = zr[c] > T(0) ? gr[c] : gr[c] * a.alpha[c];
+        }
+        break;
+      case Activation::kRelu:
+        for (int64_t c = 0; c < wp; ++c) gr[c] = zr[c] > T(0) ? gr[c] : T(0);
+        break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+struct Problem {
+  int64_t B, N, D, Dv;
+  const T* query;
+  const T* keys;
+  const T* values;  // keys when no values were given
+  const int64_t* starts;
+  const int64_t* lengths;
+  Normalization norm;
+  T scale;
+};
+
+// Dice training: mean and biased variance of z_j over all valid rows, into stats (and net.acts[j]).
+template <typename T>
+void gather_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, T* stats, int64_t col, int64_t htot,
+                       double eps) {
+  const Blocks blocks(pb.B);
+  const int64_t wp = net.wp[j], wj = net.w[j];
+  std::vector<double> partial(blocks.count * 2 * wp, 0.0);
+  at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
+    Work<T> work(net);
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      double* sum = partial.data() + blk * 2 * wp;
+      double* sq = sum + wp;
+      for (int64_t b = blocks.first(blk, pb.B); b < blocks.last(blk, pb.B); ++b) {
+        if (pb.lengths[b] == 0) continue;
+        work.set_user(net, pb.query + b * pb.D, false);
+        for (int64_t t0 = 0; t0 < pb.lengths[b]; t0 += kTile) {
+          const int64_t rows = std::min(kTile, pb.lengths[b] - t0);
+          forward_tile(net, work, pb.keys + (pb.starts[b] + t0) * pb.D, rows, j);
+          const T* z = work.z[j].data();
+          const T* shift = net.bias[j].data();  // shifted sums: the bias is a cheap guess of the mean
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t c = 0; c < wp; ++c) {
+              const double v = static_cast<double>(z[r * wp + c]) - shift[c];
+              sum[c] += v;
+              sq[c] += v * v;
+            }
+          }
+        }
+      }
+    }
+  });
+  int64_t count = 0;
+  for (int64_t b = 0; b < pb.B; ++b) count += pb.lengths[b];
+  ActLayer<T>& a = net.acts[j];
+  for (int64_t c = 0; c < wj; ++c) {
+    double sum = 0, sq = 0;
+    for (int64_t blk = 0; blk < blocks.count; ++blk) {
+      sum += partial[blk * 2 * wp + c];
+      sq += partial[blk * 2 * wp + wp + c];
+    }
+    double mean = 0, var = 0;
+    if (count > 0) {
+      const double shifted_mean = sum / count;
+      var = std::max(sq / count - shifted_mean * shifted_mean, 0.0);
+      mean = shifted_mean + net.bias[j][c];
+    }
+    stats[col + c] = static_cast<T>(mean);
+    stats[htot + col + c] = static_cast<T>(var);
+    a.mean[c] = static_cast<T>(mean);
+    a.rstd[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(static_cast<T>(var)) + eps));
+  }
+}
+
+template <typename T>
+void pool_forward(const Net<T>& net, const Problem<T>& pb, T* out) {
+  const int64_t wpn = net.wp[net.n];
+  at::parallel_for(0, pb.B, 1, [&](int64_t lo, int64_t hi) {
+    Work<T> work(net);
+    std::vector<double> acc(pb.Dv);
+    for (int64_t b = lo; b < hi; ++b) {
+      T* o = out + b * pb.Dv;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      const int64_t len = pb.lengths[b];
+      if (len == 0) {
+        std::fill(o, o + pb.Dv, T(0));
+        continue;
+      }
+      work.set_user(net, pb.query + b * pb.D, false);
+      double row_max = -std::numeric_limits<double>::infinity(), denom = 0;
+      for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+        const int64_t rows = std::min(kTile, len - t0);
+        const int64_t row0 = pb.starts[b] + t0;
+        forward_tile(net, work, pb.keys + row0 * pb.D, rows, net.n);
+        const T* s = work.z[net.n].data();
+        if (pb.norm == Normalization::kSoftmax) {
+          // Online softmax: rescale what was accumulated whenever the running maximum grows.
+          double tile_max = row_max;
+          for (int64_t r = 0; r < rows; ++r) tile_max = std::max(tile_max, static_cast<double>(pb.scale * s[r * wpn]));
+          const double rescale = std::exp(row_max - tile_max);
+          denom *= rescale;
+          for (auto& x : acc) x *= rescale;
+          row_max = tile_max;
+          for (int64_t r = 0; r < rows; ++r) {
+            const double e = std::exp(static_cast<double>(pb.scale * s[r * wpn]) - row_max);
+            denom += e;
+            const T* v = pb.values + (row0 + r) * pb.Dv;
+            for (int64_t d = 0; d < pb.Dv; ++d) acc[d] += e * v[d];
+          }
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            const double wt = pb.scale * s[r * wpn];
+            const T* v = pb.values + (row0 + r) * pb.Dv;
+            for (int64_t d = 0; d < pb.Dv; ++d) acc[d] += wt * v[d];
+          }
+        }
+      }
+      const double inv = pb.norm == Normalization::kSoftmax ? 1.0 / denom : 1.0;
+      for (int64_t d = 0; d < pb.Dv; ++d) o[d] = static_cast<T>(acc[d] * inv);
+    }
+  });
+}
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+                        const at::Tensor& starts, const at::Tensor& lengths, Normalization norm, double scale) {
+  return {query.size(0), keys.size(0), query.size(1), values.size(1), query.data_ptr<T>(), keys.data_ptr<T>(),
+          values.data_ptr<T>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), norm,
+          static_cast<T>(scale)};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query_, const at::Tensor& keys_,
                                                      const std::optional<at::Tensor>& values_,
-                                                     const at::Tensor& starts, const at::Tensor& lengths,
+                                                     const at::Tensor& starts_, const at::Tensor& lengths_,
                                                      int64_t max_len, at::TensorList weights, at::TensorList biases,
                                                      const at::Tensor& act_params, c10::string_view activation,
                                                      c10::string_view normalization, double score_scale,
@@ -85,100 +454,309 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query_, c
   const Activation act = parse_activation(activation);
   const Normalization norm = parse_normalization(normalization);
   const AttentionShape shape =
-      check_attention_args(query_, keys_, values_, starts, lengths, max_len, weights, biases, act_params, act);
-  const at::Tensor query = query_.contiguous();
-  const at::Tensor keys = keys_.contiguous();
+      check_attention_args(query_, keys_, values_, starts_, lengths_, max_len, weights, biases, act_params, act);
+  const at::Tensor query = query_.contiguous(), keys = keys_.contiguous();
   const at::Tensor values = values_.has_value() ? values_->contiguous() : keys;
-
+  const at::Tensor starts = starts_.contiguous(), lengths = lengths_.contiguous();
   at::Tensor stats = at::zeros({2, shape.hidden_total}, query.options());
-  const ValidRows r = valid_rows(starts, lengths);
-  const at::Tensor k = keys.index_select(0, r.row);
-  const at::Tensor x = behaviour_features(query.index_select(0, r.seg), k);
-  const MlpTrace t =
-      mlp_forward(x, weights, biases, act_params, act, training, /*compute_stats=*/true, eps, stats, false);
-  const at::Tensor w = pooling_weights(t.score * score_scale, r.seg, shape.batch, norm);
-  const at::Tensor v = values_.has_value() ? values.index_select(0, r.row) : k;
-  at::Tensor out = at::zeros({shape.batch, shape.value_dim}, query.options());
-  out.index_add_(0, r.seg, v * w.unsqueeze(1));
+  at::Tensor out = at::empty({shape.batch, shape.value_dim}, query.options());
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "din_ext_attention_forward", [&] {
+    const bool dice_train = act == Activation::kDice && training;
+    Net<scalar_t> net = pack<scalar_t>(shape.dim, weights, biases, act_params, act, training, eps, stats);
+    const Problem<scalar_t> pb = make_problem<scalar_t>(query, keys, values, starts, lengths, norm, score_scale);
+    if (dice_train) {
+      int64_t col = 0;
+      for (int64_t j = 0; j < net.n; ++j) {
+        gather_statistics(net, pb, j, stats.data_ptr<scalar_t>(), col, shape.hidden_total, eps);
+        col += net.w[j];
+      }
+    }
+    pool_forward(net, pb, out.data_ptr<scalar_t>());
+  });
   return {out, stats};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward
+
+// d loss / d score of every valid behaviour, and its pooling weight, indexed by key row: one scoring sweep.
+template <typename T>
+void score_gradients(const Net<T>& net, const Problem<T>& pb, const T* grad_out, T* weight, T* grad_score) {
+  const int64_t wpn = net.wp[net.n];
+  at::parallel_for(0, pb.B, 1, [&](int64_t lo, int64_t hi) {
+    Work<T> work(net);
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t len = pb.lengths[b], row0 = pb.starts[b];
+      if (len == 0) continue;
+      work.set_user(net, pb.query + b * pb.D, false);
+      for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+        const int64_t rows = std::min(kTile, len - t0);
+        forward_tile(net, work, pb.keys + (row0 + t0) * pb.D, rows, net.n);
+        for (int64_t r = 0; r < rows; ++r) weight[row0 + t0 + r] = pb.scale * work.z[net.n][r * wpn];
+      }
+      const T* g = grad_out + b * pb.Dv;
+      double dot = 0;
+      if (pb.norm == Normalization::kSoftmax) {
+        double row_max = -std::numeric_limits<double>::infinity(), denom = 0;
+        for (int64_t t = 0; t < len; ++t) row_max = std::max(row_max, static_cast<double>(weight[row0 + t]));
+        for (int64_t t = 0; t < len; ++t) denom += std::exp(weight[row0 + t] - row_max);
+        for (int64_t t = 0; t < len; ++t) {
+          weight[row0 + t] = static_cast<T>(std::exp(weight[row0 + t] - row_max) / denom);
+        }
+      }
+      for (int64_t t = 0; t < len; ++t) {
+        const T* v = pb.values + (row0 + t) * pb.Dv;
+        double gw = 0;
+        for (int64_t d = 0; d < pb.Dv; ++d) gw += static_cast<double>(g[d]) * v[d];
+        grad_score[row0 + t] = static_cast<T>(gw);
+        dot += weight[row0 + t] * gw;
+      }
+      for (int64_t t = 0; t < len; ++t) {
+        const T gw = grad_score[row0 + t];
+        // softmax: d/dt_t = w_t (gw_t - sum_u w_u gw_u); none: d/dt_t = gw_t. Then d/ds = score_scale * d/dt.
+        grad_score[row0 + t] = pb.scale * (pb.norm == Normalization::kSoftmax
+                                               ? weight[row0 + t] * (gw - static_cast<T>(dot))
+                                               : gw);
+      }
+    }
+  });
+}
+
+struct BackwardOutputs {
+  at::Tensor grad_query, grad_keys, grad_values;
+};
+
+// One pass over all behaviours: recompute the forward, back-propagate from the scores down to hidden layer
+// `stop` (Dice sums pass: accumulate sum(g_xhat), sum(g_xhat * xhat) of that layer) or, with stop < 0, all the
+// way to the inputs (gradient pass).
+template <typename T>
+void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, const T* grad_score, const T* grad_out,
+                   int64_t stop, std::vector<Partial<T>>& partials, BackwardOutputs* outs) {
+  const Blocks blocks(pb.B);
+  const bool full = stop < 0;
+  const int64_t D = pb.D, Dp = net.Dp, n = net.n;
+  T* gq_all = full ? outs->grad_query.data_ptr<T>() : nullptr;
+  T* gk_all = full ? outs->grad_keys.data_ptr<T>() : nullptr;
+  T* gv_all = full && outs->grad_values.numel() ? outs->grad_values.data_ptr<T>() : nullptr;
+  at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
+    const Gemm<T>& g = gemm<T>();
+    Work<T> work(net);
+    work.init_backward(net);
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      Partial<T>& part = partials[blk];
+      for (int64_t b = blocks.first(blk, pb.B); b < blocks.last(blk, pb.B); ++b) {
+        const int64_t len = pb.lengths[b], row0 = pb.starts[b];
+        const T* q = pb.query + b * D;
+        if (full) std::fill(gq_all + b * D, gq_all + (b + 1) * D, T(0));
+        if (len == 0) continue;
+        work.set_user(net, q, full);
+        if (full) {
+          std::fill(work.G.begin(), work.G.end(), T(0));
+          std::fill(work.dc.begin(), work.dc.end(), T(0));
+        }
+        for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+          const int64_t rows = std::min(kTile, len - t0);
+          const T* keys = pb.keys + (row0 + t0) * D;
+          forward_tile(net, work, keys, rows, n);
+          // d/dz_n: the score gradient in column 0.
+          T* gz = work.g0.data();
+          T* gh = work.g1.data();
+          const int64_t wpn = net.wp[n];
+          std::fill(gz, gz + rows * wpn, T(0));
+          for (int64_t r = 0; r < rows; ++r) gz[r * wpn] = grad_score[row0 + t0 + r];
+          for (int64_t i = n; i >= 1; --i) {
+            const int64_t wpi = net.wp[i], wpp = net.wp[i - 1];
+            if (full) {
+              g.tn(rows, wpi, wpp, gz, wpi, work.h[i - 1].data(), wpp, part.dW[i].data(), wpp);
+              for (int64_t r = 0; r < rows; ++r)
+                for (int64_t c = 0; c < wpi; ++c) part.db[i][c] += gz[r * wpi + c];
+            }
+            g.nn(rows, net.w[i], wpp, gz, wpi, net.Wn[i].data(), wpp, nullptr, gh, wpp);  // d/dh_{i-1}
+            const bool sums_here = !full && i - 1 == stop;
+            double* acc = (full || sums_here) ? part.act[i - 1].data() : nullptr;
+            activation_backward_tile(net, i - 1, rows, work.z[i - 1].data(), gh, acc, !sums_here);
+            std::swap(gz, gh);  // gz = d/dz_{i-1}
+            if (sums_here) break;
+          }
+          if (!full) continue;
+          // Layer 1: z_0 = c + Weff k.
+          const int64_t wp0 = net.wp[0];
+          for (int64_t r = 0; r < rows; ++r) {
+            std::copy(keys + r * D, keys + (r + 1) * D, work.kp.data() + r * Dp);
+            for (int64_t c = 0; c < wp0; ++c) work.dc[c] += gz[r * wp0 + c];
+          }
+          g.tn(rows, wp0, Dp, gz, wp0, work.kp.data(), Dp, work.G.data(), Dp);
+          g.nn(rows, net.w[0], Dp, gz, wp0, work.weff.data(), Dp, nullptr, work.gk.data(), Dp);
+          const T* gout = grad_out + b * pb.Dv;
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t row = row0 + t0 + r;
+            T* gk = gk_all + row * D;
+            const T* src = work.gk.data() + r * Dp;
+            const T wt = weight[row];
+            if (gv_all) {
+              for (int64_t d = 0; d < D; ++d) gk[d] = src[d];
+              T* gv = gv_all + row * pb.Dv;
+              for (int64_t d = 0; d < pb.Dv; ++d) gv[d] = wt * gout[d];
+            } else {
+              for (int64_t d = 0; d < D; ++d) gk[d] = src[d] + wt * gout[d];
+            }
+          }
+        }
+        if (!full) continue;
+        // Per user: d/dq = (Wq + Wd)^T dc + sum_h G[h, :] * Wp[h, :]; d(Wq + Wd) += dc q^T;
+        // d(Wk - Wd) += G; dWp += G diag(q).
+        const int64_t w0 = net.w[0];
+        T* gq = gq_all + b * D;
+        for (int64_t hh = 0; hh < w0; ++hh) {
+          const T dch = work.dc[hh];
+          const T* a = net.A.data() + hh * D;
+          const T* Gh = work.G.data() + hh * Dp;
+          const T* pc = net.Pc.data() + hh * Dp;
+          T* dA = part.dA.data() + hh * D;
+          T* dKc = part.dKc.data() + hh * Dp;
+          T* dPc = part.dPc.data() + hh * Dp;
+          for (int64_t d = 0; d < D; ++d) {
+            gq[d] += a[d] * dch + Gh[d] * pc[d];
+            dA[d] += dch * q[d];
+            dKc[d] += Gh[d];
+            dPc[d] += Gh[d] * q[d];
+          }
+          part.db[0][hh] += dch;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void zero_partials(std::vector<Partial<T>>& partials, const Net<T>& net) {
+  for (auto& p : partials) p.init(net);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
 attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const at::Tensor& keys_,
-                   const std::optional<at::Tensor>& values_, const at::Tensor& starts, const at::Tensor& lengths,
+                   const std::optional<at::Tensor>& values_, const at::Tensor& starts_, const at::Tensor& lengths_,
                    int64_t max_len, at::TensorList weights, at::TensorList biases, const at::Tensor& act_params,
                    const at::Tensor& stats, c10::string_view activation, c10::string_view normalization,
                    double score_scale, bool training, double eps) {
   const Activation act = parse_activation(activation);
   const Normalization norm = parse_normalization(normalization);
   const AttentionShape shape =
-      check_attention_args(query_, keys_, values_, starts, lengths, max_len, weights, biases, act_params, act);
+      check_attention_args(query_, keys_, values_, starts_, lengths_, max_len, weights, biases, act_params, act);
   TORCH_CHECK(grad_out_.dim() == 2 && grad_out_.size(0) == shape.batch && grad_out_.size(1) == shape.value_dim,
               "din_ext: grad_out must have shape [", shape.batch, ", ", shape.value_dim, "], got ", grad_out_.sizes());
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == shape.hidden_total,
               "din_ext: stats must have shape [2, ", shape.hidden_total, "], got ", stats.sizes());
-  const at::Tensor grad_out = grad_out_.contiguous();
-  const at::Tensor query = query_.contiguous();
-  const at::Tensor keys = keys_.contiguous();
+  TORCH_CHECK(grad_out_.scalar_type() == query_.scalar_type() && stats.scalar_type() == query_.scalar_type(),
+              "din_ext: grad_out and stats must have the dtype of query");
+  const at::Tensor grad_out = grad_out_.contiguous(), query = query_.contiguous(), keys = keys_.contiguous();
   const at::Tensor values = values_.has_value() ? values_->contiguous() : keys;
-  const int64_t D = shape.dim;
+  const at::Tensor starts = starts_.contiguous(), lengths = lengths_.contiguous();
 
-  const ValidRows r = valid_rows(starts, lengths);
-  const at::Tensor q = query.index_select(0, r.seg);
-  const at::Tensor k = keys.index_select(0, r.row);
-  const MlpTrace t = mlp_forward(behaviour_features(q, k), weights, biases, act_params, act, training,
-                                 /*compute_stats=*/false, eps, stats, true);
-  const at::Tensor w = pooling_weights(t.score * score_scale, r.seg, shape.batch, norm);
-  const at::Tensor v = values_.has_value() ? values.index_select(0, r.row) : k;
-
-  // Pooling.
-  const at::Tensor g_rows = grad_out.index_select(0, r.seg);
-  const at::Tensor grad_v = g_rows * w.unsqueeze(1);
-  const at::Tensor grad_w = (g_rows * v).sum(1);
-  at::Tensor grad_t = grad_w;
-  if (norm == Normalization::kSoftmax) {
-    const at::Tensor dot = at::zeros({shape.batch}, w.options()).index_add_(0, r.seg, w * grad_w);
-    grad_t = w * (grad_w - dot.index_select(0, r.seg));
-  }
-  const at::Tensor grad_score = grad_t * score_scale;
-
-  // MLP, last layer first.
+  BackwardOutputs outs;
+  outs.grad_query = at::empty_like(query);
+  outs.grad_keys = at::zeros_like(keys);  // rows outside every user's range get exactly zero
+  outs.grad_values = values_.has_value() ? at::zeros_like(values) : at::empty({0}, keys.options());
   const size_t layers = weights.size();
   std::vector<at::Tensor> grad_weights(layers), grad_biases(layers);
-  at::Tensor grad_act_params = at::zeros_like(act_params);
-  at::Tensor grad_pre = grad_score.unsqueeze(1);  // d/d(output of Linear i), here i = last
-  int64_t col = shape.hidden_total;
-  for (size_t i = layers; i-- > 0;) {
-    grad_weights[i] = at::mm(grad_pre.t(), t.inputs[i]);
-    grad_biases[i] = grad_pre.sum(0);
-    at::Tensor grad_in = at::mm(grad_pre, weights[i]);
-    if (i == 0) {
-      grad_pre = grad_in;  // d/dx, x = [q, k, q - k, q * k]
-      break;
-    }
-    const int64_t width = weights[i - 1].size(0);
-    col -= width;
-    grad_pre = activation_backward(act, grad_in, t.pre[i - 1], act_params.narrow(1, col, width), training, eps,
-                                   stats[0].narrow(0, col, width), stats[1].narrow(0, col, width),
-                                   grad_act_params.narrow(1, col, width));
-  }
-  const at::Tensor& gx = grad_pre;
-  const at::Tensor g_qk = gx.narrow(1, 3 * D, D);
-  const at::Tensor g_diff = gx.narrow(1, 2 * D, D);
-  const at::Tensor grad_q_rows = gx.narrow(1, 0, D) + g_diff + g_qk * k;
-  at::Tensor grad_k_rows = gx.narrow(1, D, D) - g_diff + g_qk * q;
+  at::Tensor grad_act = at::zeros_like(act_params);
 
-  at::Tensor grad_query = at::zeros_like(query).index_add_(0, r.seg, grad_q_rows);
-  at::Tensor grad_keys = at::zeros_like(keys);
-  at::Tensor grad_values;
-  if (values_.has_value()) {
-    grad_values = at::zeros_like(values).index_add_(0, r.row, grad_v);
-  } else {
-    grad_k_rows = grad_k_rows + grad_v;
-    grad_values = at::empty({0}, keys.options());
-  }
-  grad_keys.index_add_(0, r.row, grad_k_rows);
-  return {grad_query, grad_keys, grad_values, grad_weights, grad_biases, grad_act_params};
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "din_ext_attention_backward", [&] {
+    using T = scalar_t;
+    Net<T> net = pack<T>(shape.dim, weights, biases, act_params, act, training, eps, stats);
+    const Problem<T> pb = make_problem<T>(query, keys, values, starts, lengths, norm, score_scale);
+    const int64_t D = shape.dim, Dp = net.Dp, n = net.n;
+    Vec<T> weight(shape.num_keys), grad_score(shape.num_keys);
+    score_gradients(net, pb, grad_out.data_ptr<T>(), weight.data(), grad_score.data());
+
+    const Blocks blocks(shape.batch);
+    std::vector<Partial<T>> partials(blocks.count);
+    int64_t count = 0;
+    for (int64_t b = 0; b < shape.batch; ++b) count += pb.lengths[b];
+    if (net.dice_train && count > 0) {
+      for (int64_t j = n - 1; j >= 0; --j) {
+        zero_partials(partials, net);
+        backward_pass(net, pb, weight.data(), grad_score.data(), grad_out.data_ptr<T>(), j, partials, nullptr);
+        ActLayer<T>& a = net.acts[j];
+        for (int64_t c = 0; c < net.wp[j]; ++c) {
+          double s1 = 0, s2 = 0;
+          for (const auto& p : partials) {
+            s1 += p.act[j][3 * net.wp[j] + c];
+            s2 += p.act[j][4 * net.wp[j] + c];
+          }
+          a.g_mean[c] = static_cast<T>(s1 / count);
+          a.gx_mean[c] = static_cast<T>(s2 / count);
+        }
+      }
+    }
+    zero_partials(partials, net);
+    backward_pass(net, pb, weight.data(), grad_score.data(), grad_out.data_ptr<T>(), -1, partials, &outs);
+
+    // Reduce the block partials in block order.
+    auto reduce = [&](auto member, size_t size) {
+      Vec<double> total(size, 0.0);
+      for (const auto& p : partials) {
+        const auto& v = member(p);
+        for (size_t k = 0; k < size; ++k) total[k] += v[k];
+      }
+      return total;
+    };
+    const int64_t w0 = net.w[0], wp0 = net.wp[0];
+    const Vec<double> dA = reduce([](const Partial<T>& p) -> const Vec<T>& { return p.dA; }, w0 * D);
+    const Vec<double> dKc = reduce([](const Partial<T>& p) -> const Vec<T>& { return p.dKc; }, wp0 * Dp);
+    const Vec<double> dPc = reduce([](const Partial<T>& p) -> const Vec<T>& { return p.dPc; }, wp0 * Dp);
+    // W_0 = [Wq, Wk, Wd, Wp] with A = Wq + Wd, Kc = Wk - Wd, Pc = Wp.
+    grad_weights[0] = at::empty({w0, 4 * D}, query.options());
+    T* gw0 = grad_weights[0].data_ptr<T>();
+    for (int64_t hh = 0; hh < w0; ++hh) {
+      for (int64_t d = 0; d < D; ++d) {
+        const double a = dA[hh * D + d], kc = dKc[hh * Dp + d];
+        gw0[hh * 4 * D + d] = static_cast<T>(a);
+        gw0[hh * 4 * D + D + d] = static_cast<T>(kc);
+        gw0[hh * 4 * D + 2 * D + d] = static_cast<T>(a - kc);
+        gw0[hh * 4 * D + 3 * D + d] = static_cast<T>(dPc[hh * Dp + d]);
+      }
+    }
+    for (int64_t i = 0; i <= n; ++i) {
+      const int64_t wi = net.w[i], wpi = net.wp[i];
+      const Vec<double> db = reduce([i](const Partial<T>& p) -> const Vec<T>& { return p.db[i]; }, wpi);
+      grad_biases[i] = at::empty({wi}, query.options());
+      for (int64_t c = 0; c < wi; ++c) grad_biases[i].data_ptr<T>()[c] = static_cast<T>(db[c]);
+      if (i == 0) continue;
+      const int64_t in = net.w[i - 1], wpp = net.wp[i - 1];
+      const Vec<double> dW = reduce([i](const Partial<T>& p) -> const Vec<T>& { return p.dW[i]; }, wpi * wpp);
+      grad_weights[i] = at::empty({wi, in}, query.options());
+      T* gw = grad_weights[i].data_ptr<T>();
+      for (int64_t o = 0; o < wi; ++o)
+        for (int64_t k = 0; k < in; ++k) gw[o * in + k] = static_cast<T>(dW[o * wpp + k]);
+    }
+    // Activation parameters: Dice rows (alpha, gamma, beta, running_mean, running_var), PReLU row (slope).
+    if (act == Activation::kDice || act == Activation::kPrelu) {
+      T* ga = grad_act.data_ptr<T>();
+      const int64_t htot = shape.hidden_total;
+      int64_t col = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t wj = net.w[j], wpj = net.wp[j];
+        Vec<double> sums(5 * wpj, 0.0);
+        for (const auto& p : partials)
+          for (int64_t k = 0; k < 5 * wpj; ++k) sums[k] += p.act[j][k];
+        const ActLayer<T>& a = net.acts[j];
+        for (int64_t c = 0; c < wj; ++c) {
+          ga[col + c] = static_cast<T>(sums[c]);  // alpha / slope
+          if (act != Activation::kDice) continue;
+          ga[kDiceGamma * htot + col + c] = static_cast<T>(sums[wpj + c]);
+          ga[kDiceBeta * htot + col + c] = static_cast<T>(sums[2 * wpj + c]);
+          if (!training) {  // eval: the running statistics are inputs of the op
+            const double rstd = a.rstd[c];
+            ga[kDiceRunningMean * htot + col + c] = static_cast<T>(-rstd * sums[3 * wpj + c]);
+            ga[kDiceRunningVar * htot + col + c] = static_cast<T>(-0.5 * rstd * rstd * sums[4 * wpj + c]);
+          }
+        }
+        col += wj;
+      }
+    }
+  });
+  return {outs.grad_query, outs.grad_keys, outs.grad_values, grad_weights, grad_biases, grad_act};
 }
 
 }  // namespace

@@ -1,0 +1,63 @@
+#include "cpu/kernels.h"
+
+namespace din_ext::cpu {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DIN_EXT_HAVE_AVX2 1
+#define DIN_EXT_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define DIN_EXT_HAVE_AVX2 0
+#endif
+
+template <typename T>
+void nn_base(int64_t rows, int64_t K, int64_t n, const T* A, int64_t lda, const T* B, int64_t ldb, const T* bias,
+             T* C, int64_t ldc) {
+  gemm_nn_body<T>(rows, K, n, A, lda, B, ldb, bias, C, ldc);
+}
+
+template <typename T>
+void tn_base(int64_t rows, int64_t M, int64_t n, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+             int64_t ldc) {
+  gemm_tn_body<T>(rows, M, n, A, lda, B, ldb, C, ldc);
+}
+
+#if DIN_EXT_HAVE_AVX2
+template <typename T>
+DIN_EXT_AVX2 void nn_avx2(int64_t rows, int64_t K, int64_t n, const T* A, int64_t lda, const T* B, int64_t ldb,
+                          const T* bias, T* C, int64_t ldc) {
+  gemm_nn_body<T>(rows, K, n, A, lda, B, ldb, bias, C, ldc);
+}
+
+template <typename T>
+DIN_EXT_AVX2 void tn_avx2(int64_t rows, int64_t M, int64_t n, const T* A, int64_t lda, const T* B, int64_t ldb,
+                          T* C, int64_t ldc) {
+  gemm_tn_body<T>(rows, M, n, A, lda, B, ldb, C, ldc);
+}
+
+bool has_avx2_fma() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
+template <typename T>
+Gemm<T> select() {
+#if DIN_EXT_HAVE_AVX2
+  if (has_avx2_fma()) return {&nn_avx2<T>, &tn_avx2<T>};
+#endif
+  return {&nn_base<T>, &tn_base<T>};
+}
+
+}  // namespace
+
+template <typename T>
+const Gemm<T>& gemm() {
+  static const Gemm<T> table = select<T>();
+  return table;
+}
+
+template const Gemm<float>& gemm<float>();
+template const Gemm<double>& gemm<double>();
+
+}  // namespace din_ext::cpu
