@@ -36,7 +36,10 @@ def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # No -std flag: torch's BuildExtension adds the standard its headers need (C++17, or C++20 from torch 2.14).
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-fvisibility=hidden"]
+    # -fno-trapping-math: floating-point selects (clamps, ReLU) may be if-converted, so the activation loops
+    # vectorize; it changes no result, only the assumption that FP exceptions trap (they never do in torch).
+    # -fopenmp: at::parallel_for is inline code that parallelizes with OpenMP only when the caller is compiled with it.
+    cxx += ["-fvisibility=hidden", "-fno-trapping-math", "-fopenmp"]
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     extra = {"cxx": cxx}
     if with_cuda:
@@ -53,6 +56,7 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,
         define_macros=define_macros,
+        extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )
     return [ext], {"build_ext": BuildExtension}

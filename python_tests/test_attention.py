@@ -159,6 +159,25 @@ def test_deterministic(backend):
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
 
 
+@requires_cpp
+def test_cpu_bitwise_reproducible_across_thread_counts():
+    """Reductions go through a fixed partition of the users, so 1 and 2 threads give identical bits."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            unit = make_unit("dice", "softmax", dtype=torch.float32)
+            unit.backend = "cpu"
+            batch = make_batch("jagged", batch=150, max_len=70, dtype=torch.float32, seed=8).fresh()
+            results.append(run_unit(unit, batch))
+    finally:
+        torch.set_num_threads(threads)
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
 def test_running_stats_match_batchnorm(backend):
     """The Dice running statistics follow nn.BatchNorm1d run on the valid behaviours' pre-activations."""
     name, device = backend

@@ -207,7 +207,7 @@ struct Work {
 };
 
 template <typename T>
-void activation_forward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
+DIN_EXT_INLINE void activation_forward_body(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
   const ActLayer<T>& a = net.acts[j];
   const int64_t wp = net.wp[j];
   for (int64_t r = 0; r < rows; ++r) {
@@ -230,19 +230,6 @@ void activation_forward_tile(const Net<T>& net, int64_t j, int64_t rows, const T
         for (int64_t c = 0; c < wp; ++c) hr[c] = zr[c] > T(0) ? zr[c] : T(0);
         break;
     }
-  }
-}
-
-// Forward of `rows` behaviours (keys rows, contiguous) of the current user: z_0 .. z_upto and h_0 .. h_{upto-1}.
-template <typename T>
-void forward_tile(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, int64_t upto) {
-  const Gemm<T>& g = gemm<T>();
-  g.nn(rows, net.D, net.wp[0], keys, net.D, work.weffT.data(), net.wp[0], work.c.data(), work.z[0].data(),
-       net.wp[0]);
-  for (int64_t i = 1; i <= upto; ++i) {
-    activation_forward_tile(net, i - 1, rows, work.z[i - 1].data(), work.h[i - 1].data());
-    g.nn(rows, net.w[i - 1], net.wp[i], work.h[i - 1].data(), net.wp[i - 1], net.WT[i].data(), net.wp[i],
-         net.bias[i].data(), work.z[i].data(), net.wp[i]);
   }
 }
 
@@ -270,8 +257,8 @@ struct Partial {
 // Backward through hidden layer j's activation: g (d/dh, [rows, wp_j]) -> d/dz in place. Accumulates the
 // parameter gradients and the Dice sums into acc (5 x wp_j) when acc is not null.
 template <typename T>
-void activation_backward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g, double* acc,
-                              bool stats_known) {
+DIN_EXT_INLINE void activation_backward_body(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g,
+                                             double* acc, bool stats_known) {
   const ActLayer<T>& a = net.acts[j];
   const int64_t wp = net.wp[j];
   for (int64_t r = 0; r < rows; ++r) {
@@ -316,6 +303,58 @@ void activation_backward_tile(const Net<T>& net, int64_t j, int64_t rows, const 
         for (int64_t c = 0; c < wp; ++c) gr[c] = zr[c] > T(0) ? gr[c] : T(0);
         break;
     }
+  }
+}
+
+// The activation tiles in a baseline and an AVX2+FMA build (the sigmoid's exp vectorizes with the latter).
+template <typename T>
+void activation_forward_base(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
+  activation_forward_body(net, j, rows, z, h);
+}
+template <typename T>
+void activation_backward_base(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g, double* acc,
+                              bool stats_known) {
+  activation_backward_body(net, j, rows, z, g, acc, stats_known);
+}
+#if DIN_EXT_HAVE_AVX2
+template <typename T>
+DIN_EXT_AVX2 void activation_forward_avx2(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
+  activation_forward_body(net, j, rows, z, h);
+}
+template <typename T>
+DIN_EXT_AVX2 void activation_backward_avx2(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g,
+                                           double* acc, bool stats_known) {
+  activation_backward_body(net, j, rows, z, g, acc, stats_known);
+}
+#endif
+
+template <typename T>
+void activation_forward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
+#if DIN_EXT_HAVE_AVX2
+  if (has_avx2_fma()) return activation_forward_avx2(net, j, rows, z, h);
+#endif
+  activation_forward_base(net, j, rows, z, h);
+}
+
+template <typename T>
+void activation_backward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g, double* acc,
+                              bool stats_known) {
+#if DIN_EXT_HAVE_AVX2
+  if (has_avx2_fma()) return activation_backward_avx2(net, j, rows, z, g, acc, stats_known);
+#endif
+  activation_backward_base(net, j, rows, z, g, acc, stats_known);
+}
+
+// Forward of `rows` behaviours (keys rows, contiguous) of the current user: z_0 .. z_upto and h_0 .. h_{upto-1}.
+template <typename T>
+void forward_tile(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, int64_t upto) {
+  const Gemm<T>& g = gemm<T>();
+  g.nn(rows, net.D, net.wp[0], keys, net.D, work.weffT.data(), net.wp[0], work.c.data(), work.z[0].data(),
+       net.wp[0]);
+  for (int64_t i = 1; i <= upto; ++i) {
+    activation_forward_tile(net, i - 1, rows, work.z[i - 1].data(), work.h[i - 1].data());
+    g.nn(rows, net.w[i - 1], net.wp[i], work.h[i - 1].data(), net.wp[i - 1], net.WT[i].data(), net.wp[i],
+         net.bias[i].data(), work.z[i].data(), net.wp[i]);
   }
 }
 

@@ -3,13 +3,6 @@
 namespace din_ext::cpu {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DIN_EXT_HAVE_AVX2 1
-#define DIN_EXT_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define DIN_EXT_HAVE_AVX2 0
-#endif
-
 template <typename T>
 void nn_base(int64_t rows, int64_t K, int64_t n, const T* A, int64_t lda, const T* B, int64_t ldb, const T* bias,
              T* C, int64_t ldc) {
@@ -35,10 +28,6 @@ DIN_EXT_AVX2 void tn_avx2(int64_t rows, int64_t M, int64_t n, const T* A, int64_
   gemm_tn_body<T>(rows, M, n, A, lda, B, ldb, C, ldc);
 }
 
-bool has_avx2_fma() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 #endif
 
 template <typename T>
@@ -50,6 +39,18 @@ Gemm<T> select() {
 }
 
 }  // namespace
+
+bool has_avx2_fma() {
+#if DIN_EXT_HAVE_AVX2
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
 
 template <typename T>
 const Gemm<T>& gemm() {

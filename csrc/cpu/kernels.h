@@ -20,16 +20,29 @@ inline int64_t padded(int64_t n) {
   return (n + kPad<T> - 1) / kPad<T> * kPad<T>;
 }
 
-#if defined(__GNUC__)
 #define DIN_EXT_INLINE inline __attribute__((always_inline))
+
+// Functions marked DIN_EXT_AVX2 are compiled for AVX2+FMA whatever the build flags; they run only where
+// has_avx2_fma() says so. Their bodies are DIN_EXT_INLINE templates shared with the baseline build.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DIN_EXT_HAVE_AVX2 1
+#define DIN_EXT_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define DIN_EXT_INLINE inline
+#define DIN_EXT_HAVE_AVX2 0
+#define DIN_EXT_AVX2
 #endif
+
+// Whether this processor runs the AVX2+FMA builds.
+bool has_avx2_fma();
+
+// 32-byte vectors in always-inlined code are never passed across a call boundary; GCC's ABI note is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 // exp(x) for float, Cephes' expf polynomial (about 1 ulp) in a form that compilers vectorize; std::exp for double.
 DIN_EXT_INLINE float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // a select: vectorizes with -fno-trapping-math
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick: plain arithmetic, which vectorizes where floor may not.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -50,62 +63,118 @@ DIN_EXT_INLINE T sigmoid(T x) {
   return T(1) / (T(1) + exp_approx(-x));
 }
 
-// C[r, :n] = bias[:n] + sum_k A[r, k] * B[k, :n] for r < rows; n is a multiple of kPad<T>.
-// A: [rows, lda] (k < K used), B: [K, ldb], C: [rows, ldc]. bias may be null (zero).
+// 32-byte SIMD vectors (GCC/Clang vector extensions; two SSE registers on a baseline build, one AVX register in an
+// AVX2 build), unaligned.
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float type __attribute__((vector_size(32), aligned(4)));
+  static constexpr int64_t lanes = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double type __attribute__((vector_size(32), aligned(8)));
+  static constexpr int64_t lanes = 4;
+};
+
+template <typename T>
+DIN_EXT_INLINE typename Simd<T>::type load(const T* p) {
+  return *reinterpret_cast<const typename Simd<T>::type*>(p);
+}
+template <typename T>
+DIN_EXT_INLINE void store(T* p, typename Simd<T>::type v) {
+  *reinterpret_cast<typename Simd<T>::type*>(p) = v;
+}
+
+// C[r, :n] = bias[:n] + sum_{k < K} A[r, k] * B[k, :n] for r < rows; n is a multiple of kPad<T> (two vectors).
+// A: [rows, lda], B: [K, ldb], C: [rows, ldc]; bias may be null (zero). 4 x 2 vector accumulators in registers.
 template <typename T>
 DIN_EXT_INLINE void gemm_nn_body(int64_t rows, int64_t K, int64_t n, const T* A, int64_t lda, const T* B,
                                  int64_t ldb, const T* bias, T* C, int64_t ldc) {
-  constexpr int64_t R = 4, W = kPad<T>;
+  using V = typename Simd<T>::type;
+  constexpr int64_t L = Simd<T>::lanes;
+  const V zero = {};
   int64_t r0 = 0;
-  for (; r0 + R <= rows; r0 += R) {
-    for (int64_t c0 = 0; c0 < n; c0 += W) {
-      T acc[R][W];
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < W; ++j) acc[r][j] = bias ? bias[c0 + j] : T(0);
-      for (int64_t k = 0; k < K; ++k) {
-        const T* b = B + k * ldb + c0;
-        for (int64_t r = 0; r < R; ++r) {
-          const T a = A[(r0 + r) * lda + k];
-          for (int64_t j = 0; j < W; ++j) acc[r][j] += a * b[j];
-        }
+  for (; r0 + 4 <= rows; r0 += 4) {
+    const T* a0 = A + r0 * lda;
+    const T* a1 = a0 + lda;
+    const T* a2 = a1 + lda;
+    const T* a3 = a2 + lda;
+    for (int64_t c0 = 0; c0 < n; c0 += 2 * L) {
+      const V i0 = bias ? load(bias + c0) : zero, i1 = bias ? load(bias + c0 + L) : zero;
+      V c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1;
+      const T* b = B + c0;
+      for (int64_t k = 0; k < K; ++k, b += ldb) {
+        const V b0 = load(b), b1 = load(b + L);
+        c00 += a0[k] * b0;
+        c01 += a0[k] * b1;
+        c10 += a1[k] * b0;
+        c11 += a1[k] * b1;
+        c20 += a2[k] * b0;
+        c21 += a2[k] * b1;
+        c30 += a3[k] * b0;
+        c31 += a3[k] * b1;
       }
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < W; ++j) C[(r0 + r) * ldc + c0 + j] = acc[r][j];
+      T* c = C + r0 * ldc + c0;
+      store(c, c00);
+      store(c + L, c01);
+      store(c + ldc, c10);
+      store(c + ldc + L, c11);
+      store(c + 2 * ldc, c20);
+      store(c + 2 * ldc + L, c21);
+      store(c + 3 * ldc, c30);
+      store(c + 3 * ldc + L, c31);
     }
   }
   for (; r0 < rows; ++r0) {
-    for (int64_t c0 = 0; c0 < n; c0 += W) {
-      T acc[W];
-      for (int64_t j = 0; j < W; ++j) acc[j] = bias ? bias[c0 + j] : T(0);
-      for (int64_t k = 0; k < K; ++k) {
-        const T a = A[r0 * lda + k];
-        const T* b = B + k * ldb + c0;
-        for (int64_t j = 0; j < W; ++j) acc[j] += a * b[j];
+    const T* a0 = A + r0 * lda;
+    for (int64_t c0 = 0; c0 < n; c0 += 2 * L) {
+      V c00 = bias ? load(bias + c0) : zero, c01 = bias ? load(bias + c0 + L) : zero;
+      const T* b = B + c0;
+      for (int64_t k = 0; k < K; ++k, b += ldb) {
+        c00 += a0[k] * load(b);
+        c01 += a0[k] * load(b + L);
       }
-      for (int64_t j = 0; j < W; ++j) C[r0 * ldc + c0 + j] = acc[j];
+      store(C + r0 * ldc + c0, c00);
+      store(C + r0 * ldc + c0 + L, c01);
     }
   }
 }
 
-// C[m, :n] += sum_t A[t, m] * B[t, :n] for m < M (M a multiple of 4, n of kPad<T>): the A^T B of weight gradients.
+// C[m, :n] += sum_{t < rows} A[t, m] * B[t, :n] for m < M (M a multiple of 4, n of kPad<T>): the A^T B of weight
+// gradients. A: [rows, lda], B: [rows, ldb], C: [M, ldc].
 template <typename T>
 DIN_EXT_INLINE void gemm_tn_body(int64_t rows, int64_t M, int64_t n, const T* A, int64_t lda, const T* B,
                                  int64_t ldb, T* C, int64_t ldc) {
-  constexpr int64_t R = 4, W = kPad<T>;
-  for (int64_t m0 = 0; m0 < M; m0 += R) {
-    for (int64_t c0 = 0; c0 < n; c0 += W) {
-      T acc[R][W];
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < W; ++j) acc[r][j] = C[(m0 + r) * ldc + c0 + j];
-      for (int64_t t = 0; t < rows; ++t) {
-        const T* b = B + t * ldb + c0;
-        for (int64_t r = 0; r < R; ++r) {
-          const T a = A[t * lda + m0 + r];
-          for (int64_t j = 0; j < W; ++j) acc[r][j] += a * b[j];
-        }
+  using V = typename Simd<T>::type;
+  constexpr int64_t L = Simd<T>::lanes;
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    for (int64_t c0 = 0; c0 < n; c0 += 2 * L) {
+      T* c = C + m0 * ldc + c0;
+      V c00 = load(c), c01 = load(c + L), c10 = load(c + ldc), c11 = load(c + ldc + L);
+      V c20 = load(c + 2 * ldc), c21 = load(c + 2 * ldc + L), c30 = load(c + 3 * ldc), c31 = load(c + 3 * ldc + L);
+      const T* a = A + m0;
+      const T* b = B + c0;
+      for (int64_t t = 0; t < rows; ++t, a += lda, b += ldb) {
+        const V b0 = load(b), b1 = load(b + L);
+        c00 += a[0] * b0;
+        c01 += a[0] * b1;
+        c10 += a[1] * b0;
+        c11 += a[1] * b1;
+        c20 += a[2] * b0;
+        c21 += a[2] * b1;
+        c30 += a[3] * b0;
+        c31 += a[3] * b1;
       }
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < W; ++j) C[(m0 + r) * ldc + c0 + j] = acc[r][j];
+      store(c, c00);
+      store(c + L, c01);
+      store(c + ldc, c10);
+      store(c + ldc + L, c11);
+      store(c + 2 * ldc, c20);
+      store(c + 2 * ldc + L, c21);
+      store(c + 3 * ldc, c30);
+      store(c + 3 * ldc + L, c31);
     }
   }
 }
