@@ -159,7 +159,7 @@ template <typename T>
 struct Work {
   Vec<T> c, weffT, weff, G, dc, gq;
   std::vector<Vec<T>> z, h;  // [kTile, wp_i]
-  Vec<T> g0, g1, gk, kp;     // backward: [kTile, max_wp] x 2, [kTile, Dp] x 2
+  Vec<T> g0, g1, gk, kp, wt;  // backward: [kTile, max_wp] x 2, [kTile, Dp] x 2, pooling weights [kTile]
   explicit Work(const Net<T>& net) {
     const int64_t wp0 = net.wp[0];
     c.assign(wp0, T(0));
@@ -178,6 +178,7 @@ struct Work {
     g1.assign(kTile * net.max_wp, T(0));
     gk.assign(kTile * net.Dp, T(0));
     kp.assign(kTile * net.Dp, T(0));
+    wt.assign(kTile, T(0));
   }
   // c = (Wq + Wd) q + b_0 and Weff^T = (Wk - Wd)^T + diag(q) Wp^T for user query q.
   void set_user(const Net<T>& net, const T* q, bool backward) {
@@ -518,7 +519,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query_, c
 // ---------------------------------------------------------------------------------------------------------------
 // Backward
 
-// d loss / d score of every valid behaviour, and its pooling weight, indexed by key row: one scoring sweep.
+// Softmax pooling: d loss / d score of every valid behaviour and its pooling weight, indexed by key row (one
+// scoring sweep; both need the whole row's scores). Without softmax the backward passes derive them per tile.
 template <typename T>
 void score_gradients(const Net<T>& net, const Problem<T>& pb, const T* grad_out, T* weight, T* grad_score) {
   const int64_t wpn = net.wp[net.n];
@@ -572,7 +574,7 @@ template <typename T>
 void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, const T* grad_score, const T* grad_out,
                    int64_t stop, std::vector<Partial<T>>& partials, BackwardOutputs* outs) {
   const Blocks blocks(pb.B);
-  const bool full = stop < 0;
+  const bool full = stop < 0, softmax = pb.norm == Normalization::kSoftmax;
   const int64_t D = pb.D, Dp = net.Dp, n = net.n;
   T* gq_all = full ? outs->grad_query.data_ptr<T>() : nullptr;
   T* gk_all = full ? outs->grad_keys.data_ptr<T>() : nullptr;
@@ -596,13 +598,27 @@ void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, con
         for (int64_t t0 = 0; t0 < len; t0 += kTile) {
           const int64_t rows = std::min(kTile, len - t0);
           const T* keys = pb.keys + (row0 + t0) * D;
-          forward_tile(net, work, keys, rows, n);
+          // The gradient pass needs the scores (unnormalized pooling weights) and h_{n-1}; a sums pass only z.
+          forward_tile(net, work, keys, rows, full ? n : n - 1);
           // d/dz_n: the score gradient in column 0.
           T* gz = work.g0.data();
           T* gh = work.g1.data();
           const int64_t wpn = net.wp[n];
           std::fill(gz, gz + rows * wpn, T(0));
-          for (int64_t r = 0; r < rows; ++r) gz[r * wpn] = grad_score[row0 + t0 + r];
+          const T* gout = grad_out + b * pb.Dv;
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t row = row0 + t0 + r;
+            if (softmax) {
+              gz[r * wpn] = grad_score[row];
+              work.wt[r] = weight[row];
+            } else {
+              const T* v = pb.values + row * pb.Dv;
+              T gw = 0;
+              for (int64_t d = 0; d < pb.Dv; ++d) gw += gout[d] * v[d];
+              gz[r * wpn] = pb.scale * gw;
+              if (full) work.wt[r] = pb.scale * work.z[n][r * wpn];
+            }
+          }
           for (int64_t i = n; i >= 1; --i) {
             const int64_t wpi = net.wp[i], wpp = net.wp[i - 1];
             if (full) {
@@ -626,12 +642,11 @@ void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, con
           }
           g.tn(rows, wp0, Dp, gz, wp0, work.kp.data(), Dp, work.G.data(), Dp);
           g.nn(rows, net.w[0], Dp, gz, wp0, work.weff.data(), Dp, nullptr, work.gk.data(), Dp);
-          const T* gout = grad_out + b * pb.Dv;
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t row = row0 + t0 + r;
             T* gk = gk_all + row * D;
             const T* src = work.gk.data() + r * Dp;
-            const T wt = weight[row];
+            const T wt = work.wt[r];
             if (gv_all) {
               for (int64_t d = 0; d < D; ++d) gk[d] = src[d];
               T* gv = gv_all + row * pb.Dv;
@@ -705,8 +720,12 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
     Net<T> net = pack<T>(shape.dim, weights, biases, act_params, act, training, eps, stats);
     const Problem<T> pb = make_problem<T>(query, keys, values, starts, lengths, norm, score_scale);
     const int64_t D = shape.dim, Dp = net.Dp, n = net.n;
-    Vec<T> weight(shape.num_keys), grad_score(shape.num_keys);
-    score_gradients(net, pb, grad_out.data_ptr<T>(), weight.data(), grad_score.data());
+    Vec<T> weight, grad_score;
+    if (norm == Normalization::kSoftmax) {
+      weight.resize(shape.num_keys);
+      grad_score.resize(shape.num_keys);
+      score_gradients(net, pb, grad_out.data_ptr<T>(), weight.data(), grad_score.data());
+    }
 
     const Blocks blocks(shape.batch);
     std::vector<Partial<T>> partials(blocks.count);
