@@ -211,26 +211,164 @@ template <typename T>
 DIN_EXT_INLINE void activation_forward_body(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
   const ActLayer<T>& a = net.acts[j];
   const int64_t wp = net.wp[j];
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* zr = z + r * wp;
-    T* hr = h + r * wp;
-    switch (net.act) {
-      case Activation::kDice:
+  const T* alpha = a.alpha.data();
+  switch (net.act) {
+    case Activation::kDice: {
+      const T *gamma = a.gamma.data(), *beta = a.beta.data(), *mean = a.mean.data(), *rstd = a.rstd.data();
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* zr = z + r * wp;
+        T* hr = h + r * wp;
         for (int64_t c = 0; c < wp; ++c) {
-          const T p = sigmoid(a.gamma[c] * (zr[c] - a.mean[c]) * a.rstd[c] + a.beta[c]);
-          hr[c] = zr[c] * (a.alpha[c] + (T(1) - a.alpha[c]) * p);
+          const T p = sigmoid(gamma[c] * (zr[c] - mean[c]) * rstd[c] + beta[c]);
+          hr[c] = zr[c] * (alpha[c] + (T(1) - alpha[c]) * p);
         }
-        break;
-      case Activation::kSigmoid:
-        for (int64_t c = 0; c < wp; ++c) hr[c] = sigmoid(zr[c]);
-        break;
-      case Activation::kPrelu:
-        for (int64_t c = 0; c < wp; ++c) hr[c] = zr[c] > T(0) ? zr[c] : a.alpha[c] * zr[c];
-        break;
-      case Activation::kRelu:
-        for (int64_t c = 0; c < wp; ++c) hr[c] = zr[c] > T(0) ? zr[c] : T(0);
-        break;
+      }
+      break;
     }
+    case Activation::kSigmoid:
+      for (int64_t k = 0; k < rows * wp; ++k) h[k] = sigmoid(z[k]);
+      break;
+    case Activation::kPrelu:
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < wp; ++c) h[r * wp + c] = z[r * wp + c] > T(0) ? z[r * wp + c] : alpha[c] * z[r * wp + c];
+      break;
+    case Activation::kRelu:
+      for (int64_t k = 0; k < rows * wp; ++k) h[k] = z[k] > T(0) ? z[k] : T(0);
+      break;
+  }
+}
+
+// Dice backward on a tile (branch-free so it vectorizes). With kAcc, per-feature sums of the tile go to acc
+// (5 x wp, double): d alpha, d gamma, d beta, sum g_xhat, sum g_xhat * xhat. The statistics term uses
+// g_mean/gx_mean, which are zero unless Dice trains with known backward sums (eval: plain g_xhat * rstd).
+template <typename T, bool kAcc>
+DIN_EXT_INLINE void dice_backward_rows(const ActLayer<T>& a, int64_t wp, int64_t rows, const T* z, T* g,
+                                       double* acc) {
+  constexpr int64_t kMaxWidth = 1024;
+  T tile[5][kMaxWidth];
+  for (int64_t c0 = 0; c0 < wp; c0 += kMaxWidth) {
+    const int64_t width = std::min(kMaxWidth, wp - c0);
+    if (kAcc) {
+      for (int k = 0; k < 5; ++k)
+        for (int64_t c = 0; c < width; ++c) tile[k][c] = T(0);
+    }
+    const T* alpha = a.alpha.data() + c0;
+    const T* gamma = a.gamma.data() + c0;
+    const T* beta = a.beta.data() + c0;
+    const T* mean = a.mean.data() + c0;
+    const T* rstd = a.rstd.data() + c0;
+    const T* m1 = a.g_mean.data() + c0;
+    const T* m2 = a.gx_mean.data() + c0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* zr = z + r * wp + c0;
+      T* gr = g + r * wp + c0;
+      for (int64_t c = 0; c < width; ++c) {
+        const T xhat = (zr[c] - mean[c]) * rstd[c];
+        const T p = sigmoid(gamma[c] * xhat + beta[c]);
+        const T one_minus_alpha = T(1) - alpha[c];
+        const T g_arg = gr[c] * zr[c] * one_minus_alpha * p * (T(1) - p);
+        const T g_xhat = g_arg * gamma[c];
+        if (kAcc) {
+          tile[0][c] += gr[c] * zr[c] * (T(1) - p);
+          tile[1][c] += g_arg * xhat;
+          tile[2][c] += g_arg;
+          tile[3][c] += g_xhat;
+          tile[4][c] += g_xhat * xhat;
+        }
+        gr[c] = gr[c] * (alpha[c] + one_minus_alpha * p) + rstd[c] * (g_xhat - m1[c] - xhat * m2[c]);
+      }
+    }
+    if (kAcc) {
+      for (int k = 0; k < 5; ++k)
+        for (int64_t c = 0; c < width; ++c) acc[k * wp + c0 + c] += tile[k][c];
+    }
+  }
+}
+
+// Backward through hidden layer j's activation: g (d/dh, [rows, wp_j]) -> d/dz in place. Accumulates the
+// parameter gradients (and the Dice sums) into acc (5 x wp_j) when acc is not null.
+template <typename T>
+DIN_EXT_INLINE void activation_backward_body(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g,
+                                             double* acc) {
+  const ActLayer<T>& a = net.acts[j];
+  const int64_t wp = net.wp[j];
+  switch (net.act) {
+    case Activation::kDice:
+      if (acc) {
+        dice_backward_rows<T, true>(a, wp, rows, z, g, acc);
+      } else {
+        dice_backward_rows<T, false>(a, wp, rows, z, g, acc);
+      }
+      break;
+    case Activation::kSigmoid:
+      for (int64_t k = 0; k < rows * wp; ++k) {
+        const T y = sigmoid(z[k]);
+        g[k] = g[k] * y * (T(1) - y);
+      }
+      break;
+    case Activation::kPrelu:
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* zr = z + r * wp;
+        T* gr = g + r * wp;
+        if (acc) {
+          for (int64_t c = 0; c < wp; ++c) acc[c] += zr[c] > T(0) ? T(0) : gr[c] * zr[c];
+        }
+        for (int64_t c = 0; c < wp; ++c) gr[c] = zr[c] > T(0) ? gr[c] : gr[c] * a.alpha[c];
+      }
+      break;
+    case Activation::kRelu:
+      for (int64_t k = 0; k < rows * wp; ++k) g[k] = z[k] > T(0) ? g[k] : T(0);
+      break;
+  }
+}
+
+// The activation tiles in a baseline and an AVX2+FMA build (the sigmoid's exp vectorizes with the latter).
+template <typename T>
+void activation_forward_base(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
+  activation_forward_body(net, j, rows, z, h);
+}
+template <typename T>
+void activation_backward_base(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g, double* acc) {
+  activation_backward_body(net, j, rows, z, g, acc);
+}
+#if DIN_EXT_HAVE_AVX2
+template <typename T>
+DIN_EXT_AVX2 void activation_forward_avx2(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
+  activation_forward_body(net, j, rows, z, h);
+}
+template <typename T>
+DIN_EXT_AVX2 void activation_backward_avx2(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g,
+                                           double* acc) {
+  activation_backward_body(net, j, rows, z, g, acc);
+}
+#endif
+
+template <typename T>
+void activation_forward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
+#if DIN_EXT_HAVE_AVX2
+  if (has_avx2_fma()) return activation_forward_avx2(net, j, rows, z, h);
+#endif
+  activation_forward_base(net, j, rows, z, h);
+}
+
+template <typename T>
+void activation_backward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g, double* acc) {
+#if DIN_EXT_HAVE_AVX2
+  if (has_avx2_fma()) return activation_backward_avx2(net, j, rows, z, g, acc);
+#endif
+  activation_backward_base(net, j, rows, z, g, acc);
+}
+
+// Forward of `rows` behaviours (keys rows, contiguous) of the current user: z_0 .. z_upto and h_0 .. h_{upto-1}.
+template <typename T>
+void forward_tile(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, int64_t upto) {
+  const Gemm<T>& g = gemm<T>();
+  g.nn(rows, net.D, net.wp[0], keys, net.D, work.weffT.data(), net.wp[0], work.c.data(), work.z[0].data(),
+       net.wp[0]);
+  for (int64_t i = 1; i <= upto; ++i) {
+    activation_forward_tile(net, i - 1, rows, work.z[i - 1].data(), work.h[i - 1].data());
+    g.nn(rows, net.w[i - 1], net.wp[i], work.h[i - 1].data(), net.wp[i - 1], net.WT[i].data(), net.wp[i],
+         net.bias[i].data(), work.z[i].data(), net.wp[i]);
   }
 }
 
@@ -255,109 +393,6 @@ struct Partial {
   }
 };
 
-// Backward through hidden layer j's activation: g (d/dh, [rows, wp_j]) -> d/dz in place. Accumulates the
-// parameter gradients and the Dice sums into acc (5 x wp_j) when acc is not null.
-template <typename T>
-DIN_EXT_INLINE void activation_backward_body(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g,
-                                             double* acc, bool stats_known) {
-  const ActLayer<T>& a = net.acts[j];
-  const int64_t wp = net.wp[j];
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* zr = z + r * wp;
-    T* gr = g + r * wp;
-    switch (net.act) {
-      case Activation::kDice:
-        for (int64_t c = 0; c < wp; ++c) {
-          const T xhat = (zr[c] - a.mean[c]) * a.rstd[c];
-          const T p = sigmoid(a.gamma[c] * xhat + a.beta[c]);
-          const T g_arg = gr[c] * zr[c] * (T(1) - a.alpha[c]) * p * (T(1) - p);
-          const T g_xhat = g_arg * a.gamma[c];
-          if (acc) {
-            acc[c] += gr[c] * zr[c] * (T(1) - p);
-            acc[wp + c] += g_arg * xhat;
-            acc[2 * wp + c] += g_arg;
-            acc[3 * wp + c] += g_xhat;
-            acc[4 * wp + c] += g_xhat * xhat;
-          }
-          T gz = gr[c] * (a.alpha[c] + (T(1) - a.alpha[c]) * p);
-          if (net.dice_train) {
-            gz += stats_known ? a.rstd[c] * (g_xhat - a.g_mean[c] - xhat * a.gx_mean[c]) : T(0);
-          } else {
-            gz += g_xhat * a.rstd[c];
-          }
-          gr[c] = gz;
-        }
-        break;
-      case Activation::kSigmoid:
-        for (int64_t c = 0; c < wp; ++c) {
-          const T y = sigmoid(zr[c]);
-          gr[c] = gr[c] * y * (T(1) - y);
-        }
-        break;
-      case Activation::kPrelu:
-        for (int64_t c = 0; c < wp; ++c) {
-          if (acc) acc[c] += zr[c] > T(0) ? T(0) : gr[c] * zr[c];
-          gr[c] = zr[c] > T(0) ? gr[c] : gr[c] * a.alpha[c];
-        }
-        break;
-      case Activation::kRelu:
-        for (int64_t c = 0; c < wp; ++c) gr[c] = zr[c] > T(0) ? gr[c] : T(0);
-        break;
-    }
-  }
-}
-
-// The activation tiles in a baseline and an AVX2+FMA build (the sigmoid's exp vectorizes with the latter).
-template <typename T>
-void activation_forward_base(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
-  activation_forward_body(net, j, rows, z, h);
-}
-template <typename T>
-void activation_backward_base(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g, double* acc,
-                              bool stats_known) {
-  activation_backward_body(net, j, rows, z, g, acc, stats_known);
-}
-#if DIN_EXT_HAVE_AVX2
-template <typename T>
-DIN_EXT_AVX2 void activation_forward_avx2(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
-  activation_forward_body(net, j, rows, z, h);
-}
-template <typename T>
-DIN_EXT_AVX2 void activation_backward_avx2(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g,
-                                           double* acc, bool stats_known) {
-  activation_backward_body(net, j, rows, z, g, acc, stats_known);
-}
-#endif
-
-template <typename T>
-void activation_forward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
-#if DIN_EXT_HAVE_AVX2
-  if (has_avx2_fma()) return activation_forward_avx2(net, j, rows, z, h);
-#endif
-  activation_forward_base(net, j, rows, z, h);
-}
-
-template <typename T>
-void activation_backward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g, double* acc,
-                              bool stats_known) {
-#if DIN_EXT_HAVE_AVX2
-  if (has_avx2_fma()) return activation_backward_avx2(net, j, rows, z, g, acc, stats_known);
-#endif
-  activation_backward_base(net, j, rows, z, g, acc, stats_known);
-}
-
-// Forward of `rows` behaviours (keys rows, contiguous) of the current user: z_0 .. z_upto and h_0 .. h_{upto-1}.
-template <typename T>
-void forward_tile(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, int64_t upto) {
-  const Gemm<T>& g = gemm<T>();
-  g.nn(rows, net.D, net.wp[0], keys, net.D, work.weffT.data(), net.wp[0], work.c.data(), work.z[0].data(),
-       net.wp[0]);
-  for (int64_t i = 1; i <= upto; ++i) {
-    activation_forward_tile(net, i - 1, rows, work.z[i - 1].data(), work.h[i - 1].data());
-    g.nn(rows, net.w[i - 1], net.wp[i], work.h[i - 1].data(), net.wp[i - 1], net.WT[i].data(), net.wp[i],
-         net.bias[i].data(), work.z[i].data(), net.wp[i]);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward
@@ -383,6 +418,7 @@ void gather_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, T* stats, i
   std::vector<double> partial(blocks.count * 2 * wp, 0.0);
   at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
     Work<T> work(net);
+    Vec<T> tile(2 * wp);
     for (int64_t blk = lo; blk < hi; ++blk) {
       double* sum = partial.data() + blk * 2 * wp;
       double* sq = sum + wp;
@@ -394,12 +430,20 @@ void gather_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, T* stats, i
           forward_tile(net, work, pb.keys + (pb.starts[b] + t0) * pb.D, rows, j);
           const T* z = work.z[j].data();
           const T* shift = net.bias[j].data();  // shifted sums: the bias is a cheap guess of the mean
+          // A tile's sums in T (at most kTile terms), then into the double totals.
+          std::fill(tile.begin(), tile.end(), T(0));
+          T* tsum = tile.data();
+          T* tsq = tsum + wp;
           for (int64_t r = 0; r < rows; ++r) {
             for (int64_t c = 0; c < wp; ++c) {
-              const double v = static_cast<double>(z[r * wp + c]) - shift[c];
-              sum[c] += v;
-              sq[c] += v * v;
+              const T v = z[r * wp + c] - shift[c];
+              tsum[c] += v;
+              tsq[c] += v * v;
             }
+          }
+          for (int64_t c = 0; c < wp; ++c) {
+            sum[c] += tsum[c];
+            sq[c] += tsq[c];
           }
         }
       }
@@ -629,7 +673,7 @@ void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, con
             g.nn(rows, net.w[i], wpp, gz, wpi, net.Wn[i].data(), wpp, nullptr, gh, wpp);  // d/dh_{i-1}
             const bool sums_here = !full && i - 1 == stop;
             double* acc = (full || sums_here) ? part.act[i - 1].data() : nullptr;
-            activation_backward_tile(net, i - 1, rows, work.z[i - 1].data(), gh, acc, !sums_here);
+            activation_backward_tile(net, i - 1, rows, work.z[i - 1].data(), gh, acc);
             std::swap(gz, gh);  // gz = d/dz_{i-1}
             if (sums_here) break;
           }
