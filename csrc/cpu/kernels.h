@@ -1,8 +1,8 @@
 // Small dense kernels of the fused cpu backend: register-blocked GEMMs on row tiles, a vectorizable exp, and the
 // runtime choice between an AVX2+FMA build of them and a baseline one (a distributable build has no -march=native).
 //
-// Layout conventions: every matrix is row-major; "padded" widths are rounded up to kPad<T> elements (one 64-byte
-// cache line) and the padding columns of weights and biases are zero, so padded outputs are exactly zero.
+// Layout conventions: every matrix is row-major; "padded" widths are rounded up to kPad<T> elements (one 32-byte
+// vector) and the padding columns of weights and biases are zero, so padded outputs are exactly zero.
 #pragma once
 
 #include <algorithm>
@@ -13,7 +13,7 @@
 namespace din_ext::cpu {
 
 template <typename T>
-constexpr int64_t kPad = 64 / sizeof(T);
+constexpr int64_t kPad = 32 / sizeof(T);
 
 template <typename T>
 inline int64_t padded(int64_t n) {
@@ -87,7 +87,7 @@ DIN_EXT_INLINE void store(T* p, typename Simd<T>::type v) {
   *reinterpret_cast<typename Simd<T>::type*>(p) = v;
 }
 
-// C[r, :n] = bias[:n] + sum_{k < K} A[r, k] * B[k, :n] for r < rows; n is a multiple of kPad<T> (two vectors).
+// C[r, :n] = bias[:n] + sum_{k < K} A[r, k] * B[k, :n] for r < rows; n is a multiple of kPad<T> (one vector).
 // A: [rows, lda], B: [K, ldb], C: [rows, ldc]; bias may be null (zero). 4 x 2 vector accumulators in registers.
 template <typename T>
 DIN_EXT_INLINE void gemm_nn_body(int64_t rows, int64_t K, int64_t n, const T* A, int64_t lda, const T* B,
@@ -101,7 +101,8 @@ DIN_EXT_INLINE void gemm_nn_body(int64_t rows, int64_t K, int64_t n, const T* A,
     const T* a1 = a0 + lda;
     const T* a2 = a1 + lda;
     const T* a3 = a2 + lda;
-    for (int64_t c0 = 0; c0 < n; c0 += 2 * L) {
+    int64_t c0 = 0;
+    for (; c0 + 2 * L <= n; c0 += 2 * L) {
       const V i0 = bias ? load(bias + c0) : zero, i1 = bias ? load(bias + c0 + L) : zero;
       V c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1;
       const T* b = B + c0;
@@ -126,18 +127,31 @@ DIN_EXT_INLINE void gemm_nn_body(int64_t rows, int64_t K, int64_t n, const T* A,
       store(c + 3 * ldc, c30);
       store(c + 3 * ldc + L, c31);
     }
+    if (c0 < n) {  // one vector left
+      const V i0 = bias ? load(bias + c0) : zero;
+      V c00 = i0, c10 = i0, c20 = i0, c30 = i0;
+      const T* b = B + c0;
+      for (int64_t k = 0; k < K; ++k, b += ldb) {
+        const V b0 = load(b);
+        c00 += a0[k] * b0;
+        c10 += a1[k] * b0;
+        c20 += a2[k] * b0;
+        c30 += a3[k] * b0;
+      }
+      T* c = C + r0 * ldc + c0;
+      store(c, c00);
+      store(c + ldc, c10);
+      store(c + 2 * ldc, c20);
+      store(c + 3 * ldc, c30);
+    }
   }
   for (; r0 < rows; ++r0) {
     const T* a0 = A + r0 * lda;
-    for (int64_t c0 = 0; c0 < n; c0 += 2 * L) {
-      V c00 = bias ? load(bias + c0) : zero, c01 = bias ? load(bias + c0 + L) : zero;
+    for (int64_t c0 = 0; c0 < n; c0 += L) {
+      V c00 = bias ? load(bias + c0) : zero;
       const T* b = B + c0;
-      for (int64_t k = 0; k < K; ++k, b += ldb) {
-        c00 += a0[k] * load(b);
-        c01 += a0[k] * load(b + L);
-      }
+      for (int64_t k = 0; k < K; ++k, b += ldb) c00 += a0[k] * load(b);
       store(C + r0 * ldc + c0, c00);
-      store(C + r0 * ldc + c0 + L, c01);
     }
   }
 }
@@ -150,7 +164,8 @@ DIN_EXT_INLINE void gemm_tn_body(int64_t rows, int64_t M, int64_t n, const T* A,
   using V = typename Simd<T>::type;
   constexpr int64_t L = Simd<T>::lanes;
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    for (int64_t c0 = 0; c0 < n; c0 += 2 * L) {
+    int64_t c0 = 0;
+    for (; c0 + 2 * L <= n; c0 += 2 * L) {
       T* c = C + m0 * ldc + c0;
       V c00 = load(c), c01 = load(c + L), c10 = load(c + ldc), c11 = load(c + ldc + L);
       V c20 = load(c + 2 * ldc), c21 = load(c + 2 * ldc + L), c30 = load(c + 3 * ldc), c31 = load(c + 3 * ldc + L);
@@ -175,6 +190,23 @@ DIN_EXT_INLINE void gemm_tn_body(int64_t rows, int64_t M, int64_t n, const T* A,
       store(c + 2 * ldc + L, c21);
       store(c + 3 * ldc, c30);
       store(c + 3 * ldc + L, c31);
+    }
+    if (c0 < n) {  // one vector left
+      T* c = C + m0 * ldc + c0;
+      V c00 = load(c), c10 = load(c + ldc), c20 = load(c + 2 * ldc), c30 = load(c + 3 * ldc);
+      const T* a = A + m0;
+      const T* b = B + c0;
+      for (int64_t t = 0; t < rows; ++t, a += lda, b += ldb) {
+        const V b0 = load(b);
+        c00 += a[0] * b0;
+        c10 += a[1] * b0;
+        c20 += a[2] * b0;
+        c30 += a[3] * b0;
+      }
+      store(c, c00);
+      store(c + ldc, c10);
+      store(c + 2 * ldc, c20);
+      store(c + 3 * ldc, c30);
     }
   }
 }
