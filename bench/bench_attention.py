@@ -110,10 +110,12 @@ def peak_memory(fn: Callable, device) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    # Each allocation (+bytes) and free (-bytes) is charged to the innermost op running it ("self"), or to a
+    # "[memory]" event outside any op; replayed in time order they give the allocated-bytes curve.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     current = peak = 0
     for e in events:
-        current += e.cpu_memory_usage
+        current += e.self_cpu_memory_usage
         peak = max(peak, current)
     return peak / 2**20
 
