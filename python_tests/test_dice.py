@@ -37,13 +37,14 @@ def inputs(shape, masked, device, dtype=torch.float64, seed=0):
 def run(dice, x, mask):
     x = x.detach().clone().requires_grad_()
     y = dice(x, mask)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype).to(y.device)
+    # Drawn in float64 whatever y's dtype, so that runs in different dtypes get the same upstream gradient.
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.device, y.dtype)
     params = [p for p in dice.parameters()]
     grads = torch.autograd.grad((torch.nan_to_num(y) * g).sum(), [x, *params])
     return y, grads
 
 
-@pytest.mark.parametrize("shape", [(37, 9), (5, 13, 9)], ids=["2d", "3d"])
+@pytest.mark.parametrize("shape", [(37, 9), (5, 13, 9), (1000, 9)], ids=["2d", "3d", "blocks"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -157,3 +158,93 @@ def test_torch_compile_fullgraph():
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
     torch.testing.assert_close(dice.running_var, reference.running_var)
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_bitwise_deterministic_across_thread_counts(dtype):
+    """Fixed row blocks merged in order: the same bits with 1 and 2 threads (forward, backward, running stats).
+
+    float64 too: the sums are accumulated in double, so rounding to float32 can hide a change of summation order.
+    """
+    x, mask = inputs((3000, 37), True, "cpu", dtype=dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            dice = make_dice(37, True, "cpu", dtype=dtype)
+            dice.backend = "cpu"
+            y, grads = run(dice, x, mask)
+            results.append((y, grads, list(dice.buffers())))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, grads1, bufs1), (y2, grads2, bufs2) = results
+    assert torch.equal(y1, y2)
+    for a, b in zip(grads1, grads2):
+        assert torch.equal(a, b)
+    for a, b in zip(bufs1, bufs2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_few_valid_rows(backend, training):
+    """3 valid rows of 1000, in different row blocks: the statistics skip the empty blocks."""
+    name, device = backend
+    ours = make_dice(11, True, device, training=training)
+    oracle = copy.deepcopy(ours)
+    ours.backend, oracle.backend = name, "reference"
+    x, _ = inputs((1000, 11), False, device)
+    mask = torch.zeros(1000, dtype=torch.bool, device=device)
+    mask[[3, 517, 998]] = True
+    y, grads = run(ours, x, mask)
+    ref_y, ref_grads = run(oracle, x, mask)
+    torch.testing.assert_close(y, ref_y, atol=1e-12, rtol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+    for b, r in zip(ours.buffers(), oracle.buffers()):
+        torch.testing.assert_close(b, r, atol=1e-12, rtol=1e-10)
+
+
+def test_large_mean_float32(backend):
+    """mean 1e3, std 1 in float32 against the float64 reference: no catastrophic cancellation in the variance."""
+    name, device = backend
+    ours = make_dice(29, True, device, dtype=torch.float32)
+    oracle = copy.deepcopy(ours).double()
+    ours.backend, oracle.backend = name, "reference"
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2000, 29, generator=g) + 1e3).to(device)
+    mask = (torch.rand(2000, generator=g) < 0.8).to(device)
+    y, grads = run(ours, x, mask)
+    ref_y, ref_grads = run(oracle, x.double(), mask)
+
+    def close(a, ref):
+        torch.testing.assert_close(a.double(), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+    close(y, ref_y)
+    for a, ref in zip(grads, ref_grads):
+        close(a, ref)
+    params = (ours.alpha, ours.running_mean, ours.running_var)
+    _, mean, var = din_ext.ops.dice(x, *params, mask=mask, gamma=ours.weight, beta=ours.bias, backend=name)
+    ref_x = x.double()[mask]
+    torch.testing.assert_close(mean.double(), ref_x.mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), ref_x.var(0, unbiased=False), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(backend, dtype):
+    """|ours - ref_fp64| <= 2 |reference in dtype - ref_fp64| + atol (flash-attention's rule)."""
+    name, device = backend
+    ours = make_dice(24, True, device, dtype=dtype)
+    same = copy.deepcopy(ours)
+    exact = copy.deepcopy(ours).double()
+    ours.backend, same.backend, exact.backend = name, "reference", "reference"
+    x, mask = inputs((9, 13, 24), True, device, dtype=dtype)
+    x = torch.nan_to_num(x)
+    y, grads = run(ours, x, mask)
+    same_y, same_grads = run(same, x, mask)
+    ref_y, ref_grads = run(exact, x.double(), mask)
+    for a, s, ref in zip((y, *grads), (same_y, *same_grads), (ref_y, *ref_grads)):
+        err = (a.double() - ref).abs().max().item()
+        bound = 2 * (s.double() - ref).abs().max().item() + 1e-3 * ref.abs().max().item()
+        assert err <= bound, (err, bound)
