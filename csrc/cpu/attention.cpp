@@ -61,7 +61,7 @@ struct Net {
   bool dice_train;  // Dice with batch statistics
   int64_t D, Dp, n;  // n hidden layers, n + 1 linears
   std::vector<int64_t> w, wp;  // output width of linear i, padded
-  Vec<T> A;          // [w0, D]    q coefficient Wq + Wd
+  Vec<T> A, AT;      // [w0, D], [D, wp0]   q coefficient Wq + Wd, and transposed
   Vec<T> KcT, PcT;   // [D, wp0]   k coefficient Wk - Wd and q*k coefficient Wp, transposed
   Vec<T> Kc, Pc;     // [w0, Dp]   the same, h-major
   std::vector<Vec<T>> WT, Wn, bias;  // linear i >= 1: [w_{i-1}, wp_i], [w_i, wp_{i-1}]; bias [wp_i] (i >= 0)
@@ -87,6 +87,7 @@ Net<T> pack(int64_t D, at::TensorList weights, at::TensorList biases, const at::
   const at::Tensor W0 = weights[0].contiguous();
   const T* W = W0.data_ptr<T>();
   net.A.assign(w0 * D, T(0));
+  net.AT.assign(D * wp0, T(0));
   net.KcT.assign(D * wp0, T(0));
   net.PcT.assign(D * wp0, T(0));
   net.Kc.assign(w0 * net.Dp, T(0));
@@ -95,7 +96,7 @@ Net<T> pack(int64_t D, at::TensorList weights, at::TensorList biases, const at::
     const T* row = W + h * 4 * D;
     for (int64_t d = 0; d < D; ++d) {
       const T wq = row[d], wk = row[D + d], wd = row[2 * D + d], wpq = row[3 * D + d];
-      net.A[h * D + d] = wq + wd;
+      net.A[h * D + d] = net.AT[d * wp0 + h] = wq + wd;
       net.KcT[d * wp0 + h] = net.Kc[h * net.Dp + d] = wk - wd;
       net.PcT[d * wp0 + h] = net.Pc[h * net.Dp + d] = wpq;
     }
@@ -183,18 +184,18 @@ struct Work {
   // c = (Wq + Wd) q + b_0 and Weff^T = (Wk - Wd)^T + diag(q) Wp^T for user query q.
   void set_user(const Net<T>& net, const T* q, bool backward) {
     const int64_t D = net.D, w0 = net.w[0], wp0 = net.wp[0];
-    for (int64_t hh = 0; hh < w0; ++hh) {
-      T acc = net.bias[0][hh];
-      const T* a = net.A.data() + hh * D;
-      for (int64_t d = 0; d < D; ++d) acc += a[d] * q[d];
-      c[hh] = acc;
-    }
+    // Row-wise (axpy) forms, which vectorize over the H1 outputs.
+    std::copy(net.bias[0].begin(), net.bias[0].end(), c.begin());
     for (int64_t d = 0; d < D; ++d) {
       const T qd = q[d];
+      const T* a = net.AT.data() + d * wp0;
       const T* kc = net.KcT.data() + d * wp0;
       const T* pc = net.PcT.data() + d * wp0;
       T* out = weffT.data() + d * wp0;
-      for (int64_t hh = 0; hh < wp0; ++hh) out[hh] = kc[hh] + pc[hh] * qd;
+      for (int64_t hh = 0; hh < wp0; ++hh) {
+        c[hh] += a[hh] * qd;
+        out[hh] = kc[hh] + pc[hh] * qd;
+      }
     }
     if (backward) {
       for (int64_t hh = 0; hh < w0; ++hh) {
@@ -476,10 +477,10 @@ void pool_forward(const Net<T>& net, const Problem<T>& pb, T* out) {
   const int64_t wpn = net.wp[net.n];
   at::parallel_for(0, pb.B, 1, [&](int64_t lo, int64_t hi) {
     Work<T> work(net);
-    std::vector<double> acc(pb.Dv);
+    Vec<T> acc(pb.Dv);
     for (int64_t b = lo; b < hi; ++b) {
       T* o = out + b * pb.Dv;
-      std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(acc.begin(), acc.end(), T(0));
       const int64_t len = pb.lengths[b];
       if (len == 0) {
         std::fill(o, o + pb.Dv, T(0));
@@ -496,26 +497,26 @@ void pool_forward(const Net<T>& net, const Problem<T>& pb, T* out) {
           // Online softmax: rescale what was accumulated whenever the running maximum grows.
           double tile_max = row_max;
           for (int64_t r = 0; r < rows; ++r) tile_max = std::max(tile_max, static_cast<double>(pb.scale * s[r * wpn]));
-          const double rescale = std::exp(row_max - tile_max);
+          const T rescale = static_cast<T>(std::exp(row_max - tile_max));
           denom *= rescale;
           for (auto& x : acc) x *= rescale;
           row_max = tile_max;
           for (int64_t r = 0; r < rows; ++r) {
-            const double e = std::exp(static_cast<double>(pb.scale * s[r * wpn]) - row_max);
+            const T e = static_cast<T>(std::exp(static_cast<double>(pb.scale * s[r * wpn]) - row_max));
             denom += e;
             const T* v = pb.values + (row0 + r) * pb.Dv;
             for (int64_t d = 0; d < pb.Dv; ++d) acc[d] += e * v[d];
           }
         } else {
           for (int64_t r = 0; r < rows; ++r) {
-            const double wt = pb.scale * s[r * wpn];
+            const T wt = pb.scale * s[r * wpn];
             const T* v = pb.values + (row0 + r) * pb.Dv;
             for (int64_t d = 0; d < pb.Dv; ++d) acc[d] += wt * v[d];
           }
         }
       }
-      const double inv = pb.norm == Normalization::kSoftmax ? 1.0 / denom : 1.0;
-      for (int64_t d = 0; d < pb.Dv; ++d) o[d] = static_cast<T>(acc[d] * inv);
+      const T inv = pb.norm == Normalization::kSoftmax ? static_cast<T>(1.0 / denom) : T(1);
+      for (int64_t d = 0; d < pb.Dv; ++d) o[d] = acc[d] * inv;
     }
   });
 }

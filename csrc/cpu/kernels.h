@@ -87,72 +87,73 @@ DIN_EXT_INLINE void store(T* p, typename Simd<T>::type v) {
   *reinterpret_cast<typename Simd<T>::type*>(p) = v;
 }
 
-// C[r, :n] = bias[:n] + sum_{k < K} A[r, k] * B[k, :n] for r < rows; n is a multiple of kPad<T> (one vector).
-// A: [rows, lda], B: [K, ldb], C: [rows, ldc]; bias may be null (zero). 4 x 2 vector accumulators in registers.
-template <typename T>
-DIN_EXT_INLINE void gemm_nn_body(int64_t rows, int64_t K, int64_t n, const T* A, int64_t lda, const T* B,
-                                 int64_t ldb, const T* bias, T* C, int64_t ldc) {
+// C[r, :n] = bias[:n] + sum_{k < K} A[r, k] * B[k, :n] for R rows; n is a multiple of kPad<T> (one vector).
+// A: [R, lda], B: [K, ldb], C: [R, ldc]; bias may be null (zero). R x 2 vector accumulators stay in registers.
+template <typename T, int R>
+DIN_EXT_INLINE void gemm_nn_rows(int64_t K, int64_t n, const T* A, int64_t lda, const T* B, int64_t ldb,
+                                 const T* bias, T* C, int64_t ldc) {
   using V = typename Simd<T>::type;
   constexpr int64_t L = Simd<T>::lanes;
   const V zero = {};
-  int64_t r0 = 0;
-  for (; r0 + 4 <= rows; r0 += 4) {
-    const T* a0 = A + r0 * lda;
-    const T* a1 = a0 + lda;
-    const T* a2 = a1 + lda;
-    const T* a3 = a2 + lda;
-    int64_t c0 = 0;
-    for (; c0 + 2 * L <= n; c0 += 2 * L) {
-      const V i0 = bias ? load(bias + c0) : zero, i1 = bias ? load(bias + c0 + L) : zero;
-      V c00 = i0, c01 = i1, c10 = i0, c11 = i1, c20 = i0, c21 = i1, c30 = i0, c31 = i1;
-      const T* b = B + c0;
-      for (int64_t k = 0; k < K; ++k, b += ldb) {
-        const V b0 = load(b), b1 = load(b + L);
-        c00 += a0[k] * b0;
-        c01 += a0[k] * b1;
-        c10 += a1[k] * b0;
-        c11 += a1[k] * b1;
-        c20 += a2[k] * b0;
-        c21 += a2[k] * b1;
-        c30 += a3[k] * b0;
-        c31 += a3[k] * b1;
-      }
-      T* c = C + r0 * ldc + c0;
-      store(c, c00);
-      store(c + L, c01);
-      store(c + ldc, c10);
-      store(c + ldc + L, c11);
-      store(c + 2 * ldc, c20);
-      store(c + 2 * ldc + L, c21);
-      store(c + 3 * ldc, c30);
-      store(c + 3 * ldc + L, c31);
+  int64_t c0 = 0;
+  for (; c0 + 2 * L <= n; c0 += 2 * L) {
+    const V i0 = bias ? load(bias + c0) : zero, i1 = bias ? load(bias + c0 + L) : zero;
+    V acc[R][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = i0;
+      acc[r][1] = i1;
     }
-    if (c0 < n) {  // one vector left
-      const V i0 = bias ? load(bias + c0) : zero;
-      V c00 = i0, c10 = i0, c20 = i0, c30 = i0;
-      const T* b = B + c0;
-      for (int64_t k = 0; k < K; ++k, b += ldb) {
-        const V b0 = load(b);
-        c00 += a0[k] * b0;
-        c10 += a1[k] * b0;
-        c20 += a2[k] * b0;
-        c30 += a3[k] * b0;
+    const T* b = B + c0;
+    for (int64_t k = 0; k < K; ++k, b += ldb) {
+      const V b0 = load(b), b1 = load(b + L);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const T a = A[r * lda + k];
+        acc[r][0] += a * b0;
+        acc[r][1] += a * b1;
       }
-      T* c = C + r0 * ldc + c0;
-      store(c, c00);
-      store(c + ldc, c10);
-      store(c + 2 * ldc, c20);
-      store(c + 3 * ldc, c30);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      store(C + r * ldc + c0, acc[r][0]);
+      store(C + r * ldc + c0 + L, acc[r][1]);
     }
   }
-  for (; r0 < rows; ++r0) {
-    const T* a0 = A + r0 * lda;
-    for (int64_t c0 = 0; c0 < n; c0 += L) {
-      V c00 = bias ? load(bias + c0) : zero;
-      const T* b = B + c0;
-      for (int64_t k = 0; k < K; ++k, b += ldb) c00 += a0[k] * load(b);
-      store(C + r0 * ldc + c0, c00);
+  if (c0 < n) {  // one vector left
+    const V i0 = bias ? load(bias + c0) : zero;
+    V acc[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] = i0;
+    const T* b = B + c0;
+    for (int64_t k = 0; k < K; ++k, b += ldb) {
+      const V b0 = load(b);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r] += A[r * lda + k] * b0;
     }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) store(C + r * ldc + c0, acc[r]);
+  }
+}
+
+// The same for any number of rows: blocks of 4, then one block of the 1 to 3 left.
+template <typename T>
+DIN_EXT_INLINE void gemm_nn_body(int64_t rows, int64_t K, int64_t n, const T* A, int64_t lda, const T* B,
+                                 int64_t ldb, const T* bias, T* C, int64_t ldc) {
+  int64_t r0 = 0;
+  for (; r0 + 4 <= rows; r0 += 4) gemm_nn_rows<T, 4>(K, n, A + r0 * lda, lda, B, ldb, bias, C + r0 * ldc, ldc);
+  switch (rows - r0) {
+    case 3:
+      gemm_nn_rows<T, 3>(K, n, A + r0 * lda, lda, B, ldb, bias, C + r0 * ldc, ldc);
+      break;
+    case 2:
+      gemm_nn_rows<T, 2>(K, n, A + r0 * lda, lda, B, ldb, bias, C + r0 * ldc, ldc);
+      break;
+    case 1:
+      gemm_nn_rows<T, 1>(K, n, A + r0 * lda, lda, B, ldb, bias, C + r0 * ldc, ldc);
+      break;
+    default:
+      break;
   }
 }
 
