@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "common.h"
@@ -400,7 +401,8 @@ struct Partial {
 
 template <typename T>
 struct Problem {
-  int64_t B, N, D, Dv;
+  int64_t B, D, Dv;
+  int64_t valid;  // sum of lengths: the rows batch statistics are taken over
   const T* query;
   const T* keys;
   const T* values;  // keys when no values were given
@@ -450,8 +452,7 @@ void gather_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, T* stats, i
       }
     }
   });
-  int64_t count = 0;
-  for (int64_t b = 0; b < pb.B; ++b) count += pb.lengths[b];
+  const int64_t count = pb.valid;
   ActLayer<T>& a = net.acts[j];
   for (int64_t c = 0; c < wj; ++c) {
     double sum = 0, sq = 0;
@@ -524,8 +525,9 @@ void pool_forward(const Net<T>& net, const Problem<T>& pb, T* out) {
 template <typename T>
 Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
                         const at::Tensor& starts, const at::Tensor& lengths, Normalization norm, double scale) {
-  return {query.size(0), keys.size(0), query.size(1), values.size(1), query.data_ptr<T>(), keys.data_ptr<T>(),
-          values.data_ptr<T>(), starts.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), norm,
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  return {query.size(0), query.size(1), values.size(1), std::accumulate(len, len + query.size(0), int64_t(0)),
+          query.data_ptr<T>(), keys.data_ptr<T>(), values.data_ptr<T>(), starts.data_ptr<int64_t>(), len, norm,
           static_cast<T>(scale)};
 }
 
@@ -774,8 +776,7 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
 
     const Blocks blocks(shape.batch);
     std::vector<Partial<T>> partials(blocks.count);
-    int64_t count = 0;
-    for (int64_t b = 0; b < shape.batch; ++b) count += pb.lengths[b];
+    const int64_t count = pb.valid;
     if (net.dice_train && count > 0) {
       for (int64_t j = n - 1; j >= 0; --j) {
         zero_partials(partials, net);
