@@ -69,7 +69,7 @@ def _loadtxt(lines, delimiter: str, dtype, usecols):
                       quotechar=None)
 
 
-def _convert(path, raw: np.ndarray, kind: str, name: str, first_line: int) -> np.ndarray:
+def convert_column(path, raw: np.ndarray, kind: str, name: str, first_line: int) -> np.ndarray:
     """Column of strings -> typed column; ``raw`` is a numpy str array. Errors name the file and line."""
     if kind == "str":
         return raw
@@ -86,7 +86,8 @@ def _convert(path, raw: np.ndarray, kind: str, name: str, first_line: int) -> np
                 caster(text)
             except (ValueError, OverflowError):
                 what = "a number" if kind == "float" else "an integer"
-                raise parse_error(path, first_line + i, f"column {name!r}: cannot parse {text!r} as {what}") from None
+                raise parse_error(path, first_line + i,
+                                  f"column {name!r}: cannot parse {text!r} as {what}") from None
         raise
 
 
@@ -138,7 +139,7 @@ def read_table(path, columns: Dict[str, str], *, delimiter: str = ",",
             if rest:
                 text = _loadtxt(lines, delimiter, str, [index[c] for c in rest])
                 for j, c in enumerate(rest):
-                    out[c] = _convert(path, text[:, j], columns[c], c, line_no)
+                    out[c] = convert_column(path, text[:, j], columns[c], c, line_no)
             yield out
             rows_read += len(lines)
             line_no += len(lines)

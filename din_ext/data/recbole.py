@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from din_ext.data.build import check_max_history, histories_before, raw_interactions, sample_negatives, split
-from din_ext.data.readers import MISSING, parse_error, read_columns, read_header
+from din_ext.data.readers import MISSING, convert_column, parse_error, read_columns, read_header
 from din_ext.data.vocab import fit_and_encode, intern
 
 CATEGORY_COLUMNS = ("class", "genre", "genres", "categories", "category", "cate", "brand")
@@ -71,33 +71,20 @@ def _side_table(path, key: str, wanted: Optional[Sequence[str]], default: Sequen
     keys, first = np.unique(table[key], return_index=True)
     codes = {}
     for f in wanted:
-        text = table[f][first]
+        text = table[f]
         if types[f] in ("token_seq", "float_seq"):  # the first token of a sequence
             text = np.array([t.split(" ", 1)[0] for t in text.tolist()], dtype=str)
-        blank = text == ""
+        blank = (text == "")[first]
         if types[f].startswith("float"):
-            try:
-                values = np.where(blank, "nan", text).astype(np.float64)
-            except ValueError:
-                bad = next(i for i, t in enumerate(text.tolist()) if t and not _is_float(t))
-                raise parse_error(path, int(first[bad]) + 2, f"column {f!r}: cannot parse {text[bad]!r} as a "
-                                  "number") from None
+            values = convert_column(path, np.where(text == "", "nan", text), "float", f, 2)[first]
             known = ~np.isnan(values)
             edges = np.unique(np.quantile(values[known], np.linspace(0, 1, buckets + 1)[1:-1])) if known.any() \
                 else np.zeros(0)
             codes[f] = np.where(known, np.searchsorted(edges, np.nan_to_num(values), side="right"), MISSING)
         else:
-            c, _ = intern(text)
+            c, _ = intern(text[first])
             codes[f] = np.where(blank, MISSING, c)
     return keys, codes
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _align(keys: np.ndarray, codes: Dict[str, np.ndarray], names: np.ndarray) -> Dict[str, np.ndarray]:
