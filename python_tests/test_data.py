@@ -14,9 +14,11 @@ import torch
 
 from din_ext.data import (LOADERS, Interactions, Schema, Vocabulary, count_frequencies, iterate_batches,
                           load_amazon, load_dataset, load_recbole, load_taobao, register_loader)
+from din_ext.data.amazon import read_categories
 from din_ext.data.build import histories_before, jagged, sample_negatives
 from din_ext.data.readers import read_columns
 from din_ext.data.samples import write_sample
+from din_ext.data.vocab import intern_strings
 
 T0 = 1494028800  # 2017-05-06 00:00 UTC
 DAY = 86400
@@ -56,6 +58,11 @@ def test_vocabulary_maps_sorted_training_ids_and_sends_the_rest_to_oov():
     ints = Vocabulary.build(torch.tensor([30, -1, 10, 20, 10]), missing=-1)
     check(ints.encode(torch.tensor([[10, 20], [30, 40]])), [[1, 2], [3, 0]])
     check(ints.encode([-1, 5, 31]), [0, 0, 0])
+    sparse = Vocabulary.build(np.array([10 ** 12, 5, -7, 5]))   # ids too large for a row table, and negative
+    check(sparse.encode(np.array([5, 10 ** 12, -7, 6, 10 ** 13])), [2, 3, 1, 0, 0])
+    check(ints.encode(np.arange(-2, 60, dtype=np.int32))[[1, 12, 22, 32, 33, 61]], [0, 1, 2, 3, 0, 0])
+    codes, names = intern_strings(["b", "a", "b", "c"])
+    assert codes.tolist() == [1, 0, 1, 2] and names.tolist() == ["a", "b", "c"]
     assert len(Vocabulary.build([], missing=-1)) == 1
     check(Vocabulary.build(np.zeros(0, np.int64)).encode([1, 2]), [0, 0])
     with pytest.raises(TypeError, match="strings"):
@@ -138,7 +145,7 @@ REVIEWS = """\
 {"reviewerID": "u1", "asin": "b", "unixReviewTime": 20}
 {"reviewerID": "u2", "asin": "c", "unixReviewTime": 5}
 {"reviewerID": "u1", "asin": "c", "unixReviewTime": 15}
-{"reviewerID": "u2", "asin": "a", "unixReviewTime": 7}
+{"unixReviewTime": 7, "asin": "a", "reviewerID": "u2"}
 {"reviewerID": "u2", "asin": "d", "unixReviewTime": 9}
 {"reviewerID": "u3", "asin": "e", "unixReviewTime": 1}
 
@@ -186,6 +193,17 @@ def test_amazon_histories_negatives_split_and_oov(tmp_path):
     short = load_amazon(tmp_path, seed=7, max_history=1, user_feature=False)[1]
     assert hist_rows(short, "item")[0::2] == [[2], [1], [4]]
     assert load_amazon(tmp_path, user_feature=False)[2].user_fields == {}
+
+
+def test_amazon_categories_last_of_the_last_path(tmp_path):
+    meta = write(tmp_path / "m.json", META + '{"asin": "q", "category": ["Electronics", "Audio"], "x": 1}\n'
+                 "{'asin': 'r', 'categories': []}\n{'asin': 's', 'categories': [['Home', 'Lamps']], 'b': [1, 2]]}\n")
+    assert read_categories(meta, {"a", "b", "c", "q", "r", "zz"}) == {"a": "Cameras", "b": "TV", "c": "Cameras",
+                                                                       "q": "Audio", "zz": "Other"}
+    assert read_categories(meta, {"s"}) == {"s": "Lamps"}  # only asin and categories of a used line are parsed
+    with pytest.raises(ValueError, match=r"m\.json, line 7: not a JSON object"):
+        read_categories(meta, {"s"}, strict=True)
+    assert read_categories(meta, {"a", "b", "q"}, strict=True) == {"a": "Cameras", "b": "TV", "q": "Audio"}
 
 
 def test_amazon_reads_gzip_python_literals_and_other_names(tmp_path):

@@ -11,6 +11,7 @@ the test set, earlier ones to training, as in the paper.
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 from typing import Optional
@@ -18,12 +19,13 @@ from typing import Optional
 import numpy as np
 
 from din_ext.data.build import check_max_history, jagged, raw_interactions, sample_negatives, split
-from din_ext.data.readers import parse_error, find_file, iter_lines, parse_record
-from din_ext.data.vocab import fit_and_encode, intern
+from din_ext.data.readers import find_file, iter_lines, open_text, parse_error, parse_record
+from din_ext.data.vocab import fit_and_encode, intern, intern_strings
 
 REVIEW_FILES = ("reviews_Electronics_5.json", "reviews.json")
 META_FILES = ("meta_Electronics.json", "meta.json")
-_ASIN = re.compile(r"""["']asin["']\s*:\s*["']([^"']*)["']""")
+_ASIN = re.compile(r"""["']asin["']\s*:\s*["']([^"'\\]*)["']""")
+_CATEGORIES = re.compile(r"""["']categories["']\s*:\s*(\[\s*\[.*?\]\s*\])""")
 
 
 def _resolve(path: Path, name, defaults, what) -> Path:
@@ -37,24 +39,53 @@ def _resolve(path: Path, name, defaults, what) -> Path:
     return name
 
 
-def read_reviews(path):
-    """(users, items, times) of a reviews file as lists."""
-    users, items, times = [], [], []
-    for line, text in iter_lines(path):
-        record = parse_record(text, path, line)
+# Fast paths for strict-JSON lines. JSON escapes every quote inside a string value, so a bare '"key"' is a key.
+# The first pattern follows the key order of the published files (greedy gaps: the time comes after a long
+# review text, and backtracking from the end finds it fastest); the others find the keys in any order.
+_KEYS = {"reviewerID": r'"([^"\\]*)"', "asin": r'"([^"\\]*)"', "unixReviewTime": r"(-?\d+)\s*[,}]"}
+_IN_ORDER = re.compile(".*".join(rf'"{key}"\s*:\s*{value}' for key, value in _KEYS.items()))
+_ANY_ORDER = [re.compile(rf'"{key}"\s*:\s*{value}') for key, value in _KEYS.items()]
+
+
+def _fields(text: str):
+    match = _IN_ORDER.search(text)
+    if match is not None:
+        return match.groups()
+    found = [p.search(text) for p in _ANY_ORDER]
+    return None if None in found else [m.group(1) for m in found]
+
+
+def _slow_review(text: str, path, line: int):
+    record = parse_record(text, path, line)
+    try:
+        user, item, time = record["reviewerID"], record["asin"], record["unixReviewTime"]
+    except KeyError as err:
+        raise parse_error(path, line, f"missing field {err.args[0]!r}") from None
+    if not isinstance(time, int) or isinstance(time, bool):
         try:
-            user, item, time = record["reviewerID"], record["asin"], record["unixReviewTime"]
-        except KeyError as err:
-            raise parse_error(path, line, f"missing field {err.args[0]!r}") from None
-        if not isinstance(time, int) or isinstance(time, bool):
-            try:
-                time = int(time)
-            except (TypeError, ValueError):
-                raise parse_error(path, line, f"unixReviewTime {time!r} is not an integer") from None
-        users.append(str(user))
-        items.append(str(item))
-        times.append(time)
-    return users, items, times
+            time = int(time)
+        except (TypeError, ValueError):
+            raise parse_error(path, line, f"unixReviewTime {time!r} is not an integer") from None
+    return str(user), str(item), time
+
+
+def read_reviews(path):
+    """(user codes, user names, item codes, item names, times) of a reviews file; names sorted."""
+    users, items, times = [], [], []
+    with open_text(path) as f:
+        for line, text in enumerate(f, 1):
+            text = text.strip()
+            if not text:
+                continue
+            fields = _fields(text) if text[0] == "{" and text[-1] == "}" else None
+            if fields is None:
+                user, item, time = _slow_review(text, path, line)
+            else:
+                user, item, time = fields[0], fields[1], int(fields[2])
+            users.append(user)
+            items.append(item)
+            times.append(time)
+    return (*intern_strings(users), *intern_strings(items), np.array(times, dtype=np.int64))
 
 
 def _category(record) -> Optional[str]:
@@ -71,13 +102,30 @@ def _category(record) -> Optional[str]:
     return None
 
 
-def read_categories(path, wanted: set) -> dict:
-    """asin -> category for the items in ``wanted``; other lines are skipped without a full parse."""
+def read_categories(path, wanted: set, strict: bool = False) -> dict:
+    """asin -> category for the items in ``wanted``; other lines are skipped without a full parse.
+
+    Unless ``strict``, a wanted item's line that is ``{...}`` with a ``categories`` list of lists that parses on
+    its own is not parsed further (the rest of that line is not validated): meta lines carry long ``related``
+    lists, and parsing only the part that is needed makes the original 500k-line file load in seconds instead
+    of minutes. Other wanted lines (and all of them when ``strict``) are parsed in full, JSON or Python literal.
+    """
     out = {}
     for line, text in iter_lines(path):
         quick = _ASIN.search(text)
         if quick is not None and quick.group(1) not in wanted:
             continue
+        stripped = text.strip()
+        paths = _CATEGORIES.search(stripped)
+        if not strict and quick is not None and paths is not None and stripped[0] == "{" and stripped[-1] == "}":
+            try:
+                cate = _category({"categories": ast.literal_eval(paths.group(1))})
+            except (ValueError, SyntaxError):
+                pass
+            else:
+                if cate is not None:
+                    out[quick.group(1)] = cate
+                continue
         record = parse_record(text, path, line)
         if "asin" not in record:
             raise parse_error(path, line, "missing field 'asin'")
@@ -90,13 +138,14 @@ def read_categories(path, wanted: set) -> dict:
 
 
 def load_amazon(path, *, reviews_file=None, meta_file=None, max_history: Optional[int] = 100, seed: int = 0,
-                user_feature: bool = True):
+                user_feature: bool = True, strict_meta: bool = False):
     """Load an Amazon reviews + meta pair -> ``(train, test, schema)``.
 
     path: a directory holding ``reviews_Electronics_5.json`` and ``meta_Electronics.json`` (or ``.gz``), or the
     reviews file itself (then pass ``meta_file``). reviews_file / meta_file: other names (relative to ``path``)
     or paths. max_history: keep the most recent reviews only (None: all). seed: negative sampling.
-    user_feature: add the user id as a user field ``user``.
+    user_feature: add the user id as a user field ``user``. strict_meta: parse the used meta lines in full
+    (slower; by default only their ``asin`` and ``categories`` are parsed, see ``read_categories``).
     Fields: item fields ``item`` (asin) and ``cate``, both in histories.
     """
     max_history = check_max_history(max_history)
@@ -104,13 +153,10 @@ def load_amazon(path, *, reviews_file=None, meta_file=None, max_history: Optiona
     reviews_path = _resolve(path, reviews_file, REVIEW_FILES, "amazon reviews")
     base = path if path.is_dir() else reviews_path.parent
     meta_path = _resolve(base, meta_file, META_FILES, "amazon meta")
-    users, items, times = read_reviews(reviews_path)
-    if not users:
+    user_code, _, item_code, item_names, times = read_reviews(reviews_path)
+    if not times.size:
         raise ValueError(f"{reviews_path}: no reviews")
-    user_code, _ = intern(np.array(users))
-    item_code, item_names = intern(np.array(items))
-    times = np.array(times, dtype=np.int64)
-    categories = read_categories(meta_path, set(item_names.tolist()))
+    categories = read_categories(meta_path, set(item_names.tolist()), strict_meta)
     cate_names = [categories.get(a) for a in item_names.tolist()]
     known = np.array([c is not None for c in cate_names], dtype=bool)
     cate_of_item = np.full(item_names.size, -1, dtype=np.int64)
@@ -124,7 +170,7 @@ def load_amazon(path, *, reviews_file=None, meta_file=None, max_history: Optiona
     last = position == counts[u] - 1
     at = np.flatnonzero(position >= 1)               # reviews that become impressions
     lengths = position[at] if max_history is None else np.minimum(position[at], max_history)
-    pool = np.unique(it[~last])                      # the training reviews' items
+    pool = np.flatnonzero(np.bincount(it[~last], minlength=item_names.size))  # the training reviews' items
     negatives = sample_negatives(u[at], pool, u, it, np.random.default_rng(seed))
 
     candidates = np.stack([it[at], negatives], 1).reshape(-1)   # rows alternate positive, negative

@@ -68,7 +68,7 @@ def sample_negatives(user, pool, forbidden_user, forbidden_item, rng: np.random.
     if user.size and not pool.size:
         raise ValueError("cannot sample negatives: the pool of items is empty")
     space = int(max(pool.max(initial=0), np.max(forbidden_item, initial=0))) + 1
-    forbidden = np.unique(np.asarray(forbidden_user, np.int64) * space + np.asarray(forbidden_item, np.int64))
+    forbidden = np.sort(np.asarray(forbidden_user, np.int64) * space + np.asarray(forbidden_item, np.int64))
     out = pool[rng.integers(0, pool.size, user.size)] if user.size else np.zeros(0, np.int64)
     redo = np.arange(user.size)
     for _ in range(max_rounds):
