@@ -110,7 +110,8 @@ def read_table(path, columns: Dict[str, str], *, delimiter: str = ",",
         raise parse_error(path, 1, f"header {list(header)} lacks the column(s) {missing}")
     width = len(header)
     index = {c: header.index(c) for c in columns}
-    numeric = [c for c, k in columns.items() if k == "int"]
+    numeric = [c for c, k in columns.items() if k in ("int", "id")]
+    strict = [c for c in numeric if columns[c] == "int"]
     rows_read = 0
     with open_text(path) as f:
         f.readline()
@@ -129,12 +130,17 @@ def read_table(path, columns: Dict[str, str], *, delimiter: str = ",",
                 if blank:
                     raise parse_error(path, line_no + blank[0], "empty line")
             out: Dict[str, np.ndarray] = {}
-            if numeric:
-                try:  # fast path: every strict-int column in one C pass
-                    block = _loadtxt(lines, delimiter, np.int64, [index[c] for c in numeric])
-                    out.update({c: block[:, j] for j, c in enumerate(numeric)})
+            # fast path: the integer columns in one C pass (again without the id columns when one of those holds
+            # a missing value); what fails here is parsed as text below, which names the bad line
+            for group in (numeric, strict) if strict != numeric else (numeric,):
+                if not group:
+                    continue
+                try:
+                    block = _loadtxt(lines, delimiter, np.int64, [index[c] for c in group])
                 except ValueError:
-                    pass
+                    continue
+                out.update({c: block[:, j] for j, c in enumerate(group)})
+                break
             rest = [c for c in columns if c not in out]
             if rest:
                 text = _loadtxt(lines, delimiter, str, [index[c] for c in rest])

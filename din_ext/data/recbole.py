@@ -18,7 +18,7 @@ import numpy as np
 
 from din_ext.data.build import check_max_history, histories_before, raw_interactions, sample_negatives, split
 from din_ext.data.readers import MISSING, convert_column, parse_error, read_columns, read_header
-from din_ext.data.vocab import fit_and_encode, intern
+from din_ext.data.vocab import fit_and_encode, intern, locate
 
 CATEGORY_COLUMNS = ("class", "genre", "genres", "categories", "category", "cate", "brand")
 TYPES = ("token", "token_seq", "float", "float_seq")
@@ -89,10 +89,7 @@ def _side_table(path, key: str, wanted: Optional[Sequence[str]], default: Sequen
 
 def _align(keys: np.ndarray, codes: Dict[str, np.ndarray], names: np.ndarray) -> Dict[str, np.ndarray]:
     """Side-table codes for each of ``names`` (MISSING where a name has no row)."""
-    if not keys.size:
-        return {f: np.full(names.size, MISSING, np.int64) for f in codes}
-    pos = np.minimum(np.searchsorted(keys, names), keys.size - 1)
-    found = keys[pos] == names
+    pos, found = locate(keys, names)
     return {f: np.where(found, c[pos], MISSING) for f, c in codes.items()}
 
 
