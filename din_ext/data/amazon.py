@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from din_ext.data.build import check_max_history, jagged, raw_interactions, sample_negatives, split
-from din_ext.data.readers import find_file, iter_lines, open_text, parse_error, parse_record
+from din_ext.data.readers import find_file, iter_lines, open_text, parse_error, parse_record, require_path
 from din_ext.data.vocab import fit_and_encode, intern, intern_strings
 
 REVIEW_FILES = ("reviews_Electronics_5.json", "reviews.json")
@@ -149,7 +149,7 @@ def load_amazon(path, *, reviews_file=None, meta_file=None, max_history: Optiona
     Fields: item fields ``item`` (asin) and ``cate``, both in histories.
     """
     max_history = check_max_history(max_history)
-    path = Path(path)
+    path = require_path(path, "amazon")
     reviews_path = _resolve(path, reviews_file, REVIEW_FILES, "amazon reviews")
     base = path if path.is_dir() else reviews_path.parent
     meta_path = _resolve(base, meta_file, META_FILES, "amazon meta")

@@ -26,13 +26,13 @@ def open_text(path):
     with open(path, "rb") as probe:
         gzipped = probe.read(2) == b"\x1f\x8b"
     if gzipped:
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, "r", encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, "r", encoding="utf-8")  # universal newlines: CRLF files read like LF ones
 
 
 def find_file(path, names: Sequence[str], what: str) -> Path:
     """The first of ``names`` (or the same with ``.gz``) inside directory ``path``; ``path`` itself if a file."""
-    path = Path(path)
+    path = require_path(path, what)
     if path.is_file():
         return path
     if not path.is_dir():
@@ -42,6 +42,12 @@ def find_file(path, names: Sequence[str], what: str) -> Path:
             if candidate.is_file():
                 return candidate
     raise FileNotFoundError(f"{what}: none of {list(names)} (or .gz) found in {path}")
+
+
+def require_path(path, what: str) -> Path:
+    if path is None:
+        raise ValueError(f"{what}: a path to the data is required")
+    return Path(path)
 
 
 def parse_error(path, line: int, message: str) -> ValueError:

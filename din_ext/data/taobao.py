@@ -14,13 +14,12 @@ ad_feature.csv and users missing from user_profile.csv map to the OOV row.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 
 from din_ext.data.build import check_max_history, histories_before, raw_interactions, split
-from din_ext.data.readers import MISSING, find_file, parse_error, read_columns, read_table
+from din_ext.data.readers import MISSING, find_file, parse_error, read_columns, read_table, require_path
 from din_ext.data.vocab import fit_and_encode, intern, locate
 
 PROFILE_FIELDS = ("cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level",
@@ -79,7 +78,7 @@ def load_taobao(path, *, max_history: Optional[int] = 50, btags: Optional[Iterab
     history fields cate, brand. ``user_id`` is the raw user id.
     """
     max_history = check_max_history(max_history)
-    path = Path(path)
+    path = require_path(path, "taobao")
     sample_path = find_file(path, ("raw_sample.csv",), "taobao impressions")
     ads_path = find_file(path, ("ad_feature.csv",), "taobao ad features")
     profile_path = find_file(path, ("user_profile.csv",), "taobao user profiles")
