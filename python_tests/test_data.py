@@ -134,6 +134,9 @@ def test_read_table_kinds_chunks_and_errors_name_file_and_line(tmp_path):
         bad = write(tmp_path / "bad.csv", text)
         with pytest.raises(ValueError, match=str(bad).replace(".", r"\.") + ", " + message):
             read_columns(bad, {"a": "int", "b": "int", "maybe": "id", "f": "float"}, chunk_bytes=256)
+    cancelling = write(tmp_path / "two.csv", "a,b,name,maybe,f\n" + "".join(broken[:9]) + "1,2,x,4\n1,2,x,4,5,6\n")
+    with pytest.raises(ValueError, match=r"two\.csv, line 11: expected 5 columns, found 4"):  # not hidden by line 12
+        read_columns(cancelling, {"a": "int"})
     with pytest.raises(ValueError, match=r"t\.csv, line 1: header .* lacks the column\(s\) \['zz'\]"):
         read_columns(path, {"zz": "int"})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import gzip
 import json
+from itertools import repeat
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -128,8 +129,8 @@ def read_table(path, columns: Dict[str, str], *, delimiter: str = ",",
                 break
             if limit is not None and rows_read + len(lines) > limit:
                 lines = lines[:limit - rows_read]
-            # one delimiter count over the whole chunk in C; find the offending line only when it is off
-            if sum(map(len, lines)) and "".join(lines).count(delimiter) != len(lines) * (width - 1):
+            # every line's delimiter count, in C (map over str.count); find the offending line only when one is off
+            if set(map(str.count, lines, repeat(delimiter, len(lines)))) != {width - 1}:
                 _locate_width(path, lines, line_no, delimiter, width)
             if width == 1:  # the delimiter count cannot see blank lines, which loadtxt would skip
                 blank = [i for i, line in enumerate(lines) if not line.strip()]
