@@ -7,6 +7,10 @@ Both may be gzip'd. Each user's reviews are ordered by time (ties keep file orde
 positive impression (history: reviews 0..i-1, candidate: item i) and a negative one (same history, an item
 drawn uniformly from the training reviews' items that the user never reviewed). A user's last review goes to
 the test set, earlier ones to training, as in the paper.
+
+Speed: strict-JSON review lines are read with one regular expression for the three fields (a line must still
+be ``{...}``; any other line is parsed in full), and only the meta lines of reviewed items are looked at, so
+the 1.7M-review Electronics file loads in well under a minute on one core.
 """
 
 from __future__ import annotations

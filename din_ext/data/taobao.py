@@ -10,6 +10,11 @@ An impression's history is the user's behaviours (cate, brand) strictly before i
 ``max_history`` of them. Impressions at or after ``test_start`` (default: 00:00 UTC of the last day with
 impressions, i.e. 2017-05-13 on the public data) form the test set. Missing values ('', NULL), ads missing from
 ad_feature.csv and users missing from user_profile.csv map to the OOV row.
+
+Size: behavior_log.csv is read a chunk at a time (about 1 us a row), keeping only the behaviours of users with
+impressions (16 bytes each). The result holds 16 bytes per history entry (two int64 fields), so the public
+data (26M impressions, 700M behaviours) wants a large machine, a smaller ``max_history``, ``btags`` or
+``behavior_rows``.
 """
 
 from __future__ import annotations
