@@ -134,6 +134,9 @@ def test_read_table_kinds_chunks_and_errors_name_file_and_line(tmp_path):
         bad = write(tmp_path / "bad.csv", text)
         with pytest.raises(ValueError, match=str(bad).replace(".", r"\.") + ", " + message):
             read_columns(bad, {"a": "int", "b": "int", "maybe": "id", "f": "float"}, chunk_bytes=256)
+    cancelling = write(tmp_path / "two.csv", "a,b,name,maybe,f\n" + "".join(broken[:9]) + "1,2,x,4\n1,2,x,4,5,6\n")
+    with pytest.raises(ValueError, match=r"two\.csv, line 11: expected 5 columns, found 4"):  # not hidden by line 12
+        read_columns(cancelling, {"a": "int"})
     with pytest.raises(ValueError, match=r"t\.csv, line 1: header .* lacks the column\(s\) \['zz'\]"):
         read_columns(path, {"zz": "int"})
 
@@ -308,6 +311,17 @@ def test_taobao_histories_profiles_split_and_oov(tmp_path):
 
 def test_taobao_options(tmp_path):
     root = write_taobao(tmp_path)
+    crlf = write_taobao(tmp_path / "crlf")
+    for name in ("raw_sample.csv", "user_profile.csv", "behavior_log.csv", "ad_feature.csv"):
+        (crlf / name).write_bytes((root / name).read_bytes().replace(b"\n", b"\r\n"))
+    for a, b in zip(load_taobao(root), load_taobao(crlf)):  # Windows line ends read the same
+        if isinstance(a, Schema):
+            assert a.user_fields == b.user_fields and a.item_fields == b.item_fields
+        else:
+            for column in ("user", "item", "hist"):
+                assert all(torch.equal(getattr(a, column)[k], getattr(b, column)[k]) for k in getattr(a, column))
+    with pytest.raises(ValueError, match="taobao: a path to the data is required"):
+        load_dataset("taobao")
     train, test, _ = load_taobao(root, btags=["pv"])
     check(train.hist_lengths, [1, 2, 1, 0])
     check(test.hist_lengths, [2, 1, 0])          # the 'buy' after the cut is filtered out
@@ -464,6 +478,10 @@ def test_recbole_malformed_files_name_file_and_line(tmp_path):
         load_recbole(root)
     with pytest.raises(FileNotFoundError, match="recbole"):
         load_recbole(tmp_path / "nothing-here")
+    crlf = tmp_path / "crlf" / "crlf"
+    for suffix in (".inter", ".item", ".user"):
+        write(crlf.with_suffix(suffix), {".inter": INTER, ".item": ITEM, ".user": USER}[suffix].replace("\n", "\r\n"))
+    assert load_recbole(crlf.parent, float_buckets=2)[2].user_fields == {"user_id": 3, "age": 3, "gender": 3}
 
 
 def ml100k_from_wheel(tmp_path):

@@ -7,6 +7,10 @@ Both may be gzip'd. Each user's reviews are ordered by time (ties keep file orde
 positive impression (history: reviews 0..i-1, candidate: item i) and a negative one (same history, an item
 drawn uniformly from the training reviews' items that the user never reviewed). A user's last review goes to
 the test set, earlier ones to training, as in the paper.
+
+Speed: strict-JSON review lines are read with one regular expression for the three fields (a line must still
+be ``{...}``; any other line is parsed in full), and only the meta lines of reviewed items are looked at, so
+the 1.7M-review Electronics file loads in well under a minute on one core.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from din_ext.data.build import check_max_history, jagged, raw_interactions, sample_negatives, split
-from din_ext.data.readers import find_file, iter_lines, open_text, parse_error, parse_record
+from din_ext.data.readers import find_file, iter_lines, open_text, parse_error, parse_record, require_path
 from din_ext.data.vocab import fit_and_encode, intern, intern_strings
 
 REVIEW_FILES = ("reviews_Electronics_5.json", "reviews.json")
@@ -149,7 +153,7 @@ def load_amazon(path, *, reviews_file=None, meta_file=None, max_history: Optiona
     Fields: item fields ``item`` (asin) and ``cate``, both in histories.
     """
     max_history = check_max_history(max_history)
-    path = Path(path)
+    path = require_path(path, "amazon")
     reviews_path = _resolve(path, reviews_file, REVIEW_FILES, "amazon reviews")
     base = path if path.is_dir() else reviews_path.parent
     meta_path = _resolve(base, meta_file, META_FILES, "amazon meta")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from din_ext.data.core import Interactions
+from din_ext.data.vocab import locate, search_sorted
 
 
 def _long(x) -> torch.Tensor:
@@ -49,8 +50,8 @@ def histories_before(event_user, event_time, user, time, max_history: Optional[i
         event_time, time = ranks[:event_time.size], ranks[event_time.size:]
         t_min, span = 0, int(ranks.max()) + 1
     keys = event_user[order] * span + (event_time[order] - t_min)
-    first = np.searchsorted(keys, user * span, side="left")
-    end = np.searchsorted(keys, user * span + (time - t_min), side="left")
+    first = search_sorted(keys, user * span)
+    end = search_sorted(keys, user * span + (time - t_min))
     lengths = end - first
     if max_history is not None:
         lengths = np.minimum(lengths, max_history)
@@ -72,10 +73,7 @@ def sample_negatives(user, pool, forbidden_user, forbidden_item, rng: np.random.
     out = pool[rng.integers(0, pool.size, user.size)] if user.size else np.zeros(0, np.int64)
     redo = np.arange(user.size)
     for _ in range(max_rounds):
-        key = user[redo] * space + out[redo]
-        pos = np.minimum(np.searchsorted(forbidden, key), max(forbidden.size - 1, 0))
-        hit = forbidden[pos] == key if forbidden.size else np.zeros(redo.size, bool)
-        redo = redo[hit]
+        redo = redo[locate(forbidden, user[redo] * space + out[redo])[1]]
         if not redo.size:
             return out
         out[redo] = pool[rng.integers(0, pool.size, redo.size)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import gzip
 import json
+from itertools import repeat
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -26,13 +27,13 @@ def open_text(path):
     with open(path, "rb") as probe:
         gzipped = probe.read(2) == b"\x1f\x8b"
     if gzipped:
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, "r", encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, "r", encoding="utf-8")  # universal newlines: CRLF files read like LF ones
 
 
 def find_file(path, names: Sequence[str], what: str) -> Path:
     """The first of ``names`` (or the same with ``.gz``) inside directory ``path``; ``path`` itself if a file."""
-    path = Path(path)
+    path = require_path(path, what)
     if path.is_file():
         return path
     if not path.is_dir():
@@ -42,6 +43,12 @@ def find_file(path, names: Sequence[str], what: str) -> Path:
             if candidate.is_file():
                 return candidate
     raise FileNotFoundError(f"{what}: none of {list(names)} (or .gz) found in {path}")
+
+
+def require_path(path, what: str) -> Path:
+    if path is None:
+        raise ValueError(f"{what}: a path to the data is required")
+    return Path(path)
 
 
 def parse_error(path, line: int, message: str) -> ValueError:
@@ -110,7 +117,8 @@ def read_table(path, columns: Dict[str, str], *, delimiter: str = ",",
         raise parse_error(path, 1, f"header {list(header)} lacks the column(s) {missing}")
     width = len(header)
     index = {c: header.index(c) for c in columns}
-    numeric = [c for c, k in columns.items() if k == "int"]
+    numeric = [c for c, k in columns.items() if k in ("int", "id")]
+    strict = [c for c in numeric if columns[c] == "int"]
     rows_read = 0
     with open_text(path) as f:
         f.readline()
@@ -121,20 +129,25 @@ def read_table(path, columns: Dict[str, str], *, delimiter: str = ",",
                 break
             if limit is not None and rows_read + len(lines) > limit:
                 lines = lines[:limit - rows_read]
-            # one delimiter count over the whole chunk in C; find the offending line only when it is off
-            if sum(map(len, lines)) and "".join(lines).count(delimiter) != len(lines) * (width - 1):
+            # every line's delimiter count, in C (map over str.count); find the offending line only when one is off
+            if set(map(str.count, lines, repeat(delimiter, len(lines)))) != {width - 1}:
                 _locate_width(path, lines, line_no, delimiter, width)
             if width == 1:  # the delimiter count cannot see blank lines, which loadtxt would skip
                 blank = [i for i, line in enumerate(lines) if not line.strip()]
                 if blank:
                     raise parse_error(path, line_no + blank[0], "empty line")
             out: Dict[str, np.ndarray] = {}
-            if numeric:
-                try:  # fast path: every strict-int column in one C pass
-                    block = _loadtxt(lines, delimiter, np.int64, [index[c] for c in numeric])
-                    out.update({c: block[:, j] for j, c in enumerate(numeric)})
+            # fast path: the integer columns in one C pass (again without the id columns when one of those holds
+            # a missing value); what fails here is parsed as text below, which names the bad line
+            for group in (numeric, strict) if strict != numeric else (numeric,):
+                if not group:
+                    continue
+                try:
+                    block = _loadtxt(lines, delimiter, np.int64, [index[c] for c in group])
                 except ValueError:
-                    pass
+                    continue
+                out.update({c: block[:, j] for j, c in enumerate(group)})
+                break
             rest = [c for c in columns if c not in out]
             if rest:
                 text = _loadtxt(lines, delimiter, str, [index[c] for c in rest])

@@ -11,14 +11,13 @@ such as an age become ``float_buckets`` equal-frequency buckets).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 from din_ext.data.build import check_max_history, histories_before, raw_interactions, sample_negatives, split
-from din_ext.data.readers import MISSING, convert_column, parse_error, read_columns, read_header
-from din_ext.data.vocab import fit_and_encode, intern
+from din_ext.data.readers import MISSING, convert_column, parse_error, read_columns, read_header, require_path
+from din_ext.data.vocab import fit_and_encode, intern, locate
 
 CATEGORY_COLUMNS = ("class", "genre", "genres", "categories", "category", "cate", "brand")
 TYPES = ("token", "token_seq", "float", "float_seq")
@@ -40,7 +39,7 @@ def _types(path) -> Dict[str, str]:
 
 def atomic_files(path, name: Optional[str] = None):
     """(.inter, .user or None, .item or None) of a RecBole dataset directory (or of its .inter file)."""
-    path = Path(path)
+    path = require_path(path, "recbole")
     if path.is_file():
         inter = path
     elif path.is_dir():
@@ -89,10 +88,7 @@ def _side_table(path, key: str, wanted: Optional[Sequence[str]], default: Sequen
 
 def _align(keys: np.ndarray, codes: Dict[str, np.ndarray], names: np.ndarray) -> Dict[str, np.ndarray]:
     """Side-table codes for each of ``names`` (MISSING where a name has no row)."""
-    if not keys.size:
-        return {f: np.full(names.size, MISSING, np.int64) for f in codes}
-    pos = np.minimum(np.searchsorted(keys, names), keys.size - 1)
-    found = keys[pos] == names
+    pos, found = locate(keys, names)
     return {f: np.where(found, c[pos], MISSING) for f, c in codes.items()}
 
 

@@ -10,18 +10,22 @@ An impression's history is the user's behaviours (cate, brand) strictly before i
 ``max_history`` of them. Impressions at or after ``test_start`` (default: 00:00 UTC of the last day with
 impressions, i.e. 2017-05-13 on the public data) form the test set. Missing values ('', NULL), ads missing from
 ad_feature.csv and users missing from user_profile.csv map to the OOV row.
+
+Size: behavior_log.csv is read a chunk at a time (about 1 us a row), keeping only the behaviours of users with
+impressions (16 bytes each). The result holds 16 bytes per history entry (two int64 fields), so the public
+data (26M impressions, 700M behaviours) wants a large machine, a smaller ``max_history``, ``btags`` or
+``behavior_rows``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 
 from din_ext.data.build import check_max_history, histories_before, raw_interactions, split
-from din_ext.data.readers import MISSING, find_file, parse_error, read_columns, read_table
-from din_ext.data.vocab import fit_and_encode, intern
+from din_ext.data.readers import MISSING, find_file, parse_error, read_columns, read_table, require_path
+from din_ext.data.vocab import fit_and_encode, intern, locate
 
 PROFILE_FIELDS = ("cms_segid", "cms_group_id", "final_gender_code", "age_level", "pvalue_level",
                   "shopping_level", "occupation", "new_user_class_level")
@@ -31,19 +35,18 @@ BTAGS = ("pv", "cart", "fav", "buy")
 DAY = 86400
 
 
-def _lookup(keys: np.ndarray, wanted: np.ndarray):
-    """(position of each ``wanted`` in sorted unique ``keys``, found mask)."""
-    if not keys.size:
-        return np.zeros(wanted.size, np.int64), np.zeros(wanted.size, bool)
-    pos = np.minimum(np.searchsorted(keys, wanted), keys.size - 1)
-    return pos, keys[pos] == wanted
-
-
 def _table(path, columns, key):
     """A small table as columns sorted by ``key``, keeping the first row of each key."""
     table = read_columns(path, columns)
     _, first = np.unique(table[key], return_index=True)
     return {c: v[first] for c, v in table.items()}
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """int32 when the values fit (halves the memory of a long behaviour log), else unchanged."""
+    if values.size and (values.min() < np.iinfo(np.int32).min or values.max() > np.iinfo(np.int32).max):
+        return values
+    return values.astype(np.int32)
 
 
 def read_behaviors(path, users: np.ndarray, btags: Optional[Iterable[str]], limit: Optional[int] = None):
@@ -54,12 +57,14 @@ def read_behaviors(path, users: np.ndarray, btags: Optional[Iterable[str]], limi
         if unknown:
             raise ValueError(f"btags must be among {BTAGS}, got {unknown}")
     parts = []
-    columns = {"user": "int", "time_stamp": "int", "btag": "str", "cate": "id", "brand": "id"}
+    columns = {"user": "int", "time_stamp": "int", "cate": "id", "brand": "id"}
+    if btags is not None:
+        columns["btag"] = "str"
     for chunk in read_table(path, columns, limit=limit):
-        keep = _lookup(users, chunk["user"])[1]
+        keep = locate(users, chunk["user"])[1]
         if btags is not None:
             keep &= np.isin(chunk["btag"], btags)
-        parts.append([chunk[c][keep] for c in ("user", "time_stamp", "cate", "brand")])
+        parts.append([_narrow(chunk[c][keep]) for c in ("user", "time_stamp", "cate", "brand")])
     if not parts:
         return [np.zeros(0, np.int64)] * 4
     return [np.concatenate(p) for p in zip(*parts)]
@@ -78,7 +83,7 @@ def load_taobao(path, *, max_history: Optional[int] = 50, btags: Optional[Iterab
     history fields cate, brand. ``user_id`` is the raw user id.
     """
     max_history = check_max_history(max_history)
-    path = Path(path)
+    path = require_path(path, "taobao")
     sample_path = find_file(path, ("raw_sample.csv",), "taobao impressions")
     ads_path = find_file(path, ("ad_feature.csv",), "taobao ad features")
     profile_path = find_file(path, ("user_profile.csv",), "taobao user profiles")
@@ -95,7 +100,7 @@ def load_taobao(path, *, max_history: Optional[int] = 50, btags: Optional[Iterab
         raise ValueError(f"{sample_path}: no impressions")
 
     ads = _table(ads_path, AD_FIELDS, "adgroup_id")
-    at, found = _lookup(ads["adgroup_id"], sample["adgroup_id"])
+    at, found = locate(ads["adgroup_id"], sample["adgroup_id"])
     item = {"adgroup": sample["adgroup_id"]}
     for field, column in (("cate", "cate_id"), ("brand", "brand"), ("campaign", "campaign_id"),
                           ("customer", "customer")):
@@ -104,7 +109,7 @@ def load_taobao(path, *, max_history: Optional[int] = 50, btags: Optional[Iterab
         item["pid"] = intern(sample["pid"])[0]
 
     profile = _table(profile_path, {"userid": "int", **{f: "id" for f in PROFILE_FIELDS}}, "userid")
-    at_user, has_profile = _lookup(profile["userid"], user)
+    at_user, has_profile = locate(profile["userid"], user)
     user_fields = {f: np.where(has_profile, profile[f][at_user], MISSING) for f in PROFILE_FIELDS}
 
     b_user, b_time, b_cate, b_brand = read_behaviors(log_path, np.unique(user), btags, behavior_rows)

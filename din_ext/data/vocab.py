@@ -69,8 +69,8 @@ class Vocabulary:
             table[self.keys] = np.arange(1, self.keys.size + 1)
             inside = (v >= 0) & (v <= top)
             return torch.from_numpy(np.where(inside, table[np.where(inside, v, top + 1)], OOV).astype(np.int64))
-        pos = np.minimum(np.searchsorted(self.keys, v), self.keys.size - 1)
-        rows = np.where(self.keys[pos] == v, pos + 1, OOV)
+        pos, found = locate(self.keys, v)
+        rows = np.where(found, pos + 1, OOV)
         return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
 
     def decode(self, rows) -> np.ndarray:
@@ -85,6 +85,27 @@ class Vocabulary:
 
     def __repr__(self) -> str:
         return f"Vocabulary(size={len(self)})"
+
+
+def search_sorted(keys: np.ndarray, values: np.ndarray, side: str = "left") -> np.ndarray:
+    """``np.searchsorted(keys, values)``, several times faster for many values: searching them in sorted order
+    walks ``keys`` once instead of missing the cache on every lookup."""
+    values = np.asarray(values)
+    if values.size < 4096 or values.ndim != 1:
+        return np.searchsorted(keys, values, side=side)
+    order = np.argsort(values, kind="stable")
+    out = np.empty(values.size, dtype=np.int64)
+    out[order] = np.searchsorted(keys, values[order], side=side)
+    return out
+
+
+def locate(keys: np.ndarray, values: np.ndarray):
+    """(position in sorted unique ``keys``, found mask) of each of ``values``; position is clipped in range."""
+    values = np.asarray(values)
+    if not keys.size:
+        return np.zeros(values.shape, np.int64), np.zeros(values.shape, bool)
+    pos = np.minimum(search_sorted(keys, values.reshape(-1)).reshape(values.shape), keys.size - 1)
+    return pos, keys[pos] == values
 
 
 def _dense_limit(n: int) -> int:
