@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -29,6 +30,7 @@ logger = logging.getLogger("din_ext")
 
 DATASETS = ("synthetic", "amazon", "taobao", "recbole")
 MODELS = {"din": "attention", "base": "sum"}
+TRAIN_DEFAULTS = {"batch_size": 256, "lr": 1e-3}
 DEFAULTS = {"data": "synthetic", "path": None, "seed": 0, "max_history": 50, "synthetic_users": None,
             "synthetic_conversion": False}
 
@@ -184,8 +186,6 @@ def _widths(text: str) -> Tuple[int, ...]:
 def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
     """Trains per ``args`` (see ``din-ext train --help``); returns the final metrics (also in OUT/metrics.json)."""
     epochs = _positive("epochs", args.epochs)
-    batch_size = _positive("batch-size", args.batch_size)
-    lr = _positive("lr", args.lr, float)
     device = _resolve_device(args.device)
     _check_backend(args.backend, device)
     out = out or args.out
@@ -202,6 +202,14 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
             raise UsageError(f"--resume: the data options {spec} differ from the checkpoint's {checkpoint['data']}")
     else:
         spec = data_spec(args)
+    # optimization options: the command line's, else (on resume) the checkpoint's, else the defaults
+    options = {key: getattr(args, key) for key in TRAIN_DEFAULTS}
+    for key, default in TRAIN_DEFAULTS.items():
+        if options[key] is None:
+            options[key] = (checkpoint or {}).get("options", {}).get(key, default)
+    batch_size = _positive("batch-size", options["batch_size"])
+    lr = _positive("lr", options["lr"], float)
+    eval_batch_size = _positive("eval-batch-size", args.eval_batch_size)
     train_set, test_set, schema = data if data is not None else load_data(spec)
 
     torch.manual_seed(spec["seed"])
@@ -248,14 +256,14 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
             progress.update(len(batch), value)
         progress.close()
         train_seconds = time.perf_counter() - tick
-        result = evaluate(model, test_set, args.eval_batch_size, device)
+        result = evaluate(model, test_set, eval_batch_size, device)
         result.update(epoch=epoch + 1, train_loss=total_loss / seen, train_samples_per_second=seen / train_seconds,
                       train_seconds=train_seconds)
         history.append(result)
         score = result["gauc"] if not math.isnan(result["gauc"]) else result["auc"]
         is_best = score > best
         best = max(best, score)
-        state = model.checkpoint(optimizer, epoch + 1, data=spec, history=history, best=best, model=args.model)
+        state = model.checkpoint(optimizer, epoch + 1, data=spec, options=options, history=history, best=best)
         save_checkpoint(last_path, state)
         if is_best:
             save_checkpoint(best_path, state)
@@ -285,10 +293,11 @@ def _load_model(args: argparse.Namespace) -> Tuple[DIN, Dict[str, Any], torch.de
         raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist")
     try:
         checkpoint = load_checkpoint(args.checkpoint)
-    except (ValueError, RuntimeError, EOFError) as exc:
+    except (ValueError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
         raise UsageError(f"--checkpoint {args.checkpoint!r} cannot be read: {exc}") from exc
     device = _resolve_device(args.device)
     _check_backend(args.backend, device)
+    _positive("batch-size", args.batch_size)
     model = DIN.from_checkpoint(checkpoint)
     model.backend = args.backend
     return model.to(device), checkpoint, device
@@ -392,9 +401,9 @@ def _train_options(parser: argparse.ArgumentParser, with_model: bool) -> None:
         parser.add_argument("--model", choices=sorted(MODELS), default="din",
                             help="din (attention pooling) or base (the paper's BaseModel: sum pooling)")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 256)")
     parser.add_argument("--eval-batch-size", type=int, default=4096)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 0.001)")
     parser.add_argument("--embed-dim", type=int, default=16, help="embedding width of every field")
     parser.add_argument("--attention-hidden", type=_widths, default=(80, 40), help="local activation unit (80,40)")
     parser.add_argument("--tower-hidden", type=_widths, default=(200, 80), help="MLP tower (200,80)")
