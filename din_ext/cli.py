@@ -375,7 +375,8 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 def _data_options(parser: argparse.ArgumentParser, evaluation: bool) -> None:
     default = "the checkpoint's" if evaluation else "{}"
-    parser.add_argument("--data", choices=DATASETS, default=None, help=f"dataset (default: {default.format('synthetic')})")
+    parser.add_argument("--data", choices=DATASETS, default=None,
+                        help=f"dataset (default: {default.format('synthetic')})")
     parser.add_argument("--path", default=None, help="folder or file of the amazon/taobao/recbole data")
     parser.add_argument("--seed", type=int, default=None,
                         help=f"seed of the synthetic data, of the initialization and of the shuffling (default: "

@@ -11,8 +11,9 @@ import torch
 
 from din_ext.cli import main
 
+# tiny shapes run fastest on one thread
 TINY = ["--synthetic-users", "60", "--batch-size", "64", "--embed-dim", "8", "--attention-hidden", "16,8",
-        "--tower-hidden", "32,16", "--no-progress", "--seed", "1", "--threads", "1"]  # tiny shapes: one thread is fastest
+        "--tower-hidden", "32,16", "--no-progress", "--seed", "1", "--threads", "1"]
 
 
 def run(capsys, *argv):

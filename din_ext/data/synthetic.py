@@ -10,7 +10,7 @@ the history related to the candidate — DIN's local activation — which a sum 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,9 +43,9 @@ class SyntheticConfig:
     test_fraction: float = 0.2          # the latest impressions (by time) form the test set
 
 
-def generate(config: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> Tuple[Interactions, Interactions, Schema]:
+def generate(config: Optional[SyntheticConfig] = None, seed: int = 0) -> Tuple[Interactions, Interactions, Schema]:
     """The synthetic log split by time: returns (train, test, schema). Same config and seed, same data."""
-    c = config
+    c = config if config is not None else SyntheticConfig()
     if c.num_users < 1 or c.num_items < c.num_categories or c.num_categories < 2:
         raise ValueError("synthetic config needs num_users >= 1 and num_items >= num_categories >= 2")
     if not 1 <= c.min_history <= c.max_history:
