@@ -132,25 +132,15 @@ def measure(step: Callable[[torch.Tensor], None], batches: List[torch.Tensor], w
 
 
 def run(args) -> str:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = SyntheticConfig(num_users=args.users)
     train, _, schema = generate(config, seed=0)
     train = train.truncate_history(args.max_history)
-    g = torch.Generator().manual_seed(1)
-    order = torch.randperm(len(train), generator=g)
-    count = args.warmup + args.steps
-    batches = [order[i * args.batch_size:(i + 1) * args.batch_size] for i in range(count)]
-    if batches[-1].numel() < args.batch_size:
-        raise SystemExit(f"not enough training rows for {count} batches of {args.batch_size}; lower --steps")
     mean_len = float(train.hist_lengths.float().mean())
     deepctr_torch = import_deepctr()
-    subjects: Dict[str, Callable[[], Callable]] = {
-        f"din_ext.DIN (backend {b})": (lambda b=b: din_ext_step(schema, train, args, b)) for b in args.backends}
-    if deepctr_torch is not None:
-        subjects["DeepCTR-Torch DIN"] = lambda: deepctr_step(schema, train, args)
+    threads = args.threads or [torch.get_num_threads()]
     header = (f"# DIN end-to-end training throughput (cpu)\n\n"
-              f"- machine: {machine_description(torch.device('cpu'))}\n"
+              f"- machine: {machine_description(torch.device('cpu'))}, 1-minute load average before the run "
+              f"{os.getloadavg()[0]:.1f}\n"
               f"- torch {torch.__version__}, din_ext {din_ext.__version__}, DeepCTR-Torch "
               f"{deepctr_torch.__version__ if deepctr_torch else 'not installed'}, Python {platform.python_version()}\n"
               f"- date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {git_commit()}\n"
@@ -160,44 +150,58 @@ def run(args) -> str:
               f"{list(schema.user_fields) + list(schema.item_fields)}, history fields {list(schema.history_fields)}, "
               f"{schema.dense_dim} dense\n"
               f"- model: embedding width {args.embed_dim}, attention (80, 40) Dice, tower (200, 80) Dice, one "
-              f"logit; Adam lr 1e-3; batch size {args.batch_size}; {args.warmup} warm-up steps, {args.steps} timed "
-              f"steps (same batches for every model)\n\n")
-    table = ("| model | parameters | median samples/s | IQR samples/s | mean samples/s | vs DeepCTR-Torch |\n"
-             "|---|---:|---:|---:|---:|---:|\n")
+              f"logit; Adam lr 1e-3; {args.warmup} warm-up steps, then {args.steps} timed steps (the same batches "
+              f"for every model)\n\n")
+    table = ("| threads | batch | model | parameters | median samples/s | IQR samples/s | mean samples/s "
+             "| vs DeepCTR-Torch |\n|---:|---:|---|---:|---:|---:|---:|---:|\n")
     print(header + table, end="", flush=True)
-    medians: Dict[str, float] = {}
-    rows = []
-    for name, build in subjects.items():
-        step = build()
-        speeds = measure(step, batches, args.warmup)
-        med = statistics.median(speeds)
-        q = statistics.quantiles(speeds, n=4, method="inclusive") if len(speeds) > 1 else [med, med, med]
-        medians[name] = med
-        mean = len(speeds) / sum(1 / s for s in speeds)  # total samples / total time
-        rows.append((name, step.parameters, med, q, mean))
-        print(f"| {name} | {step.parameters:,} | {med:,.0f} | {q[0]:,.0f} - {q[2]:,.0f} | {mean:,.0f} | |",
-              flush=True)
-    reference = medians.get("DeepCTR-Torch DIN")
-    lines = [f"| {name} | {params:,} | {med:,.0f} | {q[0]:,.0f} - {q[2]:,.0f} | {mean:,.0f} | "
-             f"{f'{med / reference:.2f}x' if reference else '-'} |" for name, params, med, q, mean in rows]
+    lines = []
+    for thread_count in threads:
+        torch.set_num_threads(thread_count)
+        for batch_size in args.batch_size:
+            g = torch.Generator().manual_seed(1)
+            order = torch.randperm(len(train), generator=g)
+            count = args.warmup + args.steps
+            batches = [order[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+            if batches[-1].numel() < batch_size:
+                raise SystemExit(f"not enough training rows for {count} batches of {batch_size}; lower --steps")
+            subjects: Dict[str, Callable[[], Callable]] = {
+                f"din_ext.DIN (backend {b})": (lambda b=b: din_ext_step(schema, train, args, b))
+                for b in args.backends}
+            if deepctr_torch is not None:
+                subjects["DeepCTR-Torch DIN"] = lambda: deepctr_step(schema, train, args)
+            rows = []
+            for name, build in subjects.items():
+                step = build()
+                speeds = measure(step, batches, args.warmup)
+                med = statistics.median(speeds)
+                q = statistics.quantiles(speeds, n=4, method="inclusive") if len(speeds) > 1 else [med] * 3
+                mean = len(speeds) / sum(1 / s for s in speeds)  # total samples / total time
+                rows.append((name, step.parameters, med, q, mean))
+                print(f"| {thread_count} | {batch_size} | {name} | {step.parameters:,} | {med:,.0f} | "
+                      f"{q[0]:,.0f} - {q[2]:,.0f} | {mean:,.0f} | |", flush=True)
+            reference = dict((r[0], r[2]) for r in rows).get("DeepCTR-Torch DIN")
+            lines += [f"| {thread_count} | {batch_size} | {name} | {params:,} | {med:,.0f} | {q[0]:,.0f} - "
+                      f"{q[2]:,.0f} | {mean:,.0f} | {f'{med / reference:.2f}x' if reference else '-'} |"
+                      for name, params, med, q, mean in rows]
     return header + table + "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[256], help="one table row group each")
     parser.add_argument("--embed-dim", type=int, default=16)
     parser.add_argument("--max-history", type=int, default=50)
     parser.add_argument("--users", type=int, default=4000, help="synthetic users (the CLI's default: 4000)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, nargs="+", help="torch CPU thread counts to run (default: torch's)")
     parser.add_argument("--backends", nargs="+", default=["auto"], help="din_ext backends to time (auto)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 users, 3 steps, nothing written")
     parser.add_argument("--out", help="markdown output (default bench/results/train_cpu.md; none with --quick)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.users, args.warmup, args.steps, args.batch_size = 300, 1, 2, 64
+        args.users, args.warmup, args.steps, args.batch_size = 300, 1, 2, [64]
     text = run(args)
     out = args.out or (None if args.quick else os.path.join(ROOT, "bench", "results", "train_cpu.md"))
     if out:

@@ -167,6 +167,20 @@ def _check_backend(backend: str, device: torch.device) -> None:
         raise UsageError(f"--backend {backend}: {exc}") from exc
 
 
+def default_threads() -> int:
+    """torch's thread count, cut to the cores left idle by the rest of the machine (1-minute load average).
+
+    Every din_ext kernel and most torch ops end in an OpenMP barrier; on a busy machine a thread that is not scheduled
+    stalls the others at each one, so fewer threads than cores run faster there.
+    """
+    threads = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return threads
+    return max(1, min(threads, round((os.cpu_count() or threads) - load)))
+
+
 def _positive(name: str, value, kind=int):
     if value is None or not value > 0:
         raise UsageError(f"--{name} must be positive, got {value}")
@@ -238,7 +252,7 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
     name = "DIN" if model.pooling == "attention" else "BaseModel"
     _say(args, f"{name} on {spec['data']}: {len(train_set):,} train / {len(test_set):,} test impressions, "
                f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}, backend "
-               f"{_backend.resolve(args.backend, device)}")
+               f"{_backend.resolve(args.backend, device)}, torch threads {torch.get_num_threads()}")
     loss_fn = torch.nn.BCEWithLogitsLoss()
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -393,7 +407,8 @@ def _data_options(parser: argparse.ArgumentParser, evaluation: bool) -> None:
 def _runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--backend", default="auto", choices=_backend.BACKENDS, help="din_ext kernels (auto)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, fewer when the machine is busy)")
 
 
 def _train_options(parser: argparse.ArgumentParser, with_model: bool) -> None:
@@ -454,6 +469,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if getattr(args, "threads", None) is not None:
             torch.set_num_threads(_positive("threads", args.threads))
+        elif hasattr(args, "threads"):
+            torch.set_num_threads(default_threads())
         return args.func(args)
     except UsageError as exc:
         print(f"din-ext {args.command}: error: {exc}", file=sys.stderr)

@@ -137,3 +137,16 @@ def test_argparse_rejects_unknown_choices(capsys):
 def test_no_command_prints_help(capsys):
     code, stdout, _ = run(capsys)
     assert code == 2 and "train" in stdout and "selfcheck" in stdout and "compare" in stdout
+
+
+def test_default_threads_follow_idle_cores(monkeypatch):
+    from din_ext import cli
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert cli.default_threads() == 4  # an idle machine: every core, up to torch's count
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert cli.default_threads() == 1
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert cli.default_threads() == 1  # never fewer than one
