@@ -139,8 +139,7 @@ def run(args) -> str:
     deepctr_torch = import_deepctr()
     threads = args.threads or [torch.get_num_threads()]
     header = (f"# DIN end-to-end training throughput (cpu)\n\n"
-              f"- machine: {machine_description(torch.device('cpu'))}, 1-minute load average before the run "
-              f"{os.getloadavg()[0]:.1f}\n"
+              f"- machine: {machine_description(torch.device('cpu'))}\n"
               f"- torch {torch.__version__}, din_ext {din_ext.__version__}, DeepCTR-Torch "
               f"{deepctr_torch.__version__ if deepctr_torch else 'not installed'}, Python {platform.python_version()}\n"
               f"- date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {git_commit()}\n"
@@ -152,6 +151,12 @@ def run(args) -> str:
               f"- model: embedding width {args.embed_dim}, attention (80, 40) Dice, tower (200, 80) Dice, one "
               f"logit; Adam lr 1e-3; {args.warmup} warm-up steps, then {args.steps} timed steps (the same batches "
               f"for every model)\n\n")
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1) - 0.5:
+        header += (f"The machine was busy with other jobs (load {load:.1f} on {os.cpu_count()} cores): a thread count "
+                   f"above the idle cores makes every OpenMP barrier wait for a descheduled thread, so rows with more "
+                   f"threads than idle cores measure the contention more than the code; compare models within a "
+                   f"row group.\n\n")
     table = ("| threads | batch | model | parameters | median samples/s | IQR samples/s | mean samples/s "
              "| vs DeepCTR-Torch |\n|---:|---:|---|---:|---:|---:|---:|---:|\n")
     print(header + table, end="", flush=True)

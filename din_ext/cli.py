@@ -54,6 +54,10 @@ def data_spec(args: argparse.Namespace, recorded: Optional[Dict[str, Any]] = Non
 def load_data(spec: Dict[str, Any]) -> Tuple[Interactions, Interactions, Schema]:
     """(train, test, schema) of a data spec; histories are cut to the most recent ``max_history`` behaviours."""
     name, path = spec["data"], spec["path"]
+    if spec["max_history"] < 0:
+        raise UsageError(f"--max-history must be >= 0 (0 keeps every behaviour), got {spec['max_history']}")
+    if spec["synthetic_users"] is not None and spec["synthetic_users"] < 1:
+        raise UsageError(f"--synthetic-users must be positive, got {spec['synthetic_users']}")
     if name not in DATASETS:
         raise UsageError(f"--data must be one of {', '.join(DATASETS)}, got {name!r}")
     if name == "synthetic":
@@ -62,7 +66,7 @@ def load_data(spec: Dict[str, Any]) -> Tuple[Interactions, Interactions, Schema]
         from din_ext.data.synthetic import SyntheticConfig, generate
 
         config = SyntheticConfig(conversion=bool(spec["synthetic_conversion"]))
-        if spec["synthetic_users"]:
+        if spec["synthetic_users"] is not None:
             config.num_users = int(spec["synthetic_users"])
         train, test, schema = generate(config, seed=int(spec["seed"]))
     else:

@@ -116,6 +116,8 @@ def test_multi_task_training(tmp_path):
     (["train", "--device", "cuda:0"] if not torch.cuda.is_available() else ["train", "--device", "nope"], "--device"),
     (["train", "--resume", "--out", "{tmp}/empty"], "no checkpoint"),
     (["train", "--threads", "0"], "--threads must be positive"),
+    (["train", "--max-history", "-1"], "--max-history must be >= 0"),
+    (["train", "--synthetic-users", "0"], "--synthetic-users must be positive"),
     (["evaluate", "--checkpoint", "{tmp}/missing.pt"], "does not exist"),
     (["evaluate", "--checkpoint", "{tmp}/junk.pt"], "cannot be read"),
 ])
