@@ -234,8 +234,7 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
     if checkpoint is not None:
         model = DIN.from_config(checkpoint["config"])
         model.load_state_dict(checkpoint["state_dict"])
-        if model.schema.user_fields != schema.user_fields or model.schema.item_fields != schema.item_fields:
-            raise UsageError("--resume: the data's fields or table sizes differ from the checkpoint's")
+        _check_fits(model, schema, "--resume: the data")
     else:
         model = DIN(schema, embed_dim=args.embed_dim, attention_hidden=args.attention_hidden,
                     tower_hidden=args.tower_hidden, activation=args.activation, pooling=MODELS[args.model],
@@ -321,12 +320,22 @@ def _load_model(args: argparse.Namespace) -> Tuple[DIN, Dict[str, Any], torch.de
     return model.to(device), checkpoint, device
 
 
+def _check_fits(model: DIN, schema: Schema, what: str) -> None:
+    """Raises UsageError unless data of ``schema`` has every field, table size, dense width and task of ``model``."""
+    ours = model.schema
+    for key in ("user_fields", "item_fields", "history_fields", "dense_dim"):
+        if getattr(schema, key) != getattr(ours, key):
+            raise UsageError(f"{what} has {key} {getattr(schema, key)}, the checkpoint's model "
+                             f"{getattr(ours, key)}; use the data (and options) it was trained on")
+    missing = [t for t in ours.tasks if t not in schema.tasks]
+    if missing:
+        raise UsageError(f"{what} has no labels for the model's tasks {missing}")
+
+
 def _split(args: argparse.Namespace, model: DIN, checkpoint: Dict[str, Any]) -> Interactions:
     spec = data_spec(args, checkpoint["data"])
     train_set, test_set, schema = load_data(spec)
-    if schema.user_fields != model.schema.user_fields or schema.item_fields != model.schema.item_fields:
-        raise UsageError(f"the {spec['data']} data's fields or table sizes ({schema.user_fields}, "
-                         f"{schema.item_fields}) differ from the checkpoint's; evaluate on the data it was trained on")
+    _check_fits(model, schema, f"the {spec['data']} data")
     return train_set if args.split == "train" else test_set
 
 

@@ -75,6 +75,26 @@ def test_evaluate_matches_training_metrics(trained, capsys):
         assert result[key] == pytest.approx(final[key], rel=1e-9), key
     code, stdout, _ = run(capsys, "evaluate", "--checkpoint", str(trained / "one" / "best.pt"), "--split", "train")
     assert code == 0 and json.loads(stdout)["rows"] > result["rows"]
+    code, stdout, _ = run(capsys, "evaluate", "--checkpoint", str(trained / "one" / "best.pt"), "--max-history", "3")
+    assert code == 0 and json.loads(stdout)["auc"] != result["auc"]  # shorter histories, another evaluation
+
+
+def test_data_must_fit_the_checkpoint():
+    import dataclasses
+
+    from din_ext import cli
+    from din_ext.data.synthetic import SyntheticConfig, generate
+    from din_ext.model import DIN
+
+    schema = generate(SyntheticConfig(num_users=20, num_items=30, num_categories=6), seed=0)[2]
+    model = DIN(dataclasses.replace(schema, tasks=("click", "conversion")), embed_dim=4)
+    cli._check_fits(model, dataclasses.replace(schema, tasks=("conversion", "click", "extra")), "data")
+    with pytest.raises(cli.UsageError, match=r"no labels for the model's tasks \['conversion'\]"):
+        cli._check_fits(model, schema, "data")
+    with pytest.raises(cli.UsageError, match="item_fields"):
+        cli._check_fits(model, dataclasses.replace(schema, item_fields={**schema.item_fields, "item": 99}), "data")
+    with pytest.raises(cli.UsageError, match="dense_dim"):
+        cli._check_fits(model, dataclasses.replace(schema, dense_dim=0), "data")
 
 
 def test_predict_writes_probabilities(trained, tmp_path, capsys):
