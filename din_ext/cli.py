@@ -81,7 +81,10 @@ def load_data(spec: Dict[str, Any]) -> Tuple[Interactions, Interactions, Schema]
         except ImportError as exc:
             raise UsageError(f"--data {name} needs the real-data loaders (din_ext.data.load_dataset), which this "
                              f"install does not have: {exc}") from exc
-        train, test, schema = load_dataset(name, path)
+        try:
+            train, test, schema = load_dataset(name, path)
+        except (ValueError, OSError) as exc:  # malformed or missing files: the loaders name the file and line
+            raise UsageError(f"--data {name} --path {path}: {exc}") from exc
     if len(train) == 0 or len(test) == 0:
         raise UsageError(f"the {name} data has an empty split (train {len(train)}, test {len(test)} rows)")
     if spec["max_history"]:
@@ -93,7 +96,8 @@ def load_data(spec: Dict[str, Any]) -> Tuple[Interactions, Interactions, Schema]
 
 
 class _Progress:
-    """A tqdm bar over samples, or a silent counter when tqdm is missing or the bar is off."""
+    """A tqdm bar over samples (on a terminal); nothing when tqdm is missing or the bar is off. The per-epoch lines
+    are printed either way."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
         self.bar = None
@@ -103,8 +107,9 @@ class _Progress:
             except ImportError:
                 logger.info("tqdm is not installed: no progress bar")
             else:
+                # disable=None: no bar when stderr is not a terminal (logs, CI)
                 self.bar = tqdm(total=total, desc=desc, unit="sample", unit_scale=True, leave=False,
-                                dynamic_ncols=True)
+                                dynamic_ncols=True, disable=None)
 
     def update(self, n: int, loss: float) -> None:
         if self.bar is not None:
@@ -429,9 +434,9 @@ def _train_options(parser: argparse.ArgumentParser, with_model: bool) -> None:
     if with_model:
         parser.add_argument("--model", choices=sorted(MODELS), default="din",
                             help="din (attention pooling) or base (the paper's BaseModel: sum pooling)")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs in all, counting resumed ones (default: 2)")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 256)")
-    parser.add_argument("--eval-batch-size", type=int, default=4096)
+    parser.add_argument("--eval-batch-size", type=int, default=4096, help="default: 4096")
     parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: 0.001)")
     parser.add_argument("--embed-dim", type=int, default=16, help="embedding width of every field")
     parser.add_argument("--attention-hidden", type=_widths, default=(80, 40), help="local activation unit (80,40)")

@@ -172,3 +172,28 @@ def test_default_threads_follow_idle_cores(monkeypatch):
     assert cli.default_threads() == 1
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
     assert cli.default_threads() == 1  # never fewer than one
+
+
+def test_real_data_goes_through_load_dataset(monkeypatch, tmp_path, capsys):
+    """--data amazon|taobao|recbole call din_ext.data.load_dataset(name, path) -> (train, test, schema)."""
+    import din_ext.data
+    from din_ext.data.synthetic import SyntheticConfig, generate
+
+    calls = []
+
+    def fake_loader(name, path):
+        calls.append((name, path))
+        if name == "taobao":
+            raise ValueError(f"{path}/raw_sample.csv line 3: expected 6 columns, got 2")
+        return generate(SyntheticConfig(num_users=50, dense=False), seed=0)
+
+    monkeypatch.setattr(din_ext.data, "load_dataset", fake_loader, raising=False)
+    out = tmp_path / "run"
+    code, stdout, _ = run(capsys, "train", "--data", "recbole", "--path", str(tmp_path), "--epochs", "1",
+                          "--out", str(out), "--threads", "1", "--embed-dim", "4", "--no-progress")
+    assert code == 0 and calls == [("recbole", str(tmp_path))] and "DIN on recbole" in stdout
+    assert json.loads((out / "metrics.json").read_text())["epoch"] == 1
+    code, stdout, _ = run(capsys, "evaluate", "--checkpoint", str(out / "last.pt"))  # data spec from the checkpoint
+    assert code == 0 and calls[-1] == ("recbole", str(tmp_path))
+    code, _, err = run(capsys, "train", "--data", "taobao", "--path", str(tmp_path), "--out", str(out))
+    assert code == 2 and "raw_sample.csv line 3" in err and "Traceback" not in err
