@@ -105,7 +105,7 @@ class DIN(nn.Module):
                         "attention_hidden": attention_hidden, "tower_hidden": tower_hidden, "activation": activation,
                         "pooling": pooling, "normalization": normalization, "score_scale": float(score_scale),
                         "use_dense": bool(use_dense), "mba_lambda": float(mba_lambda),
-                        "embedding_std": float(embedding_std), "backend": backend}
+                        "embedding_std": float(embedding_std)}  # not the backend: a choice of the machine that runs it
         self.pooling = pooling
         self.use_dense = bool(use_dense) and schema.dense_dim > 0
         self.mba_lambda = float(mba_lambda)
@@ -193,14 +193,14 @@ class DIN(nn.Module):
 
     @property
     def config(self) -> Dict[str, Any]:
-        """The constructor arguments as plain data; ``DIN.from_config(model.config)`` rebuilds the model."""
+        """The constructor arguments but ``backend`` as plain data; ``DIN.from_config(model.config)`` rebuilds it."""
         return dict(self._config)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "DIN":
+    def from_config(cls, config: Mapping[str, Any], backend: str = "auto") -> "DIN":
         args = dict(config)
         schema = schema_from_dict(args.pop("schema"))
-        return cls(schema, **args)
+        return cls(schema, backend=backend, **args)
 
     def checkpoint(self, optimizer: Optional[torch.optim.Optimizer] = None, epoch: int = 0,
                    **extra: Any) -> Dict[str, Any]:
@@ -209,11 +209,11 @@ class DIN(nn.Module):
                 "optimizer": None if optimizer is None else optimizer.state_dict(), "epoch": int(epoch), **extra}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> "DIN":
+    def from_checkpoint(cls, checkpoint: Mapping[str, Any], backend: str = "auto") -> "DIN":
         """The model of a ``checkpoint()`` dict (or a path to one, read with ``weights_only=True``)."""
         if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
             checkpoint = load_checkpoint(checkpoint)
-        model = cls.from_config(checkpoint["config"])
+        model = cls.from_config(checkpoint["config"], backend=backend)
         model.load_state_dict(checkpoint["state_dict"])
         return model
 

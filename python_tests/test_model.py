@@ -180,7 +180,8 @@ def test_checkpoint_round_trip_weights_only(tiny, tmp_path):
     checkpoint = load_checkpoint(path)  # torch.load(weights_only=True)
     assert checkpoint["epoch"] == 3 and checkpoint["note"] == "x"
     restored = DIN.from_checkpoint(path)
-    assert restored.config == model.config
+    assert restored.config == model.config and "backend" not in restored.config
+    assert DIN.from_checkpoint(checkpoint, backend="reference").attention.backend == "reference"
     batch = first_batch(train, 50)
     model.eval(), restored.eval()
     assert torch.equal(model(batch), restored(batch))
