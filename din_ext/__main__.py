@@ -1,8 +1,8 @@
-"""``python -m din_ext`` / ``din-ext``: print the built backends and check each against the reference."""
+"""``python -m din_ext`` / ``din-ext``: the command line (din_ext.cli); ``din-ext selfcheck`` prints the built backends
+and checks each against the reference (defined here)."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -92,14 +92,10 @@ def self_check() -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="din-ext", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("check", help="list the built backends and check each against the reference (default)")
-    args = parser.parse_args(argv)
-    if args.command in (None, "check"):
-        return self_check()
-    parser.error(f"unknown command {args.command}")
-    return 2
+    """The ``din-ext`` console script (see din_ext.cli)."""
+    from din_ext.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from conftest import requires_cpp
 
 
 def test_self_check_runs_and_passes():
-    result = subprocess.run([sys.executable, "-m", "din_ext"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "din_ext", "selfcheck"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "available backends: " + ", ".join(din_ext.available_backends()) in result.stdout
     for backend in din_ext.available_backends()[1:]:

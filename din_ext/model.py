@@ -1,0 +1,308 @@
+"""``din_ext.DIN``: the Deep Interest Network (and the paper's BaseModel) as a thin nn.Module over the din_ext ops.
+
+Inputs are ``din_ext.data.Interactions`` batches: user-profile ids, candidate item ids, jagged behaviour histories
+and optional dense features. Every field has one embedding table (row 0 is padding/OOV and stays zero); behaviour
+fields share the candidate item fields' tables. The query of the local activation unit is the concatenation of the
+candidate's embeddings of ``schema.history_fields``, its keys the same concatenation for every behaviour.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from din_ext.data.core import Interactions, Schema
+from din_ext.modules import Dice, LocalActivationUnit
+from din_ext.reference import ACTIVATIONS, NORMALIZATIONS
+
+logger = logging.getLogger("din_ext")
+
+POOLINGS = ("attention", "sum")
+CHECKPOINT_FORMAT = 1
+
+
+def schema_to_dict(schema: Schema) -> Dict[str, Any]:
+    """A Schema as plain data (dicts, tuples, tensors) that ``torch.load(weights_only=True)`` reads back."""
+    return {"user_fields": dict(schema.user_fields), "item_fields": dict(schema.item_fields),
+            "history_fields": tuple(schema.history_fields), "dense_dim": int(schema.dense_dim),
+            "tasks": tuple(schema.tasks), "frequencies": dict(schema.frequencies)}
+
+
+def schema_from_dict(data: Mapping[str, Any]) -> Schema:
+    return Schema(user_fields=dict(data["user_fields"]), item_fields=dict(data["item_fields"]),
+                  history_fields=tuple(data["history_fields"]), dense_dim=int(data["dense_dim"]),
+                  tasks=tuple(data["tasks"]), frequencies=dict(data.get("frequencies", {})))
+
+
+class SharedEmbedding(nn.Embedding):
+    """nn.Embedding whose forward looks up several id tensors in one table: ``forward(ids, ...) -> (emb, ...)``.
+
+    The same call signature as ``din_ext.MBAEmbedding``, so the model treats both alike.
+    """
+
+    def forward(self, *ids: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        if len(ids) == 1:
+            return (super().forward(ids[0]),)
+        flat = super().forward(torch.cat(ids))
+        return tuple(flat.split([i.numel() for i in ids]))
+
+
+class DIN(nn.Module):
+    """Deep Interest Network (Zhou et al., KDD 2018); ``pooling="sum"`` is the paper's BaseModel.
+
+    schema: the dataset's fields (``din_ext.data.Schema``); embed_dim: one width for every field, or a mapping
+    field -> width (history fields take their item field's width); attention_hidden: hidden widths of the local
+    activation unit; tower_hidden: hidden widths of the MLP on [user, candidate, interest, dense]; activation: of
+    both ("dice", "prelu", "relu", "sigmoid"); pooling: "attention" (DIN) or "sum" (BaseModel);
+    normalization/score_scale: of the attention weights (DESIGN.md); use_dense: feed the dense features, if the
+    schema has them; mba_lambda > 0 builds the tables as ``din_ext.MBAEmbedding`` with the schema's frequencies;
+    embedding_std: normal init of the tables; backend: din_ext backend of attention and Dice.
+
+    forward(batch) -> logits (B, T), one column per task in ``schema.tasks``.
+    """
+
+    def __init__(
+        self,
+        schema: Schema,
+        embed_dim: Union[int, Mapping[str, int]] = 16,
+        attention_hidden: Sequence[int] = (80, 40),
+        tower_hidden: Sequence[int] = (200, 80),
+        activation: str = "dice",
+        pooling: str = "attention",
+        normalization: str = "none",
+        score_scale: float = 1.0,
+        use_dense: bool = True,
+        mba_lambda: float = 0.0,
+        embedding_std: float = 0.01,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(schema, Schema):
+            raise TypeError(f"schema must be a din_ext.data.Schema, got {type(schema).__name__}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if not schema.history_fields:
+            raise ValueError("schema.history_fields is empty: DIN needs at least one behaviour field")
+        tower_hidden, attention_hidden = tuple(int(h) for h in tower_hidden), tuple(int(h) for h in attention_hidden)
+        if any(h <= 0 for h in tower_hidden + attention_hidden):
+            raise ValueError(f"hidden widths must be positive, got tower {tower_hidden}, attention {attention_hidden}")
+        if mba_lambda < 0:
+            raise ValueError(f"mba_lambda must be >= 0, got {mba_lambda}")
+        self.schema = schema
+        self.dims = self._field_dims(schema, embed_dim)
+        plain_schema = schema_to_dict(schema)
+        if not mba_lambda:
+            plain_schema["frequencies"] = {}  # only MBA tables need them; keeps checkpoints small
+        self._config = {"schema": plain_schema,
+                        "embed_dim": dict(embed_dim) if isinstance(embed_dim, Mapping) else int(embed_dim),
+                        "attention_hidden": attention_hidden, "tower_hidden": tower_hidden, "activation": activation,
+                        "pooling": pooling, "normalization": normalization, "score_scale": float(score_scale),
+                        "use_dense": bool(use_dense), "mba_lambda": float(mba_lambda),
+                        "embedding_std": float(embedding_std)}  # not the backend: a choice of the machine that runs it
+        self.pooling = pooling
+        self.use_dense = bool(use_dense) and schema.dense_dim > 0
+        self.mba_lambda = float(mba_lambda)
+        self.embedding_std = float(embedding_std)
+        self.tasks = tuple(schema.tasks)
+
+        fields = {**schema.user_fields, **schema.item_fields}
+        self.embeddings = nn.ModuleDict({name: self.make_embedding(name, size, self.dims[name])
+                                         for name, size in fields.items()})
+        self.interest_dim = sum(self.dims[f] for f in schema.history_fields)
+        if pooling == "attention":
+            self.attention = LocalActivationUnit(self.interest_dim, attention_hidden, activation=activation,
+                                                 normalization=normalization, score_scale=score_scale)
+        else:
+            self.attention = None
+        tower_in = sum(self.dims.values()) + self.interest_dim + (schema.dense_dim if self.use_dense else 0)
+        widths = (tower_in, *tower_hidden)
+        self.tower = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.tower_activations = nn.ModuleList(self._activation(activation, h) for h in tower_hidden)
+        self.heads = nn.Linear(widths[-1], len(self.tasks))  # one logit per task over the shared tower
+        self.backend = backend
+
+    # -- construction -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _field_dims(schema: Schema, embed_dim) -> Dict[str, int]:
+        names = [*schema.user_fields, *schema.item_fields]
+        if len(set(names)) != len(names):
+            raise ValueError(f"user and item fields must have distinct names, got {names}")
+        if isinstance(embed_dim, Mapping):
+            missing = [n for n in names if n not in embed_dim]
+            if missing:
+                raise ValueError(f"embed_dim has no width for fields {missing}")
+            dims = {n: int(embed_dim[n]) for n in names}
+        else:
+            dims = {n: int(embed_dim) for n in names}
+        bad = {n: d for n, d in dims.items() if d <= 0}
+        if bad:
+            raise ValueError(f"embed_dim must be positive, got {bad}")
+        return dims
+
+    def make_embedding(self, field: str, num_embeddings: int, embedding_dim: int) -> nn.Module:
+        """The table of ``field`` (the single factory of all tables): forward(ids, ...) -> tuple of embeddings.
+
+        Row 0 (padding/OOV) is zero and receives no gradient. With ``mba_lambda > 0`` the table is a
+        ``din_ext.MBAEmbedding`` regularized with the schema's training frequencies of ``field``.
+        """
+        if num_embeddings < 1:
+            raise ValueError(f"field {field!r}: table size must be >= 1 (row 0 is padding/OOV), got {num_embeddings}")
+        if self.mba_lambda:
+            import din_ext
+
+            if not hasattr(din_ext, "MBAEmbedding"):
+                raise RuntimeError("mba_lambda > 0 needs din_ext.MBAEmbedding, which this install does not have")
+            if field not in self.schema.frequencies:
+                raise ValueError(f"mba_lambda > 0 needs schema.frequencies[{field!r}] (training counts per row)")
+            table = din_ext.MBAEmbedding(num_embeddings, embedding_dim, self.schema.frequencies[field],
+                                         self.mba_lambda, padding_idx=0)
+        else:
+            table = SharedEmbedding(num_embeddings, embedding_dim, padding_idx=0)
+        with torch.no_grad():
+            table.weight.normal_(0.0, self.embedding_std)
+            table.weight[0].zero_()
+        return table
+
+    @staticmethod
+    def _activation(name: str, width: int) -> nn.Module:
+        if name == "dice":
+            return Dice(width)
+        if name == "prelu":
+            return nn.PReLU(width)
+        return nn.Sigmoid() if name == "sigmoid" else nn.ReLU()
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        """Sets the din_ext backend of the attention and of every Dice."""
+        self._backend = name
+        for module in self.modules():
+            if isinstance(module, (Dice, LocalActivationUnit)):
+                module.backend = name
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        """The constructor arguments but ``backend`` as plain data; ``DIN.from_config(model.config)`` rebuilds it."""
+        return dict(self._config)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], backend: str = "auto") -> "DIN":
+        args = dict(config)
+        schema = schema_from_dict(args.pop("schema"))
+        return cls(schema, backend=backend, **args)
+
+    def checkpoint(self, optimizer: Optional[torch.optim.Optimizer] = None, epoch: int = 0,
+                   **extra: Any) -> Dict[str, Any]:
+        """{format, config (schema included), state_dict, optimizer, epoch, **extra}, for ``torch.save``."""
+        return {"format": CHECKPOINT_FORMAT, "config": self.config, "state_dict": self.state_dict(),
+                "optimizer": None if optimizer is None else optimizer.state_dict(), "epoch": int(epoch), **extra}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping[str, Any], backend: str = "auto") -> "DIN":
+        """The model of a ``checkpoint()`` dict (or a path to one, read with ``weights_only=True``)."""
+        if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+            checkpoint = load_checkpoint(checkpoint)
+        model = cls.from_config(checkpoint["config"], backend=backend)
+        model.load_state_dict(checkpoint["state_dict"])
+        return model
+
+    # -- forward ------------------------------------------------------------------------------------------------
+
+    def check_batch(self, batch: Interactions) -> None:
+        """Raises ValueError naming the column if ``batch`` does not fit the schema (names, dtypes, shapes, ids)."""
+        if not isinstance(batch, Interactions):
+            raise TypeError(f"batch must be din_ext.data.Interactions, got {type(batch).__name__}")
+        rows = len(batch)
+        if rows == 0:
+            raise ValueError("batch is empty (0 impressions)")
+        offsets = batch.hist_offsets
+        if offsets.dtype != torch.long or tuple(offsets.shape) != (rows + 1,):
+            raise ValueError(f"hist_offsets must be int64 [{rows + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
+        total = int(offsets[-1])
+        checks = [("user", batch.user, self.schema.user_fields, rows), ("item", batch.item, self.schema.item_fields,
+                                                                         rows)]
+        checks.append(("hist", batch.hist, {f: self.schema.item_fields[f] for f in self.schema.history_fields},
+                       None))
+        for kind, columns, sizes, length in checks:
+            for name, size in sizes.items():
+                if name not in columns:
+                    raise ValueError(f"batch.{kind} has no column {name!r} (has {sorted(columns)})")
+                col = columns[name]
+                if col.dtype != torch.long or col.dim() != 1 or (length is not None and col.shape[0] != length) or (
+                        length is None and col.shape[0] < total):
+                    want = f"[{length}]" if length is not None else f"[>= hist_offsets[-1] = {total}]"
+                    raise ValueError(f"batch.{kind}[{name!r}] must be int64 {want}, got {col.dtype} "
+                                     f"{tuple(col.shape)}")
+                used = col if length is not None else col[:total]
+                if used.numel() and (int(used.min()) < 0 or int(used.max()) >= size):
+                    raise ValueError(f"batch.{kind}[{name!r}] has ids outside [0, {size}) (the table size)")
+        if self.use_dense:
+            dense = batch.dense
+            if dense is None or tuple(dense.shape) != (rows, self.schema.dense_dim) or not dense.is_floating_point():
+                got = None if dense is None else (dense.dtype, tuple(dense.shape))
+                raise ValueError(f"batch.dense must be float [{rows}, {self.schema.dense_dim}], got {got}")
+
+    def forward(self, batch: Interactions) -> torch.Tensor:
+        """batch: Interactions with S rows. Returns logits (S, T), T = len(schema.tasks)."""
+        self.check_batch(batch)
+        schema = self.schema
+        parts = [self.embeddings[f](batch.user[f])[0] for f in schema.user_fields]
+        query, keys = [], []
+        total = int(batch.hist_offsets[-1])
+        for field in schema.item_fields:
+            if field in schema.history_fields:
+                candidate, behaviours = self.embeddings[field](batch.item[field], batch.hist[field][:total])
+                query.append(candidate)
+                keys.append(behaviours)
+            else:
+                (candidate,) = self.embeddings[field](batch.item[field])
+            parts.append(candidate)
+        keys = torch.cat(keys, dim=1) if len(keys) > 1 else keys[0]
+        query = torch.cat(query, dim=1) if len(query) > 1 else query[0]
+        parts.append(self.pool(query, keys, batch.hist_offsets))
+        if self.use_dense:
+            parts.append(batch.dense.to(query.dtype))
+        x = torch.cat(parts, dim=1)
+        for linear, activation in zip(self.tower, self.tower_activations):
+            x = activation(linear(x))
+        return self.heads(x)
+
+    def pool(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """query: (B, Dq); keys: (N, Dq) jagged with offsets (B+1,). Returns the user interest (B, Dq)."""
+        if self.attention is not None:
+            return self.attention(query, keys, offsets=offsets)
+        lengths = offsets[1:] - offsets[:-1]
+        owner = torch.repeat_interleave(torch.arange(query.shape[0], device=keys.device), lengths,
+                                        output_size=keys.shape[0])
+        return keys.new_zeros(query.shape[0], keys.shape[1]).index_add_(0, owner, keys)
+
+    def extra_repr(self) -> str:
+        return f"pooling={self.pooling!r}, tasks={self.tasks}, backend={self.backend!r}"
+
+
+def save_checkpoint(path, checkpoint: Mapping[str, Any]) -> None:
+    """Writes ``checkpoint`` atomically (a temporary file renamed over ``path``)."""
+    import os
+
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(dict(checkpoint), tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
+    """Reads a checkpoint with ``weights_only=True`` and checks its format."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a din_ext DIN checkpoint (format {CHECKPOINT_FORMAT})")
+    return checkpoint
