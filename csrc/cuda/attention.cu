@@ -114,6 +114,17 @@ __device__ void setup_user(const Net<acc_t>& net, const T* __restrict__ query, S
   __syncthreads();
 }
 
+// Work item w of the block's sequence: its user, chunk and rows; for a non-empty item, also sets the user up.
+template <typename T, typename acc_t>
+__device__ __forceinline__ bool open_item(const Net<acc_t>& net, const Batch<T, acc_t>& bt, int64_t w, Smem<acc_t>& s,
+                                          plan::Item& item, plan::Range& r) {
+  item = plan::work_item(w, bt.S);
+  r = plan::chunk_range(bt.lengths[item.user], item.chunk);
+  if (r.begin == r.end) return false;  // uniform across the block
+  setup_user(net, bt.query + item.user * net.D, s);
+  return true;
+}
+
 // out[t, o] = bias[o] + sum_k in[t, k] WT[k, o] for t < rows (dense [rows, O] and [rows, K] tiles).
 template <typename acc_t>
 __device__ __forceinline__ void tile_linear(int64_t rows, int64_t K, int64_t O, const acc_t* in, const acc_t* WT,
@@ -198,10 +209,9 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Net<acc_t> net, c
   double* sums = partial + blockIdx.x * 2 * wj;
   for (int64_t h = threadIdx.x; h < 2 * wj; h += blockDim.x) sums[h] = 0;
   for (int64_t w = blockIdx.x; w < bt.B * bt.S; w += gridDim.x) {
-    const plan::Item item = plan::work_item(w, bt.S);
-    const plan::Range r = plan::chunk_range(bt.lengths[item.user], item.chunk);
-    if (r.begin == r.end) continue;
-    setup_user(net, bt.query + item.user * net.D, s);
+    plan::Item item;
+    plan::Range r;
+    if (!open_item(net, bt, w, s, item, r)) continue;
     for (int64_t t0 = r.begin; t0 < r.end; t0 += tile) {
       const int64_t rows = plan::tile_rows_at(r, tile, t0);
       load_keys(net, bt.keys, bt.starts[item.user] + t0, rows, s);
@@ -232,10 +242,9 @@ __global__ void __launch_bounds__(kThreads) pool_kernel(const Net<acc_t> net, co
   Smem<acc_t> s(dynamic_smem<acc_t>(), L);
   const int64_t Dv = net.Dv, n = net.n;
   for (int64_t w = blockIdx.x; w < bt.B * bt.S; w += gridDim.x) {
-    const plan::Item item = plan::work_item(w, bt.S);
-    const plan::Range r = plan::chunk_range(bt.lengths[item.user], item.chunk);
-    if (r.begin == r.end) continue;
-    setup_user(net, bt.query + item.user * net.D, s);
+    plan::Item item;
+    plan::Range r;
+    if (!open_item(net, bt, w, s, item, r)) continue;
     for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) s.acc[d] = 0;
     acc_t m = -INFINITY, l = 0;  // identical in every thread
     for (int64_t t0 = r.begin; t0 < r.end; t0 += tile) {
@@ -314,10 +323,9 @@ __global__ void __launch_bounds__(kThreads) scores_kernel(const Net<acc_t> net, 
   Smem<acc_t> s(dynamic_smem<acc_t>(), L);
   const int64_t Dv = net.Dv, n = net.n;
   for (int64_t w = blockIdx.x; w < bt.B * bt.S; w += gridDim.x) {
-    const plan::Item item = plan::work_item(w, bt.S);
-    const plan::Range r = plan::chunk_range(bt.lengths[item.user], item.chunk);
-    if (r.begin == r.end) continue;
-    setup_user(net, bt.query + item.user * net.D, s);
+    plan::Item item;
+    plan::Range r;
+    if (!open_item(net, bt, w, s, item, r)) continue;
     for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) s.acc[d] = static_cast<acc_t>(grad_out[item.user * Dv + d]);
     for (int64_t t0 = r.begin; t0 < r.end; t0 += tile) {
       const int64_t rows = plan::tile_rows_at(r, tile, t0);
@@ -455,10 +463,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
   }
   __syncthreads();  // the zeroing threads are not the accumulating ones
   for (int64_t w = blockIdx.x; w < bt.B * bt.S; w += gridDim.x) {
-    const plan::Item item = plan::work_item(w, bt.S);
-    const plan::Range r = plan::chunk_range(bt.lengths[item.user], item.chunk);
-    if (r.begin == r.end) continue;
-    setup_user(net, bt.query + item.user * D, s);
+    plan::Item item;
+    plan::Range r;
+    if (!open_item(net, bt, w, s, item, r)) continue;
     for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) s.gout[d] = static_cast<acc_t>(grad_out[item.user * Dv + d]);
     if (kFull) {
       for (int64_t d = threadIdx.x; d < D; d += blockDim.x) s.acc[d] = 0;
