@@ -126,15 +126,31 @@ __device__ __forceinline__ bool open_item(const Net<acc_t>& net, const Batch<T, 
 }
 
 // out[t, o] = bias[o] + sum_k in[t, k] WT[k, o] for t < rows (dense [rows, O] and [rows, K] tiles).
+// A thread computes kRowBlock rows of one column, so each weight it loads serves kRowBlock rows. Rows of the last
+// group past `rows` (still inside the tile buffer: tiles are multiples of 8 rows) are computed from stale data and
+// discarded. Every output is the same k-ordered sum whatever the tile, so recomputations agree bitwise.
+constexpr int64_t kRowBlock = 4;
+static_assert(8 % kRowBlock == 0, "row groups must not run past a tile buffer");
+
 template <typename acc_t>
 __device__ __forceinline__ void tile_linear(int64_t rows, int64_t K, int64_t O, const acc_t* in, const acc_t* WT,
                                             const acc_t* bias, acc_t* out) {
-  for (int64_t i = threadIdx.x; i < rows * O; i += blockDim.x) {
-    const int64_t t = i / O, o = i % O;
-    const acc_t* a = in + t * K;
-    acc_t v = bias[o];
-    for (int64_t k = 0; k < K; ++k) v += a[k] * WT[k * O + o];
-    out[i] = v;
+  const int64_t groups = plan::ceil_div(rows, kRowBlock);
+  for (int64_t i = threadIdx.x; i < groups * O; i += blockDim.x) {
+    const int64_t t0 = (i / O) * kRowBlock, o = i % O;
+    const acc_t* a = in + t0 * K;
+    acc_t v[kRowBlock];
+#pragma unroll
+    for (int r = 0; r < kRowBlock; ++r) v[r] = bias[o];
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t wk = WT[k * O + o];
+#pragma unroll
+      for (int r = 0; r < kRowBlock; ++r) v[r] += a[r * K + k] * wk;
+    }
+#pragma unroll
+    for (int r = 0; r < kRowBlock; ++r) {
+      if (t0 + r < rows) out[(t0 + r) * O + o] = v[r];
+    }
   }
 }
 
@@ -782,7 +798,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query_, c
   const at::Tensor starts = starts_.contiguous(), lengths = lengths_.contiguous();
   at::Tensor stats = at::zeros({2, shape.hidden_total}, query.options());
   at::Tensor out = at::empty({shape.batch, shape.value_dim}, query.options());
-  if (shape.batch == 0 || shape.value_dim == 0) return {out, stats};
+  if (shape.batch == 0) return {out, stats};
   const int64_t bound = resolve_max_len(lengths, max_len);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "din_ext_attention_forward_cuda", [&] {
     forward_impl<scalar_t>(query, keys, values, values_.has_value(), starts, lengths, bound, weights, biases,
