@@ -85,7 +85,9 @@ def _mm_tn(a, b, ACC: tl.constexpr, IN: tl.constexpr, TF32: tl.constexpr):
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    """Logistic function without overflow: exp of a non-positive argument only."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 @triton.jit
