@@ -83,6 +83,13 @@ echo "== benchmark (at most ${bench_budget}s): ${bench_args[*]}"
 timeout "$bench_budget" $PY bench/bench_attention.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1
 bench_rc=$?
 [ "$bench_rc" = 124 ] && echo "benchmark stopped at its time limit: the table holds the rows it finished"
+dice_budget=$(($(left) - 15))
+if [ "$DRY" != 1 ] && [ "$dice_budget" -gt 15 ]; then
+  [ "$dice_budget" -gt 60 ] && dice_budget=60
+  echo "== Dice benchmark (at most ${dice_budget}s)"
+  timeout "$dice_budget" $PY bench/bench_dice.py --device cuda --dtype bfloat16 --rows 65536 --seconds 0.3 \
+    > "$LOGS/bench_dice.log" 2>&1 || echo "Dice benchmark: exit $? (see bench_dice.log)"
+fi
 result="bench/results/${device}.md"
 [ "$DRY" = 1 ] && result="$LOGS/${device}.md"
 {
@@ -102,6 +109,14 @@ result="bench/results/${device}.md"
   echo "- build: $build_status"
   echo "- tests (\`DIN_EXT_TRITON_AUTOTUNE=0 pytest python_tests\`, CUDA): $tests_summary"
   echo "- benchmark: exit $bench_rc; \`python bench/bench_attention.py ${bench_args[*]}\`"
+  if [ -s "$LOGS/bench_dice.log" ]; then
+    echo
+    echo "## Dice op (\`python bench/bench_dice.py --device cuda --dtype bfloat16 --rows 65536\`)"
+    echo
+    echo '```'
+    cat "$LOGS/bench_dice.log"
+    echo '```'
+  fi
 } > "$result"
 [ -n "${OUT:-}" ] && cp "$result" "$OUT/" 2>/dev/null
 echo "== wrote $result after $(($(date +%s) - START))s"
