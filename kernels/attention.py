@@ -410,7 +410,8 @@ def _backward_kernel(
     Q, K, V, STARTS, LENGTHS,  # as in the forward (V is K when the keys are the values)
     W0, B0, W1, B1, W2, B2, W3, B3, WS, BS,  # linears, as in the forward
     CONSTS,  # activation constants, as in the forward, rows 5 and 6 of a layer: g_mean, gx_mean (Dice training)
-    GQ,  # [B, D] gradient of the queries
+    GQ,  # [B, D] gradient of the queries through Weff_b (accumulation dtype; the caller adds (Wq + Wd)^T dc_b)
+    DC,  # [B, P0] dc_b = sum over the user's rows of d/dz_0 (accumulation dtype)
     GK,  # [N, D] gradient of the keys (rows outside every user are zero-filled by the caller)
     GV,  # [N, DV] gradient of the values (HAS_V)
     PART,  # [programs, part_size] per-program parameter gradient sums (layout: _backward_layout)
@@ -441,13 +442,11 @@ def _backward_kernel(
         w2 = _load_mat(W2, N2, N1, N1, P2, P1).to(IN)
     if NUM_HIDDEN >= 4:
         w3 = _load_mat(W3, N3, N2, N2, P3, P2).to(IN)
-    # Layer 1 untransposed: (Wq + Wd), (Wk - Wd), Wp [P0, DP].
-    wq = _load_mat(W0, N0, D, 4 * D, P0, DP).to(ACC)
+    # Layer 1 untransposed: (Wk - Wd), Wp [P0, DP]. The (Wq + Wd) terms (d/dq through c_b and d(Wq + Wd)) are
+    # products of the per-user dc_b with small matrices, done by the caller: fewer live registers here.
     wd = _load_mat(W0 + 2 * D, N0, D, 4 * D, P0, DP).to(ACC)
-    a_mat = wq + wd
     kc = (_load_mat(W0 + D, N0, D, 4 * D, P0, DP).to(ACC) - wd).to(IN)
-    pc_acc = _load_mat(W0 + 3 * D, N0, D, 4 * D, P0, DP).to(ACC)
-    pc = pc_acc.to(IN)
+    pc = _load_mat(W0 + 3 * D, N0, D, 4 * D, P0, DP).to(IN)
     scale = tl.load(CONSTS + SCALE_ROW * HMAXP)
     offs_l = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, DP)
@@ -455,10 +454,8 @@ def _backward_kernel(
     col0 = tl.arange(0, P0) == 0
 
     # Per-program sums of the parameter gradients.
-    d_a = tl.zeros([P0, DP], dtype=ACC)
     d_k = tl.zeros([P0, DP], dtype=ACC)
     d_p = tl.zeros([P0, DP], dtype=ACC)
-    db0 = tl.zeros([P0], dtype=ACC)
     dw1 = tl.zeros([16, 16], dtype=ACC)
     dw2, dw3 = dw1, dw1
     db1 = tl.zeros([16], dtype=ACC)
@@ -585,18 +582,14 @@ def _backward_kernel(
                     gk += w[:, None] * g_out[None, :]
                 tl.store(GK + r[:, None] * D + offs_d[None, :], gk, mask=kmask)
         if FULL:
-            gq += tl.sum(a_mat * dc[:, None], 0)
             tl.store(GQ + b * D + offs_d, gq, mask=offs_d < D)
-            d_a += dc[:, None] * q[None, :]
-            db0 += dc
+            tl.store(DC + b * P0 + tl.arange(0, P0), dc)
 
     base = PART + pid * part_size
     if FULL:  # the layout of _backward_layout
-        _store_mat(base, d_a, P0, DP)
-        _store_mat(base + P0 * DP, d_k, P0, DP)
-        _store_mat(base + 2 * P0 * DP, d_p, P0, DP)
-        tl.store(base + 3 * P0 * DP + tl.arange(0, P0), db0)
-        base += 3 * P0 * DP + P0
+        _store_mat(base, d_k, P0, DP)
+        _store_mat(base + P0 * DP, d_p, P0, DP)
+        base += 2 * P0 * DP
         if NUM_HIDDEN >= 2:
             _store_mat(base, dw1, P1, P0)
             tl.store(base + P1 * P0 + tl.arange(0, P1), db1)
@@ -790,7 +783,7 @@ def triton_local_activation_attention(
 def _backward_layout(plan: _Plan) -> List[Tuple[str, int, Tuple[int, ...]]]:
     """(name, layer, padded shape) of the pieces of one backward program's partial sums, in memory order."""
     dp, p, n = _pad(plan.dim), plan.p, plan.num_hidden
-    pieces = [("dA", 0, (p[0], dp)), ("dKc", 0, (p[0], dp)), ("dPc", 0, (p[0], dp)), ("db", 0, (p[0],))]
+    pieces = [("dKc", 0, (p[0], dp)), ("dPc", 0, (p[0], dp))]
     for j in range(1, n):
         pieces += [("dW", j, (p[j], p[j - 1])), ("db", j, (p[j],))]
     if n >= 1:
@@ -801,10 +794,10 @@ def _backward_layout(plan: _Plan) -> List[Tuple[str, int, Tuple[int, ...]]]:
 
 
 def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, stop, grad_query,
-                   grad_keys, grad_values, part, programs):
+                   dc, grad_keys, grad_values, part, programs):
     wrap_triton(_backward_kernel)[(programs,)](
         grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts,
-        grad_query, grad_keys, grad_keys if grad_values is None else grad_values, part, plan.batch,
+        grad_query, dc, grad_keys, grad_keys if grad_values is None else grad_values, part, plan.batch,
         triton.cdiv(plan.batch, programs), part_size=part.shape[1], STOP=stop, HAS_V=values is not None,
         PS=plan.p[max(stop, 0)], **plan.common)
 
@@ -832,7 +825,8 @@ def triton_local_activation_attention_backward(
     dice_train = activation == "dice" and training
     consts = _constants(plan, act_params, activation, dice_train, stats, eps, score_scale)
     programs = min(plan.batch, NUM_BLOCKS)
-    grad_query = torch.empty_like(query)
+    grad_query = torch.empty(query.shape, dtype=plan.acc, device=query.device)  # through Weff_b; + (Wq + Wd)^T dc
+    dc = torch.empty(plan.batch, plan.p[0], dtype=plan.acc, device=query.device)
     grad_keys = torch.zeros_like(keys)  # rows outside every user's range get exactly zero
     grad_values = None if values is None else torch.zeros_like(values)
     if dice_train:
@@ -841,20 +835,27 @@ def triton_local_activation_attention_backward(
             # The batch means of g_xhat and g_xhat * xhat of layer j, with those of the layers above known.
             part = torch.empty(programs, 2 * plan.p[j], dtype=plan.acc, device=query.device)
             _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, j,
-                           grad_query, grad_keys, grad_values, part, programs)
+                           grad_query, dc, grad_keys, grad_values, part, programs)
             sums = part.view(programs, 2, plan.p[j]).sum(0, dtype=torch.float64)
             consts[8 * j + 5:8 * j + 7, :plan.p[j]] = sums / count
     layout = _backward_layout(plan)
     size = sum(math.prod(shape) for _, _, shape in layout)
     part = torch.empty(programs, size, dtype=plan.acc, device=query.device)
     _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, -1, grad_query,
-                   grad_keys, grad_values, part, programs)
+                   dc, grad_keys, grad_values, part, programs)
     total = part.sum(0, dtype=torch.float64)
     pieces, offset = {}, 0
     for name, layer, shape in layout:
         numel = math.prod(shape)
         pieces[name, layer] = total[offset:offset + numel].view(shape)
         offset += numel
+    # Layer 1's (Wq + Wd) terms from the per-user dc_b (float64 products, users in order).
+    width0, dim = weights[0].shape[0], plan.dim
+    dc = dc[:, :width0].double()
+    w0 = weights[0].double()
+    grad_query = (grad_query.double() + dc @ (w0[:, :dim] + w0[:, 2 * dim:3 * dim])).to(query.dtype)
+    pieces["dA", 0] = dc.t() @ query.double()
+    pieces["db", 0] = dc.sum(0)
     return (grad_query, grad_keys, query.new_empty(0) if grad_values is None else grad_values,
             *_parameter_gradients(plan, pieces, weights, act_params, consts, activation, training))
 
@@ -862,7 +863,7 @@ def triton_local_activation_attention_backward(
 def _parameter_gradients(plan, pieces, weights, act_params, consts, activation, training):
     dim, n, dtype = plan.dim, plan.num_hidden, weights[0].dtype
     width0 = weights[0].shape[0]
-    d_a = pieces["dA", 0][:width0, :dim]
+    d_a = pieces["dA", 0]
     d_k = pieces["dKc", 0][:width0, :dim]
     # W_0 = [Wq, Wk, Wd, Wp] with A = Wq + Wd, Kc = Wk - Wd, Pc = Wp.
     grad_weights = [torch.cat([d_a, d_k, d_a - d_k, pieces["dPc", 0][:width0, :dim]], 1).to(dtype)]

@@ -152,6 +152,16 @@ def test_triton_four_hidden_layers():
 # GPU only
 
 
+def _run_projected(unit, batch, seed=0):
+    """Like conftest.run_unit, with the upstream projection drawn in float64 whatever the dtype, so that runs in
+    different dtypes back-propagate the same gradient."""
+    out = unit(batch.query, batch.keys, values=batch.values, **batch.index)
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
+    inputs = list(batch.leaves()) + [p for p in unit.parameters() if p.requires_grad]
+    return out, list(torch.autograd.grad((out * weight).sum(), inputs))
+
+
 def _errors(ours, same, exact):
     """max |ours - exact| and flash-attention's bound 2 max |same - exact| + a small absolute floor."""
     err = (ours.double() - exact).abs().max().item()
@@ -181,9 +191,9 @@ def test_triton_low_precision_flash_attention_rule(dtype, activation, normalizat
         b.query, b.keys = b.query.to(dtype), b.keys.to(dtype)
         return b
 
-    ref_out, ref_grads = run_unit(exact, batch.fresh())
-    out, grads = run_unit(low, cast(batch).fresh())
-    same_out, same_grads = run_unit(same, cast(batch).fresh())
+    ref_out, ref_grads = _run_projected(exact, batch.fresh())
+    out, grads = _run_projected(low, cast(batch).fresh())
+    same_out, same_grads = _run_projected(same, cast(batch).fresh())
     for name, a, s, r in zip(["out", "query", "keys", *[n for n, _ in unit.named_parameters()]],
                              [out, *grads], [same_out, *same_grads], [ref_out, *ref_grads]):
         err, bound = _errors(a, s, r)
@@ -204,8 +214,8 @@ def test_triton_long_histories(layout):
     oracle.backend = "reference"
     b32 = batch.fresh()
     b32.query, b32.keys = [t.detach().float().requires_grad_() for t in (b32.query, b32.keys)]
-    out, grads = run_unit(ours, b32)
-    ref_out, ref_grads = run_unit(oracle, clean(batch))
+    out, grads = _run_projected(ours, b32)
+    ref_out, ref_grads = _run_projected(oracle, clean(batch))
     scale = lambda r: 1e-3 * r.abs().max().item() + 1e-6  # noqa: E731
     torch.testing.assert_close(out.double(), ref_out, atol=scale(ref_out), rtol=1e-3)
     for g, r in zip(grads, ref_grads):
@@ -222,7 +232,7 @@ def test_triton_bitwise_deterministic(dtype):
         unit.backend = "triton"
         batch = make_batch("jagged", batch=700, max_len=400, dim=64, dtype=dtype, garbage=0.0, device="cuda",
                            seed=4)
-        out, grads = run_unit(unit, batch.fresh())
+        out, grads = _run_projected(unit, batch.fresh())
         results.append((out, grads, [b.clone() for b in unit.buffers()]))
     (out_a, grads_a, bufs_a), (out_b, grads_b, bufs_b) = results
     assert torch.equal(out_a, out_b)
