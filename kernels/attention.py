@@ -677,7 +677,7 @@ class _Plan:
         self.softmax = normalization == "softmax"
         self.common = dict(
             D=self.dim, DV=self.value_dim, N0=self.n[0], N1=self.n[1], N2=self.n[2], N3=self.n[3],
-            b_bucket=triton.next_power_of_2(self.batch), l_bucket=_length_bucket(max_len),
+            b_bucket=_bucket(self.batch), l_bucket=_length_bucket(max_len),
             NUM_HIDDEN=self.num_hidden, ACT=self.act, SOFTMAX=self.softmax, DP=_pad(self.dim),
             DVP=_pad(self.value_dim), P0=self.p[0], P1=self.p[1], P2=self.p[2], P3=self.p[3], HMAXP=self.hmaxp,
             TF32=self.tf32)
@@ -691,6 +691,11 @@ class _Plan:
             i = j if j < self.num_hidden else 0
             args += [weights[i], biases[i]]
         return args + [weights[-1], biases[-1]]
+
+
+def _bucket(batch) -> int:
+    """Power-of-two bucket of B for the autotuning key; 0 while torch.compile traces a symbolic B (no guard)."""
+    return triton.next_power_of_2(batch) if isinstance(batch, int) else 0
 
 
 def _length_bucket(max_len: int) -> int:
