@@ -237,6 +237,8 @@ def run(args) -> str:
         import triton
 
         versions += f", triton {triton.__version__}, CUDA {torch.version.cuda}"
+        tuning = "on" if os.environ.get("DIN_EXT_TRITON_AUTOTUNE", "1") != "0" else "off (one config per kernel)"
+        versions += f", triton autotuning {tuning}"
     header = (f"# DIN attention benchmark ({device.type})\n\n"
               f"- machine: {machine_description(device)}\n"
               f"- {versions}, dtype {args.dtype}\n"

@@ -79,7 +79,9 @@ else
   bench_args=(--device cuda --dtype bfloat16 --seconds 0.3 --reps 3 --budget "$((bench_budget - 60))"
               --out "$LOGS/bench.md")
 fi
-echo "== benchmark (at most ${bench_budget}s): ${bench_args[*]}"
+# One Triton config per kernel unless asked (autotuning compiles every config of every new shape: minutes).
+export DIN_EXT_TRITON_AUTOTUNE=${DIN_EXT_TRITON_AUTOTUNE:-0}
+echo "== benchmark (at most ${bench_budget}s, DIN_EXT_TRITON_AUTOTUNE=$DIN_EXT_TRITON_AUTOTUNE): ${bench_args[*]}"
 timeout "$bench_budget" $PY bench/bench_attention.py "${bench_args[@]}" > "$LOGS/bench.log" 2>&1
 bench_rc=$?
 [ "$bench_rc" = 124 ] && echo "benchmark stopped at its time limit: the table holds the rows it finished"
@@ -108,7 +110,7 @@ result="bench/results/${device}.md"
   echo
   echo "- build: $build_status"
   echo "- tests (\`DIN_EXT_TRITON_AUTOTUNE=0 pytest python_tests\`, CUDA): $tests_summary"
-  echo "- benchmark: exit $bench_rc; \`python bench/bench_attention.py ${bench_args[*]}\`"
+  echo "- benchmark: exit $bench_rc; \`DIN_EXT_TRITON_AUTOTUNE=$DIN_EXT_TRITON_AUTOTUNE python bench/bench_attention.py ${bench_args[*]}\`"
   if [ -s "$LOGS/bench_dice.log" ]; then
     echo
     echo "## Dice op (\`python bench/bench_dice.py --device cuda --dtype bfloat16 --rows 65536\`)"
