@@ -3,15 +3,19 @@ side by side in one run, on the same inputs.
 
     python bench/bench_attention.py                   # the full CPU table -> bench/results/cpu.md
     python bench/bench_attention.py --quick           # a smoke run (tiny shapes, one repetition)
-    python bench/bench_attention.py --device cuda     # GPU table -> bench/results/<device>.md
+    python bench/bench_attention.py --device cuda --dtype bfloat16 --budget 240   # GPU table, time-boxed
 
-Per shape, activation and mode (eval forward, training forward+backward) it reports the median time and its spread
-(interquartile range), speed ratios against eager and compile, achieved GFLOP/s against the machine's measured fp32
-matmul GFLOP/s, and the peak memory allocated during one call (CPU: torch's allocator, traced with the profiler;
-GPU: torch.cuda.max_memory_allocated).
+Per shape, activation and mode (eval forward; on a GPU also the training forward, the training backward and the
+training forward+backward; on the CPU eval and training forward+backward) it reports the median time and its spread
+(interquartile range), speed ratios against eager and compile, achieved GFLOP/s against the machine's measured
+matmul rate in the benchmark's dtype, achieved GB/s against the measured copy bandwidth, and the peak memory
+allocated during one call (CPU: torch's allocator, traced with the profiler; GPU: torch.cuda.max_memory_allocated).
 
 FLOPs count only valid behaviours and the textbook work per behaviour: 2 * (4D * H1 + H1 * H2 + H2) for the MLP plus
-2 * Dv for pooling; training counts 3x the forward.
+2 * Dv for pooling; training counts 3x the forward (the backward 2x). Bytes are the fewest a fused kernel must move:
+the valid keys once (eval and training forward), the keys read and their gradient written (backward), both
+(forward+backward). The backward row is derived: forward+backward minus training forward. With --budget, shapes that
+no longer fit the time left are listed as skipped; an implementation that runs out of memory is listed as OOM.
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ def quick_shapes() -> List[Shape]:
 
 
 def gpu_shapes() -> List[Shape]:
-    return [Shape(B, L, D) for B in (256, 2048) for D in (32, 64, 128) for L in (100, 1000, 10000)]
+    """The issue's grid, most informative first (L = 1000 carries the targets) so a time-boxed run keeps them."""
+    grid = [Shape(B, L, D) for B in (256, 2048) for D in (32, 64, 128) for L in (100, 1000, 10000)]
+    return sorted(grid, key=lambda s: ({1000: 0, 100: 1, 10000: 2}[s.max_len], {64: 0, 32: 1, 128: 2}[s.dim],
+                                       -s.batch))
 
 
 def make_inputs(shape: Shape, device, dtype, seed=0, min_len=0):
@@ -121,10 +128,20 @@ def peak_memory(fn: Callable, device) -> float:
 
 
 def matmul_gflops(device, dtype=torch.float32, n=2048) -> float:
+    n = 8192 if device.type == "cuda" else n
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = statistics.median(time_fn(lambda: torch.mm(a, b), device, 5, 1.0))
     return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def copy_gbs(device) -> float:
+    """Measured copy bandwidth: bytes read plus bytes written per second of a large tensor copy (GB/s)."""
+    numel = (1 << 28) if device.type == "cuda" else (1 << 25)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = statistics.median(time_fn(lambda: dst.copy_(src), device, 5, 1.0))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,13 +160,18 @@ def implementations(device) -> List[str]:
     return names
 
 
-def build_call(impl: str, shape: Shape, activation: str, device, dtype, training: bool, inputs):
+MODES = {"eval": "eval fwd", "train-fwd": "train fwd", "train-bwd": "train bwd", "train": "train fwd+bwd"}
+
+
+def build_call(impl: str, shape: Shape, activation: str, device, dtype, mode: str, inputs):
+    """The timed call of one mode: "eval" (no grad), "train-fwd" (training forward, graph recorded), "train"
+    (training forward and backward)."""
     backend = "reference" if impl in ("eager", "compile") else impl
-    unit = make_unit(shape, activation, backend, device, dtype, training)
+    unit = make_unit(shape, activation, backend, device, dtype, mode != "eval")
     if impl == "compile":
         unit = torch.compile(unit)
     query, keys, lengths = inputs
-    if not training:
+    if mode == "eval":
         def call():
             with torch.no_grad():
                 return unit(query, keys, lengths)
@@ -157,11 +179,18 @@ def build_call(impl: str, shape: Shape, activation: str, device, dtype, training
     q = query.clone().requires_grad_()
     k = keys.clone().requires_grad_()
     params = [p for p in unit.parameters() if p.requires_grad]
+    if mode == "train-fwd":
+        return lambda: unit(q, k, lengths)
 
     def call():
         out = unit(q, k, lengths)
         return torch.autograd.grad(out.sum(), [q, k, *params])
     return call
+
+
+def min_bytes(shape: Shape, valid: int, dtype, mode: str) -> int:
+    keys = valid * shape.dim * torch.tensor([], dtype=dtype).element_size()
+    return {"eval": keys, "train-fwd": keys, "train-bwd": 2 * keys, "train": 3 * keys}[mode]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,6 +209,9 @@ def machine_description(device) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit, or DIN_EXT_COMMIT where there is no git (a copied tree on a GPU machine)."""
+    if os.environ.get("DIN_EXT_COMMIT"):
+        return os.environ["DIN_EXT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -194,45 +226,88 @@ def run(args) -> str:
     dtype = getattr(torch, args.dtype)
     shapes = quick_shapes() if args.quick else (gpu_shapes() if device.type == "cuda" else full_shapes())
     impls = args.impls or implementations(device)
+    modes = args.modes or (["eval", "train-fwd", "train"] if device.type == "cuda" else ["eval", "train"])
+    activations = args.activations or (["dice"] if device.type == "cuda" else ["sigmoid", "dice"])
     reps, seconds = (1, 0.0) if args.quick else (args.reps, args.seconds)
+    start = time.perf_counter()
     ceiling = matmul_gflops(device, dtype)
+    bandwidth = copy_gbs(device)
+    versions = f"torch {torch.__version__}, din_ext {din_ext.__version__}, Python {platform.python_version()}"
+    if device.type == "cuda":
+        import triton
+
+        versions += f", triton {triton.__version__}, CUDA {torch.version.cuda}"
+        tuning = "on" if os.environ.get("DIN_EXT_TRITON_AUTOTUNE", "1") != "0" else "off (one config per kernel)"
+        versions += f", triton autotuning {tuning}"
     header = (f"# DIN attention benchmark ({device.type})\n\n"
               f"- machine: {machine_description(device)}\n"
-              f"- torch {torch.__version__}, din_ext {din_ext.__version__}, Python {platform.python_version()}, "
-              f"dtype {args.dtype}\n"
+              f"- {versions}, dtype {args.dtype}\n"
               f"- date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {git_commit()}\n"
-              f"- measured {args.dtype} matmul ceiling: {ceiling:.0f} GFLOP/s (torch.mm 2048^3)\n"
+              f"- measured {args.dtype} matmul ceiling: {ceiling:.0f} GFLOP/s (torch.mm); measured copy bandwidth: "
+              f"{bandwidth:.0f} GB/s (read + write)\n"
               f"- command: `python bench/bench_attention.py {' '.join(sys.argv[1:])}`\n\n"
               "Times are medians over repetitions (spread = interquartile range). 'x eager' and 'x compile' are "
-              "speed-ups (higher is better). GFLOP/s counts textbook FLOPs of valid behaviours only.\n")
+              "speed-ups (higher is better). GFLOP/s counts textbook FLOPs of valid behaviours only; GB/s the "
+              "fewest bytes a fused kernel moves (see the script's docstring). 'train bwd' = 'train fwd+bwd' - "
+              "'train fwd'. Lengths are uniform in [1, L] on the GPU, [0, L] on the CPU.\n")
     rows = []
     table_head = ("| shape | act | mode | impl | median ms | spread ms | x eager | x compile | GFLOP/s | % matmul "
-                  "| peak MB |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+                  "| GB/s | % copy | peak MB |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(header)
     print(table_head, flush=True)
-    for shape in shapes:
+
+    def emit(row):
+        rows.append(row)
+        print(row, flush=True)
+
+    for index, shape in enumerate(shapes):
+        if args.budget and time.perf_counter() - start > args.budget:
+            skipped = ", ".join(str(s) for s in shapes[index:])
+            emit(f"| skipped: out of the {args.budget:.0f} s budget | | | | | | | | | | | | |\n\n"
+                 f"Not measured (time budget): {skipped}")
+            break
         inputs = make_inputs(shape, device, dtype, min_len=1 if device.type == "cuda" else 0)
         valid = int(inputs[2].sum())
-        for activation in args.activations:
-            for training in (False, True):
-                mode = "train fwd+bwd" if training else "eval fwd"
-                flops = flops_per_behaviour(shape) * valid * (3 if training else 1)
+        for activation in activations:
+            timed = {}  # (impl, mode) -> median ms
+            for mode in modes + (["train-bwd"] if "train" in modes and "train-fwd" in modes else []):
+                label = MODES[mode]
+                factor = {"eval": 1, "train-fwd": 1, "train-bwd": 2, "train": 3}[mode]
+                flops = flops_per_behaviour(shape) * valid * factor
+                nbytes = min_bytes(shape, valid, dtype, mode)
                 results: Dict[str, float] = {}
                 for impl in impls:
-                    call = build_call(impl, shape, activation, device, dtype, training, inputs)
-                    times = time_fn(call, device, reps, seconds)
-                    med = statistics.median(times)
-                    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [med, med, med]
-                    mem = peak_memory(call, device)
+                    lead = f"| {shape} | {activation} | {label} | {impl} |"
+                    if mode == "train-bwd":
+                        if (impl, "train") not in timed or (impl, "train-fwd") not in timed:
+                            continue
+                        med = timed[impl, "train"] - timed[impl, "train-fwd"]
+                        spread, mem = "-", "-"
+                    else:
+                        try:
+                            call = build_call(impl, shape, activation, device, dtype, mode, inputs)
+                            times = time_fn(call, device, reps, seconds)
+                            mem = f"{peak_memory(call, device):.1f}"
+                        except torch.OutOfMemoryError:
+                            del call
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
+                            emit(lead + " OOM | | | | | | | | |")
+                            continue
+                        del call
+                        med = statistics.median(times)
+                        q = statistics.quantiles(times, n=4) if len(times) >= 2 else [med, med, med]
+                        spread = f"{q[2] - q[0]:.2f}"
+                        timed[impl, mode] = med
                     results[impl] = med
-                    gflops = flops / (med * 1e-3) / 1e9
+                    gflops = flops / (med * 1e-3) / 1e9 if med > 0 else float("nan")
+                    gbs = nbytes / (med * 1e-3) / 1e9 if med > 0 else float("nan")
                     vs = lambda base: f"{results[base] / med:.2f}" if base in results else "-"  # noqa: E731
-                    row = (f"| {shape} | {activation} | {mode} | {impl} | {med:.2f} | {q[2] - q[0]:.2f} | "
-                           f"{vs('eager')} | {vs('compile')} | {gflops:.1f} | {100 * gflops / ceiling:.1f} | "
-                           f"{mem:.1f} |")
-                    rows.append(row)
-                    print(row, flush=True)
-                    del call
+                    emit(f"{lead} {med:.2f} | {spread} | {vs('eager')} | {vs('compile')} | {gflops:.1f} | "
+                         f"{100 * gflops / ceiling:.1f} | {gbs:.1f} | {100 * gbs / bandwidth:.1f} | {mem} |")
+        del inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return header + "\n" + table_head + "\n" + "\n".join(rows) + "\n"
 
 
@@ -241,7 +316,11 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, one repetition")
-    parser.add_argument("--activations", nargs="+", default=["sigmoid", "dice"])
+    parser.add_argument("--activations", nargs="+", help="default: dice on a GPU, sigmoid and dice on the CPU")
+    parser.add_argument("--modes", nargs="+", choices=["eval", "train-fwd", "train"],
+                        help="default: eval, train-fwd, train on a GPU (train-bwd is derived); eval, train on the CPU")
+    parser.add_argument("--budget", type=float, default=0.0,
+                        help="seconds; shapes started after this are skipped (and listed as such)")
     parser.add_argument("--impls", nargs="+", help="subset of eager, compile and the din_ext backends")
     parser.add_argument("--reps", type=int, default=5, help="minimum repetitions per measurement")
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum seconds per measurement")

@@ -81,10 +81,10 @@ def resolve(backend: str, device: torch.device) -> str:
                               f"reference instead. To get the fused kernels, {_ext.BUILD_HINT}.")
             return "reference"
         if device.type == "cuda":
-            if _ext.has_cuda_kernels():
-                return "cuda"
             if has_triton():
                 return "triton"
+            if _ext.has_cuda_kernels():
+                return "cuda"
             _warn_once("cuda", "din_ext: neither the cuda nor the triton backend is available; running the slow "
                                "pure-PyTorch reference on the GPU. Install triton, or build din_ext against a CUDA "
                                "build of torch with nvcc on PATH (or FORCE_CUDA=1).")

@@ -53,9 +53,8 @@ def local_activation_attention(
             query, keys, weights, biases, act_params, lengths=lengths, offsets=offsets, values=values,
             max_len=max_len, activation=activation, normalization=normalization, score_scale=score_scale,
             training=training, eps=eps)
-    if name == "triton":
-        raise NotImplementedError("din_ext: the triton attention kernels are not implemented yet")
-    _ext.require_cpp(name)
+    if name != "triton":
+        _ext.require_cpp(name)
     if offsets is not None:
         offsets = offsets.long()
         starts, row_lengths = offsets[:-1], offsets[1:] - offsets[:-1]
@@ -67,6 +66,12 @@ def local_activation_attention(
         keys = keys.reshape(batch * bound, keys.shape[2])
         if values is not None:
             values = values.reshape(batch * bound, values.shape[2])
+    if name == "triton":
+        from din_ext.kernels import attention as triton_attention
+
+        return triton_attention.local_activation_attention(
+            query, keys, values, starts, row_lengths, bound, weights, biases, act_params, activation, normalization,
+            score_scale, training, eps)
     return torch.ops.din_ext.local_activation_attention(
         query, keys, values, starts, row_lengths, bound, list(weights), list(biases), act_params, activation,
         normalization, float(score_scale), bool(training), float(eps))

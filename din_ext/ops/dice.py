@@ -55,11 +55,15 @@ def dice(
         return reference.dice(x, alpha, running_mean, running_var, mask=mask, gamma=gamma, beta=beta,
                               training=training, eps=eps)
     if name == "triton":
-        raise NotImplementedError("din_ext: the triton dice kernel is not implemented yet")
-    _ext.require_cpp(name)
+        from din_ext.kernels import dice as triton_dice  # noqa: F401  (registers torch.ops.din_ext.triton_dice)
+
+        op = torch.ops.din_ext.triton_dice
+    else:
+        _ext.require_cpp(name)
+        op = torch.ops.din_ext.dice
     params = pack_params(alpha, gamma, beta, running_mean, running_var)
     flat_mask = None if mask is None else mask.reshape(-1)
-    y, stats = torch.ops.din_ext.dice(x.reshape(-1, features), flat_mask, params, bool(training), float(eps))
+    y, stats = op(x.reshape(-1, features), flat_mask, params, bool(training), float(eps))
     if not training:
         return y.reshape(x.shape), running_mean.detach(), running_var.detach()
     return y.reshape(x.shape), stats[0], stats[1]

@@ -1,0 +1,932 @@
+"""Triton backend of din_ext's local-activation attention: fused varlen forward and backward kernels.
+
+For user b with behaviours k_t = keys[starts[b] + t], t < lengths[b], and the MLP Linear_0 .. Linear_n:
+
+    z_0 = W_0 [q, k, q - k, q * k] + b_0 = c_b + Weff_b k,   c_b = (Wq + Wd) q + b_0,  Weff_b = (Wk - Wd) + Wp diag(q)
+    h_j = act_j(z_j),   z_{j+1} = W_{j+1} h_j + b_{j+1},   s = z_n (width 1)
+    pooling weight w_t = score_scale * s_t ("none") or softmax_t(score_scale * s_t);   out_b = sum_t w_t v_t
+
+Dice: xhat = (z - mean) * rstd, p = sigmoid(gamma * xhat + beta), h = z * (alpha + (1 - alpha) * p), with the
+batch mean/biased variance over all valid rows in training and the running statistics in eval.
+
+Structure (the cpu backend's, csrc/cpu/attention.cpp, on a GPU grid):
+- forward: one program per user walks its rows in tiles of BLOCK_L; the per-user c_b and Weff_b are built once, each
+  tile costs one [BLOCK_L, D] x [D, H1] tl.dot and one [BLOCK_L, H_{j-1}] x [H_{j-1}, H_j] tl.dot per hidden layer;
+  nothing of size [N, H] is written. Training-mode Dice first runs one statistics pass per hidden layer (each program
+  writes the shifted sums of its user; they are added up in a fixed order), then the pooling pass. Softmax pooling is
+  an online softmax over the tiles; the forward keeps each user's log-sum-exp for the backward.
+- backward: a fixed number of programs (NUM_BLOCKS) each owns a contiguous range of users, recomputes the forward of
+  every tile, back-propagates to the inputs, and accumulates the parameter gradients of its users in registers; the
+  per-program partials are added up in program order. Each user's dc_b = sum_t d/dz_0 goes out instead of the
+  (Wq + Wd) terms (grad_query += (Wq + Wd)^T dc_b, grad(Wq + Wd) = sum_b dc_b q_b^T), which the host finishes with
+  two small float64 products: two fewer [H1, D] tiles held in registers. Training-mode Dice first runs one pass per hidden layer (top
+  down) gathering sum(g_xhat) and sum(g_xhat * xhat), the terms of the exact gradient through the batch statistics.
+  Softmax uses delta_b = grad_out_b . out_b (flash-attention's trick) instead of a separate scoring sweep.
+Every reduction over users goes through per-program partial sums added in a fixed order, so the results are
+bitwise reproducible run to run. Hidden layers: at most MAX_HIDDEN, widths padded to powers of two (>= 16).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+MAX_HIDDEN = 4
+ACTIVATION_IDS = {"dice": 0, "sigmoid": 1, "prelu": 2, "relu": 3}
+NUM_BLOCKS = 128  # programs of the backward: fixes the summation order of the parameter gradients
+CONST_ROWS = 8  # per hidden layer: alpha, gamma, beta, mean, rstd, g_mean, gx_mean, unused
+SCALE_ROW = tl.constexpr(CONST_ROWS * MAX_HIDDEN)  # the row of CONSTS that holds score_scale
+DICE, SIGMOID, PRELU, RELU = 0, 1, 2, 3
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(configs):
+    """Autotuning configs (BLOCK_L, num_warps); one when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0 (the first,
+    a config that compiles without register spills for D = 32, H = (80, 40) on sm_90)."""
+    if interpreting():  # nothing to tune, and large tiles keep the interpreter fast
+        return [triton.Config({"BLOCK_L": 32}, num_warps=4)]
+    if os.environ.get("DIN_EXT_TRITON_AUTOTUNE", "1") == "0":
+        configs = configs[:1]
+    return [triton.Config({"BLOCK_L": block}, num_warps=warps, num_stages=2) for block, warps in configs]
+
+
+_KEY = ["b_bucket", "l_bucket", "D", "DV", "N0", "N1", "N2", "N3", "NUM_HIDDEN", "ACT", "SOFTMAX", "STOP"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device helpers
+
+
+
+@triton.jit
+def _mm(a, b, ACC: tl.constexpr, TF32: tl.constexpr):
+    """a @ b with both operands in b's dtype (the inputs' dtype: tensor cores for bf16/fp16, tf32 when torch allows
+    it for float32) and ACC accumulation (float32, or float64 for float64 inputs)."""
+    if TF32:
+        out = tl.dot(a.to(b.dtype), b, input_precision="tf32", out_dtype=ACC)
+    else:
+        out = tl.dot(a.to(b.dtype), b, input_precision="ieee", out_dtype=ACC)
+    return out
+
+
+@triton.jit
+def _mm_tn(a, b, ACC: tl.constexpr, IN: tl.constexpr, TF32: tl.constexpr):
+    """a^T @ b for a [M, K], b [M, N]: a sum over the rows of a tile, operands in IN, ACC accumulation."""
+    if TF32:
+        out = tl.dot(tl.trans(a.to(IN)), b.to(IN), input_precision="tf32", out_dtype=ACC)
+    else:
+        out = tl.dot(tl.trans(a.to(IN)), b.to(IN), input_precision="ieee", out_dtype=ACC)
+    return out
+
+
+@triton.jit
+def _sigmoid(x):
+    """Logistic function without overflow: exp of a non-positive argument only."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+@triton.jit
+def _load_mat(W, n_rows, n_cols, row_stride, ROWS_P: tl.constexpr, COLS_P: tl.constexpr):
+    """W [ROWS_P, COLS_P] (element (r, c) at W + r * row_stride + c), zero-padded."""
+    r = tl.arange(0, ROWS_P)[:, None]
+    c = tl.arange(0, COLS_P)[None, :]
+    return tl.load(W + r * row_stride + c, mask=(r < n_rows) & (c < n_cols), other=0.0)
+
+
+@triton.jit
+def _load_t(W, n_rows, n_cols, row_stride, COLS_P: tl.constexpr, ROWS_P: tl.constexpr):
+    """The transpose [COLS_P, ROWS_P] of W [n_rows, n_cols] (row stride row_stride), zero-padded."""
+    c = tl.arange(0, COLS_P)[:, None]
+    r = tl.arange(0, ROWS_P)[None, :]
+    return tl.load(W + r * row_stride + c, mask=(r < n_rows) & (c < n_cols), other=0.0)
+
+
+@triton.jit
+def _load_vec(X, n, P: tl.constexpr):
+    offs = tl.arange(0, P)
+    return tl.load(X + offs, mask=offs < n, other=0.0)
+
+
+@triton.jit
+def _store_mat(X, x, ROWS_P: tl.constexpr, COLS_P: tl.constexpr):
+    r = tl.arange(0, ROWS_P)[:, None]
+    c = tl.arange(0, COLS_P)[None, :]
+    tl.store(X + r * COLS_P + c, x)
+
+
+@triton.jit
+def _const(CONSTS, J: tl.constexpr, ROW: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr):
+    """Row ROW of hidden layer J's feature constants, [1, P] (padding features: 0, and rstd 1)."""
+    return tl.load(CONSTS + (J * 8 + ROW) * HMAXP + tl.arange(0, P))[None, :]
+
+
+@triton.jit
+def _act_fwd(z, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr, ACT: tl.constexpr):
+    if ACT == 0:  # dice
+        alpha = _const(CONSTS, J, 0, P, HMAXP)
+        gamma = _const(CONSTS, J, 1, P, HMAXP)
+        beta = _const(CONSTS, J, 2, P, HMAXP)
+        mean = _const(CONSTS, J, 3, P, HMAXP)
+        rstd = _const(CONSTS, J, 4, P, HMAXP)
+        p = _sigmoid(gamma * ((z - mean) * rstd) + beta)
+        h = z * (alpha + (1.0 - alpha) * p)
+    elif ACT == 1:  # sigmoid
+        h = _sigmoid(z)
+    elif ACT == 2:  # prelu
+        h = tl.where(z > 0, z, _const(CONSTS, J, 0, P, HMAXP) * z)
+    else:  # relu
+        h = tl.where(z > 0, z, 0.0)
+    return h
+
+
+@triton.jit
+def _act_bwd(g, z, valid, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr, ACT: tl.constexpr):
+    """d/dh g (zero on invalid rows) -> d/dz (zero on invalid rows), plus the tile's per-feature sums
+    (d alpha, d gamma, d beta, sum g_xhat, sum g_xhat * xhat) for Dice, (d slope, 0, 0, 0, 0) for PReLU.
+
+    Dice: g_arg = g z (1 - alpha) p (1 - p) (d/d sigmoid argument), g_xhat = gamma g_arg,
+    dz = g (alpha + (1 - alpha) p) + rstd (g_xhat - g_mean - xhat gx_mean), where g_mean and gx_mean are the batch
+    means of g_xhat and g_xhat * xhat in training (BatchNorm's backward) and zero in eval.
+    """
+    zero = tl.zeros([P], dtype=z.dtype)
+    s0, s1, s2, s3, s4 = zero, zero, zero, zero, zero
+    if ACT == 0:
+        alpha = _const(CONSTS, J, 0, P, HMAXP)
+        gamma = _const(CONSTS, J, 1, P, HMAXP)
+        beta = _const(CONSTS, J, 2, P, HMAXP)
+        mean = _const(CONSTS, J, 3, P, HMAXP)
+        rstd = _const(CONSTS, J, 4, P, HMAXP)
+        g_mean = _const(CONSTS, J, 5, P, HMAXP)
+        gx_mean = _const(CONSTS, J, 6, P, HMAXP)
+        xhat = (z - mean) * rstd
+        p = _sigmoid(gamma * xhat + beta)
+        one_minus_alpha = 1.0 - alpha
+        g_arg = g * z * one_minus_alpha * p * (1.0 - p)
+        g_xhat = g_arg * gamma
+        s0 = tl.sum(g * z * (1.0 - p), 0)
+        s1 = tl.sum(g_arg * xhat, 0)
+        s2 = tl.sum(g_arg, 0)
+        s3 = tl.sum(g_xhat, 0)
+        s4 = tl.sum(g_xhat * xhat, 0)
+        gz = g * (alpha + one_minus_alpha * p) + rstd * (g_xhat - g_mean - xhat * gx_mean)
+    elif ACT == 1:
+        y = _sigmoid(z)
+        gz = g * y * (1.0 - y)
+    elif ACT == 2:
+        s0 = tl.sum(tl.where(z > 0, 0.0, g * z), 0)
+        gz = tl.where(z > 0, g, g * _const(CONSTS, J, 0, P, HMAXP))
+    else:
+        gz = tl.where(z > 0, g, 0.0)
+    gz = tl.where(valid[:, None], gz, 0.0)
+    return gz, s0, s1, s2, s3, s4
+
+
+@triton.jit
+def _user_layer0(Q, W0, B0, b, D, N0, DP: tl.constexpr, P0: tl.constexpr, ACC: tl.constexpr):
+    """User b's layer-1 terms: q [DP], c_b = (Wq + Wd) q + b_0 [P0], and the transposed coefficient blocks
+    (Wq + Wd)^T, (Wk - Wd)^T, Wp^T [DP, P0], all in ACC. W_0 [N0, 4D] = [Wq | Wk | Wd | Wp]."""
+    offs_d = tl.arange(0, DP)
+    q = tl.load(Q + b * D + offs_d, mask=offs_d < D, other=0.0).to(ACC)
+    wq = _load_t(W0, N0, D, 4 * D, DP, P0).to(ACC)
+    wk = _load_t(W0 + D, N0, D, 4 * D, DP, P0).to(ACC)
+    wd = _load_t(W0 + 2 * D, N0, D, 4 * D, DP, P0).to(ACC)
+    wp = _load_t(W0 + 3 * D, N0, D, 4 * D, DP, P0).to(ACC)
+    a_t = wq + wd
+    c = tl.sum(a_t * q[:, None], 0) + _load_vec(B0, N0, P0).to(ACC)
+    return q, c, wk - wd, wp
+
+
+@triton.jit
+def _mlp_tile(k, c0, weff_t, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
+              NUM_HIDDEN: tl.constexpr, UPTO: tl.constexpr, ACT: tl.constexpr,
+              P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, HMAXP: tl.constexpr,
+              ACC: tl.constexpr, TF32: tl.constexpr):
+    """Forward of a tile k [BLOCK_L, DP] up to z_UPTO; with UPTO = NUM_HIDDEN up to the scores s [BLOCK_L].
+    Returns z_0..z_3, h_0..h_3, s; what was not computed repeats z_0 (and s = row sums of z_0)."""
+    z0 = _mm(k, weff_t, ACC, TF32) + c0[None, :]
+    z1, z2, z3, h0, h1, h2, h3 = z0, z0, z0, z0, z0, z0, z0
+    s = tl.sum(z0, 1)  # without hidden layers z_0 is the score (its padding columns are 0)
+    if UPTO >= 1:
+        h0 = _act_fwd(z0, CONSTS, 0, P0, HMAXP, ACT)
+        if NUM_HIDDEN == 1:
+            s = tl.sum(h0 * ws[None, :], 1) + bs
+        else:
+            z1 = _mm(h0, w1t, ACC, TF32) + b1[None, :]
+    if UPTO >= 2:
+        h1 = _act_fwd(z1, CONSTS, 1, P1, HMAXP, ACT)
+        if NUM_HIDDEN == 2:
+            s = tl.sum(h1 * ws[None, :], 1) + bs
+        else:
+            z2 = _mm(h1, w2t, ACC, TF32) + b2[None, :]
+    if UPTO >= 3:
+        h2 = _act_fwd(z2, CONSTS, 2, P2, HMAXP, ACT)
+        if NUM_HIDDEN == 3:
+            s = tl.sum(h2 * ws[None, :], 1) + bs
+        else:
+            z3 = _mm(h2, w3t, ACC, TF32) + b3[None, :]
+    if UPTO >= 4:
+        h3 = _act_fwd(z3, CONSTS, 3, P3, HMAXP, ACT)
+        s = tl.sum(h3 * ws[None, :], 1) + bs
+    return z0, z1, z2, z3, h0, h1, h2, h3, s
+
+
+@triton.jit
+def _load_mlp(W1, B1, W2, B2, W3, B3, WS, BS, N0, N1, N2, N3, NUM_HIDDEN: tl.constexpr,
+              P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, ACC: tl.constexpr,
+              IN: tl.constexpr):
+    """The hidden-to-hidden linears transposed (W_j^T [P_{j-1}, P_j], in IN) with their biases, and the score layer
+    (ws [P_last], bs); absent layers get small zero placeholders."""
+    w1t = tl.zeros([16, 16], dtype=IN)
+    w2t, w3t = w1t, w1t
+    b1 = tl.zeros([16], dtype=ACC)
+    b2, b3, ws = b1, b1, b1
+    bs = tl.load(BS).to(ACC)
+    if NUM_HIDDEN >= 2:
+        w1t = _load_t(W1, N1, N0, N0, P0, P1).to(IN)
+        b1 = _load_vec(B1, N1, P1).to(ACC)
+    if NUM_HIDDEN >= 3:
+        w2t = _load_t(W2, N2, N1, N1, P1, P2).to(IN)
+        b2 = _load_vec(B2, N2, P2).to(ACC)
+    if NUM_HIDDEN >= 4:
+        w3t = _load_t(W3, N3, N2, N2, P2, P3).to(IN)
+        b3 = _load_vec(B3, N3, P3).to(ACC)
+    if NUM_HIDDEN == 1:
+        ws = _load_vec(WS, N0, P0).to(ACC)
+    if NUM_HIDDEN == 2:
+        ws = _load_vec(WS, N1, P1).to(ACC)
+    if NUM_HIDDEN == 3:
+        ws = _load_vec(WS, N2, P2).to(ACC)
+    if NUM_HIDDEN == 4:
+        ws = _load_vec(WS, N3, P3).to(ACC)
+    return w1t, b1, w2t, b2, w3t, b3, ws, bs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.autotune(configs=_configs([(32, 4), (16, 4), (64, 8), (32, 8)]), key=_KEY)
+@triton.jit
+def _forward_kernel(
+    Q,  # [B, D] queries
+    K,  # [N, D] keys, row-major
+    V,  # [N, DV] values (K itself when the keys are the values)
+    STARTS,  # [B] int64: user b's rows are STARTS[b] .. STARTS[b] + LENGTHS[b] - 1
+    LENGTHS,  # [B] int64
+    W0, B0,  # first linear [N0, 4D], [N0]
+    W1, B1, W2, B2, W3, B3,  # hidden-to-hidden linears [N_j, N_{j-1}], [N_j] (placeholders when absent)
+    WS, BS,  # score linear [1, N_last], [1]
+    CONSTS,  # [8 * MAX_HIDDEN + 1, HMAXP] activation constants in the accumulation dtype; last row: score_scale
+    OUT,  # [B, DV] pooled output (pooling pass)
+    LSE,  # [B] log-sum-exp of the scaled scores (softmax pooling pass; accumulation dtype)
+    PART,  # [B, 2, PS] shifted sum and sum of squares of z_STOP over the user's rows (statistics pass)
+    SHIFT,  # [NS] bias of layer STOP, the shift of the statistics sums
+    D, DV,  # key and value widths
+    N0, N1, N2, N3,  # hidden widths (1 for absent layers; N0 = 1 without hidden layers)
+    NS,  # width of layer STOP
+    b_bucket, l_bucket,  # autotuning keys: power-of-two B, bucketed max_len
+    NUM_HIDDEN: tl.constexpr,  # number of hidden layers (0 .. MAX_HIDDEN)
+    ACT: tl.constexpr,  # 0 dice, 1 sigmoid, 2 prelu, 3 relu
+    SOFTMAX: tl.constexpr,  # softmax-normalized pooling weights
+    STOP: tl.constexpr,  # -1: pooling pass; j >= 0: statistics pass of hidden layer j
+    DP: tl.constexpr, DVP: tl.constexpr,  # padded D, DV
+    P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,  # padded hidden widths
+    PS: tl.constexpr,  # padded width of layer STOP
+    HMAXP: tl.constexpr,  # row length of CONSTS
+    TF32: tl.constexpr,  # float32 products on tf32 tensor cores
+    BLOCK_L: tl.constexpr,  # rows per tile
+):
+    ACC = CONSTS.dtype.element_ty  # accumulation dtype
+    IN = K.dtype.element_ty  # input dtype (the tl.dot operands)
+    b = tl.program_id(0).to(tl.int64)
+    length = tl.load(LENGTHS + b)
+    start = tl.load(STARTS + b)
+    q, c0, kc_t, pc_t = _user_layer0(Q, W0, B0, b, D, N0, DP, P0, ACC)
+    weff_t = (kc_t + pc_t * q[:, None]).to(IN)
+    w1t, b1, w2t, b2, w3t, b3, ws, bs = _load_mlp(W1, B1, W2, B2, W3, B3, WS, BS, N0, N1, N2, N3, NUM_HIDDEN,
+                                                  P0, P1, P2, P3, ACC, IN)
+    scale = tl.load(CONSTS + SCALE_ROW * HMAXP)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    offs_s = tl.arange(0, PS)
+    shift = tl.load(SHIFT + offs_s, mask=offs_s < NS, other=0.0).to(ACC)
+    sum1 = tl.zeros([PS], dtype=ACC)
+    sum2 = tl.zeros([PS], dtype=ACC)
+    acc = tl.zeros([DVP], dtype=ACC)
+    row_max = tl.full([1], float("-inf"), ACC)
+    denom = tl.zeros([1], dtype=ACC)
+    for t0 in range(0, length, BLOCK_L):
+        rows = t0 + offs_l
+        valid = rows < length
+        r = start + rows
+        k = tl.load(K + r[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d < D)[None, :], other=0.0)
+        if STOP >= 0:
+            z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(k, c0, weff_t, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
+                                                          NUM_HIDDEN, STOP, ACT, P0, P1, P2, P3, HMAXP, ACC, TF32)
+            z = z0
+            if STOP == 1:
+                z = z1
+            if STOP == 2:
+                z = z2
+            if STOP == 3:
+                z = z3
+            x = tl.where(valid[:, None], z - shift[None, :], 0.0)
+            sum1 += tl.sum(x, 0)
+            sum2 += tl.sum(x * x, 0)
+        else:
+            z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(k, c0, weff_t, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
+                                                          NUM_HIDDEN, NUM_HIDDEN, ACT, P0, P1, P2, P3, HMAXP, ACC,
+                                                          TF32)
+            t = s * scale
+            v = tl.load(V + r[:, None] * DV + offs_v[None, :], mask=valid[:, None] & (offs_v < DV)[None, :],
+                        other=0.0).to(ACC)
+            if SOFTMAX:  # online softmax: rescale what was accumulated when the running maximum grows
+                t = tl.where(valid, t, float("-inf"))
+                new_max = tl.maximum(row_max, tl.max(t, 0))
+                rescale = tl.exp(row_max - new_max)
+                e = tl.exp(t - new_max)
+                denom = denom * rescale + tl.sum(e, 0)
+                acc = acc * rescale + tl.sum(e[:, None] * v, 0)
+                row_max = new_max
+            else:
+                w = tl.where(valid, t, 0.0)
+                acc += tl.sum(w[:, None] * v, 0)
+    if STOP >= 0:
+        tl.store(PART + b * 2 * PS + offs_s, sum1)
+        tl.store(PART + b * 2 * PS + PS + offs_s, sum2)
+    else:
+        if SOFTMAX:
+            has_rows = denom > 0
+            acc = tl.where(has_rows, acc / tl.where(has_rows, denom, 1.0), 0.0)  # an empty user gets exactly 0
+            lse = tl.where(has_rows, row_max + tl.log(tl.where(has_rows, denom, 1.0)), 0.0)
+            tl.store(LSE + b + tl.arange(0, 1), lse)
+        tl.store(OUT + b * DV + offs_v, acc, mask=offs_v < DV)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _hidden_bwd(gz, h_prev, z_prev, valid, w, dw, db, CONSTS, J: tl.constexpr, P: tl.constexpr,
+                HMAXP: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr, TF32: tl.constexpr,
+                FULL: tl.constexpr):
+    """Back through hidden-to-hidden linear J + 1 (z_{J+1} = W h_J + b, w = W [P_{J+1}, P]) and activation J:
+    gz = d/dz_{J+1} -> d/dz_J; adds the tile's dW, db (FULL) and returns activation J's sums."""
+    if FULL:
+        dw += _mm_tn(gz, h_prev, ACC, IN, TF32)
+        db += tl.sum(gz, 0)
+    gh = _mm(gz, w, ACC, TF32)
+    g, s0, s1, s2, s3, s4 = _act_bwd(gh, z_prev, valid, CONSTS, J, P, HMAXP, ACT)
+    return g, dw, db, s0, s1, s2, s3, s4
+
+
+@triton.jit
+def _store_sums(PART, s0, s1, s2, s3, s4, P: tl.constexpr):
+    offs = tl.arange(0, P)
+    tl.store(PART + offs, s0)
+    tl.store(PART + P + offs, s1)
+    tl.store(PART + 2 * P + offs, s2)
+    tl.store(PART + 3 * P + offs, s3)
+    tl.store(PART + 4 * P + offs, s4)
+
+
+@triton.autotune(configs=_configs([(16, 8), (16, 4), (32, 8)]), key=_KEY)
+@triton.jit
+def _backward_kernel(
+    GOUT,  # [B, DV] gradient of the pooled output
+    OUT,  # [B, DV] pooled output (softmax: delta_b = GOUT_b . OUT_b)
+    LSE,  # [B] log-sum-exp of the scaled scores (softmax)
+    Q, K, V, STARTS, LENGTHS,  # as in the forward (V is K when the keys are the values)
+    W0, B0, W1, B1, W2, B2, W3, B3, WS, BS,  # linears, as in the forward
+    CONSTS,  # activation constants, as in the forward, rows 5 and 6 of a layer: g_mean, gx_mean (Dice training)
+    GQ,  # [B, D] gradient of the queries through Weff_b (accumulation dtype; the caller adds (Wq + Wd)^T dc_b)
+    DC,  # [B, P0] dc_b = sum over the user's rows of d/dz_0 (accumulation dtype)
+    GK,  # [N, D] gradient of the keys (rows outside every user are zero-filled by the caller)
+    GV,  # [N, DV] gradient of the values (HAS_V)
+    PART,  # [programs, part_size] per-program parameter gradient sums (layout: _backward_layout)
+    batch, users_per_program,  # users [pid * users_per_program, ...) belong to program pid
+    D, DV, N0, N1, N2, N3,
+    part_size,  # elements of one program's partial sums
+    b_bucket, l_bucket,  # autotuning keys
+    NUM_HIDDEN: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr,
+    STOP: tl.constexpr,  # -1: gradient pass; j >= 0: Dice sums pass of hidden layer j (sum g_xhat, g_xhat * xhat)
+    HAS_V: tl.constexpr,  # values are separate from the keys
+    DP: tl.constexpr, DVP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+    PS: tl.constexpr, HMAXP: tl.constexpr, TF32: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    ACC = CONSTS.dtype.element_ty  # accumulation dtype
+    IN = K.dtype.element_ty  # input dtype (the tl.dot operands)
+    FULL = STOP < 0
+    pid = tl.program_id(0).to(tl.int64)
+    first = pid * users_per_program
+    last = tl.minimum(first + users_per_program, batch)
+    w1t, b1, w2t, b2, w3t, b3, ws, bs = _load_mlp(W1, B1, W2, B2, W3, B3, WS, BS, N0, N1, N2, N3, NUM_HIDDEN,
+                                                  P0, P1, P2, P3, ACC, IN)
+    # The hidden-to-hidden linears untransposed, for d/dh = d/dz W.
+    w1 = tl.zeros([16, 16], dtype=IN)
+    w2, w3 = w1, w1
+    if NUM_HIDDEN >= 2:
+        w1 = _load_mat(W1, N1, N0, N0, P1, P0).to(IN)
+    if NUM_HIDDEN >= 3:
+        w2 = _load_mat(W2, N2, N1, N1, P2, P1).to(IN)
+    if NUM_HIDDEN >= 4:
+        w3 = _load_mat(W3, N3, N2, N2, P3, P2).to(IN)
+    # Layer 1 untransposed: (Wk - Wd), Wp [P0, DP]. The (Wq + Wd) terms (d/dq through c_b and d(Wq + Wd)) are
+    # products of the per-user dc_b with small matrices, done by the caller: fewer live registers here.
+    wd = _load_mat(W0 + 2 * D, N0, D, 4 * D, P0, DP).to(ACC)
+    kc = (_load_mat(W0 + D, N0, D, 4 * D, P0, DP).to(ACC) - wd).to(IN)
+    pc = _load_mat(W0 + 3 * D, N0, D, 4 * D, P0, DP).to(IN)
+    scale = tl.load(CONSTS + SCALE_ROW * HMAXP)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, DP)
+    offs_v = tl.arange(0, DVP)
+    col0 = tl.arange(0, P0) == 0
+
+    # Per-program sums of the parameter gradients.
+    d_k = tl.zeros([P0, DP], dtype=ACC)
+    d_p = tl.zeros([P0, DP], dtype=ACC)
+    dw1 = tl.zeros([16, 16], dtype=ACC)
+    dw2, dw3 = dw1, dw1
+    db1 = tl.zeros([16], dtype=ACC)
+    db2, db3 = db1, db1
+    if NUM_HIDDEN >= 2:
+        dw1 = tl.zeros([P1, P0], dtype=ACC)
+        db1 = tl.zeros([P1], dtype=ACC)
+    if NUM_HIDDEN >= 3:
+        dw2 = tl.zeros([P2, P1], dtype=ACC)
+        db2 = tl.zeros([P2], dtype=ACC)
+    if NUM_HIDDEN >= 4:
+        dw3 = tl.zeros([P3, P2], dtype=ACC)
+        db3 = tl.zeros([P3], dtype=ACC)
+    dws = tl.zeros_like(ws)
+    dbs = tl.zeros([1], dtype=ACC)
+    # Activation sums per hidden layer j: a{j}_0 .. a{j}_4 (see _act_bwd).
+    a0_0 = tl.zeros([P0], dtype=ACC)
+    a0_1, a0_2, a0_3, a0_4 = a0_0, a0_0, a0_0, a0_0
+    a1_0 = tl.zeros([P1], dtype=ACC)
+    a1_1, a1_2, a1_3, a1_4 = a1_0, a1_0, a1_0, a1_0
+    a2_0 = tl.zeros([P2], dtype=ACC)
+    a2_1, a2_2, a2_3, a2_4 = a2_0, a2_0, a2_0, a2_0
+    a3_0 = tl.zeros([P3], dtype=ACC)
+    a3_1, a3_2, a3_3, a3_4 = a3_0, a3_0, a3_0, a3_0
+
+    for b in range(first, last):
+        length = tl.load(LENGTHS + b)
+        start = tl.load(STARTS + b)
+        q, c0, kc_t, pc_t = _user_layer0(Q, W0, B0, b, D, N0, DP, P0, ACC)
+        weff_t = (kc_t + pc_t * q[:, None]).to(IN)
+        g_out = tl.load(GOUT + b * DV + offs_v, mask=offs_v < DV, other=0.0).to(ACC)
+        lse = tl.zeros([1], dtype=ACC)
+        delta = tl.zeros([1], dtype=ACC)
+        if SOFTMAX:
+            lse = tl.load(LSE + b + tl.arange(0, 1))
+            out = tl.load(OUT + b * DV + offs_v, mask=offs_v < DV, other=0.0).to(ACC)
+            delta = tl.zeros([1], dtype=ACC) + tl.sum(g_out * out, 0)
+        dc = tl.zeros([P0], dtype=ACC)
+        gq = tl.zeros([DP], dtype=ACC)
+        for t0 in range(0, length, BLOCK_L):
+            rows = t0 + offs_l
+            valid = rows < length
+            r = start + rows
+            kmask = valid[:, None] & (offs_d < D)[None, :]
+            k = tl.load(K + r[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
+            z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(k, c0, weff_t, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
+                                                          NUM_HIDDEN, NUM_HIDDEN, ACT, P0, P1, P2, P3, HMAXP, ACC,
+                                                          TF32)
+            t = s * scale
+            v = tl.load(V + r[:, None] * DV + offs_v[None, :], mask=valid[:, None] & (offs_v < DV)[None, :],
+                        other=0.0).to(ACC)
+            gw = tl.sum(v * g_out[None, :], 1)  # d loss / d pooling weight
+            if SOFTMAX:
+                w = tl.exp(t - lse)
+                gs = scale * w * (gw - delta)
+            else:
+                w = t
+                gs = scale * gw
+            w = tl.where(valid, w, 0.0)
+            gs = tl.where(valid, gs, 0.0)
+            # Score layer, then the hidden layers from the top; a sums pass stops at its layer's activation.
+            if NUM_HIDDEN == 0:
+                gz = tl.where(col0[None, :], gs[:, None], 0.0)
+            else:
+                h_last = h0
+                z_last = z0
+                if NUM_HIDDEN == 2:
+                    h_last, z_last = h1, z1
+                if NUM_HIDDEN == 3:
+                    h_last, z_last = h2, z2
+                if NUM_HIDDEN == 4:
+                    h_last, z_last = h3, z3
+                if FULL:
+                    dws += tl.sum(gs[:, None] * h_last, 0)
+                    dbs += tl.sum(gs, 0)
+                gz, s0, s1, s2, s3, s4 = _act_bwd(gs[:, None] * ws[None, :], z_last, valid, CONSTS, NUM_HIDDEN - 1,
+                                                  ws.shape[0], HMAXP, ACT)
+                if NUM_HIDDEN == 4:
+                    a3_0 += s0
+                    a3_1 += s1
+                    a3_2 += s2
+                    a3_3 += s3
+                    a3_4 += s4
+                    if STOP <= 2:
+                        gz, dw3, db3, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h2, z2, valid, w3, dw3, db3, CONSTS, 2, P2,
+                                                                       HMAXP, ACT, ACC, IN, TF32, FULL)
+                if NUM_HIDDEN >= 3 and STOP <= 2:
+                    a2_0 += s0
+                    a2_1 += s1
+                    a2_2 += s2
+                    a2_3 += s3
+                    a2_4 += s4
+                    if STOP <= 1:
+                        gz, dw2, db2, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h1, z1, valid, w2, dw2, db2, CONSTS, 1, P1,
+                                                                       HMAXP, ACT, ACC, IN, TF32, FULL)
+                if NUM_HIDDEN >= 2 and STOP <= 1:
+                    a1_0 += s0
+                    a1_1 += s1
+                    a1_2 += s2
+                    a1_3 += s3
+                    a1_4 += s4
+                    if STOP <= 0:
+                        gz, dw1, db1, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h0, z0, valid, w1, dw1, db1, CONSTS, 0, P0,
+                                                                       HMAXP, ACT, ACC, IN, TF32, FULL)
+                if STOP <= 0:
+                    a0_0 += s0
+                    a0_1 += s1
+                    a0_2 += s2
+                    a0_3 += s3
+                    a0_4 += s4
+            if FULL:  # layer 1: z_0 = c_b + Weff_b k
+                dc += tl.sum(gz, 0)
+                gk = _mm(gz, kc, ACC, TF32)
+                gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
+                gk += gy * q[None, :]
+                kf = k.to(ACC)
+                gq += tl.sum(gy * kf, 0)
+                d_k += _mm_tn(gz, k, ACC, IN, TF32)
+                d_p += _mm_tn(gz, kf * q[None, :], ACC, IN, TF32)
+                if HAS_V:
+                    tl.store(GV + r[:, None] * DV + offs_v[None, :], w[:, None] * g_out[None, :],
+                             mask=valid[:, None] & (offs_v < DV)[None, :])
+                else:
+                    gk += w[:, None] * g_out[None, :]
+                tl.store(GK + r[:, None] * D + offs_d[None, :], gk, mask=kmask)
+        if FULL:
+            tl.store(GQ + b * D + offs_d, gq, mask=offs_d < D)
+            tl.store(DC + b * P0 + tl.arange(0, P0), dc)
+
+    base = PART + pid * part_size
+    if FULL:  # the layout of _backward_layout
+        _store_mat(base, d_k, P0, DP)
+        _store_mat(base + P0 * DP, d_p, P0, DP)
+        base += 2 * P0 * DP
+        if NUM_HIDDEN >= 2:
+            _store_mat(base, dw1, P1, P0)
+            tl.store(base + P1 * P0 + tl.arange(0, P1), db1)
+            base += P1 * P0 + P1
+        if NUM_HIDDEN >= 3:
+            _store_mat(base, dw2, P2, P1)
+            tl.store(base + P2 * P1 + tl.arange(0, P2), db2)
+            base += P2 * P1 + P2
+        if NUM_HIDDEN >= 4:
+            _store_mat(base, dw3, P3, P2)
+            tl.store(base + P3 * P2 + tl.arange(0, P3), db3)
+            base += P3 * P2 + P3
+        if NUM_HIDDEN >= 1:
+            tl.store(base + tl.arange(0, ws.shape[0]), dws)
+            tl.store(base + ws.shape[0] + tl.arange(0, 1), dbs)
+            base += ws.shape[0] + 1
+            _store_sums(base, a0_0, a0_1, a0_2, a0_3, a0_4, P0)
+            base += 5 * P0
+        if NUM_HIDDEN >= 2:
+            _store_sums(base, a1_0, a1_1, a1_2, a1_3, a1_4, P1)
+            base += 5 * P1
+        if NUM_HIDDEN >= 3:
+            _store_sums(base, a2_0, a2_1, a2_2, a2_3, a2_4, P2)
+            base += 5 * P2
+        if NUM_HIDDEN >= 4:
+            _store_sums(base, a3_0, a3_1, a3_2, a3_3, a3_4, P3)
+    else:  # sums pass: sum g_xhat and sum g_xhat * xhat of layer STOP
+        offs_s = tl.arange(0, PS)
+        if STOP == 0:
+            tl.store(base + offs_s, a0_3)
+            tl.store(base + PS + offs_s, a0_4)
+        if STOP == 1:
+            tl.store(base + offs_s, a1_3)
+            tl.store(base + PS + offs_s, a1_4)
+        if STOP == 2:
+            tl.store(base + offs_s, a2_3)
+            tl.store(base + PS + offs_s, a2_4)
+        if STOP == 3:
+            tl.store(base + offs_s, a3_3)
+            tl.store(base + PS + offs_s, a3_4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side: launch parameters, the passes, the torch.library ops and their autograd
+
+
+def _pad(n: int) -> int:
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+def define_op(name: str, fake):
+    """torch.library.triton_op (Inductor and export see the kernels), or under TRITON_INTERPRET=1 an opaque custom op
+    with the fake kernel ``fake``: torch cannot trace interpreted kernels, so compile/export/opcheck then treat the op
+    as a black box (the GPU run covers tracing through the kernels)."""
+    def decorate(fn):
+        if not interpreting():
+            return triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+    return decorate
+
+
+class _Plan:
+    """Padded widths and launch constants of one call."""
+
+    def __init__(self, query: Tensor, keys: Tensor, values: Optional[Tensor], weights: List[Tensor], max_len: int,
+                 activation: str, normalization: str):
+        self.batch, self.dim = query.shape
+        self.value_dim = keys.shape[1] if values is None else values.shape[1]
+        self.num_hidden = len(weights) - 1
+        if self.num_hidden > MAX_HIDDEN:
+            raise ValueError(f"din_ext backend 'triton' supports at most {MAX_HIDDEN} hidden layers, got "
+                             f"{self.num_hidden}; use backend='cuda', 'cpu' or 'reference' for deeper MLPs")
+        self.hidden = [int(w.shape[0]) for w in weights[:-1]]
+        widths = self.hidden if self.hidden else [1]
+        self.n = widths + [1] * (MAX_HIDDEN - len(widths))  # N0..N3
+        self.p = [_pad(w) for w in self.n]  # P0..P3
+        self.hmaxp = max(self.p)
+        self.acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        self.tf32 = query.dtype == torch.float32 and query.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        self.act = ACTIVATION_IDS[activation]
+        self.softmax = normalization == "softmax"
+        self.common = dict(
+            D=self.dim, DV=self.value_dim, N0=self.n[0], N1=self.n[1], N2=self.n[2], N3=self.n[3],
+            b_bucket=_bucket(self.batch), l_bucket=_length_bucket(max_len),
+            NUM_HIDDEN=self.num_hidden, ACT=self.act, SOFTMAX=self.softmax, DP=_pad(self.dim),
+            DVP=_pad(self.value_dim), P0=self.p[0], P1=self.p[1], P2=self.p[2], P3=self.p[3], HMAXP=self.hmaxp,
+            TF32=self.tf32)
+
+    def linears(self, weights: List[Tensor], biases: List[Tensor]) -> list:
+        """W0, B0, W1, B1, W2, B2, W3, B3, WS, BS (placeholders repeat the first linear)."""
+        weights = [w.contiguous() for w in weights]
+        biases = [b.contiguous() for b in biases]
+        args = [weights[0], biases[0]]
+        for j in range(1, MAX_HIDDEN):
+            i = j if j < self.num_hidden else 0
+            args += [weights[i], biases[i]]
+        return args + [weights[-1], biases[-1]]
+
+
+def _bucket(batch) -> int:
+    """Power-of-two bucket of B for the autotuning key; 0 while torch.compile traces a symbolic B (no guard)."""
+    return triton.next_power_of_2(batch) if isinstance(batch, int) else 0
+
+
+def _length_bucket(max_len: int) -> int:
+    return 0 if max_len < 0 else triton.next_power_of_2(max(int(max_len), 1))
+
+
+def _constants(plan: _Plan, act_params: Tensor, activation: str, training: bool, stats: Optional[Tensor],
+               eps: float, score_scale: float) -> Tensor:
+    """[8 * MAX_HIDDEN + 1, HMAXP] in the accumulation dtype: per hidden layer j rows 8j .. 8j + 7 = alpha (PReLU's
+    slope), gamma, beta, mean, rstd, g_mean, gx_mean, unused; padding features 0 with rstd 1. Last row: score_scale.
+    The statistics are the running ones in eval, ``stats`` (the batch ones, rounded to the input dtype) in training.
+    """
+    consts = torch.zeros(8 * MAX_HIDDEN + 1, plan.hmaxp, dtype=plan.acc, device=act_params.device)
+    consts[4:8 * MAX_HIDDEN:8] = 1
+    consts[8 * MAX_HIDDEN, 0] = score_scale
+    column = 0
+    for j, width in enumerate(plan.hidden):
+        cols = slice(column, column + width)
+        if activation == "prelu":
+            consts[8 * j, :width] = act_params[0, cols]
+        elif activation == "dice":
+            consts[8 * j:8 * j + 3, :width] = act_params[0:3, cols]
+            if training:
+                mean, var = stats[0, cols], stats[1, cols]
+            else:
+                mean, var = act_params[3, cols], act_params[4, cols]
+            consts[8 * j + 3, :width] = mean
+            consts[8 * j + 4, :width] = torch.rsqrt(var.double() + eps)
+        column += width
+    return consts
+
+
+def _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, stop, out, lse, part, shift,
+                  shift_width, stop_pad):
+    wrap_triton(_forward_kernel)[(plan.batch,)](
+        query, keys, keys if values is None else values, starts, lengths, *linears, consts, out, lse, part, shift,
+        NS=shift_width, STOP=stop, PS=stop_pad, **plan.common)
+
+
+def _fake_forward(query, keys, values, starts, lengths, max_len, weights, biases, act_params, activation,
+                  normalization, score_scale, training, eps):
+    value_dim = keys.shape[1] if values is None else values.shape[1]
+    hidden_total = sum(w.shape[0] for w in weights[:-1])
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return (query.new_empty(query.shape[0], value_dim), query.new_empty(2, hidden_total),
+            query.new_empty(query.shape[0], dtype=acc))
+
+
+@define_op("din_ext::triton_local_activation_attention", _fake_forward)
+def triton_local_activation_attention(
+    query: Tensor, keys: Tensor, values: Optional[Tensor], starts: Tensor, lengths: Tensor, max_len: int,
+    weights: List[Tensor], biases: List[Tensor], act_params: Tensor, activation: str, normalization: str,
+    score_scale: float, training: bool, eps: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward of din_ext::local_activation_attention on Triton (canonical form: keys rows + starts/lengths).
+    Returns (out [B, Dv], stats [2, sum H], lse [B]): lse is each user's log-sum-exp of the scaled scores (softmax),
+    kept for the backward."""
+    plan = _Plan(query, keys, values, weights, max_len, activation, normalization)
+    query, keys = query.contiguous(), keys.contiguous()
+    values = None if values is None else values.contiguous()
+    linears = plan.linears(weights, biases)
+    hidden_total = sum(plan.hidden)
+    stats = query.new_zeros(2, hidden_total)
+    out = query.new_empty(plan.batch, plan.value_dim)
+    lse = torch.zeros(plan.batch, dtype=plan.acc, device=query.device)
+    dice_train = activation == "dice" and training
+    consts = _constants(plan, act_params, activation, False, None, eps, score_scale)
+    if dice_train:
+        count = lengths.sum().to(torch.float64)
+        column = 0
+        for j, width in enumerate(plan.hidden):
+            # Statistics of z_j over all valid rows: per-user sums shifted by the bias (a cheap guess of the mean),
+            # added up in user order in float64.
+            part = torch.empty(plan.batch, 2, plan.p[j], dtype=plan.acc, device=query.device)
+            _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, j, out, lse, part,
+                          biases[j], width, plan.p[j])
+            sums = part[:, :, :width].sum(0, dtype=torch.float64)
+            safe = count.clamp(min=1)
+            shifted_mean = sums[0] / safe
+            var = (sums[1] / safe - shifted_mean * shifted_mean).clamp(min=0)
+            mean = shifted_mean + biases[j].double()
+            stats[0, column:column + width] = torch.where(count > 0, mean, 0)
+            stats[1, column:column + width] = torch.where(count > 0, var, 0)
+            consts[8 * j + 3, :width] = stats[0, column:column + width]
+            consts[8 * j + 4, :width] = torch.rsqrt(stats[1, column:column + width].double() + eps)
+            column += width
+    _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, -1, out, lse, lse, biases[0],
+                  1, 16)
+    return out, stats, lse
+
+
+def _backward_layout(plan: _Plan) -> List[Tuple[str, int, Tuple[int, ...]]]:
+    """(name, layer, padded shape) of the pieces of one backward program's partial sums, in memory order."""
+    dp, p, n = _pad(plan.dim), plan.p, plan.num_hidden
+    pieces = [("dKc", 0, (p[0], dp)), ("dPc", 0, (p[0], dp))]
+    for j in range(1, n):
+        pieces += [("dW", j, (p[j], p[j - 1])), ("db", j, (p[j],))]
+    if n >= 1:
+        pieces += [("dW", n, (p[n - 1],)), ("db", n, (1,))]
+    for j in range(n):
+        pieces.append(("act", j, (5, p[j])))
+    return pieces
+
+
+def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, stop, grad_query,
+                   dc, grad_keys, grad_values, part, programs):
+    wrap_triton(_backward_kernel)[(programs,)](
+        grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts,
+        grad_query, dc, grad_keys, grad_keys if grad_values is None else grad_values, part, plan.batch,
+        triton.cdiv(plan.batch, programs), part_size=part.shape[1], STOP=stop, HAS_V=values is not None,
+        PS=plan.p[max(stop, 0)], **plan.common)
+
+
+def _fake_backward(grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, out, stats,
+                   lse, activation, normalization, score_scale, training, eps):
+    grad_values = keys.new_empty(0) if values is None else torch.empty_like(values)
+    return (torch.empty_like(query), torch.empty_like(keys), grad_values, [torch.empty_like(w) for w in weights],
+            [torch.empty_like(b) for b in biases], torch.empty_like(act_params))
+
+
+@define_op("din_ext::triton_local_activation_attention_backward", _fake_backward)
+def triton_local_activation_attention_backward(
+    grad_out: Tensor, query: Tensor, keys: Tensor, values: Optional[Tensor], starts: Tensor, lengths: Tensor,
+    max_len: int, weights: List[Tensor], biases: List[Tensor], act_params: Tensor, out: Tensor, stats: Tensor,
+    lse: Tensor, activation: str, normalization: str, score_scale: float, training: bool, eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor], Tensor]:
+    """Backward of triton_local_activation_attention: (grad_query, grad_keys, grad_values (empty without values),
+    grad_weights, grad_biases, grad_act_params)."""
+    plan = _Plan(query, keys, values, weights, max_len, activation, normalization)
+    grad_out, out = grad_out.contiguous(), out.contiguous()
+    query, keys = query.contiguous(), keys.contiguous()
+    values = None if values is None else values.contiguous()
+    linears = plan.linears(weights, biases)
+    dice_train = activation == "dice" and training
+    consts = _constants(plan, act_params, activation, dice_train, stats, eps, score_scale)
+    programs = min(plan.batch, NUM_BLOCKS)
+    grad_query = torch.empty(query.shape, dtype=plan.acc, device=query.device)  # through Weff_b; + (Wq + Wd)^T dc
+    dc = torch.empty(plan.batch, plan.p[0], dtype=plan.acc, device=query.device)
+    grad_keys = torch.zeros_like(keys)  # rows outside every user's range get exactly zero
+    grad_values = None if values is None else torch.zeros_like(values)
+    if dice_train:
+        count = lengths.sum().to(plan.acc).clamp(min=1)
+        for j in reversed(range(plan.num_hidden)):
+            # The batch means of g_xhat and g_xhat * xhat of layer j, with those of the layers above known.
+            part = torch.empty(programs, 2 * plan.p[j], dtype=plan.acc, device=query.device)
+            _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, j,
+                           grad_query, dc, grad_keys, grad_values, part, programs)
+            sums = part.view(programs, 2, plan.p[j]).sum(0, dtype=torch.float64)
+            consts[8 * j + 5:8 * j + 7, :plan.p[j]] = sums / count
+    layout = _backward_layout(plan)
+    size = sum(math.prod(shape) for _, _, shape in layout)
+    part = torch.empty(programs, size, dtype=plan.acc, device=query.device)
+    _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, -1, grad_query,
+                   dc, grad_keys, grad_values, part, programs)
+    total = part.sum(0, dtype=torch.float64)
+    pieces, offset = {}, 0
+    for name, layer, shape in layout:
+        numel = math.prod(shape)
+        pieces[name, layer] = total[offset:offset + numel].view(shape)
+        offset += numel
+    # Layer 1's (Wq + Wd) terms from the per-user dc_b (float64 products, users in order).
+    width0, dim = weights[0].shape[0], plan.dim
+    dc = dc[:, :width0].double()
+    w0 = weights[0].double()
+    grad_query = (grad_query.double() + dc @ (w0[:, :dim] + w0[:, 2 * dim:3 * dim])).to(query.dtype)
+    pieces["dA", 0] = dc.t() @ query.double()
+    pieces["db", 0] = dc.sum(0)
+    return (grad_query, grad_keys, query.new_empty(0) if grad_values is None else grad_values,
+            *_parameter_gradients(plan, pieces, weights, act_params, consts, activation, training))
+
+
+def _parameter_gradients(plan, pieces, weights, act_params, consts, activation, training):
+    dim, n, dtype = plan.dim, plan.num_hidden, weights[0].dtype
+    width0 = weights[0].shape[0]
+    d_a = pieces["dA", 0]
+    d_k = pieces["dKc", 0][:width0, :dim]
+    # W_0 = [Wq, Wk, Wd, Wp] with A = Wq + Wd, Kc = Wk - Wd, Pc = Wp.
+    grad_weights = [torch.cat([d_a, d_k, d_a - d_k, pieces["dPc", 0][:width0, :dim]], 1).to(dtype)]
+    grad_biases = [pieces["db", 0][:width0].to(dtype, copy=True)]
+    for j in range(1, n + 1):
+        rows, cols = weights[j].shape
+        dw = pieces["dW", j]
+        grad_weights.append((dw[:cols] if j == n else dw[:rows, :cols]).reshape(rows, cols).to(dtype, copy=True))
+        grad_biases.append(pieces["db", j][:rows].to(dtype, copy=True))
+    grad_act = torch.zeros_like(act_params)
+    column = 0
+    for j, width in enumerate(plan.hidden):
+        sums = pieces["act", j][:, :width]
+        cols = slice(column, column + width)
+        if activation == "prelu":
+            grad_act[0, cols] = sums[0].to(dtype)
+        elif activation == "dice":
+            grad_act[0:3, cols] = sums[0:3].to(dtype)
+            if not training:  # eval: the running statistics are inputs of the op
+                rstd = consts[8 * j + 4, :width].double()
+                grad_act[3, cols] = (-rstd * sums[3]).to(dtype)
+                grad_act[4, cols] = (-0.5 * rstd * rstd * sums[4]).to(dtype)
+        column += width
+    return grad_weights, grad_biases, grad_act
+
+
+def _setup_context(ctx, inputs, output):
+    (query, keys, values, starts, lengths, max_len, weights, biases, act_params, activation, normalization,
+     score_scale, training, eps) = inputs
+    out, stats, lse = output
+    ctx.num_layers = len(weights)
+    ctx.has_values = values is not None
+    ctx.config = (max_len, activation, normalization, score_scale, training, eps)
+    ctx.mark_non_differentiable(stats, lse)
+    ctx.save_for_backward(query, keys, values, starts, lengths, act_params, out, stats, lse, *weights, *biases)
+
+
+def _backward(ctx, grad_out, grad_stats, grad_lse):
+    query, keys, values, starts, lengths, act_params, out, stats, lse, *layers = ctx.saved_tensors
+    weights, biases = layers[:ctx.num_layers], layers[ctx.num_layers:]
+    max_len, activation, normalization, score_scale, training, eps = ctx.config
+    grad_query, grad_keys, grad_values, grad_weights, grad_biases, grad_act = (
+        torch.ops.din_ext.triton_local_activation_attention_backward(
+            grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, out, stats, lse,
+            activation, normalization, score_scale, training, eps))
+    return (grad_query, grad_keys, grad_values if ctx.has_values else None, None, None, None, list(grad_weights),
+            list(grad_biases), grad_act, None, None, None, None, None)
+
+
+triton_local_activation_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def local_activation_attention(query, keys, values, starts, lengths, max_len, weights, biases, act_params,
+                               activation, normalization, score_scale, training, eps) -> Tuple[Tensor, Tensor]:
+    """The triton backend of din_ext.ops.local_activation_attention (canonical form); returns (out, stats)."""
+    out, stats, _ = torch.ops.din_ext.triton_local_activation_attention(
+        query, keys, values, starts, lengths, max_len, list(weights), list(biases), act_params, activation,
+        normalization, float(score_scale), bool(training), float(eps))
+    return out, stats
