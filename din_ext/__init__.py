@@ -3,7 +3,9 @@
 from din_ext import _ext, ops, reference
 from din_ext._backend import available_backends, use_backend
 from din_ext.modules import Dice, LocalActivationUnit
+from din_ext.embedding import MBAEmbedding, count_frequencies
 
 __version__ = "0.1.0"
 
-__all__ = ["Dice", "LocalActivationUnit", "available_backends", "ops", "reference", "use_backend", "__version__"]
+__all__ = ["Dice", "LocalActivationUnit", "MBAEmbedding", "count_frequencies", "available_backends", "ops", "reference",
+           "use_backend", "__version__"]
