@@ -21,7 +21,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -33,6 +32,7 @@ constexpr int kMaxDigitBits = 12;
 constexpr int64_t kSortChunk = 1 << 15;   // ids per radix chunk
 constexpr int64_t kRegBlock = 256;        // ids per partial sum of R
 constexpr int64_t kRowGrain = 64;         // distinct ids per backward task
+constexpr int64_t kPrefetch = 16;         // positions between a gradient row's prefetch and its use
 
 void check_table(const at::Tensor& weight, const at::Tensor& frequencies) {
   TORCH_CHECK(weight.dim() == 2, "din_ext: weight must have shape [V, D], got ", weight.sizes());
@@ -226,23 +226,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mba_embed
               num_rows, "), got ", padding_idx);
   const at::Tensor weight = weight_in.contiguous(), ids = ids_in.contiguous(), frequencies = frequencies_in.contiguous();
   const auto opts = ids.options().dtype(at::kLong);
-  at::Tensor out = at::empty({n, dim}, weight.options());
   at::Tensor unique_ids, offsets, order;
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "mba_embedding", [&] {
     const index_t* ids_ptr = ids.const_data_ptr<index_t>();
     check_ids_in_range(ids_ptr, n, num_rows);
     auto [keys, pos] = sort_by_id(ids_ptr, n, num_rows);
     std::tie(unique_ids, offsets, order) = group(keys, pos, padding_idx, opts);
-    // The lookup itself: one row copy per position, any dtype.
-    const auto* w = static_cast<const char*>(weight.const_data_ptr());
-    auto* o = static_cast<char*>(out.data_ptr());
-    const int64_t row_bytes = dim * weight.element_size();
-    at::parallel_for(0, n, 1024, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        std::memcpy(o + i * row_bytes, w + static_cast<int64_t>(ids_ptr[i]) * row_bytes, row_bytes);
-      }
-    });
   });
+  at::Tensor out = at::index_select(weight, 0, ids);  // the lookup itself (ids checked above)
   const Frequencies freq(frequencies);
   double reg = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "mba_regularization", [&] {
@@ -298,12 +289,23 @@ at::Tensor mba_embedding_backward(const at::Tensor& grad_out_in, const at::Tenso
     const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     scalar_t* out = grad_rows.data_ptr<scalar_t>();
+    // The rows of an id are scattered over grad_out (cache misses, latency-bound): prefetch the rows kPrefetch
+    // positions ahead in the grouped order, across id boundaries.
+    const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
+    auto prefetch_row = [&](int64_t k) {
+      const char* row = reinterpret_cast<const char*>(g + order_ptr[k] * dim);
+      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b);
+    };
     at::parallel_for(0, num_unique, kRowGrain, [&](int64_t u0, int64_t u1) {
-      std::vector<acc_t> acc(dim);
+      std::vector<acc_t> acc_buffer(dim);
+      acc_t* __restrict__ acc = acc_buffer.data();
+      const int64_t k_end = offsets_ptr[u1];
+      for (int64_t k = offsets_ptr[u0]; k < std::min(k_end, offsets_ptr[u0] + kPrefetch); ++k) prefetch_row(k);
       for (int64_t u = u0; u < u1; ++u) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
+        std::fill(acc, acc + dim, acc_t(0));
         for (int64_t k = offsets_ptr[u]; k < offsets_ptr[u + 1]; ++k) {
-          const scalar_t* row = g + order_ptr[k] * dim;
+          if (k + kPrefetch < k_end) prefetch_row(k + kPrefetch);
+          const scalar_t* __restrict__ row = g + order_ptr[k] * dim;
           for (int64_t d = 0; d < dim; ++d) acc[d] += static_cast<acc_t>(row[d]);
         }
         const int64_t j = unique_ptr[u];
