@@ -75,7 +75,8 @@ class MBAEmbedding(nn.Module):
         self.reg_lambda, self.padding_idx, self.sparse, self.backend = float(reg_lambda), padding_idx, sparse, backend
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
         self.register_buffer("frequencies", self._checked_frequencies(frequencies, device))
-        self.last_regularization: Optional[torch.Tensor] = None
+        # A (non-persistent) buffer, so that torch.export records its update as a buffer mutation.
+        self.register_buffer("last_regularization", None, persistent=False)
         self.reset_parameters()
 
     def _checked_frequencies(self, frequencies, device) -> torch.Tensor:

@@ -339,6 +339,47 @@ def test_opcheck_cpu(sparse):
                           (grad_out, args[0].detach(), args[2], unique_ids, offsets, order, 0.25))
 
 
+@requires_cpp
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_compile_cpu(sparse):
+    """torch.compile(fullgraph=True) through the op, its fake kernel (data-dependent sizes) and its autograd."""
+    weight, frequencies = make_table(20, 4)
+    ids = [random_ids((5,), 20, 1), random_ids((5, 3), 20, 2)]
+
+    def fn(w, a, b):
+        (x, y), reg = din_ext.ops.mba_embedding(w, [a, b], frequencies, 0.1, padding_idx=2, sparse=sparse,
+                                                backend="cpu")
+        return (x.sum(-1)[:, None] * y.sum(-1)).sum(), reg
+
+    results = []
+    for f in (torch.compile(fn, fullgraph=True), fn):
+        w = weight.clone().requires_grad_()
+        loss, reg = f(w, *ids)
+        loss.backward()
+        results.append((loss, reg, w.grad.to_dense()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@requires_cpp
+def test_export_cpu():
+    torch.manual_seed(0)
+    emb = din_ext.MBAEmbedding(20, 4, torch.randint(0, 3, (20,)), 0.1, padding_idx=2, backend="cpu")
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = emb
+
+        def forward(self, a, b):
+            x, y = self.emb(a, b)
+            return x.sum(-1)[:, None] * y.sum(-1)
+
+    ids = (random_ids((5,), 20, 1), random_ids((5, 3), 20, 2))
+    program = torch.export.export(Model(), ids)
+    torch.testing.assert_close(program.module()(*ids), Model()(*ids))
+
+
 def test_opcheck_triton():
     if os.environ.get("TRITON_INTERPRET") != "1" or not mba_ops.has_triton_kernels():
         pytest.skip("needs triton and TRITON_INTERPRET=1 (CI: TRITON_INTERPRET=1 pytest python_tests -k triton)")
