@@ -12,7 +12,8 @@ table. Variants, side by side on the same ids:
     python bench/bench_mba.py                                  # V = 1e4 .. 1e7, D = 32, float32
     python bench/bench_mba.py --rows 10000 100000 --out bench/results/mba_cpu.md
 
-Times: median and interquartile range of torch.utils.benchmark.Timer.blocked_autorange. "same" ids are drawn once
+Times: median and interquartile range of single steps (perf_counter; at least --repeats steps and --seconds), after
+one warm-up step; a full-table step at V = 1e7 takes seconds, too long for torch.utils.benchmark's blocks. "same" ids are drawn once
 in [0, 1e4) (Zipf-like), so every table size sees identical ids; --ids spread also maps them to id * 7919 mod V,
 spread over the table (one cache miss per distinct row). Timings are reported, never asserted.
 """
@@ -23,10 +24,12 @@ import argparse
 import datetime
 import gc
 import platform
+import statistics
 import sys
+import time
+from dataclasses import dataclass
 
 import torch
-import torch.utils.benchmark as benchmark
 
 import din_ext
 from bench_attention import git_commit, machine_description  # the same machine/commit lines as its table
@@ -52,7 +55,7 @@ def build(variant: str, num_rows: int, dim: int, reg_lambda: float, frequencies:
     return emb, torch.optim.SGD(emb.parameters(), lr=0.01), reg
 
 
-def measure(variant, num_rows, ids, grad, frequencies, args) -> benchmark.Measurement:
+def measure(variant, num_rows, ids, grad, frequencies, args) -> "Timing":
     emb, opt, reg = build(variant, num_rows, args.dim, args.reg_lambda, frequencies)
 
     def step():
@@ -64,12 +67,28 @@ def measure(variant, num_rows, ids, grad, frequencies, args) -> benchmark.Measur
         opt.step()
 
     step()  # warm-up (first-touch of the gradient buffers)
-    seconds = args.seconds if variant != "mba-reference" or num_rows < 10**6 else min(args.seconds, 1.0)
-    m = benchmark.Timer("step()", globals={"step": step}, num_threads=args.threads).blocked_autorange(
-        min_run_time=seconds)
+    times = []
+    while len(times) < args.repeats or sum(times) < args.seconds:
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
     del emb, opt, reg, step
     gc.collect()
-    return m
+    return Timing(times)
+
+
+@dataclass
+class Timing:
+    times: list
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def iqr(self) -> float:
+        q = statistics.quantiles(self.times, n=4)
+        return q[2] - q[0]
 
 
 def frequencies_for(ids: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -100,7 +119,8 @@ def main(argv=None):
     parser.add_argument("--ids", nargs="+", default=["same"], choices=["same", "spread"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--seconds", type=float, default=3.0, help="minimum seconds per measurement")
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum seconds of steps per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="minimum steps per measurement")
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -133,6 +133,10 @@ def _pick_backend(backend: str, device: torch.device) -> str:
                                "backend='triton' (pip install triton)")
         if has_triton_kernels():
             return "triton"
+        if name == "cuda":
+            _backend._warn_once("mba-cuda", "din_ext: the cuda backend was built without mba_embedding and triton "
+                                            "is not installed; running the slow pure-PyTorch reference on the GPU")
+            return "reference"
     return name
 
 
