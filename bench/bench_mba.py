@@ -55,26 +55,37 @@ def build(variant: str, num_rows: int, dim: int, reg_lambda: float, frequencies:
     return emb, torch.optim.SGD(emb.parameters(), lr=0.01), reg
 
 
-def measure(variant, num_rows, ids, grad, frequencies, args) -> "Timing":
-    emb, opt, reg = build(variant, num_rows, args.dim, args.reg_lambda, frequencies)
+def measure_all(variants, num_rows, ids, grad, frequencies, args) -> dict:
+    """Timing per variant. The variants' steps are interleaved round by round, so that a change in the load of a
+    shared machine hits them all alike."""
+    steps = {}
+    for variant in variants:
+        emb, opt, reg = build(variant, num_rows, args.dim, args.reg_lambda, frequencies)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = (emb(ids) * grad).sum()
-        if reg is not None:
-            loss = loss + reg()
-        loss.backward()
-        opt.step()
+        def step(emb=emb, opt=opt, reg=reg):
+            opt.zero_grad(set_to_none=True)
+            loss = (emb(ids) * grad).sum()
+            if reg is not None:
+                loss = loss + reg()
+            loss.backward()
+            opt.step()
 
-    step()  # warm-up (first-touch of the gradient buffers)
-    times = []
-    while len(times) < args.repeats or sum(times) < args.seconds:
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    del emb, opt, reg, step
+        step()  # warm-up (first-touch of the gradient buffers)
+        steps[variant] = step
+    times = {v: [] for v in variants}
+    spent = {v: 0.0 for v in variants}
+    while any(len(t) < args.repeats or spent[v] < args.seconds for v, t in times.items()):
+        for variant, step in steps.items():
+            # The slow variants stop at --repeats steps; the fast ones also fill --seconds.
+            if len(times[variant]) >= args.repeats and spent[variant] >= args.seconds:
+                continue
+            start = time.perf_counter()
+            step()
+            times[variant].append(time.perf_counter() - start)
+            spent[variant] += times[variant][-1]
+    del steps
     gc.collect()
-    return Timing(times)
+    return {v: Timing(t) for v, t in times.items()}
 
 
 @dataclass
@@ -84,6 +95,10 @@ class Timing:
     @property
     def median(self) -> float:
         return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
 
     @property
     def iqr(self) -> float:
@@ -130,8 +145,8 @@ def main(argv=None):
              f"{torch.unique(base_ids).numel()} distinct ids per step. 'x floor': time / sparse-floor time at the "
              "same V; 'x V=first': time / the same variant's time at the smallest V; 'full-l2 / this': speed-up "
              "over full-table L2.", "",
-             "| ids | V | variant | median ms | IQR ms | x floor | x V=first | full-l2 / this |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| ids | V | variant | median ms | IQR ms | min ms | steps | x floor | x V=first | full-l2 / this |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     for mode in args.ids:
         first = {}
@@ -141,12 +156,13 @@ def main(argv=None):
             if mode == "spread":
                 frequencies = torch.zeros(num_rows, dtype=torch.long).index_put_(
                     (torch.arange(10_000) * 7919 % num_rows,), frequencies[:10_000], accumulate=True)
-            times = {v: measure(v, num_rows, ids, grad, frequencies, args) for v in args.variants}
+            times = measure_all(args.variants, num_rows, ids, grad, frequencies, args)
             for v, m in times.items():
                 first.setdefault(v, m.median)
                 floor = times["sparse-floor"].median if "sparse-floor" in times else float("nan")
                 full = times["full-l2"].median if "full-l2" in times else float("nan")
                 line = (f"| {mode} | {num_rows:.0e} | {v} | {m.median * 1e3:.2f} | {m.iqr * 1e3:.2f} | "
+                        f"{m.min * 1e3:.2f} | {len(m.times)} | "
                         f"{m.median / floor:.2f} | {m.median / first[v]:.2f} | {full / m.median:.1f} |")
                 lines.append(line)
                 print(line, flush=True)
