@@ -400,11 +400,11 @@ def test_gradcheck_cpu():
 
 @requires_cpp
 def test_thread_count_reproducible():
-    """Bitwise identical for 1 and 2 threads, over several radix chunks and grain blocks."""
-    V, D = 300_000, 5
+    """Bitwise identical for 1 and 2 threads; 1.2M ids, so that the grouping passes run in parallel too."""
+    V, D = 300_000, 3
     weight, frequencies = make_table(V, D, dtype=torch.float32, max_count=1000)
-    ids = [random_ids((70_000,), 5000, 1), random_ids((30_000,), V, 2)]  # hot ids repeated ~20 times
-    g = torch.randn(100_000, D, generator=torch.Generator().manual_seed(0))
+    ids = [random_ids((900_000,), 5000, 1), random_ids((300_000,), V, 2)]  # hot ids repeated ~180 times
+    g = torch.randn(1_200_000, D, generator=torch.Generator().manual_seed(0))
 
     def run():
         w = weight.clone().requires_grad_()

@@ -33,6 +33,10 @@ constexpr int64_t kSortChunk = 1 << 15;   // ids per radix chunk
 constexpr int64_t kRegBlock = 256;        // ids per partial sum of R
 constexpr int64_t kRowGrain = 64;         // distinct ids per backward task
 constexpr int64_t kPrefetch = 16;         // positions between a gradient row's prefetch and its use
+// Below this many ids the grouping passes run on one thread: sorting 2e5 ids takes a few ms, less than what a
+// parallel region costs on a busy machine (a descheduled thread stalls the barrier).
+constexpr int64_t kMinParallelIds = 1 << 20;
+constexpr int64_t kChunkGrain = kMinParallelIds / kSortChunk;  // radix chunks per parallel task
 
 void check_table(const at::Tensor& weight, const at::Tensor& frequencies) {
   TORCH_CHECK(weight.dim() == 2, "din_ext: weight must have shape [V, D], got ", weight.sizes());
@@ -73,7 +77,7 @@ template <typename index_t>
 void check_ids_in_range(const index_t* ids, int64_t n, int64_t num_rows) {
   // Bad positions are found in parallel; the error names the first one.
   const int64_t bad = at::parallel_reduce(
-      0, n, kSortChunk, n,
+      0, n, kMinParallelIds, n,
       [&](int64_t i0, int64_t i1, int64_t first) {
         for (int64_t i = i0; i < i1 && i < first; ++i) {
           const int64_t id = static_cast<int64_t>(ids[i]);
@@ -91,7 +95,7 @@ void check_ids_in_range(const index_t* ids, int64_t n, int64_t num_rows) {
 template <typename index_t>
 std::pair<std::vector<int64_t>, std::vector<int64_t>> sort_by_id(const index_t* ids, int64_t n, int64_t num_rows) {
   std::vector<int64_t> keys(n), pos(n), keys_tmp(n), pos_tmp(n);
-  at::parallel_for(0, n, kSortChunk, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, n, kMinParallelIds, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       keys[i] = static_cast<int64_t>(ids[i]);
       pos[i] = i;
@@ -109,7 +113,7 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> sort_by_id(const index_t* 
     const int shift = pass * digit_bits;
     const int64_t mask = buckets - 1;
     std::fill(counts.begin(), counts.end(), 0);
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, chunks, kChunkGrain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         int64_t* count = counts.data() + c * buckets;
         for (int64_t i = c * kSortChunk, end = std::min(n, i + kSortChunk); i < end; ++i) {
@@ -125,7 +129,7 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> sort_by_id(const index_t* 
         total += k;
       }
     }
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, chunks, kChunkGrain, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         int64_t* next = counts.data() + c * buckets;
         for (int64_t i = c * kSortChunk, end = std::min(n, i + kSortChunk); i < end; ++i) {
@@ -157,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group(const std::vector<int64_t>&
   int64_t* order_ptr = order.data_ptr<int64_t>();
   const int64_t chunks = (m + kSortChunk - 1) / kSortChunk;
   std::vector<int64_t> starts(chunks + 1, 0);  // per chunk: how many ids begin in it
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, chunks, kChunkGrain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t count = 0;
       for (int64_t i = c * kSortChunk, end = std::min(m, i + kSortChunk); i < end; ++i) {
@@ -174,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group(const std::vector<int64_t>&
   int64_t* unique_ptr = unique_ids.data_ptr<int64_t>();
   int64_t* offsets_ptr = offsets.data_ptr<int64_t>();
   offsets_ptr[num_unique] = m;
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, chunks, kChunkGrain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t u = starts[c];
       for (int64_t i = c * kSortChunk, end = std::min(m, i + kSortChunk); i < end; ++i) {
@@ -194,7 +198,7 @@ double regularization(const scalar_t* w, int64_t dim, const int64_t* unique_ids,
                       const Frequencies& freq, double reg_lambda) {
   const int64_t blocks = (num_unique + kRegBlock - 1) / kRegBlock;
   std::vector<double> partial(blocks, 0.0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, kMinParallelIds / (kRegBlock * 64), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       double sum = 0.0;
       for (int64_t u = b * kRegBlock, end = std::min(num_unique, u + kRegBlock); u < end; ++u) {
