@@ -12,10 +12,11 @@ table. Variants, side by side on the same ids:
     python bench/bench_mba.py                                  # V = 1e4 .. 1e7, D = 32, float32
     python bench/bench_mba.py --rows 10000 100000 --out bench/results/mba_cpu.md
 
-Times: median and interquartile range of single steps (perf_counter; at least --repeats steps and --seconds), after
-one warm-up step; a full-table step at V = 1e7 takes seconds, too long for torch.utils.benchmark's blocks. "same" ids are drawn once
-in [0, 1e4) (Zipf-like), so every table size sees identical ids; --ids spread also maps them to id * 7919 mod V,
-spread over the table (one cache miss per distinct row). Timings are reported, never asserted.
+Times: median, interquartile range and min of single steps (perf_counter; at least --repeats steps and --seconds),
+after one warm-up step, the variants' steps interleaved; a full-table step at V = 1e7 takes seconds, too long for
+torch.utils.benchmark's blocks. "same" ids are drawn once in [0, 1e4) (Zipf-like), so every table size sees identical
+ids; --ids spread maps them to id * 7919 mod V, spread over the table (a cache miss per distinct row). Timings are
+reported, never asserted.
 """
 
 from __future__ import annotations
@@ -55,14 +56,14 @@ def build(variant: str, num_rows: int, dim: int, reg_lambda: float, frequencies:
     return emb, torch.optim.SGD(emb.parameters(), lr=0.01), reg
 
 
-def measure_all(variants, num_rows, ids, grad, frequencies, args) -> dict:
-    """Timing per variant. The variants' steps are interleaved round by round, so that a change in the load of a
-    shared machine hits them all alike."""
+def measure_all(cases, grad, args) -> dict:
+    """Timing per case {(variant, V): (ids, frequencies)}. The cases' steps are interleaved round by round, so that
+    a change in the load of a shared machine hits them all alike."""
     steps = {}
-    for variant in variants:
+    for (variant, num_rows), (ids, frequencies) in cases.items():
         emb, opt, reg = build(variant, num_rows, args.dim, args.reg_lambda, frequencies)
 
-        def step(emb=emb, opt=opt, reg=reg):
+        def step(emb=emb, opt=opt, reg=reg, ids=ids):
             opt.zero_grad(set_to_none=True)
             loss = (emb(ids) * grad).sum()
             if reg is not None:
@@ -71,9 +72,9 @@ def measure_all(variants, num_rows, ids, grad, frequencies, args) -> dict:
             opt.step()
 
         step()  # warm-up (first-touch of the gradient buffers)
-        steps[variant] = step
-    times = {v: [] for v in variants}
-    spent = {v: 0.0 for v in variants}
+        steps[variant, num_rows] = step
+    times = {c: [] for c in cases}
+    spent = {c: 0.0 for c in cases}
     while any(len(t) < args.repeats or spent[v] < args.seconds for v, t in times.items()):
         for variant, step in steps.items():
             # The slow variants stop at --repeats steps; the fast ones also fill --seconds.
@@ -106,10 +107,14 @@ class Timing:
         return q[2] - q[0]
 
 
-def frequencies_for(ids: torch.Tensor, num_rows: int) -> torch.Tensor:
-    counts = torch.zeros(num_rows, dtype=torch.long)
-    counts[: 10_000] = din_ext.count_frequencies(ids, 10_000) * 100  # as if from a 100-step epoch
-    return counts
+def case_inputs(base_ids: torch.Tensor, num_rows: int, mode: str):
+    """(ids, frequencies) of a table of num_rows rows: frequencies as if counted over a 100-step epoch."""
+    counts = din_ext.count_frequencies(base_ids, 10_000) * 100
+    if mode == "same":
+        return base_ids, torch.cat([counts, torch.zeros(num_rows - 10_000, dtype=torch.long)])
+    spread = torch.arange(10_000) * 7919 % num_rows
+    return base_ids * 7919 % num_rows, torch.zeros(num_rows, dtype=torch.long).index_put_((spread,), counts,
+                                                                                            accumulate=True)
 
 
 def header(args) -> str:
@@ -136,6 +141,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum seconds of steps per measurement")
     parser.add_argument("--repeats", type=int, default=5, help="minimum steps per measurement")
+    parser.add_argument("--flat", action="store_true", help="also time the sparse variants at every V interleaved")
     parser.add_argument("--out", help="also write the markdown table here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -151,12 +157,9 @@ def main(argv=None):
     for mode in args.ids:
         first = {}
         for num_rows in args.rows:
-            ids = base_ids if mode == "same" else base_ids * 7919 % num_rows
-            frequencies = frequencies_for(base_ids, num_rows)
-            if mode == "spread":
-                frequencies = torch.zeros(num_rows, dtype=torch.long).index_put_(
-                    (torch.arange(10_000) * 7919 % num_rows,), frequencies[:10_000], accumulate=True)
-            times = measure_all(args.variants, num_rows, ids, grad, frequencies, args)
+            inputs = case_inputs(base_ids, num_rows, mode)
+            times = {v: m for (v, _), m in measure_all({(v, num_rows): inputs for v in args.variants}, grad,
+                                                          args).items()}
             for v, m in times.items():
                 first.setdefault(v, m.median)
                 floor = times["sparse-floor"].median if "sparse-floor" in times else float("nan")
@@ -166,6 +169,20 @@ def main(argv=None):
                         f"{m.median / floor:.2f} | {m.median / first[v]:.2f} | {full / m.median:.1f} |")
                 lines.append(line)
                 print(line, flush=True)
+    if args.flat:
+        # The sparse variants at every V in the same rounds: their growth with V, free of drifts in the load.
+        lines += ["", "Flatness, every V interleaved in the same rounds (same ids): time / the variant's time at the "
+                  "smallest V.", "", "| variant | V | median ms | IQR ms | min ms | steps | x V=first (median) | "
+                  "x V=first (min) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        print("\n".join(lines[-5:]), flush=True)
+        cases = {(v, n): case_inputs(base_ids, n, "same") for v in ("mba-cpu", "sparse-floor") for n in args.rows}
+        times = measure_all(cases, grad, args)
+        for (v, n), m in times.items():
+            base = times[v, args.rows[0]]
+            line = (f"| {v} | {n:.0e} | {m.median * 1e3:.2f} | {m.iqr * 1e3:.2f} | {m.min * 1e3:.2f} | "
+                    f"{len(m.times)} | {m.median / base.median:.2f} | {m.min / base.min:.2f} |")
+            lines.append(line)
+            print(line, flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
