@@ -449,3 +449,13 @@ def test_backend_selection_triton(monkeypatch):
         out, _ = din_ext.ops.mba_embedding(w, ids, frequencies, 0.1)
         out.sum().backward()
     assert calls == ["reg_terms", "backward_rows"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the choice for GPU tensors on a machine without a GPU")
+def test_backend_choice_for_gpu_tensors_without_cuda_kernels():
+    """backend="auto" for CUDA tensors takes the triton kernel when the cuda one is missing; explicit names stay."""
+    cuda = torch.device("cuda")
+    assert mba_ops._pick_backend("reference", cuda) == "reference"
+    assert mba_ops._pick_backend("auto", cuda) == ("triton" if mba_ops.has_triton_kernels() else "reference")
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        mba_ops._pick_backend("cuda", cuda)

@@ -127,7 +127,7 @@ def _pick_backend(backend: str, device: torch.device) -> str:
             raise RuntimeError("din_ext backend 'triton' is not available: `pip install triton`")
         return "triton"
     name = _backend.resolve(wanted, device)
-    if device.type == "cuda" and name in ("cuda", "reference") and not _has_cuda_kernel():
+    if device.type == "cuda" and wanted != "reference" and name in ("cuda", "reference") and not _has_cuda_kernel():
         if wanted == "cuda":
             raise RuntimeError("din_ext backend 'cuda' was built without the mba_embedding kernel; use "
                                "backend='triton' (pip install triton)")
