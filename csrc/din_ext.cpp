@@ -10,6 +10,15 @@
 //   act_params [P, sum(H_i)]: per-feature activation parameters of all hidden layers, concatenated:
 //     P = 0 (sigmoid, relu), P = 1 (prelu: slope), P = 5 (dice: alpha, gamma, beta, running_mean, running_var)
 //   stats [2, sum(H_i)]: Dice batch mean and biased variance over valid rows (training mode; zeros otherwise)
+//
+// MBA embedding (DIN paper section 5.1; din_ext/ops/mba.py is the Python side):
+//   weight [V, D]; ids [N] int32/int64 in [0, V), all the step's lookups of the table concatenated;
+//   frequencies [V] float32/float64/int64, n_j (values below 1 count as 1); padding_idx in [0, V) or -1 (none).
+//   Forward: out [N, D] = weight[ids]; reg [] = reg_lambda / 2 * sum_{j in U} ||w_j||^2 / n_j (float64 for float64
+//   weights, else float32) over the distinct non-padding ids U; unique_ids [U] ascending; order [M] int64: the
+//   positions of the M non-padding ids, grouped by id (ascending positions within an id); offsets [U + 1]: id
+//   unique_ids[u] occurs at positions order[offsets[u] : offsets[u + 1]]. `sparse` is read by the autograd only.
+//   Backward: grad_rows [U, D] = sum of grad_out over the id's positions + reg_lambda * w_j / n_j.
 #include <torch/library.h>
 
 TORCH_LIBRARY(din_ext, m) {
@@ -27,4 +36,10 @@ TORCH_LIBRARY(din_ext, m) {
   m.def(
       "dice_backward(Tensor grad_y, Tensor x, Tensor? mask, Tensor params, Tensor stats, bool training, "
       "float eps) -> (Tensor grad_x, Tensor grad_params)");
+  m.def(
+      "mba_embedding(Tensor weight, Tensor ids, Tensor frequencies, float reg_lambda, int padding_idx, bool sparse) "
+      "-> (Tensor out, Tensor reg, Tensor unique_ids, Tensor offsets, Tensor order)");
+  m.def(
+      "mba_embedding_backward(Tensor grad_out, Tensor weight, Tensor frequencies, Tensor unique_ids, "
+      "Tensor offsets, Tensor order, float reg_lambda) -> Tensor grad_rows");
 }

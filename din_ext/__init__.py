@@ -2,9 +2,11 @@
 
 from din_ext import _ext, ops, reference
 from din_ext._backend import available_backends, use_backend
-from din_ext.modules import Dice, LocalActivationUnit
+from din_ext.embedding import MBAEmbedding, count_frequencies
 from din_ext.model import DIN
+from din_ext.modules import Dice, LocalActivationUnit
 
 __version__ = "0.1.0"
 
-__all__ = ["DIN", "Dice", "LocalActivationUnit", "available_backends", "ops", "reference", "use_backend", "__version__"]
+__all__ = ["DIN", "Dice", "LocalActivationUnit", "MBAEmbedding", "available_backends", "count_frequencies", "ops",
+           "reference", "use_backend", "__version__"]

@@ -182,3 +182,24 @@ def mba_regularization(
     grad = scale[:, None] * weight
     value = 0.5 * (scale * (weight * weight).sum(1)).sum()
     return value, grad
+
+
+def mba_embedding(
+    weight: torch.Tensor,
+    ids: Union[torch.Tensor, Sequence[torch.Tensor]],
+    frequencies: torch.Tensor,
+    reg_lambda: float,
+    padding_idx: Optional[int] = None,
+) -> Tuple[Union[torch.Tensor, Tuple[torch.Tensor, ...]], torch.Tensor]:
+    """The MBA embedding as a loss term: lookups plus a differentiable R (DIN paper section 5.1).
+
+    weight: (V, D); ids: a tensor or a list of tensors of one step; frequencies: (V,) n_j, values below 1 count as 1.
+    Returns (embeddings, R): embeddings ids.shape + (D,) (a tuple for a list), R = reg_lambda / 2 * sum_{j in U}
+    ||w_j||^2 / n_j. The gradient of ``loss + R`` is what din_ext.ops.mba_embedding's backward yields for ``loss``
+    alone: the padding row gets neither a data nor a regularization gradient.
+    """
+    single = isinstance(ids, torch.Tensor)
+    id_list = [ids] if single else list(ids)
+    outs = tuple(F.embedding(i.long(), weight, padding_idx=padding_idx) for i in id_list)
+    value, _ = mba_regularization(weight, id_list, frequencies.clamp_min(1), reg_lambda, padding_idx)
+    return (outs[0] if single else outs), value

@@ -2,5 +2,6 @@
 
 from din_ext.ops.attention import local_activation_attention
 from din_ext.ops.dice import dice
+from din_ext.ops.mba import mba_embedding
 
-__all__ = ["local_activation_attention", "dice"]
+__all__ = ["local_activation_attention", "dice", "mba_embedding"]
