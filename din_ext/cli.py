@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from din_ext import _backend, metrics
+from din_ext.embedding import MBAEmbedding
 from din_ext.data.core import Interactions, Schema, iterate_batches
 from din_ext.model import DIN, load_checkpoint, save_checkpoint
 
@@ -206,6 +207,43 @@ def _widths(text: str) -> Tuple[int, ...]:
     return widths
 
 
+class _Optimizers:
+    """Several optimizers stepped together: SparseAdam for the MBA tables, Adam for the rest."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        states = state.get("optimizers") if isinstance(state, dict) else None
+        if not isinstance(states, list) or len(states) != len(self.optimizers):
+            raise ValueError("--resume: the checkpoint's optimizer state does not match this model's optimizers")
+        for optimizer, part in zip(self.optimizers, states):
+            optimizer.load_state_dict(part)
+
+
+def make_optimizer(model: DIN, lr: float):
+    """Adam; with MBA tables (sparse gradients: one row per distinct id of the step), SparseAdam for those tables
+    so that a step touches only the rows the batch used, and Adam for every other parameter."""
+    sparse = [p for m in model.modules() if isinstance(m, MBAEmbedding) and m.sparse
+              for p in m.parameters(recurse=False)]
+    if not sparse:
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in ids]
+    return _Optimizers(torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr))
+
+
 def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
     """Trains per ``args`` (see ``din-ext train --help``); returns the final metrics (also in OUT/metrics.json)."""
     epochs = _positive("epochs", args.epochs)
@@ -246,7 +284,7 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
                     normalization=args.normalization, mba_lambda=args.mba_lambda)
     model.backend = args.backend
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = make_optimizer(model, lr)
     history: List[Dict[str, Any]] = []
     start_epoch, best = 0, -math.inf
     if checkpoint is not None:
@@ -265,7 +303,7 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
     for epoch in range(start_epoch, epochs):
         model.train()
         progress = _Progress(len(train_set), f"epoch {epoch + 1}/{epochs}", not args.no_progress)
-        total_loss, seen, tick = 0.0, 0, time.perf_counter()
+        total_loss, total_reg, seen, tick = 0.0, 0.0, 0, time.perf_counter()
         for batch in iterate_batches(train_set, batch_size, shuffle=True, seed=spec["seed"] * 1000 + epoch):
             batch = batch.to(device)
             loss = loss_fn(model(batch), _labels(batch, model.tasks).to(device)) * len(model.tasks)
@@ -273,6 +311,8 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
             loss.backward()
             optimizer.step()
             value = loss.item()
+            reg = model.regularization()
+            total_reg += 0.0 if reg is None else float(reg) * len(batch)
             total_loss += value * len(batch)
             seen += len(batch)
             progress.update(len(batch), value)
@@ -281,6 +321,8 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
         result = evaluate(model, test_set, eval_batch_size, device)
         result.update(epoch=epoch + 1, train_loss=total_loss / seen, train_samples_per_second=seen / train_seconds,
                       train_seconds=train_seconds)
+        if model.mba_lambda:
+            result.update(train_mba_regularization=total_reg / seen)
         history.append(result)
         score = result["gauc"] if not math.isnan(result["gauc"]) else result["auc"]
         is_best = score > best
@@ -289,7 +331,8 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
         save_checkpoint(last_path, state)
         if is_best:
             save_checkpoint(best_path, state)
-        _say(args, f"epoch {epoch + 1}/{epochs}  train loss {result['train_loss']:.4f}  "
+        reg_text = f" (+ MBA R {result['train_mba_regularization']:.4f})" if model.mba_lambda else ""
+        _say(args, f"epoch {epoch + 1}/{epochs}  train loss {result['train_loss']:.4f}{reg_text}  "
                    f"{seen / train_seconds:,.0f} samples/s  |  test {_format(result)}{'  (best)' if is_best else ''}")
     return _finish(out, history[-1], history, model)
 
@@ -445,7 +488,7 @@ def _train_options(parser: argparse.ArgumentParser, with_model: bool) -> None:
     parser.add_argument("--normalization", choices=("none", "softmax"), default="none",
                         help="attention weights: none (the paper) or softmax")
     parser.add_argument("--mba-lambda", type=float, default=0.0,
-                        help="mini-batch aware regularization strength (needs din_ext.MBAEmbedding)")
+                        help="MBA regularization strength lambda (DIN paper 5.1): embedding tables become din_ext.MBAEmbedding, trained with SparseAdam")
     parser.add_argument("--out", default="din-ext-run", help="checkpoints (last.pt, best.pt) and metrics.json")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt up to --epochs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -253,20 +253,33 @@ class DIN(nn.Module):
                 got = None if dense is None else (dense.dtype, tuple(dense.shape))
                 raise ValueError(f"batch.dense must be float [{rows}, {self.schema.dense_dim}], got {got}")
 
+    def _lookup(self, field: str, *ids: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The embeddings of ``ids`` in the table of ``field``, one call per table per step (so an MBA table counts
+        an id shared by the candidate and the history once), always as a tuple."""
+        out = self.embeddings[field](*ids)
+        return out if isinstance(out, tuple) else (out,)
+
+    def regularization(self) -> Optional[torch.Tensor]:
+        """The MBA regularization value R of the last training step, summed over the tables (None without MBA).
+        R's gradient is already in the tables' gradients; this value is for logging only."""
+        values = [t.last_regularization for t in self.embeddings.values()
+                  if getattr(t, "last_regularization", None) is not None]
+        return torch.stack(values).sum() if values else None
+
     def forward(self, batch: Interactions) -> torch.Tensor:
         """batch: Interactions with S rows. Returns logits (S, T), T = len(schema.tasks)."""
         self.check_batch(batch)
         schema = self.schema
-        parts = [self.embeddings[f](batch.user[f])[0] for f in schema.user_fields]
+        parts = [self._lookup(f, batch.user[f])[0] for f in schema.user_fields]
         query, keys = [], []
         total = int(batch.hist_offsets[-1])
         for field in schema.item_fields:
             if field in schema.history_fields:
-                candidate, behaviours = self.embeddings[field](batch.item[field], batch.hist[field][:total])
+                candidate, behaviours = self._lookup(field, batch.item[field], batch.hist[field][:total])
                 query.append(candidate)
                 keys.append(behaviours)
             else:
-                (candidate,) = self.embeddings[field](batch.item[field])
+                (candidate,) = self._lookup(field, batch.item[field])
             parts.append(candidate)
         keys = torch.cat(keys, dim=1) if len(keys) > 1 else keys[0]
         query = torch.cat(query, dim=1) if len(query) > 1 else query[0]

@@ -17,3 +17,4 @@ def test_readme_example_runs():
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["interest"].shape == (1024, 32)
     assert namespace["y"].shape == (64, 200)
+    assert float(namespace["reg"]) > 0  # the MBA example regularized the rows it used
