@@ -134,4 +134,17 @@ void check_dice_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
   }
 }
 
+void check_backward_args(const at::Tensor& grad, const char* grad_name, at::IntArrayRef grad_shape,
+                         const at::Tensor& stats, int64_t hidden, const at::Tensor& like) {
+  TORCH_CHECK(grad.sizes() == grad_shape, "din_ext: ", grad_name, " must have shape ", grad_shape, ", got ",
+              grad.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == hidden,
+              "din_ext: stats must have shape [2, ", hidden, "], got ", stats.sizes());
+  TORCH_CHECK(grad.scalar_type() == like.scalar_type() && stats.scalar_type() == like.scalar_type(),
+              "din_ext: ", grad_name, " and stats must have the dtype ", like.scalar_type(), ", got ",
+              grad.scalar_type(), " and ", stats.scalar_type());
+  TORCH_CHECK(grad.device() == like.device() && stats.device() == like.device(), "din_ext: ", grad_name,
+              " and stats must be on ", like.device(), ", got ", grad.device(), " and ", stats.device());
+}
+
 }  // namespace din_ext

@@ -38,4 +38,9 @@ AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& k
 // Checks a Dice op's arguments: x [N, H], mask [N] bool, params [5, H].
 void check_dice_args(const at::Tensor& x, const std::optional<at::Tensor>& mask, const at::Tensor& params);
 
+// Checks the extra arguments of a backward op: the incoming gradient (shape grad_shape) and the forward's batch
+// statistics [2, hidden] must have the dtype and device of `like`.
+void check_backward_args(const at::Tensor& grad, const char* grad_name, at::IntArrayRef grad_shape,
+                         const at::Tensor& stats, int64_t hidden, const at::Tensor& like);
+
 }  // namespace din_ext

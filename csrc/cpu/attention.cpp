@@ -744,12 +744,7 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
   const Normalization norm = parse_normalization(normalization);
   const AttentionShape shape =
       check_attention_args(query_, keys_, values_, starts_, lengths_, max_len, weights, biases, act_params, act);
-  TORCH_CHECK(grad_out_.dim() == 2 && grad_out_.size(0) == shape.batch && grad_out_.size(1) == shape.value_dim,
-              "din_ext: grad_out must have shape [", shape.batch, ", ", shape.value_dim, "], got ", grad_out_.sizes());
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == shape.hidden_total,
-              "din_ext: stats must have shape [2, ", shape.hidden_total, "], got ", stats.sizes());
-  TORCH_CHECK(grad_out_.scalar_type() == query_.scalar_type() && stats.scalar_type() == query_.scalar_type(),
-              "din_ext: grad_out and stats must have the dtype of query");
+  check_backward_args(grad_out_, "grad_out", {shape.batch, shape.value_dim}, stats, shape.hidden_total, query_);
   const at::Tensor grad_out = grad_out_.contiguous(), query = query_.contiguous(), keys = keys_.contiguous();
   const at::Tensor values = values_.has_value() ? values_->contiguous() : keys;
   const at::Tensor starts = starts_.contiguous(), lengths = lengths_.contiguous();

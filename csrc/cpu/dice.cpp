@@ -356,14 +356,7 @@ std::tuple<at::Tensor, at::Tensor> dice_backward(const at::Tensor& grad_y_, cons
                                                  const std::optional<at::Tensor>& mask, const at::Tensor& params_,
                                                  const at::Tensor& stats_, bool training, double eps) {
   check_dice_args(x_, mask, params_);
-  TORCH_CHECK(grad_y_.sizes() == x_.sizes(), "din_ext: grad_y must have shape ", x_.sizes(), ", got ",
-              grad_y_.sizes());
-  TORCH_CHECK(grad_y_.scalar_type() == x_.scalar_type() && grad_y_.device() == x_.device(),
-              "din_ext: grad_y must match the input's dtype and device");
-  TORCH_CHECK(stats_.dim() == 2 && stats_.size(0) == 2 && stats_.size(1) == x_.size(1),
-              "din_ext: stats must have shape [2, ", x_.size(1), "], got ", stats_.sizes());
-  TORCH_CHECK(stats_.scalar_type() == x_.scalar_type() && stats_.device() == x_.device(),
-              "din_ext: stats must match the input's dtype and device");
+  check_backward_args(grad_y_, "grad_y", x_.sizes(), stats_, x_.size(1), x_);
   const at::Tensor x = x_.contiguous();
   const at::Tensor grad_y = grad_y_.contiguous();
   const at::Tensor params = params_.contiguous();

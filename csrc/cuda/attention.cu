@@ -929,15 +929,7 @@ BackwardResult attention_backward(const at::Tensor& grad_out_, const at::Tensor&
   check_devices(query_, weights);
   const AttentionShape shape =
       check_attention_args(query_, keys_, values_, starts_, lengths_, max_len, weights, biases, act_params, act);
-  TORCH_CHECK(grad_out_.dim() == 2 && grad_out_.size(0) == shape.batch && grad_out_.size(1) == shape.value_dim,
-              "din_ext: grad_out must have shape [", shape.batch, ", ", shape.value_dim, "], got ", grad_out_.sizes());
-  TORCH_CHECK(stats_.dim() == 2 && stats_.size(0) == 2 && stats_.size(1) == shape.hidden_total,
-              "din_ext: stats must have shape [2, ", shape.hidden_total, "], got ", stats_.sizes());
-  TORCH_CHECK(grad_out_.scalar_type() == query_.scalar_type() && stats_.scalar_type() == query_.scalar_type(),
-              "din_ext: grad_out and stats must have the dtype of query");
-  TORCH_CHECK(grad_out_.device() == query_.device() && stats_.device() == query_.device(),
-              "din_ext: grad_out and stats must be on ", query_.device(), " (the device of query), got ",
-              grad_out_.device(), " and ", stats_.device());
+  check_backward_args(grad_out_, "grad_out", {shape.batch, shape.value_dim}, stats_, shape.hidden_total, query_);
   const c10::cuda::CUDAGuard guard(query_.device());
   const at::Tensor grad_out = grad_out_.contiguous(), query = query_.contiguous(), keys = keys_.contiguous();
   const at::Tensor values = values_.has_value() ? values_->contiguous() : keys;
