@@ -202,12 +202,18 @@ def test_running_stats_match_batchnorm(backend):
 def test_gradcheck_cpu(activation, training):
     """float64 finite differences through the op, every differentiable input (running statistics included)."""
     torch.manual_seed(0)
-    unit = make_unit(activation, "softmax" if training else "none", hidden=(5, 4), dim=3, training=training)
-    batch = make_batch("jagged", batch=3, max_len=4, dim=3, value_dim=2, garbage=0.0, seed=1)
-    weights = [p.detach().clone().requires_grad_() for p in [*[l.weight for l in unit.linears], unit.out.weight]]
-    biases = [p.detach().clone().requires_grad_() for p in [*[l.bias for l in unit.linears], unit.out.bias]]
+    assert gradcheck_attention(activation, training, "cpu", "cpu")
+
+
+def gradcheck_attention(activation, training, backend, device, hidden=(5, 4), fast_mode=False):
+    """float64 gradcheck of the attention op on ``backend``: softmax in training mode, no normalization in eval, a
+    tiny jagged batch with separate values, gradients of every input (activation parameters and running stats too)."""
+    unit = make_unit(activation, "softmax" if training else "none", hidden=hidden, dim=3, training=training,
+                     device=device)
+    batch = make_batch("jagged", batch=3, max_len=4, dim=3, value_dim=2, garbage=0.0, seed=1, device=device)
+    weights = [p.detach() for p in [*[l.weight for l in unit.linears], unit.out.weight]]
+    biases = [p.detach() for p in [*[l.bias for l in unit.linears], unit.out.bias]]
     params = unit.act_params()
-    params = None if params is None else params.detach().clone().requires_grad_()
     inputs = [batch.query, batch.keys, batch.values, *weights, *biases] + ([params] if params is not None else [])
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
     n = len(weights)
@@ -216,10 +222,10 @@ def test_gradcheck_cpu(activation, training):
         act = rest[2 * n] if params is not None else None
         out, _ = din_ext.ops.local_activation_attention(
             query, keys, list(rest[:n]), list(rest[n:2 * n]), act, values=values, activation=activation,
-            normalization=unit.normalization, training=training, backend="cpu", **batch.index)
+            normalization=unit.normalization, training=training, backend=backend, **batch.index)
         return out
 
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+    return torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=fast_mode)
 
 
 @requires_cpp

@@ -12,7 +12,7 @@ import torch
 
 import din_ext
 from conftest import make_batch, run_unit
-from test_attention import assert_matches_reference, make_unit
+from test_attention import assert_matches_reference, gradcheck_attention, make_unit
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and din_ext._ext.has_cuda_kernels()),
@@ -75,24 +75,7 @@ def test_low_precision(dtype, normalization):
 @pytest.mark.parametrize("activation", ["dice", "sigmoid", "prelu", "relu"])
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck(activation, training):
-    unit = make_unit(activation, "softmax" if training else "none", hidden=(5, 4), dim=3, training=training)
-    batch = make_batch("jagged", batch=3, max_len=4, dim=3, value_dim=2, garbage=0.0, seed=1, device="cuda")
-    weights = [p.detach().clone().cuda() for p in [*[l.weight for l in unit.linears], unit.out.weight]]
-    biases = [p.detach().clone().cuda() for p in [*[l.bias for l in unit.linears], unit.out.bias]]
-    params = unit.act_params()
-    params = None if params is None else params.detach().clone().cuda()
-    inputs = [batch.query, batch.keys, batch.values, *weights, *biases] + ([params] if params is not None else [])
-    inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    n = len(weights)
-
-    def fn(query, keys, values, *rest):
-        act = rest[2 * n] if params is not None else None
-        out, _ = din_ext.ops.local_activation_attention(
-            query, keys, list(rest[:n]), list(rest[n:2 * n]), act, values=values, activation=activation,
-            normalization=unit.normalization, training=training, backend="cuda", **batch.index)
-        return out
-
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+    assert gradcheck_attention(activation, training, "cuda", "cuda")
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import din_ext
-from test_dice import inputs, make_dice, run
+from test_dice import gradcheck_dice, inputs, make_dice, run
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and din_ext._ext.has_cuda_kernels()),
@@ -17,18 +17,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
 def test_gradcheck(training, masked):
-    x, mask = inputs((9, 3), masked, "cuda")
-    x = torch.nan_to_num(x)
-    g = torch.Generator().manual_seed(3)
-    params = [(torch.rand(3, generator=g, dtype=torch.float64) + 0.5).cuda() for _ in range(5)]
-    leaves = [t.requires_grad_() for t in [x, *params]]
-
-    def fn(x, alpha, gamma, beta, running_mean, running_var):
-        y, _, _ = din_ext.ops.dice(x, alpha, running_mean, running_var, mask=mask, gamma=gamma, beta=beta,
-                                   training=training, backend="cuda")
-        return y
-
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
+    assert gradcheck_dice(inputs((9, 3), masked, "cuda"), training, "cuda")
 
 
 @pytest.mark.parametrize("training", [True, False])

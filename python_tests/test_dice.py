@@ -118,18 +118,24 @@ def test_reference_is_batchnorm_gated(masked):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
 def test_gradcheck_cpu(training, masked):
-    x, mask = inputs((9, 3), masked, "cpu")
+    assert gradcheck_dice(inputs((9, 3), masked, "cpu"), training, "cpu")
+
+
+def gradcheck_dice(x_and_mask, training, backend):
+    """float64 gradcheck of the Dice op on ``backend`` for x (NaN garbage zeroed) and mask, every parameter too."""
+    x, mask = x_and_mask
     x = torch.nan_to_num(x)
     g = torch.Generator().manual_seed(3)
-    params = [torch.rand(3, generator=g, dtype=torch.float64) + 0.5 for _ in range(5)]  # alpha ... running_var
+    params = [(torch.rand(3, generator=g, dtype=torch.float64) + 0.5).to(x.device)
+              for _ in range(5)]  # alpha ... running_var
     leaves = [t.requires_grad_() for t in [x, *params]]
 
     def fn(x, alpha, gamma, beta, running_mean, running_var):
         y, _, _ = din_ext.ops.dice(x, alpha, running_mean, running_var, mask=mask, gamma=gamma, beta=beta,
-                                   training=training, backend="cpu")
+                                   training=training, backend=backend)
         return y
 
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
+    return torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
 
 
 @requires_cpp

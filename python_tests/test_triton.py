@@ -16,7 +16,8 @@ import torch
 
 import din_ext
 from conftest import clean, make_batch, run_unit
-from test_attention import assert_matches_reference, make_unit
+from test_attention import assert_matches_reference, gradcheck_attention, make_unit
+from test_dice import gradcheck_dice, inputs as dice_inputs
 
 HAS_TRITON = din_ext._backend.has_triton()
 ON_GPU = torch.cuda.is_available()
@@ -72,36 +73,11 @@ def test_triton_opcheck(training, with_values):
 @pytest.mark.parametrize("activation, training", [("dice", True), ("dice", False), ("prelu", True)])
 def test_triton_gradcheck(activation, training):
     """float64 finite differences through the triton op (every differentiable input, running statistics too)."""
-    unit = make_unit(activation, "softmax" if training else "none", hidden=(4, 3), dim=3, training=training,
-                     device=DEVICE)
-    batch = make_batch("jagged", batch=3, max_len=4, dim=3, value_dim=2, garbage=0.0, seed=1, device=DEVICE)
-    weights = [p.detach() for p in [*[lin.weight for lin in unit.linears], unit.out.weight]]
-    biases = [p.detach() for p in [*[lin.bias for lin in unit.linears], unit.out.bias]]
-    inputs = [batch.query, batch.keys, batch.values, *weights, *biases, unit.act_params()]
-    inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    n = len(weights)
-
-    def fn(query, keys, values, *rest):
-        out, _ = din_ext.ops.local_activation_attention(
-            query, keys, list(rest[:n]), list(rest[n:2 * n]), rest[2 * n], values=values, activation=activation,
-            normalization=unit.normalization, training=training, backend="triton", **batch.index)
-        return out
-
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
+    assert gradcheck_attention(activation, training, "triton", DEVICE, hidden=(4, 3), fast_mode=True)
 
 
 def test_triton_dice_gradcheck():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(9, 3, generator=g, dtype=torch.float64).to(DEVICE)
-    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool, device=DEVICE)
-    params = [(torch.rand(3, generator=g, dtype=torch.float64) + 0.5).to(DEVICE) for _ in range(5)]
-    leaves = [t.requires_grad_() for t in [x, *params]]
-
-    def fn(x, alpha, gamma, beta, running_mean, running_var):
-        return din_ext.ops.dice(x, alpha, running_mean, running_var, mask=mask, gamma=gamma, beta=beta,
-                                training=True, backend="triton")[0]
-
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
+    assert gradcheck_dice(dice_inputs((9, 3), True, DEVICE), True, "triton")
 
 
 def test_triton_compile_fullgraph_traces_through():
