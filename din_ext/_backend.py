@@ -68,11 +68,18 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend that runs for tensors on ``device``; raises if the one asked for cannot."""
+def requested(backend: str) -> str:
+    """The backend asked for: ``backend`` itself, or for "auto" the ``use_backend(...)`` / DIN_EXT_BACKEND default
+    (which may be "auto" again)."""
     name = _check_name(backend, "backend")
     if name == "auto":
         name = _stack[-1] if _stack else _ENV_DEFAULT
+    return name
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend that runs for tensors on ``device``; raises if the one asked for cannot."""
+    name = requested(backend)
     if name == "auto":
         if device.type == "cpu":
             if _ext.has_cpp():

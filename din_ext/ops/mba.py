@@ -10,7 +10,6 @@ logging, detached: it is already in the gradient, so it must not be added to the
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -114,29 +113,17 @@ def has_triton_kernels() -> bool:
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:
-    """_backend.resolve, plus what is particular to this op: the triton kernel ships without the attention ones,
-    and the cuda backend may lack this op."""
-    wanted = backend
-    if wanted == "auto":  # the use_backend(...) / DIN_EXT_BACKEND default, as _backend.resolve reads it
-        wanted = _backend._stack[-1] if _backend._stack else _backend._ENV_DEFAULT
-    if wanted == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(f"din_ext backend 'triton' runs on CUDA tensors (or on the CPU with "
-                               f"TRITON_INTERPRET=1), got tensors on {device}")
-        if not has_triton_kernels():
-            raise RuntimeError("din_ext backend 'triton' is not available: `pip install triton`")
-        return "triton"
+    """_backend.resolve, plus what is particular to this op: a cuda build may lack its kernel (auto prefers triton
+    on CUDA anyway, so that case means triton is not installed either)."""
+    wanted = _backend.requested(backend)
     name = _backend.resolve(wanted, device)
-    if device.type == "cuda" and wanted != "reference" and name in ("cuda", "reference") and not _has_cuda_kernel():
+    if name == "cuda" and not _has_cuda_kernel():
         if wanted == "cuda":
             raise RuntimeError("din_ext backend 'cuda' was built without the mba_embedding kernel; use "
                                "backend='triton' (pip install triton)")
-        if has_triton_kernels():
-            return "triton"
-        if name == "cuda":
-            _backend._warn_once("mba-cuda", "din_ext: the cuda backend was built without mba_embedding and triton "
-                                            "is not installed; running the slow pure-PyTorch reference on the GPU")
-            return "reference"
+        _backend._warn_once("mba-cuda", "din_ext: the cuda backend was built without mba_embedding and triton "
+                                        "is not installed; running the slow pure-PyTorch reference on the GPU")
+        return "reference"
     return name
 
 
