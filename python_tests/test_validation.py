@@ -169,3 +169,33 @@ def test_compiled_op_checks_direct_calls():
         op(q, k, None, starts, lengths, -1, [torch.randn(3, 15), w[1]], b, p, "relu", "none", 1.0, False, 1e-8)
     with pytest.raises(RuntimeError, match="lengths exceed max_len"):
         op(q, k, None, starts, lengths, 2, w, b, p, "relu", "none", 1.0, False, 1e-8)
+
+
+@requires_cpp
+def test_backward_ops_check_grad_and_stats():
+    """The compiled backward ops name a bad incoming gradient or batch-statistics tensor (shape, dtype)."""
+    query, keys = torch.randn(2, 3), torch.randn(4, 3)
+    starts, lengths = torch.tensor([0, 2]), torch.tensor([2, 2])
+    weights, biases = [torch.randn(5, 12), torch.randn(1, 5)], [torch.randn(5), torch.randn(1)]
+    act_params, stats, grad_out = torch.empty(0, 5), torch.zeros(2, 5), torch.randn(2, 3)
+
+    def attention_backward(grad_out=grad_out, stats=stats):
+        return torch.ops.din_ext.local_activation_attention_backward(
+            grad_out, query, keys, None, starts, lengths, 2, weights, biases, act_params, stats, "sigmoid", "none",
+            1.0, False, 1e-8)
+
+    attention_backward()  # the good arguments pass
+    expect(RuntimeError, r"grad_out must have shape \[2, 3\]", attention_backward, grad_out=torch.randn(2, 4))
+    expect(RuntimeError, r"stats must have shape \[2, 5\]", attention_backward, stats=torch.zeros(2, 4))
+    expect(RuntimeError, "grad_out and stats must have the dtype Float", attention_backward,
+           grad_out=grad_out.double())
+
+    x, params = torch.randn(6, 5), torch.rand(5, 5) + 0.5
+
+    def dice_backward(grad_y=torch.randn(6, 5), stats=stats):
+        return torch.ops.din_ext.dice_backward(grad_y, x, None, params, stats, True, 1e-8)
+
+    dice_backward()
+    expect(RuntimeError, r"grad_y must have shape \[6, 5\]", dice_backward, grad_y=torch.randn(5, 5))
+    expect(RuntimeError, r"stats must have shape \[2, 5\]", dice_backward, stats=torch.zeros(3, 5))
+    expect(RuntimeError, "grad_y and stats must have the dtype Float", dice_backward, stats=stats.double())
