@@ -6,6 +6,7 @@ means a synchronization; they are skipped while torch.compile traces (the compil
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -44,6 +45,11 @@ def index(x, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
     if x.device != like.device:
         raise ValueError(f"{name} must be on the device of query ({like.device}), got {x.device}")
     return x
+
+
+def positive_finite(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def lengths_in_range(lengths: torch.Tensor, max_len: int) -> None:

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -25,11 +24,12 @@ import torch
 from din_ext import _backend, metrics
 from din_ext.embedding import MBAEmbedding
 from din_ext.data.core import Interactions, Schema, iterate_batches
-from din_ext.model import DIN, load_checkpoint, save_checkpoint
+from din_ext.model import DIN, CheckpointError, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger("din_ext")
 
 DATASETS = ("synthetic", "amazon", "taobao", "recbole")
+RESUME_KEYS = ("optimizer", "epoch", "history", "best", "data", "options")
 MODELS = {"din": "attention", "base": "sum"}
 TRAIN_DEFAULTS = {"batch_size": 256, "lr": 1e-3}
 DEFAULTS = {"data": "synthetic", "path": None, "seed": 0, "max_history": 50, "synthetic_users": None,
@@ -39,12 +39,23 @@ DEFAULTS = {"data": "synthetic", "path": None, "seed": 0, "max_history": 50, "sy
 class UsageError(Exception):
     """A bad argument or input: reported as one line, without a traceback."""
 
+    exit_code = 2
+
+
+class TrainingDiverged(UsageError):
+    """The loss or the predictions became NaN or infinite: the run stops, its earlier checkpoints kept."""
+
+    exit_code = 1
+
 
 # -- data ---------------------------------------------------------------------------------------------------------
 
 
 def data_spec(args: argparse.Namespace, recorded: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The data options of ``args``; options left unset come from ``recorded`` (a checkpoint's), then defaults."""
+    name = getattr(args, "data", None) or (recorded or {}).get("data") or DEFAULTS["data"]
+    if recorded and recorded.get("data") != name:
+        recorded = None  # options recorded for other data do not apply to this one
     spec = {}
     for key, default in DEFAULTS.items():
         value = getattr(args, key, None)
@@ -192,9 +203,38 @@ def default_threads() -> int:
 
 
 def _positive(name: str, value, kind=int):
-    if value is None or not value > 0:
-        raise UsageError(f"--{name} must be positive, got {value}")
+    if value is None or not value > 0 or not math.isfinite(value):
+        raise UsageError(f"--{name} must be positive{' and finite' if kind is float else ''}, got {value}")
     return kind(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _check_model_options(args: argparse.Namespace) -> None:
+    """The model flags that DIN would refuse, named as flags."""
+    _positive("embed-dim", args.embed_dim)
+    if not (math.isfinite(args.mba_lambda) and args.mba_lambda >= 0):
+        raise UsageError(f"--mba-lambda must be finite and >= 0, got {args.mba_lambda}")
+
+
+def _output_folder(out: str) -> None:
+    """Creates the run folder ``out``; refuses a path that is a file."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out!r} is a file; it must be a folder (for last.pt, best.pt and metrics.json)")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out!r}: cannot create the folder ({exc.strerror or exc})") from None
+
+
+def _read_checkpoint(path: str, option: str) -> Dict[str, Any]:
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        raise UsageError(f"{option}: {exc}") from None
 
 
 def _widths(text: str) -> Tuple[int, ...]:
@@ -250,14 +290,18 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
     device = _resolve_device(args.device)
     _check_backend(args.backend, device)
     out = out or args.out
-    os.makedirs(out, exist_ok=True)
+    _output_folder(out)
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
 
     checkpoint = None
     if args.resume:
         if not os.path.exists(last_path):
             raise UsageError(f"--resume: no checkpoint {last_path} to resume from")
-        checkpoint = load_checkpoint(last_path)
+        checkpoint = _read_checkpoint(last_path, "--resume")
+        missing = [k for k in RESUME_KEYS if k not in checkpoint]
+        if missing:
+            raise UsageError(f"--resume: {last_path} lacks {', '.join(map(repr, missing))} (not written by din-ext "
+                             f"train)")
         spec = data_spec(args, checkpoint["data"])
         if spec != checkpoint["data"]:
             raise UsageError(f"--resume: the data options {spec} differ from the checkpoint's {checkpoint['data']}")
@@ -275,20 +319,29 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
 
     torch.manual_seed(spec["seed"])
     if checkpoint is not None:
-        model = DIN.from_config(checkpoint["config"])
-        model.load_state_dict(checkpoint["state_dict"])
+        try:
+            model = DIN.from_checkpoint(checkpoint)
+        except CheckpointError as exc:
+            raise UsageError(f"--resume: {last_path}: {exc}") from None
         _check_fits(model, schema, "--resume: the data")
     else:
-        model = DIN(schema, embed_dim=args.embed_dim, attention_hidden=args.attention_hidden,
-                    tower_hidden=args.tower_hidden, activation=args.activation, pooling=MODELS[args.model],
-                    normalization=args.normalization, mba_lambda=args.mba_lambda)
+        _check_model_options(args)
+        try:
+            model = DIN(schema, embed_dim=args.embed_dim, attention_hidden=args.attention_hidden,
+                        tower_hidden=args.tower_hidden, activation=args.activation, pooling=MODELS[args.model],
+                        normalization=args.normalization, mba_lambda=args.mba_lambda)
+        except (ValueError, TypeError, RuntimeError, MemoryError) as exc:  # e.g. a width too large to allocate
+            raise UsageError(f"the model options: {_first_line(exc)}") from None
     model.backend = args.backend
     model.to(device)
     optimizer = make_optimizer(model, lr)
     history: List[Dict[str, Any]] = []
     start_epoch, best = 0, -math.inf
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--resume: {last_path}: its optimizer state does not fit the model ({exc})") from None
         start_epoch, history = checkpoint["epoch"], list(checkpoint["history"])
         best = checkpoint["best"]
         if start_epoch >= epochs:
@@ -304,13 +357,18 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
         model.train()
         progress = _Progress(len(train_set), f"epoch {epoch + 1}/{epochs}", not args.no_progress)
         total_loss, total_reg, seen, tick = 0.0, 0.0, 0, time.perf_counter()
-        for batch in iterate_batches(train_set, batch_size, shuffle=True, seed=spec["seed"] * 1000 + epoch):
+        for step, batch in enumerate(iterate_batches(train_set, batch_size, shuffle=True,
+                                                     seed=spec["seed"] * 1000 + epoch)):
             batch = batch.to(device)
             loss = loss_fn(model(batch), _labels(batch, model.tasks).to(device)) * len(model.tasks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             value = loss.item()
+            if not math.isfinite(value):
+                progress.close()
+                raise TrainingDiverged(_diverged(f"epoch {epoch + 1}, step {step + 1}: the training loss is {value}",
+                                                 epoch, last_path, best_path))
             reg = model.regularization()
             total_reg += 0.0 if reg is None else float(reg) * len(batch)
             total_loss += value * len(batch)
@@ -319,6 +377,9 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
         progress.close()
         train_seconds = time.perf_counter() - tick
         result = evaluate(model, test_set, eval_batch_size, device)
+        if not math.isfinite(result["logloss"]):
+            raise TrainingDiverged(_diverged(f"epoch {epoch + 1}: the test predictions are not finite (logloss "
+                                             f"{result['logloss']})", epoch, last_path, best_path))
         result.update(epoch=epoch + 1, train_loss=total_loss / seen, train_samples_per_second=seen / train_seconds,
                       train_seconds=train_seconds)
         if model.mba_lambda:
@@ -335,6 +396,12 @@ def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
         _say(args, f"epoch {epoch + 1}/{epochs}  train loss {result['train_loss']:.4f}{reg_text}  "
                    f"{seen / train_seconds:,.0f} samples/s  |  test {_format(result)}{'  (best)' if is_best else ''}")
     return _finish(out, history[-1], history, model)
+
+
+def _diverged(what: str, epoch: int, last_path: str, best_path: str) -> str:
+    kept = (f"{last_path} and {best_path} still hold epoch {epoch} and the best one" if epoch else
+            "no checkpoint was written")
+    return f"{what}; stopped ({kept}; no metrics.json written). Try a smaller --lr"
 
 
 def _format(result: Dict[str, Any]) -> str:
@@ -356,14 +423,14 @@ def _say(args: argparse.Namespace, text: str) -> None:
 def _load_model(args: argparse.Namespace) -> Tuple[DIN, Dict[str, Any], torch.device]:
     if not os.path.exists(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist")
-    try:
-        checkpoint = load_checkpoint(args.checkpoint)
-    except (ValueError, RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
-        raise UsageError(f"--checkpoint {args.checkpoint!r} cannot be read: {exc}") from exc
+    checkpoint = _read_checkpoint(args.checkpoint, "--checkpoint")
     device = _resolve_device(args.device)
     _check_backend(args.backend, device)
     _positive("batch-size", args.batch_size)
-    model = DIN.from_checkpoint(checkpoint)
+    try:
+        model = DIN.from_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
     model.backend = args.backend
     return model.to(device), checkpoint, device
 
@@ -404,6 +471,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if os.path.isdir(args.output) or not os.path.isdir(folder):
+        raise UsageError(f"--output {args.output!r}: " + ("is a folder; name a CSV file" if os.path.isdir(args.output)
+                                                           else f"the folder {folder} does not exist"))
     model, checkpoint, device = _load_model(args)
     data = _split(args, model, checkpoint)
     probabilities, _ = predict(model, data, args.batch_size, device)
@@ -535,4 +606,4 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except UsageError as exc:
         print(f"din-ext {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code

@@ -9,6 +9,10 @@ candidate's embeddings of ``schema.history_fields``, its keys the same concatena
 from __future__ import annotations
 
 import logging
+import math
+import os
+import pickle
+import zipfile
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -93,8 +97,8 @@ class DIN(nn.Module):
         tower_hidden, attention_hidden = tuple(int(h) for h in tower_hidden), tuple(int(h) for h in attention_hidden)
         if any(h <= 0 for h in tower_hidden + attention_hidden):
             raise ValueError(f"hidden widths must be positive, got tower {tower_hidden}, attention {attention_hidden}")
-        if mba_lambda < 0:
-            raise ValueError(f"mba_lambda must be >= 0, got {mba_lambda}")
+        if not (math.isfinite(mba_lambda) and mba_lambda >= 0):
+            raise ValueError(f"mba_lambda must be finite and >= 0, got {mba_lambda}")
         self.schema = schema
         self.dims = self._field_dims(schema, embed_dim)
         plain_schema = schema_to_dict(schema)
@@ -209,12 +213,28 @@ class DIN(nn.Module):
                 "optimizer": None if optimizer is None else optimizer.state_dict(), "epoch": int(epoch), **extra}
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Mapping[str, Any], backend: str = "auto") -> "DIN":
-        """The model of a ``checkpoint()`` dict (or a path to one, read with ``weights_only=True``)."""
+    def from_checkpoint(cls, checkpoint: Union[Mapping[str, Any], str, os.PathLike],
+                        backend: str = "auto") -> "DIN":
+        """The model of a ``checkpoint()`` dict (or a path to one, read with ``weights_only=True``).
+
+        Raises CheckpointError (a ValueError) naming the file when it is not a usable DIN checkpoint.
+        """
+        source = "checkpoint"
         if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+            source = os.fsdecode(checkpoint)
             checkpoint = load_checkpoint(checkpoint)
-        model = cls.from_config(checkpoint["config"], backend=backend)
-        model.load_state_dict(checkpoint["state_dict"])
+        else:
+            check_checkpoint(checkpoint, source)
+        try:
+            model = cls.from_config(checkpoint["config"], backend=backend)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: its config (schema included) does not build a DIN: "
+                                  f"{_reason(exc)}") from None
+        try:
+            model.load_state_dict(checkpoint["state_dict"])
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: its weights do not fit the model of its config: "
+                                  f"{_reason(exc)}") from None
         return model
 
     # -- forward ------------------------------------------------------------------------------------------------
@@ -305,17 +325,78 @@ class DIN(nn.Module):
 
 
 def save_checkpoint(path, checkpoint: Mapping[str, Any]) -> None:
-    """Writes ``checkpoint`` atomically (a temporary file renamed over ``path``)."""
-    import os
-
+    """Writes ``checkpoint`` atomically (a temporary file renamed over ``path``): a failed write leaves the old one."""
     tmp = f"{os.fspath(path)}.tmp"
-    torch.save(dict(checkpoint), tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(dict(checkpoint), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class CheckpointError(ValueError):
+    """A file or dict that is not a usable din_ext DIN checkpoint; the message names the file and the problem."""
+
+
+REQUIRED_KEYS = ("format", "config", "state_dict")
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message (KeyError's is just the key), for a one-line error."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def check_checkpoint(checkpoint: Any, source: str) -> None:
+    """Raises CheckpointError unless ``checkpoint`` is a dict of this format with a config, schema and weights."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{source}: not a din_ext DIN checkpoint (it holds a {type(checkpoint).__name__}, "
+                              f"not a dict)")
+    if "format" not in checkpoint:
+        raise CheckpointError(f"{source}: not a din_ext DIN checkpoint (no 'format' entry; din_ext writes format "
+                              f"{CHECKPOINT_FORMAT})")
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source}: checkpoint format {checkpoint['format']!r}, but this din_ext reads "
+                              f"format {CHECKPOINT_FORMAT}; write it again with this version")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{source}: the checkpoint lacks {', '.join(map(repr, missing))}")
+    if not isinstance(checkpoint["config"], dict) or "schema" not in checkpoint["config"]:
+        raise CheckpointError(f"{source}: the checkpoint's config lacks 'schema'")
 
 
 def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
-    """Reads a checkpoint with ``weights_only=True`` and checks its format."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a din_ext DIN checkpoint (format {CHECKPOINT_FORMAT})")
+    """Reads a checkpoint with ``weights_only=True`` and checks its format and entries.
+
+    Raises CheckpointError (a ValueError) naming ``path`` for anything that is not such a checkpoint: a missing,
+    empty, truncated or foreign file, a pickle of objects other than tensors and plain data (refused, since loading
+    it could run code), a dict without config, schema or weights, or another format version.
+    """
+    source = os.fsdecode(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{source}: no such file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{source}: is a directory, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{source}: cannot be read ({exc.strerror or exc})") from None
+    if not head:
+        raise CheckpointError(f"{source}: the file is empty (0 bytes), not a checkpoint")
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise CheckpointError(f"{source}: not a checkpoint (torch.save writes a zip archive; this file is not one)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"{source}: not a checkpoint: a truncated or corrupt torch.save archive "
+                                  f"({_reason(exc)})") from None
+        raise CheckpointError(f"{source}: refused: it holds objects other than tensors and plain data, and loading "
+                              f"them could run code (din_ext reads checkpoints with weights_only=True)") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{source}: not a checkpoint: a truncated or corrupt torch.save archive, or a zip "
+                              f"file that torch.save did not write ({_reason(exc)})") from None
+    check_checkpoint(checkpoint, source)
     return checkpoint

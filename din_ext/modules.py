@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -18,6 +19,8 @@ def _update_running_stats(module: "Dice", mean: torch.Tensor, var: torch.Tensor,
         n = count.to(mean.dtype)
         update = count > 1
         momentum = module.momentum
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm1d(momentum=None)
+            momentum = 1.0 / (module.num_batches_tracked + 1).to(mean.dtype)
         unbiased = var * n / (n - 1).clamp_min(1)
         module.running_mean.copy_(torch.where(update, torch.lerp(module.running_mean, mean, momentum),
                                               module.running_mean))
@@ -26,16 +29,30 @@ def _update_running_stats(module: "Dice", mean: torch.Tensor, var: torch.Tensor,
         module.num_batches_tracked.add_(update.to(module.num_batches_tracked.dtype))
 
 
+def check_dice_options(num_features: int, eps: float, momentum: Optional[float]) -> None:
+    """Raises ValueError naming the argument: num_features a positive int, eps finite and > 0, momentum in [0, 1]
+    or None (a cumulative average)."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(f"Dice num_features must be a positive int, got {num_features!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"Dice eps must be finite and > 0 (it keeps 1/sqrt(var + eps) finite), got {eps!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not 0 <= momentum <= 1):
+        raise ValueError(f"Dice momentum must be in [0, 1], or None for a cumulative average, got {momentum!r}")
+
+
 class Dice(nn.Module):
     """Dice activation (DIN paper section 5.2) with batch statistics over valid rows only.
 
     ``p = sigmoid((x - mean) / sqrt(var + eps))`` (``sigmoid(gamma * ... + beta)`` when affine),
     ``y = p * x + (1 - p) * alpha * x`` per feature. Training uses the batch mean and biased variance over the rows
-    where ``mask`` is True and updates the running statistics like nn.BatchNorm1d; eval uses the running ones.
+    where ``mask`` is True and updates the running statistics like nn.BatchNorm1d (``momentum=None``: a cumulative
+    average); eval uses the running ones. eps must be finite and > 0, momentum in [0, 1] or None.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.1, affine: bool = False):
+    def __init__(self, num_features: int, eps: float = 1e-8, momentum: Optional[float] = 0.1, affine: bool = False):
         super().__init__()
+        check_dice_options(num_features, eps, momentum)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum

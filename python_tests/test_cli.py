@@ -139,7 +139,7 @@ def test_multi_task_training(tmp_path):
     (["train", "--max-history", "-1"], "--max-history must be >= 0"),
     (["train", "--synthetic-users", "0"], "--synthetic-users must be positive"),
     (["evaluate", "--checkpoint", "{tmp}/missing.pt"], "does not exist"),
-    (["evaluate", "--checkpoint", "{tmp}/junk.pt"], "cannot be read"),
+    (["evaluate", "--checkpoint", "{tmp}/junk.pt"], "junk.pt: not a checkpoint"),
 ])
 def test_bad_arguments_fail_with_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -234,3 +234,108 @@ def test_train_with_mba_tables_uses_sparse_steps_and_resumes(tmp_path, capsys):
     expected = json.loads((straight / "metrics.json").read_text())
     for key in ("auc", "gauc", "logloss", "train_loss"):
         assert resumed[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--embed-dim", "0"], "--embed-dim must be positive"),
+    (["--mba-lambda", "-1"], "--mba-lambda must be finite and >= 0"),
+    (["--mba-lambda", "nan"], "--mba-lambda must be finite and >= 0"),
+    (["--mba-lambda", "inf"], "--mba-lambda must be finite and >= 0"),
+    (["--lr", "inf"], "--lr must be positive and finite"),
+    (["--lr", "nan"], "--lr must be positive and finite"),
+    (["--attention-hidden", "100000000000000000000"], "the model options"),
+])
+def test_bad_model_options_fail_before_training(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", *TINY, "--epochs", "1", "--out", str(out), *argv)
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "last.pt").exists()
+
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    path = tmp_path / "taken"
+    path.write_text("a file the user keeps")
+    code, _, err = run(capsys, "train", *TINY, "--epochs", "1", "--out", str(path))
+    assert code == 2 and f"--out {str(path)!r} is a file" in err and "Traceback" not in err, err
+    assert path.read_text() == "a file the user keeps"
+
+
+def test_predict_output_folder_must_exist(trained, tmp_path, capsys):
+    output = tmp_path / "missing" / "preds.csv"
+    code, _, err = run(capsys, "predict", "--checkpoint", str(trained / "one" / "last.pt"), "--output", str(output))
+    assert code == 2 and "--output" in err and "does not exist" in err and "Traceback" not in err, err
+    code, _, err = run(capsys, "predict", "--checkpoint", str(trained / "one" / "last.pt"), "--output", str(tmp_path))
+    assert code == 2 and "is a folder" in err, err
+
+
+@pytest.mark.parametrize("damage", ["corrupt-gzip", "truncated-gzip", "not-utf8"])
+def test_data_files_that_fail_to_decode_are_one_line(tmp_path, capsys, damage):
+    from din_ext.data.samples import write_sample
+
+    root = tmp_path / "amazon"
+    write_sample("amazon", root)
+    target = sorted(p for p in root.rglob("*") if p.is_file())[0]
+    data = target.read_bytes()
+    if damage == "corrupt-gzip":
+        import gzip
+
+        packed = gzip.compress(data)
+        target = target.with_name(target.name + ".gz") if not target.name.endswith(".gz") else target
+        for p in root.rglob("*"):
+            if p.is_file() and p.name == target.name[:-3]:
+                p.unlink()
+        target.write_bytes(packed[:20] + bytes(b ^ 0x5A for b in packed[20:40]) + packed[40:])
+    elif damage == "truncated-gzip":
+        import gzip
+
+        packed = gzip.compress(data)
+        for p in root.rglob("*"):
+            if p.is_file() and p == target:
+                p.unlink()
+        target = target.with_name(target.name + ".gz")
+        target.write_bytes(packed[: len(packed) // 2])
+    else:
+        target.write_bytes(data[:30] + b"\xff\xfe" + data[30:])
+    code, _, err = run(capsys, "train", "--data", "amazon", "--path", str(root), "--epochs", "1", "--no-progress",
+                       "--out", str(tmp_path / "run"), "--threads", "1")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert target.name in err, err
+
+
+def test_diverging_loss_stops_and_keeps_checkpoints(tmp_path, capsys, monkeypatch):
+    """A loss that becomes NaN names the epoch and step, leaves the earlier checkpoints and writes no metrics.json."""
+    from din_ext import cli
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    (out / "metrics.json").unlink()
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
+    calls = {"n": 0}
+    loss_fn = torch.nn.BCEWithLogitsLoss.forward
+
+    def poisoned(self, logits, labels):
+        calls["n"] += 1
+        loss = loss_fn(self, logits, labels)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(torch.nn.BCEWithLogitsLoss, "forward", poisoned)
+    code, _, err = run(capsys, "train", "--epochs", "2", "--resume", "--out", str(out), "--no-progress",
+                       "--threads", "1")
+    assert code == 1 and "epoch 2, step 3" in err and "nan" in err and "Traceback" not in err, err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not (out / "metrics.json").exists()
+    assert cli.TrainingDiverged.exit_code == 1
+
+
+def test_recorded_options_apply_only_to_their_data(trained, tmp_path, capsys, monkeypatch):
+    """A checkpoint trained with --synthetic-users, evaluated on --data recbole: its synthetic options are not
+    blamed (they were not passed, and were recorded for the synthetic data only)."""
+    import din_ext.data
+    from din_ext.data.synthetic import SyntheticConfig, generate
+
+    monkeypatch.setattr(din_ext.data, "load_dataset",
+                        lambda name, path: generate(SyntheticConfig(num_users=60), seed=1), raising=False)
+    code, stdout, err = run(capsys, "evaluate", "--checkpoint", str(trained / "one" / "last.pt"), "--data", "recbole",
+                            "--path", str(tmp_path))
+    assert "--synthetic" not in err and code == 0, err
+    assert json.loads(stdout)["rows"] > 0

@@ -259,6 +259,9 @@ def test_bad_constructor_arguments(tiny):
         DIN(Schema(user_fields={"u": 3}, item_fields={"i": 5}, history_fields=()))
     with pytest.raises(TypeError, match="Schema"):
         DIN({"item_fields": {}})
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="mba_lambda must be finite and >= 0"):
+            DIN(schema, mba_lambda=bad)
 
 
 def test_mba_tables(tiny):

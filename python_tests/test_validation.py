@@ -199,3 +199,42 @@ def test_backward_ops_check_grad_and_stats():
     expect(RuntimeError, r"grad_y must have shape \[6, 5\]", dice_backward, grad_y=torch.randn(5, 5))
     expect(RuntimeError, r"stats must have shape \[2, 5\]", dice_backward, stats=torch.zeros(3, 5))
     expect(RuntimeError, "grad_y and stats must have the dtype Float", dice_backward, stats=stats.double())
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"eps": 0.0}, "eps"), ({"eps": -1e-5}, "eps"), ({"eps": float("nan")}, "eps"), ({"eps": float("inf")}, "eps"),
+    ({"momentum": 1.5}, "momentum"), ({"momentum": -0.1}, "momentum"), ({"momentum": float("nan")}, "momentum"),
+    ({"num_features": 0}, "num_features"),
+])
+def test_dice_options_are_checked_at_construction(kwargs, argument):
+    """eps=0 gave NaN for a feature of zero batch variance, momentum=1.5 a negative running_var."""
+    args = {"num_features": 4, **kwargs}
+    with pytest.raises(ValueError, match=f"Dice {argument} must be") as info:
+        din_ext.Dice(**args)
+    assert repr(list(kwargs.values())[0]) in str(info.value)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan")])
+def test_functional_ops_check_eps(eps):
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        din_ext.ops.dice(x, torch.zeros(4), torch.zeros(4), torch.ones(4), eps=eps)
+    unit = din_ext.LocalActivationUnit(4, (8,))
+    weights = [lin.weight for lin in unit.linears] + [unit.out.weight]
+    biases = [lin.bias for lin in unit.linears] + [unit.out.bias]
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        din_ext.ops.local_activation_attention(x, torch.randn(3, 2, 4), weights, biases, unit.act_params(),
+                                               lengths=torch.tensor([2, 1, 0]), eps=eps)
+
+
+def test_dice_momentum_none_is_a_cumulative_average():
+    """momentum=None averages every batch's statistics equally, as nn.BatchNorm1d(momentum=None) does."""
+    dice = din_ext.Dice(3, momentum=None, affine=True)
+    norm = torch.nn.BatchNorm1d(3, momentum=None)
+    for seed in range(4):
+        x = torch.randn(16, 3, generator=torch.Generator().manual_seed(seed)) * (seed + 1)
+        dice(x), norm(x)
+    assert torch.allclose(dice.running_mean, norm.running_mean, atol=1e-6)
+    assert torch.allclose(dice.running_var, norm.running_var, atol=1e-6)
+    for momentum in (0.0, 1.0):  # the ends of the range are legal
+        din_ext.Dice(3, momentum=momentum)

@@ -45,6 +45,7 @@ def local_activation_attention(
     Returns (out (B, Dv), stats (2, sum(H_i))): stats holds the Dice batch mean and biased variance of each hidden
     feature over the valid behaviours in training mode (for the running statistics), zeros otherwise.
     """
+    _validate.positive_finite(eps, "eps")
     weights, biases, act_params = _check(query, keys, weights, biases, act_params, lengths, offsets, values,
                                          max_len, activation, normalization)
     name = _backend.resolve(backend, query.device)

@@ -35,6 +35,7 @@ def dice(
         raise ValueError(f"x must have shape [N, H] or [B, L, H], got {tuple(x.shape)}")
     _validate.floating(x, "x")
     features = x.shape[-1]
+    _validate.positive_finite(eps, "eps")
     for name, t in (("alpha", alpha), ("running_mean", running_mean), ("running_var", running_var),
                     ("gamma", gamma), ("beta", beta)):
         if t is None and name in ("gamma", "beta"):
