@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from din_ext.data.build import check_max_history, jagged, raw_interactions, sample_negatives, split
-from din_ext.data.readers import find_file, iter_lines, open_text, parse_error, parse_record, require_path
+from din_ext.data.readers import find_file, iter_lines, parse_error, parse_record, require_path
 from din_ext.data.vocab import fit_and_encode, intern, intern_strings
 
 REVIEW_FILES = ("reviews_Electronics_5.json", "reviews.json")
@@ -59,10 +59,19 @@ def _fields(text: str):
     return None if None in found else [m.group(1) for m in found]
 
 
+def _id(record: dict, key: str, path, line: int) -> str:
+    """Field ``key`` of ``record`` as an id: a string (or a JSON integer); null, a list or an object is an error."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise parse_error(path, line, f"{key} {value!r} is not a string")
+    return str(value)
+
+
 def _slow_review(text: str, path, line: int):
     record = parse_record(text, path, line)
     try:
-        user, item, time = record["reviewerID"], record["asin"], record["unixReviewTime"]
+        user, item = _id(record, "reviewerID", path, line), _id(record, "asin", path, line)
+        time = record["unixReviewTime"]
     except KeyError as err:
         raise parse_error(path, line, f"missing field {err.args[0]!r}") from None
     if not isinstance(time, int) or isinstance(time, bool):
@@ -70,25 +79,24 @@ def _slow_review(text: str, path, line: int):
             time = int(time)
         except (TypeError, ValueError):
             raise parse_error(path, line, f"unixReviewTime {time!r} is not an integer") from None
-    return str(user), str(item), time
+    return user, item, time
 
 
 def read_reviews(path):
     """(user codes, user names, item codes, item names, times) of a reviews file; names sorted."""
     users, items, times = [], [], []
-    with open_text(path) as f:
-        for line, text in enumerate(f, 1):
-            text = text.strip()
-            if not text:
-                continue
-            fields = _fields(text) if text[0] == "{" and text[-1] == "}" else None
-            if fields is None:
-                user, item, time = _slow_review(text, path, line)
-            else:
-                user, item, time = fields[0], fields[1], int(fields[2])
-            users.append(user)
-            items.append(item)
-            times.append(time)
+    for line, text in iter_lines(path):
+        text = text.strip()
+        fields = _fields(text) if text[0] == "{" and text[-1] == "}" else None
+        if fields is None:
+            user, item, time = _slow_review(text, path, line)
+        else:
+            user, item, time = fields[0], fields[1], int(fields[2])
+        users.append(user)
+        items.append(item)
+        times.append(time)
+    if not times:
+        raise parse_error(path, 1, "no reviews: the file is empty or blank")
     return (*intern_strings(users), *intern_strings(items), np.array(times, dtype=np.int64))
 
 
@@ -114,8 +122,9 @@ def read_categories(path, wanted: set, strict: bool = False) -> dict:
     lists, and parsing only the part that is needed makes the original 500k-line file load in seconds instead
     of minutes. Other wanted lines (and all of them when ``strict``) are parsed in full, JSON or Python literal.
     """
-    out = {}
+    out, seen = {}, False
     for line, text in iter_lines(path):
+        seen = True
         quick = _ASIN.search(text)
         if quick is not None and quick.group(1) not in wanted:
             continue
@@ -133,11 +142,13 @@ def read_categories(path, wanted: set, strict: bool = False) -> dict:
         record = parse_record(text, path, line)
         if "asin" not in record:
             raise parse_error(path, line, "missing field 'asin'")
-        asin = str(record["asin"])
+        asin = _id(record, "asin", path, line)
         if asin in wanted:
             cate = _category(record)
             if cate is not None:
                 out[asin] = cate
+    if not seen:  # every item would silently lose its category
+        raise parse_error(path, 1, "no items: the file is empty or blank")
     return out
 
 
@@ -158,8 +169,6 @@ def load_amazon(path, *, reviews_file=None, meta_file=None, max_history: Optiona
     base = path if path.is_dir() else reviews_path.parent
     meta_path = _resolve(base, meta_file, META_FILES, "amazon meta")
     user_code, _, item_code, item_names, times = read_reviews(reviews_path)
-    if not times.size:
-        raise ValueError(f"{reviews_path}: no reviews")
     categories = read_categories(meta_path, set(item_names.tolist()), strict_meta)
     cate_names = [categories.get(a) for a in item_names.tolist()]
     known = np.array([c is not None for c in cate_names], dtype=bool)

@@ -1,18 +1,25 @@
 """Reading the raw text formats: plain or gzip'd files, delimited tables in chunks, JSON / Python-literal lines.
 
-Every parse error is a ``ValueError`` that names the file and the 1-based line number. Tables are parsed a
-chunk of lines at a time with numpy's C tokenizer (``np.loadtxt``), so a file of tens of millions of rows
-loads at about a microsecond a row, and nothing holds more than one chunk of text at once.
+Every parse error is a ``ValueError`` that names the file and the 1-based line number: a field that does not
+parse, and equally bytes that are not UTF-8 or gzip data that is corrupt or cut short (then also the byte
+offset, in the file and, for gzip, in the decompressed data). A UTF-8 byte-order mark and CRLF line endings
+read like the plain file. Tables are parsed a chunk of lines at a time with numpy's C tokenizer
+(``np.loadtxt``), so a file of tens of millions of rows loads at about a microsecond a row, and nothing holds
+more than one chunk of text at once.
 """
 
 from __future__ import annotations
 
 import ast
+import codecs
 import gzip
 import json
-from itertools import repeat
+import zlib
+from contextlib import contextmanager
+from functools import partial
+from itertools import chain, repeat
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,14 +28,152 @@ _MISSING_TEXT = ("", "NULL", "null", "NaN", "nan")
 KINDS = ("int", "id", "float", "str")
 
 
-def open_text(path):
-    """Open ``path`` for reading text; gzip'd files (by magic number, whatever the name) are decompressed."""
-    path = Path(path)
+# what decoding or decompressing a file raises: gzip.BadGzipFile (an OSError) for a bad header or trailer,
+# zlib.error for corrupt deflate data, EOFError for a cut stream, UnicodeDecodeError for bytes that are not UTF-8
+_READ_ERRORS = (UnicodeDecodeError, EOFError, zlib.error, gzip.BadGzipFile)
+_PIECE = 1 << 16  # bytes read at a time when locating a read error
+
+
+def _is_gzip(path) -> bool:
     with open(path, "rb") as probe:
-        gzipped = probe.read(2) == b"\x1f\x8b"
-    if gzipped:
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")  # universal newlines: CRLF files read like LF ones
+        return probe.read(2) == b"\x1f\x8b"
+
+
+class TextFile:
+    """A text file open for reading whose decoding and decompression errors are ValueErrors naming file and line.
+
+    Reads like the ``io.TextIOWrapper`` it wraps (``readline``, ``readlines``, ``read``, iteration, ``with``).
+    The text layer decodes ahead in blocks, so when one fails it cannot say on which line; the error path
+    reads the raw bytes again to find the line and offset (``_read_error``). The checks wrap whole reads;
+    iteration costs one generator step a line.
+    """
+
+    def __init__(self, path: Path, stream):
+        self.path, self._stream = path, stream
+
+    def __enter__(self) -> TextFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stream.close()
+
+    @contextmanager
+    def _located(self):
+        try:
+            yield
+        except _READ_ERRORS as err:
+            raise _read_error(self.path, err) from None
+
+    def readline(self, size: int = -1) -> str:
+        with self._located():
+            return self._stream.readline(size)
+
+    def readlines(self, hint: int = -1) -> List[str]:
+        with self._located():
+            return self._stream.readlines(hint)
+
+    def read(self, size: int = -1) -> str:
+        with self._located():
+            return self._stream.read(size)
+
+    def __iter__(self) -> Iterator[str]:
+        with self._located():
+            yield from self._stream
+
+
+def open_text(path) -> TextFile:
+    """Open ``path`` for reading text; gzip'd files (by magic number, whatever the name) are decompressed.
+
+    Text is UTF-8; a byte-order mark at the start is dropped, and CRLF (or CR) line ends read as LF.
+    """
+    path = Path(path)
+    # utf-8-sig: a BOM (Excel and Windows tools write one) would otherwise glue itself to the first name or record
+    if _is_gzip(path):
+        return TextFile(path, gzip.open(path, "rt", encoding="utf-8-sig"))
+    return TextFile(path, open(path, "r", encoding="utf-8-sig"))  # universal newlines: CRLF reads like LF
+
+
+class _Damaged(Exception):
+    """A gzip stream goes bad at compressed byte ``offset``: zlib's ``reason``, or None where the data ends early."""
+
+    def __init__(self, offset: int, reason: Optional[str]):
+        super().__init__(offset, reason)
+        self.offset, self.reason = offset, reason
+
+
+def _gunzip(raw: BinaryIO) -> Iterator[bytes]:
+    """The decompressed pieces of gzip file ``raw``, exactly up to where it goes bad, which raises ``_Damaged``.
+
+    ``gzip.GzipFile`` drops what the failing read had decompressed and keeps no compressed offset, so this walks
+    the members with zlib itself; a piece that fails is fed again a byte at a time to a copy of the
+    decompressor taken before it, to find the byte. Zero padding between members is skipped, as gzip does.
+    """
+    inflater, offset, block = None, 0, b""  # offset: of block[0] in the file
+    while True:
+        if not block:
+            block = raw.read(_PIECE)
+            if not block:
+                if inflater is not None:
+                    raise _Damaged(offset, None)
+                return
+        if inflater is None:
+            data = block.lstrip(b"\0")
+            offset, block = offset + len(block) - len(data), data
+            if not block:
+                continue
+            inflater = zlib.decompressobj(wbits=31)  # 31: a gzip header and trailer around the deflate data
+        before = inflater.copy()
+        try:
+            out = inflater.decompress(block)
+        except zlib.error as err:
+            for i in range(len(block)):
+                try:
+                    yield before.decompress(block[i:i + 1])
+                except zlib.error:
+                    raise _Damaged(offset + i, str(err)) from None
+            raise _Damaged(offset, str(err)) from None
+        yield out
+        if inflater.eof:  # a member ends; what follows is padding or the next member
+            rest = inflater.unused_data
+            offset, block, inflater = offset + len(block) - len(rest), rest, None
+        else:
+            offset, block = offset + len(block), b""
+
+
+def _read_error(path: Path, err: Exception) -> ValueError:
+    """``err``, raised reading ``path`` as text, as a ValueError naming the line and byte where the file goes bad.
+
+    Reads the file again as bytes, counting lines (LF) up to the first byte that is not UTF-8 or the first
+    damaged gzip byte; runs on the error path only. Offsets are 0-based; for a gzip file both the compressed
+    one and the one in the decompressed data are given.
+    """
+    gzipped = _is_gzip(path)
+    line, done, carry = 1, 0, b""  # done: bytes decoded before carry, the start of a character split by a read
+    with open(path, "rb") as raw:
+        pieces = _gunzip(raw) if gzipped else iter(partial(raw.read, _PIECE), b"")
+        try:
+            for piece in chain(pieces, [None]):  # None: the end, where a partial character is an error too
+                data = carry + (piece or b"")
+                try:
+                    used = codecs.utf_8_decode(data, "strict", piece is None)[1]
+                except UnicodeDecodeError as bad:
+                    where = f"offset {done + bad.start}" + (" of the decompressed data" if gzipped else "")
+                    return parse_error(path, line + data.count(b"\n", 0, bad.start),
+                                       f"not UTF-8 text: byte 0x{data[bad.start]:02x} at {where} ({bad.reason})")
+                line, done, carry = line + data.count(b"\n", 0, used), done + used, data[used:]
+        except _Damaged as bad:
+            line += carry.count(b"\n")
+            where = f"compressed byte {bad.offset} (decompressed byte {done + len(carry)})"
+            if bad.reason is None:
+                return parse_error(path, line, f"the gzip data ends early, at {where}; is the file truncated?")
+            # a checksum is checked at the end of a member: the damage itself lies somewhere before
+            after = "; the damage is somewhere before" if bad.reason.endswith(("data check", "length check")) else ""
+            return parse_error(path, line, f"corrupt gzip data at {where}: {bad.reason}{after}")
+    # the bytes read cleanly this time (the file changed meanwhile?): say what failed, without a line
+    return ValueError(f"{path}: cannot read the file: {type(err).__name__}: {err}")
 
 
 def find_file(path, names: Sequence[str], what: str) -> Path:

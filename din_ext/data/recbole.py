@@ -149,7 +149,7 @@ def load_recbole(path, *, name: Optional[str] = None, user_field: str = "user_id
         columns[time_field] = "float"
     inter = read_columns(inter_path, columns, delimiter="\t", normalize=_field_name)
     if not inter[user_field].size:
-        raise ValueError(f"{inter_path}: no interactions")
+        raise parse_error(inter_path, 2, "no interactions after the header")
     user, user_names = intern(inter[user_field])
     item, item_names = intern(inter[item_field])
     stamp = inter[time_field] if time_field in inter else np.arange(user.size, dtype=np.float64)

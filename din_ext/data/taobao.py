@@ -97,7 +97,7 @@ def load_taobao(path, *, max_history: Optional[int] = 50, btags: Optional[Iterab
             row = int(np.argmax(bad))
             raise parse_error(sample_path, row + 2, f"column {name!r}: invalid value {sample[name][row]}")
     if not user.size:
-        raise ValueError(f"{sample_path}: no impressions")
+        raise parse_error(sample_path, 2, "no impressions after the header")
 
     ads = _table(ads_path, AD_FIELDS, "adgroup_id")
     at, found = locate(ads["adgroup_id"], sample["adgroup_id"])
