@@ -170,12 +170,12 @@ def _train(args: argparse.Namespace, data, out: str, last_path: str) -> Dict[str
         if not os.path.exists(last_path):
             raise UsageError(f"--resume: no checkpoint {last_path} to resume from")
         checkpoint = _read_checkpoint(last_path, "--resume")
-        training.check_resumable(checkpoint)
-        spec = data_spec(args, checkpoint["data"])
-        if spec != checkpoint["data"]:
-            raise UsageError(f"--resume: the data options {spec} differ from the checkpoint's {checkpoint['data']}")
-    else:
-        spec = data_spec(args)
+    fit_arguments = {"epochs": args.epochs, "out": out, "batch_size": args.batch_size, "lr": args.lr,
+                     "eval_batch_size": args.eval_batch_size, "resume_from": checkpoint}
+    training.check_fit_arguments(**fit_arguments)  # before the data is loaded, which may take long
+    spec = data_spec(args, None if checkpoint is None else checkpoint["data"])
+    if checkpoint is not None and spec != checkpoint["data"]:
+        raise UsageError(f"--resume: the data options {spec} differ from the checkpoint's {checkpoint['data']}")
     train_set, test_set, schema = data if data is not None else load_data(spec)
 
     torch.manual_seed(spec["seed"])  # the initialization of a new model
@@ -188,10 +188,8 @@ def _train(args: argparse.Namespace, data, out: str, last_path: str) -> Dict[str
     else:
         model = _new_model(args, schema)
     model.backend = args.backend
-    return training.fit(model, train_set, test_set, epochs=args.epochs, out=out, batch_size=args.batch_size,
-                        lr=args.lr, eval_batch_size=args.eval_batch_size, device=device, seed=spec["seed"],
-                        resume_from=checkpoint, data_options=spec, data_name=spec["data"],
-                        progress=not args.no_progress, log=_say)
+    return training.fit(model, train_set, test_set, **fit_arguments, device=device, seed=spec["seed"],
+                        data_options=spec, data_name=spec["data"], progress=not args.no_progress, log=_say)
 
 
 def _load_model(args: argparse.Namespace) -> Tuple[DIN, Dict[str, Any], torch.device]:

@@ -266,19 +266,12 @@ def fit(model: DIN, train: Interactions, test: Interactions, *, epochs: int, out
     finite (the checkpoints of the earlier epochs stay; no metrics.json is written).
     """
     log = log or logger.info
-    epochs = check_positive("epochs", epochs)
     device = resolve_device(device)
-    out = os.fspath(out)
-    _output_folder(out)
-    if resume_from is not None:
-        check_resumable(resume_from)
-    options = {"batch_size": batch_size, "lr": lr}
-    for key, default in TRAIN_DEFAULTS.items():  # the caller's, else (on resume) the checkpoint's, else the defaults
-        if options[key] is None:
-            options[key] = (resume_from or {}).get("options", {}).get(key, default)
-    batch_size = check_positive("batch_size", options["batch_size"])
-    lr = check_positive("lr", options["lr"], float)
-    eval_batch_size = check_positive("eval_batch_size", eval_batch_size)
+    checked = check_fit_arguments(epochs=epochs, out=out, batch_size=batch_size, lr=lr,
+                                  eval_batch_size=eval_batch_size, resume_from=resume_from)
+    epochs, out, eval_batch_size = checked["epochs"], checked["out"], checked["eval_batch_size"]
+    options = {"batch_size": checked["batch_size"], "lr": checked["lr"]}
+    batch_size, lr = options["batch_size"], options["lr"]
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
 
     model.to(device)
@@ -340,6 +333,25 @@ def fit(model: DIN, train: Interactions, test: Interactions, *, epochs: int, out
         log(f"epoch {epoch + 1}/{epochs}  train loss {result['train_loss']:.4f}{reg_text}  "
             f"{seen / train_seconds:,.0f} samples/s  |  test {format_metrics(result)}{'  (best)' if is_best else ''}")
     return _finish(out, history[-1], history, model)
+
+
+def check_fit_arguments(*, epochs: int, out: Union[str, os.PathLike], batch_size: Optional[int] = None,
+                        lr: Optional[float] = None, eval_batch_size: int = 4096,
+                        resume_from: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """fit's arguments checked and resolved (batch_size and lr defaulted), the folder ``out`` created: what fit does
+    before it trains, for a caller that wants to fail before it loads the data. Raises ArgumentError."""
+    epochs = check_positive("epochs", epochs)
+    out = os.fspath(out)
+    _output_folder(out)
+    if resume_from is not None:
+        check_resumable(resume_from)
+    options = {"batch_size": batch_size, "lr": lr}
+    for key, default in TRAIN_DEFAULTS.items():  # the caller's, else (on resume) the checkpoint's, else the defaults
+        if options[key] is None:
+            options[key] = (resume_from or {}).get("options", {}).get(key, default)
+    return {"epochs": epochs, "out": out, "batch_size": check_positive("batch_size", options["batch_size"]),
+            "lr": check_positive("lr", options["lr"], float),
+            "eval_batch_size": check_positive("eval_batch_size", eval_batch_size)}
 
 
 def _output_folder(out: str) -> None:
