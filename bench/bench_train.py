@@ -32,6 +32,7 @@ import torch
 import din_ext
 from din_ext.data.core import Interactions, Schema
 from din_ext.data.synthetic import SyntheticConfig, generate
+from din_ext.training import make_optimizer, train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import ROOT, git_commit, machine_description
@@ -53,16 +54,11 @@ def din_ext_step(schema: Schema, train: Interactions, args, backend: str) -> Cal
     torch.manual_seed(0)
     model = din_ext.DIN(schema, embed_dim=args.embed_dim, attention_hidden=(80, 40), tower_hidden=(200, 80),
                         activation="dice", backend=backend)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    optimizer = make_optimizer(model, 1e-3)
     model.train()
 
     def step(index: torch.Tensor) -> None:
-        batch = train.take(index)
-        loss = loss_fn(model(batch)[:, 0], batch.labels["click"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, train.take(index))
 
     step.parameters = sum(p.numel() for p in model.parameters())
     return step

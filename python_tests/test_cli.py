@@ -82,19 +82,19 @@ def test_evaluate_matches_training_metrics(trained, capsys):
 def test_data_must_fit_the_checkpoint():
     import dataclasses
 
-    from din_ext import cli
+    from din_ext import training
     from din_ext.data.synthetic import SyntheticConfig, generate
     from din_ext.model import DIN
 
     schema = generate(SyntheticConfig(num_users=20, num_items=30, num_categories=6), seed=0)[2]
     model = DIN(dataclasses.replace(schema, tasks=("click", "conversion")), embed_dim=4)
-    cli._check_fits(model, dataclasses.replace(schema, tasks=("conversion", "click", "extra")), "data")
-    with pytest.raises(cli.UsageError, match=r"no labels for the model's tasks \['conversion'\]"):
-        cli._check_fits(model, schema, "data")
-    with pytest.raises(cli.UsageError, match="item_fields"):
-        cli._check_fits(model, dataclasses.replace(schema, item_fields={**schema.item_fields, "item": 99}), "data")
-    with pytest.raises(cli.UsageError, match="dense_dim"):
-        cli._check_fits(model, dataclasses.replace(schema, dense_dim=0), "data")
+    training.check_fits(model, dataclasses.replace(schema, tasks=("conversion", "click", "extra")), "data")
+    with pytest.raises(training.TrainingError, match=r"no labels for the model's tasks \['conversion'\]"):
+        training.check_fits(model, schema, "data")
+    with pytest.raises(training.TrainingError, match="item_fields"):
+        training.check_fits(model, dataclasses.replace(schema, item_fields={**schema.item_fields, "item": 99}), "data")
+    with pytest.raises(training.TrainingError, match="dense_dim"):
+        training.check_fits(model, dataclasses.replace(schema, dense_dim=0), "data")
 
 
 def test_predict_writes_probabilities(trained, tmp_path, capsys):
@@ -162,16 +162,16 @@ def test_no_command_prints_help(capsys):
 
 
 def test_default_threads_follow_idle_cores(monkeypatch):
-    from din_ext import cli
+    from din_ext import training
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    monkeypatch.setattr(cli.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-    assert cli.default_threads() == 4  # an idle machine: every core, up to torch's count
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
-    assert cli.default_threads() == 1
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-    assert cli.default_threads() == 1  # never fewer than one
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert training.default_threads() == 4  # an idle machine: every core, up to torch's count
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert training.default_threads() == 1
+    monkeypatch.setattr(training.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert training.default_threads() == 1  # never fewer than one
 
 
 def test_real_data_goes_through_load_dataset(monkeypatch, tmp_path, capsys):
@@ -203,7 +203,7 @@ def test_train_with_mba_tables_uses_sparse_steps_and_resumes(tmp_path, capsys):
     """--mba-lambda: MBAEmbedding tables stepped by SparseAdam (rows absent from a batch never move), R logged,
     and a resumed run continues exactly like an uninterrupted one."""
     import din_ext
-    from din_ext.cli import make_optimizer
+    from din_ext.training import make_optimizer
     from din_ext.data import iterate_batches
     from din_ext.data.synthetic import SyntheticConfig, generate
 
@@ -304,7 +304,7 @@ def test_data_files_that_fail_to_decode_are_one_line(tmp_path, capsys, damage):
 
 def test_diverging_loss_stops_and_keeps_checkpoints(tmp_path, capsys, monkeypatch):
     """A loss that becomes NaN names the epoch and step, leaves the earlier checkpoints and writes no metrics.json."""
-    from din_ext import cli
+    from din_ext import training
 
     out = tmp_path / "run"
     assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
@@ -324,7 +324,7 @@ def test_diverging_loss_stops_and_keeps_checkpoints(tmp_path, capsys, monkeypatc
     assert code == 1 and "epoch 2, step 3" in err and "nan" in err and "Traceback" not in err, err
     assert {name: (out / name).read_bytes() for name in before} == before
     assert not (out / "metrics.json").exists()
-    assert cli.TrainingDiverged.exit_code == 1
+    assert training.TrainingDiverged.exit_code == 1
 
 
 def test_recorded_options_apply_only_to_their_data(trained, tmp_path, capsys, monkeypatch):

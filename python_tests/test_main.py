@@ -8,7 +8,7 @@ import sys
 import torch
 
 import din_ext
-from din_ext.__main__ import CASES, check_backend
+from din_ext.selfcheck import CASES, check_backend
 from conftest import requires_cpp
 
 

@@ -7,12 +7,15 @@ from typing import Callable, Dict, Tuple
 from din_ext.data.amazon import load_amazon
 from din_ext.data.core import Interactions, Schema
 from din_ext.data.recbole import load_recbole
+from din_ext.data.synthetic import load_synthetic
 from din_ext.data.taobao import load_taobao
 
 Loader = Callable[..., Tuple[Interactions, Interactions, Schema]]
 
-# name -> loader(path, **options) returning (train, test, schema); other modules add theirs with register_loader
-LOADERS: Dict[str, Loader] = {"amazon": load_amazon, "taobao": load_taobao, "recbole": load_recbole}
+# name -> loader(path, **options) returning (train, test, schema); other modules add theirs with register_loader.
+# synthetic generates its data (path None) from its options seed, users, conversion.
+LOADERS: Dict[str, Loader] = {"synthetic": load_synthetic, "amazon": load_amazon, "taobao": load_taobao,
+                              "recbole": load_recbole}
 
 
 def register_loader(name: str, loader: Loader, *, replace: bool = False) -> None:

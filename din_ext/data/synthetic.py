@@ -145,3 +145,17 @@ def generate(config: Optional[SyntheticConfig] = None, seed: int = 0) -> Tuple[I
                     history_fields=("item", "category", "brand"), dense_dim=2 if c.dense else 0,
                     tasks=tuple(labels), frequencies=frequencies)
     return train.validate(schema), test.validate(schema), schema
+
+
+def load_synthetic(path=None, *, seed: int = 0, users: Optional[int] = None,
+                   conversion: bool = False) -> Tuple[Interactions, Interactions, Schema]:
+    """The default synthetic log as a loader, ``load_dataset("synthetic", seed=..., users=..., conversion=...)``.
+
+    users: num_users (default SyntheticConfig's); conversion: a second task. The data is generated: no path.
+    """
+    if path:
+        raise ValueError(f"the synthetic data is generated from its seed, not read: it takes no path, got {path!r}")
+    config = SyntheticConfig(conversion=bool(conversion))
+    if users is not None:
+        config.num_users = int(users)
+    return generate(config, seed=int(seed))

@@ -1,0 +1,378 @@
+"""Training, evaluation and prediction of a DIN: the library under the ``din-ext`` command (and the benchmarks).
+
+    model = DIN(schema)                                   # torch.manual_seed(seed) first: a seeded initialization
+    metrics = fit(model, train, test, epochs=2, out="run", log=print)
+    checkpoint = load_checkpoint("run/last.pt")           # later: resume up to 4 epochs, exactly as a 4-epoch run
+    metrics = fit(DIN.from_checkpoint(checkpoint), train, test, epochs=4, out="run", resume_from=checkpoint)
+    probabilities, rows_per_second = predict(model, test)
+
+Bad input raises TrainingError (a ValueError); ArgumentError names the argument at fault, TrainingDiverged stops a run
+whose loss is no longer finite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from din_ext import MBAEmbedding, _backend, metrics
+from din_ext.data.core import Interactions, Schema, iterate_batches
+from din_ext.model import DIN, save_checkpoint
+
+logger = logging.getLogger("din_ext")
+
+# model name -> the pooling of DIN's history: "base" is the paper's BaseModel
+POOLING = {"din": "attention", "base": "sum"}
+# optimization options recorded in each checkpoint; a resumed run defaults to the checkpoint's
+TRAIN_DEFAULTS = {"batch_size": 256, "lr": 1e-3}
+# what a checkpoint needs beyond a model to resume: the keys fit writes
+RESUME_KEYS = ("optimizer", "epoch", "history", "best", "data", "options")
+
+_BCE = torch.nn.BCEWithLogitsLoss()
+
+
+class TrainingError(ValueError):
+    """Bad input to fit, evaluate or predict, or a run that cannot go on; the message is one line."""
+
+
+class ArgumentError(TrainingError):
+    """A bad argument; the message starts with the argument's name, ``argument`` (the CLI swaps in its flag)."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
+
+
+class TrainingDiverged(TrainingError):
+    """The loss or the predictions became NaN or infinite: the run stops, its earlier checkpoints kept."""
+
+    exit_code = 1  # the input was valid; the run failed (the din-ext command exits 2 for other errors)
+
+
+def check_positive(name: str, value, kind=int):
+    """``kind(value)``; raises ArgumentError unless ``value`` is positive (and finite)."""
+    if value is None or not value > 0 or not math.isfinite(value):
+        raise ArgumentError(name, f"{name} must be positive{' and finite' if kind is float else ''}, got {value}")
+    return kind(value)
+
+
+def resolve_device(name: Union[str, torch.device, None]) -> torch.device:
+    """The device named ``name``; "auto" or None: cuda if torch sees one, else cpu."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ArgumentError("device", f"device {name!r} is not a device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError("device", f"device {name}: torch sees no CUDA device (torch {torch.__version__}); use cpu")
+    return device
+
+
+def default_threads() -> int:
+    """torch's thread count, cut to the cores left idle by the rest of the machine (1-minute load average).
+
+    Every din_ext kernel and most torch ops end in an OpenMP barrier; on a busy machine a thread that is not scheduled
+    stalls the others at each one, so fewer threads than cores run faster there.
+    """
+    threads = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return threads
+    return max(1, min(threads, round((os.cpu_count() or threads) - load)))
+
+
+def check_fits(model: DIN, schema: Schema, what: str) -> None:
+    """Raises TrainingError unless data of ``schema`` has every field, table size, dense width and task of ``model``."""
+    ours = model.schema
+    for key in ("user_fields", "item_fields", "history_fields", "dense_dim"):
+        if getattr(schema, key) != getattr(ours, key):
+            raise TrainingError(f"{what} has {key} {getattr(schema, key)}, the checkpoint's model "
+                                f"{getattr(ours, key)}; use the data (and options) it was trained on")
+    missing = [t for t in ours.tasks if t not in schema.tasks]
+    if missing:
+        raise TrainingError(f"{what} has no labels for the model's tasks {missing}")
+
+
+def check_resumable(checkpoint: Mapping[str, Any]) -> None:
+    """Raises ArgumentError("resume_from") unless ``checkpoint`` holds what fit needs to resume (RESUME_KEYS)."""
+    missing = [k for k in RESUME_KEYS if k not in checkpoint]
+    if missing:
+        raise ArgumentError("resume_from", f"resume_from lacks {', '.join(map(repr, missing))} (not written by "
+                                           f"din_ext.training.fit or din-ext train)")
+
+
+# -- optimizers -----------------------------------------------------------------------------------------------------
+
+
+class _Optimizers:
+    """Several optimizers stepped together: SparseAdam for the MBA tables, Adam for the rest."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        states = state.get("optimizers") if isinstance(state, dict) else None
+        if not isinstance(states, list) or len(states) != len(self.optimizers):
+            raise ValueError("the checkpoint's optimizer state does not match this model's optimizers")
+        for optimizer, part in zip(self.optimizers, states):
+            optimizer.load_state_dict(part)
+
+
+def make_optimizer(model: DIN, lr: float):
+    """Adam; with MBA tables (sparse gradients: one row per distinct id of the step), SparseAdam for those tables
+    so that a step touches only the rows the batch used, and Adam for every other parameter."""
+    sparse = [p for m in model.modules() if isinstance(m, MBAEmbedding) and m.sparse
+              for p in m.parameters(recurse=False)]
+    if not sparse:
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in ids]
+    return _Optimizers(torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr))
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------------
+
+
+def _labels(batch: Interactions, tasks) -> torch.Tensor:
+    return torch.stack([batch.labels[t] for t in tasks], dim=1)
+
+
+def _model_device(model: DIN) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def predict(model: DIN, data: Interactions, batch_size: int = 4096,
+            device: Optional[torch.device] = None) -> Tuple[torch.Tensor, float]:
+    """Click probabilities (S, T) of every row in order, and the rows per second of the pass.
+
+    device: where the batches go (default: the model's).
+    """
+    batch_size = check_positive("batch_size", batch_size)
+    device = _model_device(model) if device is None else device
+    model.eval()
+    outputs = []
+    start = time.perf_counter()
+    for batch in iterate_batches(data, batch_size):
+        outputs.append(torch.sigmoid(model(batch.to(device)).float()).cpu())
+    seconds = time.perf_counter() - start
+    return torch.cat(outputs), len(data) / max(seconds, 1e-9)
+
+
+def evaluate(model: DIN, data: Interactions, batch_size: int = 4096,
+             device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """auc, gauc, logloss of the first task (and of every task under "tasks"), samples_per_second of the pass."""
+    probabilities, speed = predict(model, data, batch_size, device)
+    per_task = {}
+    for column, task in enumerate(model.tasks):
+        labels, p = data.labels[task], probabilities[:, column]
+        per_task[task] = {"auc": _defined(metrics.auc, labels, p), "gauc": _defined(metrics.gauc, labels, p,
+                                                                                      data.user_id),
+                          "logloss": metrics.logloss(labels, p)}
+    return {**per_task[model.tasks[0]], "samples_per_second": speed, "rows": len(data), "tasks": per_task}
+
+
+def _defined(fn, *args) -> float:
+    """The metric, or NaN where it is undefined (a single class)."""
+    try:
+        return fn(*args)
+    except ValueError:
+        return float("nan")
+
+
+def format_metrics(result: Mapping[str, Any]) -> str:
+    """``auc A  gauc G  logloss L`` of an evaluate() result."""
+    return f"auc {result['auc']:.4f}  gauc {result['gauc']:.4f}  logloss {result['logloss']:.4f}"
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A tqdm bar over samples (on a terminal); nothing when tqdm is missing or the bar is off. The per-epoch lines
+    are logged either way."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                logger.info("tqdm is not installed: no progress bar")
+            else:
+                # disable=None: no bar when stderr is not a terminal (logs, CI)
+                self.bar = tqdm(total=total, desc=desc, unit="sample", unit_scale=True, leave=False,
+                                dynamic_ncols=True, disable=None)
+
+    def update(self, n: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_step(model: DIN, optimizer, batch: Interactions, loss_fn: torch.nn.Module = _BCE) -> torch.Tensor:
+    """One optimizer step on ``batch`` (on the model's device); returns the loss, a 0-d tensor not yet read back.
+
+    The loss is the sum over the tasks of the mean binary cross-entropy of each.
+    """
+    loss = loss_fn(model(batch), _labels(batch, model.tasks)) * len(model.tasks)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def fit(model: DIN, train: Interactions, test: Interactions, *, epochs: int, out: Union[str, os.PathLike],
+        batch_size: Optional[int] = None, lr: Optional[float] = None, eval_batch_size: int = 4096,
+        device: Union[str, torch.device, None] = None, seed: int = 0,
+        resume_from: Optional[Mapping[str, Any]] = None, data_options: Optional[Mapping[str, Any]] = None,
+        data_name: Optional[str] = None, progress: bool = False,
+        log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """Trains ``model`` on ``train`` up to ``epochs`` epochs, evaluating on ``test`` after each; returns the final
+    metrics with the history (also written to OUT/metrics.json).
+
+    After each epoch OUT/last.pt holds the run (model, optimizer, epoch, history, best score, options) and OUT/best.pt
+    the epoch of the best test gauc (auc where gauc is undefined). Epoch e visits the rows in an order seeded with
+    ``seed * 1000 + e``; seeding the model's initialization is the caller's (torch.manual_seed before building it).
+    batch_size, lr: default to resume_from's, else TRAIN_DEFAULTS. resume_from: a checkpoint fit wrote
+    (load_checkpoint(OUT/last.pt)) whose model ``model`` is (DIN.from_checkpoint): training goes on from its epoch,
+    exactly as a run that had not stopped. data_options: recorded in each checkpoint under "data" (the command line
+    records the options that made train and test, to check them on resume). data_name: names the data in the log.
+    progress: a tqdm bar per epoch. log: called with one line per epoch (default: the din_ext logger).
+    Raises ArgumentError for a bad argument, TrainingDiverged when the loss or the test predictions stop being
+    finite (the checkpoints of the earlier epochs stay; no metrics.json is written).
+    """
+    log = log or logger.info
+    device = resolve_device(device)
+    checked = check_fit_arguments(epochs=epochs, out=out, batch_size=batch_size, lr=lr,
+                                  eval_batch_size=eval_batch_size, resume_from=resume_from)
+    epochs, out, eval_batch_size = checked["epochs"], checked["out"], checked["eval_batch_size"]
+    options = {"batch_size": checked["batch_size"], "lr": checked["lr"]}
+    batch_size, lr = options["batch_size"], options["lr"]
+    last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
+
+    model.to(device)
+    optimizer = make_optimizer(model, lr)
+    history: List[Dict[str, Any]] = []
+    start_epoch, best = 0, -math.inf
+    if resume_from is not None:
+        try:
+            optimizer.load_state_dict(resume_from["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArgumentError("resume_from", f"resume_from: its optimizer state does not fit the model "
+                                               f"({exc})") from None
+        start_epoch, history = resume_from["epoch"], list(resume_from["history"])
+        best = resume_from["best"]
+        if start_epoch >= epochs:
+            log(f"the checkpoint has already trained {start_epoch} epochs (epochs {epochs}): nothing to do")
+            return _finish(out, history[-1], history, model)
+
+    name = "DIN" if model.pooling == "attention" else "BaseModel"
+    log(f"{name}{f' on {data_name}' if data_name else ''}: {len(train):,} train / {len(test):,} test impressions, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}, backend "
+        f"{_backend.resolve(model.backend, device)}, torch threads {torch.get_num_threads()}")
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        bar = _Progress(len(train), f"epoch {epoch + 1}/{epochs}", progress)
+        total_loss, total_reg, seen, tick = 0.0, 0.0, 0, time.perf_counter()
+        for step, batch in enumerate(iterate_batches(train, batch_size, shuffle=True, seed=seed * 1000 + epoch)):
+            batch = batch.to(device)
+            value = train_step(model, optimizer, batch).item()
+            if not math.isfinite(value):
+                bar.close()
+                raise TrainingDiverged(_diverged(f"epoch {epoch + 1}, step {step + 1}: the training loss is {value}",
+                                                 epoch, last_path, best_path))
+            reg = model.regularization()
+            total_reg += 0.0 if reg is None else float(reg) * len(batch)
+            total_loss += value * len(batch)
+            seen += len(batch)
+            bar.update(len(batch), value)
+        bar.close()
+        train_seconds = time.perf_counter() - tick
+        result = evaluate(model, test, eval_batch_size, device)
+        if not math.isfinite(result["logloss"]):
+            raise TrainingDiverged(_diverged(f"epoch {epoch + 1}: the test predictions are not finite (logloss "
+                                             f"{result['logloss']})", epoch, last_path, best_path))
+        result.update(epoch=epoch + 1, train_loss=total_loss / seen, train_samples_per_second=seen / train_seconds,
+                      train_seconds=train_seconds)
+        if model.mba_lambda:
+            result.update(train_mba_regularization=total_reg / seen)
+        history.append(result)
+        score = result["gauc"] if not math.isnan(result["gauc"]) else result["auc"]
+        is_best = score > best
+        best = max(best, score)
+        state = model.checkpoint(optimizer, epoch + 1, data=None if data_options is None else dict(data_options),
+                                 options=options, history=history, best=best)
+        save_checkpoint(last_path, state)
+        if is_best:
+            save_checkpoint(best_path, state)
+        reg_text = f" (+ MBA R {result['train_mba_regularization']:.4f})" if model.mba_lambda else ""
+        log(f"epoch {epoch + 1}/{epochs}  train loss {result['train_loss']:.4f}{reg_text}  "
+            f"{seen / train_seconds:,.0f} samples/s  |  test {format_metrics(result)}{'  (best)' if is_best else ''}")
+    return _finish(out, history[-1], history, model)
+
+
+def check_fit_arguments(*, epochs: int, out: Union[str, os.PathLike], batch_size: Optional[int] = None,
+                        lr: Optional[float] = None, eval_batch_size: int = 4096,
+                        resume_from: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """fit's arguments checked and resolved (batch_size and lr defaulted), the folder ``out`` created: what fit does
+    before it trains, for a caller that wants to fail before it loads the data. Raises ArgumentError."""
+    epochs = check_positive("epochs", epochs)
+    out = os.fspath(out)
+    _output_folder(out)
+    if resume_from is not None:
+        check_resumable(resume_from)
+    options = {"batch_size": batch_size, "lr": lr}
+    for key, default in TRAIN_DEFAULTS.items():  # the caller's, else (on resume) the checkpoint's, else the defaults
+        if options[key] is None:
+            options[key] = (resume_from or {}).get("options", {}).get(key, default)
+    return {"epochs": epochs, "out": out, "batch_size": check_positive("batch_size", options["batch_size"]),
+            "lr": check_positive("lr", options["lr"], float),
+            "eval_batch_size": check_positive("eval_batch_size", eval_batch_size)}
+
+
+def _output_folder(out: str) -> None:
+    """Creates the run folder ``out``; refuses a path that is a file."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ArgumentError("out", f"out {out!r} is a file; it must be a folder (for last.pt, best.pt and "
+                                   f"metrics.json)")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ArgumentError("out", f"out {out!r}: cannot create the folder ({exc.strerror or exc})") from None
+
+
+def _diverged(what: str, epoch: int, last_path: str, best_path: str) -> str:
+    kept = (f"{last_path} and {best_path} still hold epoch {epoch} and the best one" if epoch else
+            "no checkpoint was written")
+    return f"{what}; stopped ({kept}; no metrics.json written). Try a smaller lr"
+
+
+def _finish(out: str, final: Dict[str, Any], history: List[Dict[str, Any]], model: DIN) -> Dict[str, Any]:
+    summary = {**final, "model": "din" if model.pooling == POOLING["din"] else "base", "history": history}
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2, allow_nan=True)
+    return summary
