@@ -71,7 +71,8 @@ def resolve_device(name: Union[str, torch.device, None]) -> torch.device:
     except RuntimeError as exc:
         raise ArgumentError("device", f"device {name!r} is not a device: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ArgumentError("device", f"device {name}: torch sees no CUDA device (torch {torch.__version__}); use cpu")
+        raise ArgumentError("device", f"device {name}: torch sees no CUDA device (torch {torch.__version__}); "
+                                      f"use the cpu device (--device cpu)")
     return device
 
 
@@ -368,7 +369,7 @@ def _output_folder(out: str) -> None:
 def _diverged(what: str, epoch: int, last_path: str, best_path: str) -> str:
     kept = (f"{last_path} and {best_path} still hold epoch {epoch} and the best one" if epoch else
             "no checkpoint was written")
-    return f"{what}; stopped ({kept}; no metrics.json written). Try a smaller lr"
+    return f"{what}; stopped ({kept}; no metrics.json written). Try a smaller learning rate (--lr)"
 
 
 def _finish(out: str, final: Dict[str, Any], history: List[Dict[str, Any]], model: DIN) -> Dict[str, Any]:

@@ -533,7 +533,7 @@ def test_amazon_sample_gzip_and_dispatch_registry(tmp_path):
     plain = load_dataset("amazon", write_sample("amazon", tmp_path / "a", seed=1, users=30))
     packed = load_dataset("amazon", write_sample("amazon", tmp_path / "b", seed=1, users=30, compress=True))
     check(packed[0].hist["item"], plain[0].hist["item"])
-    assert sorted(LOADERS) == ["amazon", "recbole", "taobao"]
+    assert sorted(LOADERS) == ["amazon", "recbole", "synthetic", "taobao"]
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         load_dataset("nope", tmp_path)
     with pytest.raises(ValueError, match="already registered"):
