@@ -19,8 +19,9 @@ Structure (the cpu backend's, csrc/cpu/attention.cpp, on a GPU grid):
   every tile, back-propagates to the inputs, and accumulates the parameter gradients of its users in registers; the
   per-program partials are added up in program order. Each user's dc_b = sum_t d/dz_0 goes out instead of the
   (Wq + Wd) terms (grad_query += (Wq + Wd)^T dc_b, grad(Wq + Wd) = sum_b dc_b q_b^T), which the host finishes with
-  two small float64 products: two fewer [H1, D] tiles held in registers. Training-mode Dice first runs one pass per hidden layer (top
-  down) gathering sum(g_xhat) and sum(g_xhat * xhat), the terms of the exact gradient through the batch statistics.
+  two small float64 products: two fewer [H1, D] tiles held in registers. Training-mode Dice first runs one pass per
+  hidden layer (top down) gathering sum(g_xhat) and sum(g_xhat * xhat), the terms of the exact gradient through the
+  batch statistics.
   Softmax uses delta_b = grad_out_b . out_b (flash-attention's trick) instead of a separate scoring sweep.
 Every reduction over users goes through per-program partial sums added in a fixed order, so the results are
 bitwise reproducible run to run. Hidden layers: at most MAX_HIDDEN, widths padded to powers of two (>= 16).
