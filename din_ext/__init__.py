@@ -2,7 +2,7 @@
 
 from din_ext import _ext, ops, reference
 from din_ext._backend import available_backends, use_backend
-from din_ext.embedding import MBAEmbedding, count_frequencies
+from din_ext.mba import MBAEmbedding, count_frequencies
 from din_ext.model import DIN
 from din_ext.modules import Dice, LocalActivationUnit
 

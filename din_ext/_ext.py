@@ -1,4 +1,5 @@
-"""Loads the compiled extension din_ext._C, whose import registers the C++ ops in torch.ops.din_ext."""
+"""Loads the compiled extension din_ext._C, whose import registers the C++ ops in torch.ops.din_ext (which kernels
+it holds per op: din_ext._backend)."""
 
 from __future__ import annotations
 
@@ -26,15 +27,6 @@ BUILD_HINT = (
 def has_cpp() -> bool:
     """Whether the C++ ops (the cpu backend) were built and loaded."""
     return _C is not None
-
-
-def has_cuda_kernels() -> bool:
-    """Whether the CUDA kernels of the cuda backend were compiled into din_ext._C."""
-    import torch
-
-    return has_cpp() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "din_ext::local_activation_attention", "CUDA"
-    )
 
 
 def require_cpp(backend: str) -> None:

@@ -1,13 +1,15 @@
 """Input checks with messages that name the argument; they run before any kernel.
 
 Checks of tensor *values* (lengths in range, offsets non-decreasing, ids in range) read the data, which on a GPU
-means a synchronization; they are skipped while torch.compile traces (the compiled kernels check what they can).
+means a synchronization: each reads all it needs at once (one synchronization per call), a caller that has validated
+the values already passes ``checked=True`` to the ops, and they are skipped while torch.compile traces (the compiled
+kernels check what they can).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -55,22 +57,40 @@ def positive_finite(value, name: str) -> None:
 def lengths_in_range(lengths: torch.Tensor, max_len: int) -> None:
     if tracing() or lengths.numel() == 0:
         return
-    lo, hi = int(lengths.min()), int(lengths.max())
+    lo, hi = torch.stack(torch.aminmax(lengths)).tolist()
     if lo < 0:
         raise ValueError(f"lengths must be >= 0, got a length of {lo}")
     if hi > max_len:
         raise ValueError(f"lengths must be <= L = {max_len} (keys.shape[1]), got a length of {hi}")
 
 
+def offsets_summary(offsets: torch.Tensor, max_len: Optional[int] = None) -> List[torch.Tensor]:
+    """The 0-d tensors that check_offsets reads: offsets[0], offsets[-1], the shortest row length and, with max_len,
+    the longest (for a caller that reads them together with values of its own)."""
+    steps = offsets[1:] - offsets[:-1]
+    summary = [offsets[0], offsets[-1]]
+    if steps.numel():
+        summary.append(steps.min())
+        if max_len is not None:
+            summary.append(steps.max())
+    return summary
+
+
+def check_offsets(summary: Sequence[int], num_rows: Optional[int], max_len: Optional[int]) -> None:
+    """Raises ValueError unless offsets_summary's values (read to the host) describe valid offsets: starting at 0,
+    non-decreasing, offsets[-1] <= num_rows (None: not checked), rows no longer than max_len (None: no bound)."""
+    first, last, *span = summary
+    if first != 0:
+        raise ValueError(f"offsets[0] must be 0, got {first}")
+    if span and span[0] < 0:
+        raise ValueError("offsets must be non-decreasing")
+    if num_rows is not None and last > num_rows:
+        raise ValueError(f"offsets[-1] = {last} exceeds the {num_rows} rows of keys")
+    if max_len is not None and len(span) > 1 and span[1] > max_len:
+        raise ValueError(f"max_len = {max_len} is smaller than the longest row ({span[1]})")
+
+
 def offsets_valid(offsets: torch.Tensor, num_rows: int, max_len: Optional[int]) -> None:
     if tracing():
         return
-    if int(offsets[0]) != 0:
-        raise ValueError(f"offsets[0] must be 0, got {int(offsets[0])}")
-    steps = offsets[1:] - offsets[:-1]
-    if steps.numel() and int(steps.min()) < 0:
-        raise ValueError("offsets must be non-decreasing")
-    if int(offsets[-1]) > num_rows:
-        raise ValueError(f"offsets[-1] = {int(offsets[-1])} exceeds the {num_rows} rows of keys")
-    if max_len is not None and steps.numel() and int(steps.max()) > max_len:
-        raise ValueError(f"max_len = {max_len} is smaller than the longest row ({int(steps.max())})")
+    check_offsets(torch.stack(offsets_summary(offsets, max_len)).tolist(), num_rows, max_len)

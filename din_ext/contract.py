@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
+import torch
+
 # Activation of the hidden layers of the local activation unit (and of DIN's tower), with the id the kernels use.
 ACTIVATION_IDS: Dict[str, int] = {"dice": 0, "sigmoid": 1, "prelu": 2, "relu": 3}
 ACTIVATIONS: Tuple[str, ...] = tuple(ACTIVATION_IDS)
@@ -18,9 +20,16 @@ DICE_ROWS: Tuple[str, ...] = ("alpha", "gamma", "beta", "running_mean", "running
 PRELU_ROWS: Tuple[str, ...] = ("slope",)
 ACT_PARAM_ROWS: Dict[str, int] = {"dice": len(DICE_ROWS), "prelu": len(PRELU_ROWS), "sigmoid": 0, "relu": 0}
 DICE_ALPHA, DICE_GAMMA, DICE_BETA, DICE_RUNNING_MEAN, DICE_RUNNING_VAR = range(len(DICE_ROWS))
+(PRELU_SLOPE,) = range(len(PRELU_ROWS))
 
 # Rows of the batch statistics stats [2, sum(H_i)] that the attention and Dice ops return in training.
 STATS_ROWS: Tuple[str, ...] = ("mean", "biased_var")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The ops' accumulation dtype for inputs of ``dtype``: float64 for float64, float32 otherwise. It is also the
+    dtype of MBA's reg and of the triton attention's lse."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_activation(activation: str, name: str = "activation") -> str:

@@ -18,9 +18,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from din_ext import _validate
+from din_ext.contract import check_activation, check_normalization
 from din_ext.data.core import Interactions, Schema
-from din_ext.modules import Dice, LocalActivationUnit
-from din_ext.reference import ACTIVATIONS, NORMALIZATIONS
+from din_ext.mba import MBAEmbedding
+from din_ext.modules import Dice, LocalActivationUnit, make_activation
 
 logger = logging.getLogger("din_ext")
 
@@ -44,10 +46,11 @@ def schema_from_dict(data: Mapping[str, Any]) -> Schema:
 class SharedEmbedding(nn.Embedding):
     """nn.Embedding whose forward looks up several id tensors in one table: ``forward(ids, ...) -> (emb, ...)``.
 
-    The same call signature as ``din_ext.MBAEmbedding``, so the model treats both alike.
+    The same call signature as ``din_ext.MBAEmbedding``, so the model treats both alike (``checked`` changes
+    nothing: nn.Embedding checks the ids in its kernel, without a synchronization).
     """
 
-    def forward(self, *ids: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def forward(self, *ids: torch.Tensor, checked: bool = False) -> Tuple[torch.Tensor, ...]:
         if len(ids) == 1:
             return (super().forward(ids[0]),)
         flat = super().forward(torch.cat(ids))
@@ -61,7 +64,7 @@ class DIN(nn.Module):
     field -> width (history fields take their item field's width); attention_hidden: hidden widths of the local
     activation unit; tower_hidden: hidden widths of the MLP on [user, candidate, interest, dense]; activation: of
     both ("dice", "prelu", "relu", "sigmoid"); pooling: "attention" (DIN) or "sum" (BaseModel);
-    normalization/score_scale: of the attention weights (DESIGN.md); use_dense: feed the dense features, if the
+    normalization/score_scale: of the attention weights (docs/design.md); use_dense: feed the dense features, if the
     schema has them; mba_lambda > 0 builds the tables as ``din_ext.MBAEmbedding`` with the schema's frequencies;
     embedding_std: normal init of the tables; backend: din_ext backend of attention and Dice.
 
@@ -88,10 +91,8 @@ class DIN(nn.Module):
             raise TypeError(f"schema must be a din_ext.data.Schema, got {type(schema).__name__}")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        check_activation(activation)
+        check_normalization(normalization)
         if not schema.history_fields:
             raise ValueError("schema.history_fields is empty: DIN needs at least one behaviour field")
         tower_hidden, attention_hidden = tuple(int(h) for h in tower_hidden), tuple(int(h) for h in attention_hidden)
@@ -128,7 +129,7 @@ class DIN(nn.Module):
         tower_in = sum(self.dims.values()) + self.interest_dim + (schema.dense_dim if self.use_dense else 0)
         widths = (tower_in, *tower_hidden)
         self.tower = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.tower_activations = nn.ModuleList(self._activation(activation, h) for h in tower_hidden)
+        self.tower_activations = nn.ModuleList(make_activation(activation, h) for h in tower_hidden)
         self.heads = nn.Linear(widths[-1], len(self.tasks))  # one logit per task over the shared tower
         self.backend = backend
 
@@ -160,13 +161,9 @@ class DIN(nn.Module):
         if num_embeddings < 1:
             raise ValueError(f"field {field!r}: table size must be >= 1 (row 0 is padding/OOV), got {num_embeddings}")
         if self.mba_lambda:
-            import din_ext
-
-            if not hasattr(din_ext, "MBAEmbedding"):
-                raise RuntimeError("mba_lambda > 0 needs din_ext.MBAEmbedding, which this install does not have")
             if field not in self.schema.frequencies:
                 raise ValueError(f"mba_lambda > 0 needs schema.frequencies[{field!r}] (training counts per row)")
-            table = din_ext.MBAEmbedding(num_embeddings, embedding_dim, self.schema.frequencies[field],
+            table = MBAEmbedding(num_embeddings, embedding_dim, self.schema.frequencies[field],
                                          self.mba_lambda, padding_idx=0)
         else:
             table = SharedEmbedding(num_embeddings, embedding_dim, padding_idx=0)
@@ -174,14 +171,6 @@ class DIN(nn.Module):
             table.weight.normal_(0.0, self.embedding_std)
             table.weight[0].zero_()
         return table
-
-    @staticmethod
-    def _activation(name: str, width: int) -> nn.Module:
-        if name == "dice":
-            return Dice(width)
-        if name == "prelu":
-            return nn.PReLU(width)
-        return nn.Sigmoid() if name == "sigmoid" else nn.ReLU()
 
     @property
     def backend(self) -> str:
@@ -240,7 +229,13 @@ class DIN(nn.Module):
     # -- forward ------------------------------------------------------------------------------------------------
 
     def check_batch(self, batch: Interactions) -> None:
-        """Raises ValueError naming the column if ``batch`` does not fit the schema (names, dtypes, shapes, ids)."""
+        """Raises ValueError naming the column if ``batch`` does not fit the schema (names, dtypes, shapes, offsets,
+        ids)."""
+        self._check_batch(batch)
+
+    def _check_batch(self, batch: Interactions) -> int:
+        """check_batch, returning hist_offsets[-1]; every value it checks is read with one host-device
+        synchronization, so forward passes ``checked=True`` to the layers."""
         if not isinstance(batch, Interactions):
             raise TypeError(f"batch must be din_ext.data.Interactions, got {type(batch).__name__}")
         rows = len(batch)
@@ -249,34 +244,48 @@ class DIN(nn.Module):
         offsets = batch.hist_offsets
         if offsets.dtype != torch.long or tuple(offsets.shape) != (rows + 1,):
             raise ValueError(f"hist_offsets must be int64 [{rows + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
-        total = int(offsets[-1])
-        checks = [("user", batch.user, self.schema.user_fields, rows), ("item", batch.item, self.schema.item_fields,
-                                                                         rows)]
-        checks.append(("hist", batch.hist, {f: self.schema.item_fields[f] for f in self.schema.history_fields},
-                       None))
-        for kind, columns, sizes, length in checks:
+        history = {f: self.schema.item_fields[f] for f in self.schema.history_fields}
+        columns = []  # (label, column, table size, length; None for a history column: >= hist_offsets[-1])
+        for kind, present, sizes, length in (("user", batch.user, self.schema.user_fields, rows),
+                                             ("item", batch.item, self.schema.item_fields, rows),
+                                             ("hist", batch.hist, history, None)):
             for name, size in sizes.items():
-                if name not in columns:
-                    raise ValueError(f"batch.{kind} has no column {name!r} (has {sorted(columns)})")
-                col = columns[name]
-                if col.dtype != torch.long or col.dim() != 1 or (length is not None and col.shape[0] != length) or (
-                        length is None and col.shape[0] < total):
-                    want = f"[{length}]" if length is not None else f"[>= hist_offsets[-1] = {total}]"
-                    raise ValueError(f"batch.{kind}[{name!r}] must be int64 {want}, got {col.dtype} "
-                                     f"{tuple(col.shape)}")
-                used = col if length is not None else col[:total]
-                if used.numel() and (int(used.min()) < 0 or int(used.max()) >= size):
-                    raise ValueError(f"batch.{kind}[{name!r}] has ids outside [0, {size}) (the table size)")
+                if name not in present:
+                    raise ValueError(f"batch.{kind} has no column {name!r} (has {sorted(present)})")
+                col, label = present[name], f"batch.{kind}[{name!r}]"
+                if col.dtype != torch.long or col.dim() != 1 or (length is not None and col.shape[0] != length):
+                    want = f"[{length}]" if length is not None else f"[>= hist_offsets[-1] = {int(offsets[-1])}]"
+                    raise ValueError(f"{label} must be int64 {want}, got {col.dtype} {tuple(col.shape)}")
+                columns.append((label, col, size, length))
+        filled = [c for c in columns if c[1].numel()]
+        # History columns are read whole (their used part needs hist_offsets[-1], which this very read gets).
+        values = torch.stack(_validate.offsets_summary(offsets) + [v for _, col, _, _ in filled
+                                                                  for v in torch.aminmax(col)]).tolist()
+        summary, bounds = values[:3], values[3:]
+        _validate.check_offsets(summary, None, None)
+        total = summary[1]
+        for label, col, _, length in columns:
+            if length is None and col.shape[0] < total:
+                raise ValueError(f"{label} must be int64 [>= hist_offsets[-1] = {total}], got {col.dtype} "
+                                 f"{tuple(col.shape)}")
+        for (label, col, size, length), lo, hi in zip(filled, bounds[0::2], bounds[1::2]):
+            if (lo < 0 or hi >= size) and length is None and col.shape[0] > total:
+                # Storage past hist_offsets[-1] is never read: only the used part must be in range.
+                used = col[:total]
+                lo, hi = torch.stack(torch.aminmax(used)).tolist() if used.numel() else (0, 0)
+            if lo < 0 or hi >= size:
+                raise ValueError(f"{label} has ids outside [0, {size}) (the table size)")
         if self.use_dense:
             dense = batch.dense
             if dense is None or tuple(dense.shape) != (rows, self.schema.dense_dim) or not dense.is_floating_point():
                 got = None if dense is None else (dense.dtype, tuple(dense.shape))
                 raise ValueError(f"batch.dense must be float [{rows}, {self.schema.dense_dim}], got {got}")
+        return total
 
     def _lookup(self, field: str, *ids: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The embeddings of ``ids`` in the table of ``field``, one call per table per step (so an MBA table counts
         an id shared by the candidate and the history once), always as a tuple."""
-        out = self.embeddings[field](*ids)
+        out = self.embeddings[field](*ids, checked=True)  # forward has checked the ids
         return out if isinstance(out, tuple) else (out,)
 
     def regularization(self) -> Optional[torch.Tensor]:
@@ -288,11 +297,10 @@ class DIN(nn.Module):
 
     def forward(self, batch: Interactions) -> torch.Tensor:
         """batch: Interactions with S rows. Returns logits (S, T), T = len(schema.tasks)."""
-        self.check_batch(batch)
+        total = self._check_batch(batch)
         schema = self.schema
         parts = [self._lookup(f, batch.user[f])[0] for f in schema.user_fields]
         query, keys = [], []
-        total = int(batch.hist_offsets[-1])
         for field in schema.item_fields:
             if field in schema.history_fields:
                 candidate, behaviours = self._lookup(field, batch.item[field], batch.hist[field][:total])
@@ -303,7 +311,7 @@ class DIN(nn.Module):
             parts.append(candidate)
         keys = torch.cat(keys, dim=1) if len(keys) > 1 else keys[0]
         query = torch.cat(query, dim=1) if len(query) > 1 else query[0]
-        parts.append(self.pool(query, keys, batch.hist_offsets))
+        parts.append(self.pool(query, keys, batch.hist_offsets, checked=True))
         if self.use_dense:
             parts.append(batch.dense.to(query.dtype))
         x = torch.cat(parts, dim=1)
@@ -311,10 +319,12 @@ class DIN(nn.Module):
             x = activation(linear(x))
         return self.heads(x)
 
-    def pool(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """query: (B, Dq); keys: (N, Dq) jagged with offsets (B+1,). Returns the user interest (B, Dq)."""
+    def pool(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, checked: bool = False
+             ) -> torch.Tensor:
+        """query: (B, Dq); keys: (N, Dq) jagged with offsets (B+1,); checked: the offsets are validated (forward).
+        Returns the user interest (B, Dq)."""
         if self.attention is not None:
-            return self.attention(query, keys, offsets=offsets)
+            return self.attention(query, keys, offsets=offsets, checked=checked)
         lengths = offsets[1:] - offsets[:-1]
         owner = torch.repeat_interleave(torch.arange(query.shape[0], device=keys.device), lengths,
                                         output_size=keys.shape[0])

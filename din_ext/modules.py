@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from din_ext import ops
+from din_ext.contract import ACT_PARAM_ROWS, check_activation, check_normalization
 from din_ext.ops.dice import pack_params
-from din_ext.reference import ACT_PARAM_ROWS, ACTIVATIONS, NORMALIZATIONS
 
 
 def _update_running_stats(module: "Dice", mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
@@ -90,8 +90,18 @@ class Dice(nn.Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
 
 
+def make_activation(name: str, width: int) -> nn.Module:
+    """The activation module ``name`` (a contract.ACTIVATIONS) of a hidden layer of ``width`` features."""
+    check_activation(name)
+    if name == "dice":
+        return Dice(width)
+    if name == "prelu":
+        return nn.PReLU(width)
+    return nn.Sigmoid() if name == "sigmoid" else nn.ReLU()
+
+
 class LocalActivationUnit(nn.Module):
-    """DIN's local activation unit with attention pooling (DESIGN.md section 1).
+    """DIN's local activation unit with attention pooling (docs/design.md).
 
     Scores every behaviour k of a user against the query q with ``MLP([q, k, q - k, q * k])`` and returns the
     score-weighted sum of the values (unnormalized, as in the paper, or softmax-normalized).
@@ -109,10 +119,8 @@ class LocalActivationUnit(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        check_activation(activation)
+        check_normalization(normalization)
         self.embed_dim = embed_dim
         self.activation = activation
         self.normalization = normalization
@@ -120,15 +128,8 @@ class LocalActivationUnit(nn.Module):
         self.backend = backend
         widths = [4 * embed_dim, *hidden_units]
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.activations = nn.ModuleList(self._make_activation(h) for h in hidden_units)
+        self.activations = nn.ModuleList(make_activation(activation, h) for h in hidden_units)
         self.out = nn.Linear(widths[-1], 1)
-
-    def _make_activation(self, width: int) -> nn.Module:
-        if self.activation == "dice":
-            return Dice(width)
-        if self.activation == "prelu":
-            return nn.PReLU(width)
-        return nn.Sigmoid() if self.activation == "sigmoid" else nn.ReLU()
 
     def act_params(self) -> Optional[torch.Tensor]:
         """Activation parameters of all hidden layers in the ops' packed (P, sum(H_i)) layout."""
@@ -150,9 +151,12 @@ class LocalActivationUnit(nn.Module):
         offsets: Optional[torch.Tensor] = None,
         values: Optional[torch.Tensor] = None,
         max_len: Optional[int] = None,
+        *,
+        checked: bool = False,
     ) -> torch.Tensor:
         """query: (B, D); keys: (B, L, D) with lengths (B,), or (N, D) jagged with offsets (B+1,) and optional
-        max_len; values: like keys (default keys). Returns (B, Dv); a user without behaviours gets zeros."""
+        max_len; values: like keys (default keys). checked: the caller has validated the values of lengths/offsets
+        (DIN.forward). Returns (B, Dv); a user without behaviours gets zeros."""
         training = self.training and self.activation == "dice"
         eps = self.activations[0].eps if self.activation == "dice" and len(self.activations) else 1e-8
         params = self.act_params()
@@ -160,8 +164,7 @@ class LocalActivationUnit(nn.Module):
             query, keys, [lin.weight for lin in self.linears] + [self.out.weight],
             [lin.bias for lin in self.linears] + [self.out.bias], params, lengths=lengths, offsets=offsets,
             values=values, max_len=max_len, activation=self.activation, normalization=self.normalization,
-            score_scale=self.score_scale, training=training, eps=eps,
-            backend=self.backend)
+            score_scale=self.score_scale, training=training, eps=eps, backend=self.backend, checked=checked)
         if training:
             count = lengths.sum() if lengths is not None else offsets[-1]
             column = 0

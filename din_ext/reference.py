@@ -1,11 +1,12 @@
 """Pure-PyTorch reference of every din_ext op: the oracle of the tests and the baseline of the benchmarks.
 
 Written for clarity, not speed: the textbook padded implementation (concatenate ``[q, k, q - k, q * k]`` for every
-position, run the MLP, mask, pool), differentiable by autograd, float64-capable. See DESIGN.md section 1.
+position, run the MLP, mask, pool), differentiable by autograd, float64-capable. See docs/design.md.
 
-Activation parameters use the packed layout of the din_ext ops: ``act_params`` is ``[P, sum(H_i)]``, the per-feature
-parameters of all hidden layers side by side, with ``P = 5`` rows for Dice (alpha, gamma, beta, running_mean,
-running_var), ``P = 1`` for PReLU (slope) and ``P = 0`` for sigmoid and relu.
+Activation parameters use the packed layout of the din_ext ops (din_ext.contract): ``act_params`` is
+``[P, sum(H_i)]``, the per-feature parameters of all hidden layers side by side, with ``P = 5`` rows for Dice
+(contract.DICE_ROWS: alpha, gamma, beta, running_mean, running_var), ``P = 1`` for PReLU (slope) and ``P = 0`` for
+sigmoid and relu.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("dice", "sigmoid", "prelu", "relu")
-NORMALIZATIONS = ("none", "softmax")
-ACT_PARAM_ROWS = {"dice": 5, "prelu": 1, "sigmoid": 0, "relu": 0}
+from din_ext.contract import PRELU_SLOPE, acc_dtype, check_activation, check_normalization
 
 
 def dice(
@@ -73,10 +72,9 @@ def _hidden_activation(
     if activation == "sigmoid":
         return torch.sigmoid(z), None, None
     if activation == "prelu":
-        return torch.where(z > 0, z, params[0] * z), None, None
-    if activation == "relu":
-        return torch.relu(z), None, None
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        return torch.where(z > 0, z, params[PRELU_SLOPE] * z), None, None
+    check_activation(activation)
+    return torch.relu(z), None, None
 
 
 def jagged_to_padded(
@@ -115,7 +113,7 @@ def local_activation_attention(
     training: bool = False,
     eps: float = 1e-8,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """DIN local-activation attention pooling (DESIGN.md section 1), textbook padded form.
+    """DIN local-activation attention pooling (docs/design.md), textbook padded form.
 
     query: (B, D); keys: (B, L, D) padded with lengths (B,), or (N, D) jagged with offsets (B+1,);
     values: like keys with width Dv, default keys; weights/biases: Linear(4D, H1), ..., Linear(H_last, 1) in
@@ -149,10 +147,9 @@ def local_activation_attention(
         scores = scores.masked_fill(~mask, float("-inf"))
         w = torch.softmax(scores, dim=1)
         w = torch.where(mask, w, torch.zeros_like(w))  # an empty row is all -inf: NaN -> 0
-    elif normalization == "none":
-        w = torch.where(mask, scores, torch.zeros_like(scores))
     else:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        check_normalization(normalization)
+        w = torch.where(mask, scores, torch.zeros_like(scores))
     values = torch.where(mask[..., None], values, torch.zeros_like(values))
     return (w[..., None] * values).sum(1), stats
 
@@ -203,3 +200,44 @@ def mba_embedding(
     outs = tuple(F.embedding(i.long(), weight, padding_idx=padding_idx) for i in id_list)
     value, _ = mba_regularization(weight, id_list, frequencies.clamp_min(1), reg_lambda, padding_idx)
     return (outs[0] if single else outs), value
+
+
+class _AddRegGrad(torch.autograd.Function):
+    """Identity on the lookups whose backward adds the regularization gradient ``reg_grad`` to weight."""
+
+    @staticmethod
+    def forward(ctx, out, weight, reg_grad):
+        ctx.reg_grad = reg_grad
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return grad_out, ctx.reg_grad, None
+
+
+def mba_lookup(
+    weight: torch.Tensor, ids: torch.Tensor, frequencies: torch.Tensor, reg_lambda: float, padding_idx: int,
+    sparse: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reference backend of din_ext.ops.mba_embedding: the lookups, whose backward adds R's gradient to weight's.
+
+    Plain PyTorch, slow (dense O(V D) work per step). weight: (V, D); ids: (N,) int; frequencies: (V,) n_j (values
+    below 1 count as 1); padding_idx: -1 for none. Returns (out (N, D), R) with R as din_ext.ops.mba_embedding's.
+    """
+    padding = None if padding_idx < 0 else padding_idx
+    freq = frequencies.clamp_min(1)
+    with torch.no_grad():
+        reg, dense = mba_regularization(weight, ids, freq, reg_lambda, padding)
+    reg = reg.to(acc_dtype(weight.dtype))
+    out = F.embedding(ids.long(), weight, padding_idx=padding, sparse=sparse)
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return out, reg
+    if sparse:
+        unique_ids = torch.unique(ids.long())
+        if padding is not None:
+            unique_ids = unique_ids[unique_ids != padding]
+        reg_grad = torch.sparse_coo_tensor(unique_ids[None], dense[unique_ids], weight.shape, is_coalesced=True,
+                                           check_invariants=False)
+    else:
+        reg_grad = dense
+    return _AddRegGrad.apply(out, weight, reg_grad), reg

@@ -19,8 +19,9 @@ Structure (the cpu backend's, csrc/cpu/attention.cpp, on a GPU grid):
   every tile, back-propagates to the inputs, and accumulates the parameter gradients of its users in registers; the
   per-program partials are added up in program order. Each user's dc_b = sum_t d/dz_0 goes out instead of the
   (Wq + Wd) terms (grad_query += (Wq + Wd)^T dc_b, grad(Wq + Wd) = sum_b dc_b q_b^T), which the host finishes with
-  two small float64 products: two fewer [H1, D] tiles held in registers. Training-mode Dice first runs one pass per hidden layer (top
-  down) gathering sum(g_xhat) and sum(g_xhat * xhat), the terms of the exact gradient through the batch statistics.
+  two small float64 products: two fewer [H1, D] tiles held in registers. Training-mode Dice first runs one pass per
+  hidden layer (top down) gathering sum(g_xhat) and sum(g_xhat * xhat), the terms of the exact gradient through the
+  batch statistics.
   Softmax uses delta_b = grad_out_b . out_b (flash-attention's trick) instead of a separate scoring sweep.
 Every reduction over users goes through per-program partial sums added in a fixed order, so the results are
 bitwise reproducible run to run. Hidden layers: at most MAX_HIDDEN, widths padded to powers of two (>= 16).
@@ -36,18 +37,33 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
+
+from din_ext.contract import (ACTIVATION_IDS, DICE_ALPHA, DICE_BETA, DICE_RUNNING_MEAN, DICE_RUNNING_VAR, PRELU_SLOPE,
+                              acc_dtype)
+from din_ext.kernels.common import interpreting, sigmoid
 
 MAX_HIDDEN = 4
-ACTIVATION_IDS = {"dice": 0, "sigmoid": 1, "prelu": 2, "relu": 3}
 NUM_BLOCKS = 128  # programs of the backward: fixes the summation order of the parameter gradients
-CONST_ROWS = 8  # per hidden layer: alpha, gamma, beta, mean, rstd, g_mean, gx_mean, unused
+# The activation ids of the ACT constexpr (din_ext.contract's).
+DICE, SIGMOID, PRELU, RELU = (tl.constexpr(ACTIVATION_IDS[name]) for name in ("dice", "sigmoid", "prelu", "relu"))
+
+# CONSTS holds CONST_ROWS rows per hidden layer j, row const_row(j, ROW_*), then one row for score_scale.
+CONST_ROWS = 8
+ROW_ALPHA = tl.constexpr(0)  # Dice's alpha, PReLU's slope
+ROW_GAMMA = tl.constexpr(1)
+ROW_BETA = tl.constexpr(2)
+ROW_MEAN = tl.constexpr(3)  # the mean of the Dice statistics (batch ones in training, running ones in eval)
+ROW_RSTD = tl.constexpr(4)  # 1 / sqrt(var + eps); 1 on padding features
+ROW_G_MEAN = tl.constexpr(5)  # backward, Dice training: batch mean of g_xhat
+ROW_GX_MEAN = tl.constexpr(6)  # backward, Dice training: batch mean of g_xhat * xhat (row 7 is unused)
 SCALE_ROW = tl.constexpr(CONST_ROWS * MAX_HIDDEN)  # the row of CONSTS that holds score_scale
-DICE, SIGMOID, PRELU, RELU = 0, 1, 2, 3
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+@triton.constexpr_function
+def const_row(j, row):
+    """The row of CONSTS that holds row ``row`` (a ROW_*) of hidden layer ``j``; host and jit code alike."""
+    return CONST_ROWS * j + row
 
 
 def _configs(configs):
@@ -90,13 +106,6 @@ def _mm_tn(a, b, ACC: tl.constexpr, IN: tl.constexpr, TF32: tl.constexpr):
 
 
 @triton.jit
-def _sigmoid(x):
-    """Logistic function without overflow: exp of a non-positive argument only."""
-    e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
-
-
-@triton.jit
 def _load_mat(W, n_rows, n_cols, row_stride, ROWS_P: tl.constexpr, COLS_P: tl.constexpr):
     """W [ROWS_P, COLS_P] (element (r, c) at W + r * row_stride + c), zero-padded."""
     r = tl.arange(0, ROWS_P)[:, None]
@@ -128,23 +137,30 @@ def _store_mat(X, x, ROWS_P: tl.constexpr, COLS_P: tl.constexpr):
 @triton.jit
 def _const(CONSTS, J: tl.constexpr, ROW: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr):
     """Row ROW of hidden layer J's feature constants, [1, P] (padding features: 0, and rstd 1)."""
-    return tl.load(CONSTS + (J * 8 + ROW) * HMAXP + tl.arange(0, P))[None, :]
+    return tl.load(CONSTS + const_row(J, ROW) * HMAXP + tl.arange(0, P))[None, :]
+
+
+@triton.jit
+def _dice_consts(CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr):
+    """Dice's alpha, gamma, beta, mean, rstd of hidden layer J, [1, P] each."""
+    alpha = _const(CONSTS, J, ROW_ALPHA, P, HMAXP)
+    gamma = _const(CONSTS, J, ROW_GAMMA, P, HMAXP)
+    beta = _const(CONSTS, J, ROW_BETA, P, HMAXP)
+    mean = _const(CONSTS, J, ROW_MEAN, P, HMAXP)
+    rstd = _const(CONSTS, J, ROW_RSTD, P, HMAXP)
+    return alpha, gamma, beta, mean, rstd
 
 
 @triton.jit
 def _act_fwd(z, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr, ACT: tl.constexpr):
-    if ACT == 0:  # dice
-        alpha = _const(CONSTS, J, 0, P, HMAXP)
-        gamma = _const(CONSTS, J, 1, P, HMAXP)
-        beta = _const(CONSTS, J, 2, P, HMAXP)
-        mean = _const(CONSTS, J, 3, P, HMAXP)
-        rstd = _const(CONSTS, J, 4, P, HMAXP)
-        p = _sigmoid(gamma * ((z - mean) * rstd) + beta)
+    if ACT == DICE:
+        alpha, gamma, beta, mean, rstd = _dice_consts(CONSTS, J, P, HMAXP)
+        p = sigmoid(gamma * ((z - mean) * rstd) + beta)
         h = z * (alpha + (1.0 - alpha) * p)
-    elif ACT == 1:  # sigmoid
-        h = _sigmoid(z)
-    elif ACT == 2:  # prelu
-        h = tl.where(z > 0, z, _const(CONSTS, J, 0, P, HMAXP) * z)
+    elif ACT == SIGMOID:
+        h = sigmoid(z)
+    elif ACT == PRELU:
+        h = tl.where(z > 0, z, _const(CONSTS, J, ROW_ALPHA, P, HMAXP) * z)
     else:  # relu
         h = tl.where(z > 0, z, 0.0)
     return h
@@ -161,16 +177,12 @@ def _act_bwd(g, z, valid, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.co
     """
     zero = tl.zeros([P], dtype=z.dtype)
     s0, s1, s2, s3, s4 = zero, zero, zero, zero, zero
-    if ACT == 0:
-        alpha = _const(CONSTS, J, 0, P, HMAXP)
-        gamma = _const(CONSTS, J, 1, P, HMAXP)
-        beta = _const(CONSTS, J, 2, P, HMAXP)
-        mean = _const(CONSTS, J, 3, P, HMAXP)
-        rstd = _const(CONSTS, J, 4, P, HMAXP)
-        g_mean = _const(CONSTS, J, 5, P, HMAXP)
-        gx_mean = _const(CONSTS, J, 6, P, HMAXP)
+    if ACT == DICE:
+        alpha, gamma, beta, mean, rstd = _dice_consts(CONSTS, J, P, HMAXP)
+        g_mean = _const(CONSTS, J, ROW_G_MEAN, P, HMAXP)
+        gx_mean = _const(CONSTS, J, ROW_GX_MEAN, P, HMAXP)
         xhat = (z - mean) * rstd
-        p = _sigmoid(gamma * xhat + beta)
+        p = sigmoid(gamma * xhat + beta)
         one_minus_alpha = 1.0 - alpha
         g_arg = g * z * one_minus_alpha * p * (1.0 - p)
         g_xhat = g_arg * gamma
@@ -180,12 +192,12 @@ def _act_bwd(g, z, valid, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.co
         s3 = tl.sum(g_xhat, 0)
         s4 = tl.sum(g_xhat * xhat, 0)
         gz = g * (alpha + one_minus_alpha * p) + rstd * (g_xhat - g_mean - xhat * gx_mean)
-    elif ACT == 1:
-        y = _sigmoid(z)
+    elif ACT == SIGMOID:
+        y = sigmoid(z)
         gz = g * y * (1.0 - y)
-    elif ACT == 2:
+    elif ACT == PRELU:
         s0 = tl.sum(tl.where(z > 0, 0.0, g * z), 0)
-        gz = tl.where(z > 0, g, g * _const(CONSTS, J, 0, P, HMAXP))
+        gz = tl.where(z > 0, g, g * _const(CONSTS, J, ROW_ALPHA, P, HMAXP))
     else:
         gz = tl.where(z > 0, g, 0.0)
     gz = tl.where(valid[:, None], gz, 0.0)
@@ -287,7 +299,7 @@ def _forward_kernel(
     W0, B0,  # first linear [N0, 4D], [N0]
     W1, B1, W2, B2, W3, B3,  # hidden-to-hidden linears [N_j, N_{j-1}], [N_j] (placeholders when absent)
     WS, BS,  # score linear [1, N_last], [1]
-    CONSTS,  # [8 * MAX_HIDDEN + 1, HMAXP] activation constants in the accumulation dtype; last row: score_scale
+    CONSTS,  # [CONST_ROWS * MAX_HIDDEN + 1, HMAXP] activation constants (accumulation dtype); last: score_scale
     OUT,  # [B, DV] pooled output (pooling pass)
     LSE,  # [B] log-sum-exp of the scaled scores (softmax pooling pass; accumulation dtype)
     PART,  # [B, 2, PS] shifted sum and sum of squares of z_STOP over the user's rows (statistics pass)
@@ -297,7 +309,7 @@ def _forward_kernel(
     NS,  # width of layer STOP
     b_bucket, l_bucket,  # autotuning keys: power-of-two B, bucketed max_len
     NUM_HIDDEN: tl.constexpr,  # number of hidden layers (0 .. MAX_HIDDEN)
-    ACT: tl.constexpr,  # 0 dice, 1 sigmoid, 2 prelu, 3 relu
+    ACT: tl.constexpr,  # DICE, SIGMOID, PRELU or RELU
     SOFTMAX: tl.constexpr,  # softmax-normalized pooling weights
     STOP: tl.constexpr,  # -1: pooling pass; j >= 0: statistics pass of hidden layer j
     DP: tl.constexpr, DVP: tl.constexpr,  # padded D, DV
@@ -411,7 +423,7 @@ def _backward_kernel(
     LSE,  # [B] log-sum-exp of the scaled scores (softmax)
     Q, K, V, STARTS, LENGTHS,  # as in the forward (V is K when the keys are the values)
     W0, B0, W1, B1, W2, B2, W3, B3, WS, BS,  # linears, as in the forward
-    CONSTS,  # activation constants, as in the forward, rows 5 and 6 of a layer: g_mean, gx_mean (Dice training)
+    CONSTS,  # activation constants, as in the forward, with ROW_G_MEAN and ROW_GX_MEAN (Dice training)
     GQ,  # [B, D] gradient of the queries through Weff_b (accumulation dtype; the caller adds (Wq + Wd)^T dc_b)
     DC,  # [B, P0] dc_b = sum over the user's rows of d/dz_0 (accumulation dtype)
     GK,  # [N, D] gradient of the keys (rows outside every user are zero-filled by the caller)
@@ -635,24 +647,11 @@ def _backward_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Host side: launch parameters, the passes, the torch.library ops and their autograd
+# Host side: launch parameters, the passes and the launchers of the forward and the backward
 
 
 def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
-
-
-def define_op(name: str, fake):
-    """torch.library.triton_op (Inductor and export see the kernels), or under TRITON_INTERPRET=1 an opaque custom op
-    with the fake kernel ``fake``: torch cannot trace interpreted kernels, so compile/export/opcheck then treat the op
-    as a black box (the GPU run covers tracing through the kernels)."""
-    def decorate(fn):
-        if not interpreting():
-            return triton_op(name, mutates_args=())(fn)
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        op.register_fake(fake)
-        return op
-    return decorate
 
 
 class _Plan:
@@ -671,7 +670,7 @@ class _Plan:
         self.n = widths + [1] * (MAX_HIDDEN - len(widths))  # N0..N3
         self.p = [_pad(w) for w in self.n]  # P0..P3
         self.hmaxp = max(self.p)
-        self.acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        self.acc = acc_dtype(query.dtype)
         self.tf32 = query.dtype == torch.float32 and query.is_cuda and torch.backends.cuda.matmul.allow_tf32
         self.act = ACTIVATION_IDS[activation]
         self.softmax = normalization == "softmax"
@@ -704,26 +703,29 @@ def _length_bucket(max_len: int) -> int:
 
 def _constants(plan: _Plan, act_params: Tensor, activation: str, training: bool, stats: Optional[Tensor],
                eps: float, score_scale: float) -> Tensor:
-    """[8 * MAX_HIDDEN + 1, HMAXP] in the accumulation dtype: per hidden layer j rows 8j .. 8j + 7 = alpha (PReLU's
-    slope), gamma, beta, mean, rstd, g_mean, gx_mean, unused; padding features 0 with rstd 1. Last row: score_scale.
-    The statistics are the running ones in eval, ``stats`` (the batch ones, rounded to the input dtype) in training.
+    """[CONST_ROWS * MAX_HIDDEN + 1, HMAXP] in the accumulation dtype: the ROW_* rows of every hidden layer (padding
+    features 0, with rstd 1), then score_scale in row SCALE_ROW. The statistics are the running ones in eval,
+    ``stats`` (the batch ones, rounded to the input dtype) in training.
     """
-    consts = torch.zeros(8 * MAX_HIDDEN + 1, plan.hmaxp, dtype=plan.acc, device=act_params.device)
-    consts[4:8 * MAX_HIDDEN:8] = 1
-    consts[8 * MAX_HIDDEN, 0] = score_scale
+    scale_row = int(SCALE_ROW)
+    consts = torch.zeros(scale_row + 1, plan.hmaxp, dtype=plan.acc, device=act_params.device)
+    consts[int(ROW_RSTD):scale_row:CONST_ROWS] = 1
+    consts[scale_row, 0] = score_scale
     column = 0
     for j, width in enumerate(plan.hidden):
         cols = slice(column, column + width)
         if activation == "prelu":
-            consts[8 * j, :width] = act_params[0, cols]
+            consts[const_row(j, ROW_ALPHA), :width] = act_params[PRELU_SLOPE, cols]
         elif activation == "dice":
-            consts[8 * j:8 * j + 3, :width] = act_params[0:3, cols]
+            # alpha, gamma, beta: the same order in act_params and in CONSTS
+            consts[const_row(j, ROW_ALPHA):const_row(j, ROW_BETA) + 1, :width] = act_params[DICE_ALPHA:DICE_BETA + 1,
+                                                                                            cols]
             if training:
                 mean, var = stats[0, cols], stats[1, cols]
             else:
-                mean, var = act_params[3, cols], act_params[4, cols]
-            consts[8 * j + 3, :width] = mean
-            consts[8 * j + 4, :width] = torch.rsqrt(var.double() + eps)
+                mean, var = act_params[DICE_RUNNING_MEAN, cols], act_params[DICE_RUNNING_VAR, cols]
+            consts[const_row(j, ROW_MEAN), :width] = mean
+            consts[const_row(j, ROW_RSTD), :width] = torch.rsqrt(var.double() + eps)
         column += width
     return consts
 
@@ -735,17 +737,7 @@ def _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, s
         NS=shift_width, STOP=stop, PS=stop_pad, **plan.common)
 
 
-def _fake_forward(query, keys, values, starts, lengths, max_len, weights, biases, act_params, activation,
-                  normalization, score_scale, training, eps):
-    value_dim = keys.shape[1] if values is None else values.shape[1]
-    hidden_total = sum(w.shape[0] for w in weights[:-1])
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-    return (query.new_empty(query.shape[0], value_dim), query.new_empty(2, hidden_total),
-            query.new_empty(query.shape[0], dtype=acc))
-
-
-@define_op("din_ext::triton_local_activation_attention", _fake_forward)
-def triton_local_activation_attention(
+def forward(
     query: Tensor, keys: Tensor, values: Optional[Tensor], starts: Tensor, lengths: Tensor, max_len: int,
     weights: List[Tensor], biases: List[Tensor], act_params: Tensor, activation: str, normalization: str,
     score_scale: float, training: bool, eps: float,
@@ -779,8 +771,8 @@ def triton_local_activation_attention(
             mean = shifted_mean + biases[j].double()
             stats[0, column:column + width] = torch.where(count > 0, mean, 0)
             stats[1, column:column + width] = torch.where(count > 0, var, 0)
-            consts[8 * j + 3, :width] = stats[0, column:column + width]
-            consts[8 * j + 4, :width] = torch.rsqrt(stats[1, column:column + width].double() + eps)
+            consts[const_row(j, ROW_MEAN), :width] = stats[0, column:column + width]
+            consts[const_row(j, ROW_RSTD), :width] = torch.rsqrt(stats[1, column:column + width].double() + eps)
             column += width
     _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, -1, out, lse, lse, biases[0],
                   1, 16)
@@ -809,20 +801,12 @@ def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, length
         PS=plan.p[max(stop, 0)], **plan.common)
 
 
-def _fake_backward(grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, out, stats,
-                   lse, activation, normalization, score_scale, training, eps):
-    grad_values = keys.new_empty(0) if values is None else torch.empty_like(values)
-    return (torch.empty_like(query), torch.empty_like(keys), grad_values, [torch.empty_like(w) for w in weights],
-            [torch.empty_like(b) for b in biases], torch.empty_like(act_params))
-
-
-@define_op("din_ext::triton_local_activation_attention_backward", _fake_backward)
-def triton_local_activation_attention_backward(
+def backward(
     grad_out: Tensor, query: Tensor, keys: Tensor, values: Optional[Tensor], starts: Tensor, lengths: Tensor,
     max_len: int, weights: List[Tensor], biases: List[Tensor], act_params: Tensor, out: Tensor, stats: Tensor,
     lse: Tensor, activation: str, normalization: str, score_scale: float, training: bool, eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor], Tensor]:
-    """Backward of triton_local_activation_attention: (grad_query, grad_keys, grad_values (empty without values),
+    """Backward of ``forward``: (grad_query, grad_keys, grad_values (empty without values),
     grad_weights, grad_biases, grad_act_params)."""
     plan = _Plan(query, keys, values, weights, max_len, activation, normalization)
     grad_out, out = grad_out.contiguous(), out.contiguous()
@@ -844,7 +828,7 @@ def triton_local_activation_attention_backward(
             _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, j,
                            grad_query, dc, grad_keys, grad_values, part, programs)
             sums = part.view(programs, 2, plan.p[j]).sum(0, dtype=torch.float64)
-            consts[8 * j + 5:8 * j + 7, :plan.p[j]] = sums / count
+            consts[const_row(j, ROW_G_MEAN):const_row(j, ROW_GX_MEAN) + 1, :plan.p[j]] = sums / count
     layout = _backward_layout(plan)
     size = sum(math.prod(shape) for _, _, shape in layout)
     part = torch.empty(programs, size, dtype=plan.acc, device=query.device)
@@ -886,47 +870,12 @@ def _parameter_gradients(plan, pieces, weights, act_params, consts, activation, 
         sums = pieces["act", j][:, :width]
         cols = slice(column, column + width)
         if activation == "prelu":
-            grad_act[0, cols] = sums[0].to(dtype)
+            grad_act[PRELU_SLOPE, cols] = sums[0].to(dtype)
         elif activation == "dice":
-            grad_act[0:3, cols] = sums[0:3].to(dtype)
+            grad_act[DICE_ALPHA:DICE_BETA + 1, cols] = sums[0:3].to(dtype)  # d alpha, d gamma, d beta
             if not training:  # eval: the running statistics are inputs of the op
-                rstd = consts[8 * j + 4, :width].double()
-                grad_act[3, cols] = (-rstd * sums[3]).to(dtype)
-                grad_act[4, cols] = (-0.5 * rstd * rstd * sums[4]).to(dtype)
+                rstd = consts[const_row(j, ROW_RSTD), :width].double()
+                grad_act[DICE_RUNNING_MEAN, cols] = (-rstd * sums[3]).to(dtype)
+                grad_act[DICE_RUNNING_VAR, cols] = (-0.5 * rstd * rstd * sums[4]).to(dtype)
         column += width
     return grad_weights, grad_biases, grad_act
-
-
-def _setup_context(ctx, inputs, output):
-    (query, keys, values, starts, lengths, max_len, weights, biases, act_params, activation, normalization,
-     score_scale, training, eps) = inputs
-    out, stats, lse = output
-    ctx.num_layers = len(weights)
-    ctx.has_values = values is not None
-    ctx.config = (max_len, activation, normalization, score_scale, training, eps)
-    ctx.mark_non_differentiable(stats, lse)
-    ctx.save_for_backward(query, keys, values, starts, lengths, act_params, out, stats, lse, *weights, *biases)
-
-
-def _backward(ctx, grad_out, grad_stats, grad_lse):
-    query, keys, values, starts, lengths, act_params, out, stats, lse, *layers = ctx.saved_tensors
-    weights, biases = layers[:ctx.num_layers], layers[ctx.num_layers:]
-    max_len, activation, normalization, score_scale, training, eps = ctx.config
-    grad_query, grad_keys, grad_values, grad_weights, grad_biases, grad_act = (
-        torch.ops.din_ext.triton_local_activation_attention_backward(
-            grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, out, stats, lse,
-            activation, normalization, score_scale, training, eps))
-    return (grad_query, grad_keys, grad_values if ctx.has_values else None, None, None, None, list(grad_weights),
-            list(grad_biases), grad_act, None, None, None, None, None)
-
-
-triton_local_activation_attention.register_autograd(_backward, setup_context=_setup_context)
-
-
-def local_activation_attention(query, keys, values, starts, lengths, max_len, weights, biases, act_params,
-                               activation, normalization, score_scale, training, eps) -> Tuple[Tensor, Tensor]:
-    """The triton backend of din_ext.ops.local_activation_attention (canonical form); returns (out, stats)."""
-    out, stats, _ = torch.ops.din_ext.triton_local_activation_attention(
-        query, keys, values, starts, lengths, max_len, list(weights), list(biases), act_params, activation,
-        normalization, float(score_scale), bool(training), float(eps))
-    return out, stats

@@ -25,8 +25,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from din_ext.kernels.attention import _sigmoid, define_op, interpreting
-from din_ext.ops.dice import _setup_context
+from din_ext.contract import DICE_ALPHA, DICE_BETA, DICE_RUNNING_MEAN, DICE_RUNNING_VAR, acc_dtype
+from din_ext.kernels.common import interpreting, sigmoid
 
 BLOCK_N = 256  # rows per block: fixes the summation order
 
@@ -95,7 +95,7 @@ def _dice_forward_kernel(
     alpha, gamma, beta, mean, rstd = _constants_of(C, H, cols, col_ok)
     m = valid[:, None] & col_ok[None, :]
     x = tl.load(X + offs, mask=m, other=0.0).to(ACC)
-    p = _sigmoid(gamma * ((x - mean) * rstd) + beta)
+    p = sigmoid(gamma * ((x - mean) * rstd) + beta)
     y = tl.where(m, x * (alpha + (1.0 - alpha) * p), 0.0)
     tl.store(Y + offs, y, mask=(offs < N * H) & col_ok[None, :])
 
@@ -122,7 +122,7 @@ def _dice_backward_kernel(
     x = tl.load(X + offs, mask=m, other=0.0).to(ACC)
     g = tl.load(G + offs, mask=m, other=0.0).to(ACC)
     xhat = (x - mean) * rstd
-    p = _sigmoid(gamma * xhat + beta)
+    p = sigmoid(gamma * xhat + beta)
     t = g * x * (1.0 - alpha) * p * (1.0 - p)
     if WRITE_SUMS:
         base = SUMS + tl.program_id(0).to(tl.int64) * 3 * H + cols
@@ -139,35 +139,21 @@ def _dice_backward_kernel(
         tl.store(GX + offs, dx, mask=(offs < N * H) & col_ok[None, :])
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _grid(rows: int, features: int) -> Tuple[int, int]:
     return triton.cdiv(rows, BLOCK_N), triton.cdiv(features, _block_h(features))
 
 
 def _constants(params: Tensor, mean: Tensor, var: Tensor, eps: float, acc: torch.dtype) -> Tensor:
-    """[5, H] alpha, gamma, beta, mean, rstd in the accumulation dtype (rstd from var in float64)."""
+    """[5, H] alpha, gamma, beta, mean, rstd (the kernels' C) in the accumulation dtype (rstd from var in float64)."""
     rstd = torch.rsqrt(var.double() + eps)
-    return torch.cat([params[0:3].to(acc), mean.to(acc)[None], rstd.to(acc)[None]])
+    return torch.cat([params[DICE_ALPHA:DICE_BETA + 1].to(acc), mean.to(acc)[None], rstd.to(acc)[None]])
 
 
-def _fake_forward(x, mask, params, training, eps):
-    return torch.empty_like(x), x.new_empty(2, x.shape[1])
-
-
-def _fake_backward(grad_y, x, mask, params, stats, training, eps):
-    return torch.empty_like(x), torch.empty_like(params)
-
-
-@define_op("din_ext::triton_dice", _fake_forward)
-def triton_dice(x: Tensor, mask: Optional[Tensor], params: Tensor, training: bool, eps: float
-                ) -> Tuple[Tensor, Tensor]:
+def forward(x: Tensor, mask: Optional[Tensor], params: Tensor, training: bool, eps: float) -> Tuple[Tensor, Tensor]:
     """din_ext::dice on Triton: x [N, H], mask [N] bool or None, params [5, H] -> (y [N, H], stats [2, H])."""
     x, params = x.contiguous(), params.contiguous()
     rows, features = x.shape
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     y = torch.empty_like(x)
     stats = x.new_zeros(2, features)
     if rows == 0:
@@ -189,24 +175,23 @@ def triton_dice(x: Tensor, mask: Optional[Tensor], params: Tensor, training: boo
         stats[1] = torch.where(total > 0, m2 / total.clamp(min=1), 0)
         consts = _constants(params, stats[0], stats[1], eps, acc)
     else:
-        consts = _constants(params, params[3], params[4], eps, acc)
+        consts = _constants(params, params[DICE_RUNNING_MEAN], params[DICE_RUNNING_VAR], eps, acc)
     wrap_triton(_dice_forward_kernel)[grid](x, mask_arg, consts, y, rows, features, HAS_MASK=has_mask,
                                             BLOCK_N=BLOCK_N, BLOCK_H=_block_h(features))
     return y, stats
 
 
-@define_op("din_ext::triton_dice_backward", _fake_backward)
-def triton_dice_backward(grad_y: Tensor, x: Tensor, mask: Optional[Tensor], params: Tensor, stats: Tensor,
-                         training: bool, eps: float) -> Tuple[Tensor, Tensor]:
-    """Backward of triton_dice: (grad_x [N, H], grad_params [5, H])."""
+def backward(grad_y: Tensor, x: Tensor, mask: Optional[Tensor], params: Tensor, stats: Tensor, training: bool,
+             eps: float) -> Tuple[Tensor, Tensor]:
+    """Backward of ``forward``: (grad_x [N, H], grad_params [5, H])."""
     grad_y, x, params = grad_y.contiguous(), x.contiguous(), params.contiguous()
     rows, features = x.shape
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x.dtype)
     grad_x = torch.zeros_like(x)
     grad_params = torch.zeros_like(params)
     if rows == 0:
         return grad_x, grad_params
-    mean, var = (stats[0], stats[1]) if training else (params[3], params[4])
+    mean, var = (stats[0], stats[1]) if training else (params[DICE_RUNNING_MEAN], params[DICE_RUNNING_VAR])
     consts = _constants(params, mean, var, eps, acc)
     grid = _grid(rows, features)
     has_mask = mask is not None
@@ -217,11 +202,11 @@ def triton_dice_backward(grad_y: Tensor, x: Tensor, mask: Optional[Tensor], para
     wrap_triton(_dice_backward_kernel)[grid](grad_y, x, mask_arg, consts, consts, grad_x, sums, rows, features,
                                              WRITE_SUMS=True, WRITE_DX=not training, CORRECT=False, **launch)
     total = sums.sum(0, dtype=torch.float64)  # d alpha, d gamma, d beta
-    grad_params[0:3] = total.to(params.dtype)
-    gamma, rstd = consts[1].double(), consts[4].double()
+    grad_params[DICE_ALPHA:DICE_BETA + 1] = total.to(params.dtype)
+    gamma, rstd = consts[1].double(), consts[4].double()  # rows of C, see _constants
     if not training:
-        grad_params[3] = (-gamma * rstd * total[2]).to(params.dtype)
-        grad_params[4] = (-0.5 * gamma * rstd * rstd * total[1]).to(params.dtype)
+        grad_params[DICE_RUNNING_MEAN] = (-gamma * rstd * total[2]).to(params.dtype)
+        grad_params[DICE_RUNNING_VAR] = (-0.5 * gamma * rstd * rstd * total[1]).to(params.dtype)
         return grad_x, grad_params
     count = (mask.sum() if has_mask else torch.tensor(rows, device=x.device)).double().clamp(min=1)
     scale = gamma * rstd / count
@@ -229,13 +214,3 @@ def triton_dice_backward(grad_y: Tensor, x: Tensor, mask: Optional[Tensor], para
     wrap_triton(_dice_backward_kernel)[grid](grad_y, x, mask_arg, consts, k, grad_x, sums, rows, features,
                                              WRITE_SUMS=False, WRITE_DX=True, CORRECT=True, **launch)
     return grad_x, grad_params
-
-
-def _backward(ctx, grad_y, grad_stats):
-    x, mask, params, stats = ctx.saved_tensors
-    training, eps = ctx.config
-    grad_x, grad_params = torch.ops.din_ext.triton_dice_backward(grad_y, x, mask, params, stats, training, eps)
-    return grad_x, None, grad_params, None, None
-
-
-triton_dice.register_autograd(_backward, setup_context=_setup_context)

@@ -17,6 +17,9 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+from din_ext.contract import acc_dtype
 
 
 @triton.jit
@@ -75,11 +78,6 @@ def mba_backward_kernel(
     tl.store(out_ptr + u * dim + d, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype of a table of ``dtype``: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -95,27 +93,42 @@ def group_ids(ids: torch.Tensor, padding_idx: int) -> Tuple[torch.Tensor, torch.
     return unique_ids, offsets, order
 
 
-def reg_terms(weight: torch.Tensor, frequencies: torch.Tensor, unique_ids: torch.Tensor, launch=None) -> torch.Tensor:
-    """(U,) ||w_j||^2 / n_j per distinct id, in the accumulation dtype. ``launch`` wraps the kernel (wrap_triton)."""
+def reg_terms(weight: torch.Tensor, frequencies: torch.Tensor, unique_ids: torch.Tensor) -> torch.Tensor:
+    """(U,) ||w_j||^2 / n_j per distinct id, in the accumulation dtype."""
     num_unique, dim = unique_ids.shape[0], weight.shape[1]
     terms = torch.empty(num_unique, dtype=acc_dtype(weight.dtype), device=weight.device)
     if num_unique:
         block_u = 16
-        kernel = launch(mba_reg_terms_kernel) if launch else mba_reg_terms_kernel
-        kernel[(triton.cdiv(num_unique, block_u),)](
+        wrap_triton(mba_reg_terms_kernel)[(triton.cdiv(num_unique, block_u),)](
             weight, frequencies, unique_ids, terms, num_unique, dim, weight.stride(0),
             ACC=_tl(weight.dtype), BLOCK_U=block_u, BLOCK_D=triton.next_power_of_2(max(dim, 1)))
     return terms
 
 
 def backward_rows(grad_out: torch.Tensor, weight: torch.Tensor, frequencies: torch.Tensor, unique_ids: torch.Tensor,
-                  offsets: torch.Tensor, order: torch.Tensor, reg_lambda: float, launch=None) -> torch.Tensor:
+                  offsets: torch.Tensor, order: torch.Tensor, reg_lambda: float) -> torch.Tensor:
     """(U, D) summed gradient rows plus lambda * w_j / n_j, one per distinct id."""
     num_unique, dim = unique_ids.shape[0], weight.shape[1]
     out = torch.empty(num_unique, dim, dtype=weight.dtype, device=weight.device)
     if num_unique and dim:
-        kernel = launch(mba_backward_kernel) if launch else mba_backward_kernel
-        kernel[(num_unique,)](
+        wrap_triton(mba_backward_kernel)[(num_unique,)](
             grad_out, weight, frequencies, unique_ids, offsets, order, out, dim, grad_out.stride(0),
             weight.stride(0), float(reg_lambda), ACC=_tl(weight.dtype), BLOCK_D=triton.next_power_of_2(dim))
     return out
+
+
+def forward(weight: torch.Tensor, ids: torch.Tensor, frequencies: torch.Tensor, reg_lambda: float, padding_idx: int
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward of din_ext::mba_embedding on Triton: ids [N] -> (out [N, D], reg, unique_ids, offsets, order)."""
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    unique_ids, offsets, order = group_ids(ids, padding_idx)
+    terms = reg_terms(weight, frequencies, unique_ids)
+    reg = (0.5 * reg_lambda) * terms.sum()
+    return weight.index_select(0, ids.long()), reg, unique_ids, offsets, order
+
+
+def backward(grad_out: torch.Tensor, weight: torch.Tensor, frequencies: torch.Tensor, unique_ids: torch.Tensor,
+             offsets: torch.Tensor, order: torch.Tensor, reg_lambda: float) -> torch.Tensor:
+    """Backward of ``forward``: (U, D) gradient rows of weight, one per distinct id."""
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    return backward_rows(grad_out.contiguous(), weight, frequencies, unique_ids, offsets, order, reg_lambda)

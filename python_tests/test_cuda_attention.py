@@ -15,7 +15,7 @@ from conftest import make_batch, run_unit
 from test_attention import assert_matches_reference, gradcheck_attention, make_unit
 
 pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and din_ext._ext.has_cuda_kernels()),
+    not (torch.cuda.is_available() and din_ext._backend.has_cuda_kernel("local_activation_attention")),
     reason="needs a GPU and din_ext built with its CUDA kernels")
 
 

@@ -10,7 +10,7 @@ import din_ext
 from test_dice import gradcheck_dice, inputs, make_dice, run
 
 pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and din_ext._ext.has_cuda_kernels()),
+    not (torch.cuda.is_available() and din_ext._backend.has_cuda_kernel("dice")),
     reason="needs a GPU and din_ext built with its CUDA kernels")
 
 

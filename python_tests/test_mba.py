@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import din_ext
-from din_ext.ops import mba as mba_ops
+from din_ext import _backend
 from conftest import requires_cpp
 
 
@@ -20,8 +20,9 @@ def mba_backends():
     if din_ext._ext.has_cpp():
         pairs.append(("cpu", "cpu"))
     if torch.cuda.is_available():
-        pairs += [(b, "cuda") for b in ("cuda", "triton") if b != "cuda" or mba_ops._has_cuda_kernel()]
-    elif os.environ.get("TRITON_INTERPRET") == "1" and mba_ops.has_triton_kernels():
+        pairs += [(b, "cuda") for b in ("cuda", "triton")
+                  if b != "cuda" or _backend.has_cuda_kernel("mba_embedding")]
+    elif os.environ.get("TRITON_INTERPRET") == "1" and _backend.has_triton("mba_embedding"):
         pairs.append(("triton", "cpu"))
     return pairs
 
@@ -381,9 +382,9 @@ def test_export_cpu():
 
 
 def test_opcheck_triton():
-    if os.environ.get("TRITON_INTERPRET") != "1" or not mba_ops.has_triton_kernels():
+    if os.environ.get("TRITON_INTERPRET") != "1" or not _backend.has_triton("mba_embedding"):
         pytest.skip("needs triton and TRITON_INTERPRET=1 (CI: TRITON_INTERPRET=1 pytest python_tests -k triton)")
-    op = mba_ops._triton_op()
+    op = torch.ops.din_ext.triton_mba_embedding.default
     args = op_args()
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -435,7 +436,7 @@ def test_backend_selection_triton(monkeypatch):
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             din_ext.ops.mba_embedding(weight, ids, frequencies, 0.1, backend="triton")
         return
-    if not mba_ops.has_triton_kernels():
+    if not _backend.has_triton("mba_embedding"):
         pytest.skip("triton is not installed")
     from din_ext.kernels import mba as kernels
 
@@ -444,7 +445,7 @@ def test_backend_selection_triton(monkeypatch):
         original = getattr(kernels, fn)
         monkeypatch.setattr(kernels, fn, lambda *a, _f=original, _n=fn, **k: calls.append(_n) or _f(*a, **k))
     with din_ext.use_backend("triton"):
-        assert mba_ops._pick_backend("auto", torch.device("cpu")) == "triton"
+        assert _backend.resolve("auto", torch.device("cpu"), "mba_embedding") == "triton"
         w = weight.clone().requires_grad_()
         out, _ = din_ext.ops.mba_embedding(w, ids, frequencies, 0.1)
         out.sum().backward()
@@ -455,7 +456,8 @@ def test_backend_selection_triton(monkeypatch):
 def test_backend_choice_for_gpu_tensors_without_cuda_kernels():
     """backend="auto" for CUDA tensors takes the triton kernel when the cuda one is missing; explicit names stay."""
     cuda = torch.device("cuda")
-    assert mba_ops._pick_backend("reference", cuda) == "reference"
-    assert mba_ops._pick_backend("auto", cuda) == ("triton" if mba_ops.has_triton_kernels() else "reference")
+    assert _backend.resolve("reference", cuda, "mba_embedding") == "reference"
+    assert _backend.resolve("auto", cuda, "mba_embedding") == ("triton" if _backend.has_triton("mba_embedding")
+                                                               else "reference")
     with pytest.raises(RuntimeError, match="backend 'cuda'"):
-        mba_ops._pick_backend("cuda", cuda)
+        _backend.resolve("cuda", cuda, "mba_embedding")

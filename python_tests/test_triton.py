@@ -59,8 +59,6 @@ def test_triton_several_users_per_backward_program(monkeypatch, programs):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("with_values", [True, False])
 def test_triton_opcheck(training, with_values):
-    from din_ext.kernels import attention  # noqa: F401  (registers the ops)
-
     args = op_args(training, with_values)
     torch.library.opcheck(torch.ops.din_ext.triton_local_activation_attention.default, args)
     out, stats, lse = torch.ops.din_ext.triton_local_activation_attention(*args)
@@ -223,8 +221,6 @@ def test_triton_auto_prefers_triton_on_cuda():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_triton_dice_opcheck(training):
-    from din_ext.kernels import dice  # noqa: F401  (registers the ops)
-
     g = torch.Generator().manual_seed(2)
     x = torch.randn(11, 4, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
     mask = (torch.rand(11, generator=g) < 0.7).to(DEVICE)

@@ -1,21 +1,30 @@
-"""Functional local-activation attention: validation, backend dispatch, fake kernels and autograd of the op
-``torch.ops.din_ext.local_activation_attention``.
+"""Local-activation attention: the public function, its validation, and the registration of every backend (the
+compiled op ``din_ext::local_activation_attention`` and its Triton twin ``din_ext::triton_local_activation_attention``
+over kernels/attention.py), with one fake and one autograd for both.
 
-The op sees one canonical form for padded and jagged inputs: keys as rows ``[N, D]`` plus ``starts``/``lengths``
+The ops see one canonical form for padded and jagged inputs: keys as rows ``[N, D]`` plus ``starts``/``lengths``
 per user (padded ``[B, L, D]`` keys are viewed as ``[B * L, D]`` with ``starts = b * L``), so every backend has a
 single kernel and padding is skipped rather than masked.
+
+Contract of the internal ops (what ``local_activation_attention`` guarantees before it calls one): the tensors have
+the shapes, dtypes and device that ``_check`` enforces, and ``0 <= starts[b]``, ``starts[b] + lengths[b] <= N``,
+``lengths[b] <= max_len`` (when ``max_len >= 0``). The compiled ops check their shapes again and what they can of the
+values; the Triton ops trust the values.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
 from din_ext import _backend, _ext, _validate, reference
-from din_ext.reference import ACT_PARAM_ROWS, ACTIVATIONS, NORMALIZATIONS
+from din_ext.contract import ACT_PARAM_ROWS, acc_dtype, check_activation, check_normalization
 
-OP_NAME = "din_ext::local_activation_attention"
+OP = "local_activation_attention"
+OP_NAME = f"din_ext::{OP}"
+TRITON_OP_NAME = f"din_ext::triton_{OP}"
 
 
 def local_activation_attention(
@@ -35,27 +44,27 @@ def local_activation_attention(
     training: bool = False,
     eps: float = 1e-8,
     backend: str = "auto",
+    checked: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """DIN attention pooling of each user's behaviours by their local-activation scores against the query.
 
     query: (B, D); keys: (B, L, D) padded with lengths (B,) int32/int64, or (N, D) jagged with offsets (B+1,);
     values: like keys with width Dv (default: keys); max_len: jagged only, an upper bound of the row lengths;
     weights/biases: the MLP Linear(4D, H1), ..., Linear(H_last, 1) in nn.Linear layout;
-    act_params: (P, sum(H_i)) packed activation parameters (see din_ext.reference; None for sigmoid/relu).
+    act_params: (P, sum(H_i)) packed activation parameters (see din_ext.contract; None for sigmoid/relu).
+    checked: the caller has validated the values of lengths/offsets (e.g. DIN.forward); they are not read again.
     Returns (out (B, Dv), stats (2, sum(H_i))): stats holds the Dice batch mean and biased variance of each hidden
     feature over the valid behaviours in training mode (for the running statistics), zeros otherwise.
     """
     _validate.positive_finite(eps, "eps")
     weights, biases, act_params = _check(query, keys, weights, biases, act_params, lengths, offsets, values,
-                                         max_len, activation, normalization)
-    name = _backend.resolve(backend, query.device)
+                                         max_len, activation, normalization, checked)
+    name = _backend.resolve(backend, query.device, OP)
     if name == "reference":
         return reference.local_activation_attention(
             query, keys, weights, biases, act_params, lengths=lengths, offsets=offsets, values=values,
             max_len=max_len, activation=activation, normalization=normalization, score_scale=score_scale,
             training=training, eps=eps)
-    if name != "triton":
-        _ext.require_cpp(name)
     if offsets is not None:
         offsets = offsets.long()
         starts, row_lengths = offsets[:-1], offsets[1:] - offsets[:-1]
@@ -67,27 +76,22 @@ def local_activation_attention(
         keys = keys.reshape(batch * bound, keys.shape[2])
         if values is not None:
             values = values.reshape(batch * bound, values.shape[2])
-    if name == "triton":
-        from din_ext.kernels import attention as triton_attention
-
-        return triton_attention.local_activation_attention(
-            query, keys, values, starts, row_lengths, bound, weights, biases, act_params, activation, normalization,
-            score_scale, training, eps)
-    return torch.ops.din_ext.local_activation_attention(
-        query, keys, values, starts, row_lengths, bound, list(weights), list(biases), act_params, activation,
-        normalization, float(score_scale), bool(training), float(eps))
+    ops = torch.ops.din_ext
+    op = ops.triton_local_activation_attention if name == "triton" else ops.local_activation_attention
+    out, stats = op(query, keys, values, starts, row_lengths, bound, list(weights), list(biases), act_params,
+                    activation, normalization, float(score_scale), bool(training), float(eps))[:2]
+    return out, stats
 
 
-def _check(query, keys, weights, biases, act_params, lengths, offsets, values, max_len, activation, normalization):
+def _check(query, keys, weights, biases, act_params, lengths, offsets, values, max_len, activation, normalization,
+           checked):
     _validate.tensor(query, "query", 2)
     _validate.floating(query, "query")
     batch, dim = query.shape
     if batch == 0:
         raise ValueError("query: empty batch (B = 0); din_ext needs at least one user")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    check_activation(activation)
+    check_normalization(normalization)
     if (lengths is None) == (offsets is None):
         raise ValueError("pass exactly one of lengths (padded keys [B, L, D]) or offsets (jagged keys [N, D])")
     _validate.tensor(keys, "keys")
@@ -98,7 +102,8 @@ def _check(query, keys, weights, biases, act_params, lengths, offsets, values, m
         if max_len is not None:
             raise ValueError("max_len is only for jagged inputs (offsets); padded keys give L = keys.shape[1]")
         _validate.index(lengths, "lengths", (batch,), query)
-        _validate.lengths_in_range(lengths, keys.shape[1])
+        if not checked:
+            _validate.lengths_in_range(lengths, keys.shape[1])
         value_shape = (batch, keys.shape[1])
     else:
         if keys.dim() != 2 or keys.shape[1] != dim:
@@ -106,7 +111,8 @@ def _check(query, keys, weights, biases, act_params, lengths, offsets, values, m
         if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 0):
             raise ValueError(f"max_len must be a non-negative int, got {max_len!r}")
         _validate.index(offsets, "offsets", (batch + 1,), query)
-        _validate.offsets_valid(offsets, keys.shape[0], max_len)
+        if not checked:
+            _validate.offsets_valid(offsets, keys.shape[0], max_len)
         value_shape = (keys.shape[0],)
     if values is not None:
         _validate.tensor(values, "values")
@@ -147,46 +153,77 @@ def _check(query, keys, weights, biases, act_params, lengths, offsets, values, m
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fake kernels and autograd of the compiled op (registered only when din_ext._C is loaded).
+# One fake and one autograd for the compiled op and its Triton twin
 
 
-def _fake_forward(query, keys, values, starts, lengths, max_len, weights, biases, act_params, activation,
-                  normalization, score_scale, training, eps):
+def _fake_forward(query, keys, values, starts, lengths, max_len, weights, biases, act_params, *config):
+    """(out, stats, lse): the Triton op's outputs; the compiled op returns the first two."""
     value_dim = keys.shape[1] if values is None else values.shape[1]
     hidden_total = sum(w.shape[0] for w in weights[:-1])
-    return query.new_empty(query.shape[0], value_dim), query.new_empty(2, hidden_total)
+    return (query.new_empty(query.shape[0], value_dim), query.new_empty(2, hidden_total),
+            query.new_empty(query.shape[0], dtype=acc_dtype(query.dtype)))
 
 
-def _fake_backward(grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, stats,
-                   activation, normalization, score_scale, training, eps):
+def _fake_backward(grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, *saved):
     grad_values = keys.new_empty(0) if values is None else torch.empty_like(values)
     return (torch.empty_like(query), torch.empty_like(keys), grad_values, [torch.empty_like(w) for w in weights],
             [torch.empty_like(b) for b in biases], torch.empty_like(act_params))
 
 
-def _setup_context(ctx, inputs, output):
-    (query, keys, values, starts, lengths, max_len, weights, biases, act_params, activation, normalization,
-     score_scale, training, eps) = inputs
-    ctx.num_layers = len(weights)
-    ctx.has_values = values is not None
-    ctx.config = (max_len, activation, normalization, score_scale, training, eps)
-    ctx.mark_non_differentiable(output[1])  # batch statistics, for the running averages only
-    ctx.save_for_backward(query, keys, values, starts, lengths, act_params, output[1], *weights, *biases)
+def _register_autograd(name: str, backward_op, saved_outputs: Tuple[int, ...]) -> None:
+    """Registers the autograd of the forward op ``name`` (either backend): ``backward_op`` takes the forward's inputs
+    with, after act_params, the forward outputs at ``saved_outputs``."""
+    def setup_context(ctx, inputs, output):
+        query, keys, values, starts, lengths, max_len, weights, biases, act_params, *config = inputs
+        ctx.num_layers = len(weights)
+        ctx.has_values = values is not None
+        ctx.config = (max_len, *config)
+        ctx.mark_non_differentiable(*output[1:])  # batch statistics (for the running averages only), lse
+        ctx.save_for_backward(query, keys, values, starts, lengths, act_params, *[output[i] for i in saved_outputs],
+                              *weights, *biases)
 
+    def backward(ctx, grad_out, *unused):
+        query, keys, values, starts, lengths, act_params, *rest = ctx.saved_tensors
+        saved, layers = rest[:len(saved_outputs)], rest[len(saved_outputs):]
+        weights, biases = layers[:ctx.num_layers], layers[ctx.num_layers:]
+        max_len, *config = ctx.config
+        grad_query, grad_keys, grad_values, grad_weights, grad_biases, grad_act = backward_op(
+            grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, *saved, *config)
+        return (grad_query, grad_keys, grad_values if ctx.has_values else None, None, None, None, list(grad_weights),
+                list(grad_biases), grad_act, None, None, None, None, None)
 
-def _backward(ctx, grad_out, grad_stats):
-    query, keys, values, starts, lengths, act_params, stats, *layers = ctx.saved_tensors
-    weights, biases = layers[:ctx.num_layers], layers[ctx.num_layers:]
-    max_len, activation, normalization, score_scale, training, eps = ctx.config
-    grad_query, grad_keys, grad_values, grad_weights, grad_biases, grad_act = (
-        torch.ops.din_ext.local_activation_attention_backward(
-            grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, stats, activation,
-            normalization, score_scale, training, eps))
-    return (grad_query, grad_keys, grad_values if ctx.has_values else None, None, None, None, list(grad_weights),
-            list(grad_biases), grad_act, None, None, None, None, None)
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 
 if _ext.has_cpp():
-    torch.library.register_fake(OP_NAME)(_fake_forward)
+    torch.library.register_fake(OP_NAME)(lambda *args: _fake_forward(*args)[:2])
     torch.library.register_fake(OP_NAME + "_backward")(_fake_backward)
-    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+    _register_autograd(OP_NAME, torch.ops.din_ext.local_activation_attention_backward, saved_outputs=(1,))
+
+
+def _register_triton() -> None:
+    """Registers TRITON_OP_NAME and its backward over kernels/attention.py (run once, at import, where triton is
+    installed). The forward's outputs: out, stats, and each user's log-sum-exp lse, which its backward takes."""
+    from din_ext.kernels import attention as kernels
+    from din_ext.ops._triton import define_op
+
+    @define_op(TRITON_OP_NAME, _fake_forward)
+    def forward(query: Tensor, keys: Tensor, values: Optional[Tensor], starts: Tensor, lengths: Tensor, max_len: int,
+                weights: List[Tensor], biases: List[Tensor], act_params: Tensor, activation: str, normalization: str,
+                score_scale: float, training: bool, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+        return kernels.forward(query, keys, values, starts, lengths, max_len, weights, biases, act_params, activation,
+                               normalization, score_scale, training, eps)
+
+    @define_op(TRITON_OP_NAME + "_backward", _fake_backward)
+    def backward(grad_out: Tensor, query: Tensor, keys: Tensor, values: Optional[Tensor], starts: Tensor,
+                 lengths: Tensor, max_len: int, weights: List[Tensor], biases: List[Tensor], act_params: Tensor,
+                 out: Tensor, stats: Tensor, lse: Tensor, activation: str, normalization: str, score_scale: float,
+                 training: bool, eps: float) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor], Tensor]:
+        return kernels.backward(grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params,
+                                out, stats, lse, activation, normalization, score_scale, training, eps)
+
+    _register_autograd(TRITON_OP_NAME, backward, saved_outputs=(0, 1, 2))
+
+
+if _backend.has_triton(OP):
+    _register_triton()

@@ -1,14 +1,23 @@
-"""Functional Dice: validation, backend dispatch, fake kernels and autograd of ``torch.ops.din_ext.dice``."""
+"""Dice: the public function, its validation, and the registration of every backend (the compiled op
+``din_ext::dice`` and its Triton twin ``din_ext::triton_dice`` over kernels/dice.py), with one fake and one autograd
+for both.
+
+Contract of the internal ops: x [N, H] floating, mask [N] bool or None, params [5, H] (contract.DICE_ROWS) of x's
+dtype and device; they return (y [N, H], stats [2, H]) with the batch statistics in training (zeros in eval).
+"""
 
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from din_ext import _backend, _ext, _validate, reference
 
-OP_NAME = "din_ext::dice"
+OP = "dice"
+OP_NAME = f"din_ext::{OP}"
+TRITON_OP_NAME = f"din_ext::triton_{OP}"
 
 
 def dice(
@@ -51,17 +60,11 @@ def dice(
         if mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:-1]) or mask.device != x.device:
             raise ValueError(f"mask must be a bool tensor of shape {tuple(x.shape[:-1])} on {x.device}, got "
                              f"{mask.dtype} {tuple(mask.shape)} on {mask.device}")
-    name = _backend.resolve(backend, x.device)
+    name = _backend.resolve(backend, x.device, OP)
     if name == "reference":
         return reference.dice(x, alpha, running_mean, running_var, mask=mask, gamma=gamma, beta=beta,
                               training=training, eps=eps)
-    if name == "triton":
-        from din_ext.kernels import dice as triton_dice  # noqa: F401  (registers torch.ops.din_ext.triton_dice)
-
-        op = torch.ops.din_ext.triton_dice
-    else:
-        _ext.require_cpp(name)
-        op = torch.ops.din_ext.dice
+    op = torch.ops.din_ext.triton_dice if name == "triton" else torch.ops.din_ext.dice
     params = pack_params(alpha, gamma, beta, running_mean, running_var)
     flat_mask = None if mask is None else mask.reshape(-1)
     y, stats = op(x.reshape(-1, features), flat_mask, params, bool(training), float(eps))
@@ -71,10 +74,15 @@ def dice(
 
 
 def pack_params(alpha, gamma, beta, running_mean, running_var) -> torch.Tensor:
-    """(5, H) Dice parameters in the ops' packed row order; gamma = 1, beta = 0 when not affine."""
+    """(5, H) Dice parameters in the ops' packed row order (contract.DICE_ROWS); gamma = 1, beta = 0 when not
+    affine."""
     if gamma is None:
         gamma, beta = torch.ones_like(alpha), torch.zeros_like(alpha)
     return torch.stack([alpha, gamma, beta, running_mean, running_var])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One fake and one autograd for the compiled op and its Triton twin
 
 
 def _fake_forward(x, mask, params, training, eps):
@@ -85,21 +93,46 @@ def _fake_backward(grad_y, x, mask, params, stats, training, eps):
     return torch.empty_like(x), torch.empty_like(params)
 
 
-def _setup_context(ctx, inputs, output):
-    x, mask, params, training, eps = inputs
-    ctx.config = (training, eps)
-    ctx.mark_non_differentiable(output[1])  # batch statistics, for the running averages only
-    ctx.save_for_backward(x, mask, params, output[1])
+def _register_autograd(name: str, backward_op) -> None:
+    """Registers the autograd of the forward op ``name`` (either backend) with its backward op ``backward_op``."""
+    def setup_context(ctx, inputs, output):
+        x, mask, params, training, eps = inputs
+        ctx.config = (training, eps)
+        ctx.mark_non_differentiable(output[1])  # batch statistics, for the running averages only
+        ctx.save_for_backward(x, mask, params, output[1])
 
+    def backward(ctx, grad_y, grad_stats):
+        x, mask, params, stats = ctx.saved_tensors
+        training, eps = ctx.config
+        grad_x, grad_params = backward_op(grad_y, x, mask, params, stats, training, eps)
+        return grad_x, None, grad_params, None, None
 
-def _backward(ctx, grad_y, grad_stats):
-    x, mask, params, stats = ctx.saved_tensors
-    training, eps = ctx.config
-    grad_x, grad_params = torch.ops.din_ext.dice_backward(grad_y, x, mask, params, stats, training, eps)
-    return grad_x, None, grad_params, None, None
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 
 if _ext.has_cpp():
     torch.library.register_fake(OP_NAME)(_fake_forward)
     torch.library.register_fake(OP_NAME + "_backward")(_fake_backward)
-    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+    _register_autograd(OP_NAME, torch.ops.din_ext.dice_backward)
+
+
+def _register_triton() -> None:
+    """Registers TRITON_OP_NAME and its backward over kernels/dice.py (run once, at import, where triton is
+    installed)."""
+    from din_ext.kernels import dice as kernels
+    from din_ext.ops._triton import define_op
+
+    @define_op(TRITON_OP_NAME, _fake_forward)
+    def forward(x: Tensor, mask: Optional[Tensor], params: Tensor, training: bool, eps: float) -> Tuple[Tensor, Tensor]:
+        return kernels.forward(x, mask, params, training, eps)
+
+    @define_op(TRITON_OP_NAME + "_backward", _fake_backward)
+    def backward(grad_y: Tensor, x: Tensor, mask: Optional[Tensor], params: Tensor, stats: Tensor, training: bool,
+                 eps: float) -> Tuple[Tensor, Tensor]:
+        return kernels.backward(grad_y, x, mask, params, stats, training, eps)
+
+    _register_autograd(TRITON_OP_NAME, backward)
+
+
+if _backend.has_triton(OP):
+    _register_triton()

@@ -1,4 +1,6 @@
-"""MBAEmbedding: an embedding table with the DIN paper's mini-batch-aware L2 regularization (section 5.1)."""
+"""MBAEmbedding: an embedding table with the DIN paper's mini-batch-aware L2 regularization (section 5.1), and
+count_frequencies, the n_j of one table from its id tensors (din_ext.data.count_frequencies counts every table of a
+dataset at once)."""
 
 from __future__ import annotations
 
@@ -108,20 +110,22 @@ class MBAEmbedding(nn.Module):
             self.frequencies = frequencies.to(self.frequencies.device)
         return self
 
-    def forward(self, *ids: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-        """ids: one or more int tensors of any shapes. Returns their embeddings (a tuple for several)."""
+    def forward(self, *ids: torch.Tensor, checked: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        """ids: one or more int tensors of any shapes; checked: the caller has validated that they are in range
+        (DIN.forward). Returns their embeddings (a tuple for several)."""
         if not ids:
             raise ValueError("MBAEmbedding needs at least one ids tensor")
         arg = ids[0] if len(ids) == 1 else ids
         if not (self.training and torch.is_grad_enabled() and self.weight.requires_grad):
             self.last_regularization = None
             names = ["ids"] if len(ids) == 1 else [f"ids[{k}]" for k in range(len(ids))]
-            mba_ops.check_inputs(self.weight, list(ids), names, self.frequencies, self.reg_lambda, self.padding_idx)
+            mba_ops.check_inputs(self.weight, list(ids), names, self.frequencies, self.reg_lambda, self.padding_idx,
+                                 checked)
             outs = tuple(nn.functional.embedding(i, self.weight) for i in ids)
             return outs[0] if len(ids) == 1 else outs
         outs, self.last_regularization = mba_ops.mba_embedding(
             self.weight, arg, self.frequencies, self.reg_lambda, padding_idx=self.padding_idx, sparse=self.sparse,
-            backend=self.backend)
+            backend=self.backend, checked=checked)
         return outs
 
     def extra_repr(self) -> str:
