@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from din_ext import MBAEmbedding, _backend, metrics
+from din_ext import _backend, metrics
+from din_ext.mba import MBAEmbedding
 from din_ext.data.core import Interactions, Schema, iterate_batches
 from din_ext.model import DIN, save_checkpoint
 
