@@ -27,6 +27,14 @@ def backends_under_test() -> List[Tuple[str, str]]:
 BACKENDS = backends_under_test()
 requires_cpp = pytest.mark.skipif(not din_ext._ext.has_cpp(), reason="din_ext._C was not built")
 
+# The triton backend's own tests: on a GPU, or on the CPU under TRITON_INTERPRET=1 (CI: ``pytest -k triton``).
+ON_GPU = torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
+requires_triton = pytest.mark.skipif(
+    not din_ext._backend.has_triton() or not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton and a GPU, or TRITON_INTERPRET=1 on the CPU")
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (the interpreter covers fp32/fp64 correctness)")
+
 
 def pytest_report_header(config):
     return f"din_ext backends under test: {BACKENDS or 'none (C++ extension not built)'}"

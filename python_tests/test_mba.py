@@ -1,6 +1,6 @@
 """MBA embedding (DIN paper section 5.1): every backend against din_ext.reference.mba_embedding, the sparse gradient's
-structure, optimizers, validation, opcheck and reproducibility. Tests of the triton backend have "triton" in their
-ids (CI: TRITON_INTERPRET=1 pytest python_tests -k triton)."""
+structure, optimizers, validation, opcheck and reproducibility. The triton backend runs these conformance tests too
+(ids with "triton"; CI: TRITON_INTERPRET=1 pytest python_tests -k triton); its own tests are in test_mba_triton.py."""
 
 from __future__ import annotations
 
@@ -381,14 +381,6 @@ def test_export_cpu():
     torch.testing.assert_close(program.module()(*ids), Model()(*ids))
 
 
-def test_opcheck_triton():
-    if os.environ.get("TRITON_INTERPRET") != "1" or not _backend.has_triton("mba_embedding"):
-        pytest.skip("needs triton and TRITON_INTERPRET=1 (CI: TRITON_INTERPRET=1 pytest python_tests -k triton)")
-    op = torch.ops.din_ext.triton_mba_embedding.default
-    args = op_args()
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-
-
 @requires_cpp
 def test_gradcheck_cpu():
     """The data gradient (reg_lambda = 0, where the gradient is exactly the outputs') by finite differences."""
@@ -426,30 +418,6 @@ def test_thread_count_reproducible():
     ref = torch.zeros(V, D).index_add_(0, torch.cat(ids), g)[grad1.indices()[0]]
     torch.testing.assert_close(grad1.values(), ref + 0.01 * weight[grad1.indices()[0]] /
                                frequencies.float().clamp_min(1)[grad1.indices()[0], None], atol=1e-4, rtol=1e-5)
-
-
-def test_backend_selection_triton(monkeypatch):
-    """backend="triton" on CPU tensors needs TRITON_INTERPRET=1; with it, the op runs the triton kernels."""
-    weight, frequencies = make_table(8, 2)
-    ids = torch.tensor([1, 1, 5])
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            din_ext.ops.mba_embedding(weight, ids, frequencies, 0.1, backend="triton")
-        return
-    if not _backend.has_triton("mba_embedding"):
-        pytest.skip("triton is not installed")
-    from din_ext.kernels import mba as kernels
-
-    calls = []
-    for fn in ("reg_terms", "backward_rows"):
-        original = getattr(kernels, fn)
-        monkeypatch.setattr(kernels, fn, lambda *a, _f=original, _n=fn, **k: calls.append(_n) or _f(*a, **k))
-    with din_ext.use_backend("triton"):
-        assert _backend.resolve("auto", torch.device("cpu"), "mba_embedding") == "triton"
-        w = weight.clone().requires_grad_()
-        out, _ = din_ext.ops.mba_embedding(w, ids, frequencies, 0.1)
-        out.sum().backward()
-    assert calls == ["reg_terms", "backward_rows"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the choice for GPU tensors on a machine without a GPU")

@@ -1,4 +1,4 @@
-"""The triton backend beyond the shared conformance tests: program-level paths (several users per backward program,
+"""The triton attention beyond the shared conformance tests: program-level paths (several users per backward program,
 many tiles), op registration (opcheck, torch.compile, torch.export), limits, and on a GPU low precision, long
 histories and bitwise determinism.
 
@@ -9,24 +9,16 @@ marked and skipped elsewhere.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 import din_ext
-from conftest import clean, make_batch, run_unit
+from conftest import ON_GPU, TRITON_DEVICE, clean, gpu_only, make_batch, requires_triton, run_unit
 from test_attention import assert_matches_reference, gradcheck_attention, make_unit
-from test_dice import gradcheck_dice, inputs as dice_inputs
 
-HAS_TRITON = din_ext._backend.has_triton()
-ON_GPU = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if ON_GPU else "cpu"
-
-pytestmark = pytest.mark.skipif(not HAS_TRITON or not (ON_GPU or INTERPRETED),
-                                reason="needs triton and a GPU, or TRITON_INTERPRET=1 on the CPU")
-gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (the interpreter covers fp32/fp64 correctness)")
+DEVICE = TRITON_DEVICE
+pytestmark = requires_triton
 
 
 def op_args(training, with_values, activation="dice", normalization="softmax"):
@@ -72,10 +64,6 @@ def test_triton_opcheck(training, with_values):
 def test_triton_gradcheck(activation, training):
     """float64 finite differences through the triton op (every differentiable input, running statistics too)."""
     assert gradcheck_attention(activation, training, "triton", DEVICE, hidden=(4, 3), fast_mode=True)
-
-
-def test_triton_dice_gradcheck():
-    assert gradcheck_dice(dice_inputs((9, 3), True, DEVICE), True, "triton")
 
 
 def test_triton_compile_fullgraph_traces_through():
@@ -217,15 +205,3 @@ def test_triton_bitwise_deterministic(dtype):
 @gpu_only
 def test_triton_auto_prefers_triton_on_cuda():
     assert din_ext._backend.resolve("auto", torch.device("cuda")) == "triton"
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_triton_dice_opcheck(training):
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(11, 4, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
-    mask = (torch.rand(11, generator=g) < 0.7).to(DEVICE)
-    params = (torch.rand(5, 4, generator=g, dtype=torch.float64) + 0.5).to(DEVICE).requires_grad_()
-    torch.library.opcheck(torch.ops.din_ext.triton_dice.default, (x, mask, params, training, 1e-8))
-    y, stats = torch.ops.din_ext.triton_dice(x, mask, params, training, 1e-8)
-    torch.library.opcheck(torch.ops.din_ext.triton_dice_backward.default,
-                          (torch.randn_like(y), x.detach(), mask, params.detach(), stats.detach(), training, 1e-8))
