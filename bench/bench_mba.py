@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 import din_ext
-from bench_attention import git_commit, machine_description  # the same machine/commit lines as its table
+from common import git_commit, machine_description
 
 VARIANTS = ("mba-cpu", "mba-reference", "full-l2", "sparse-floor")
 

@@ -35,7 +35,7 @@ from din_ext.data.synthetic import SyntheticConfig, generate
 from din_ext.training import make_optimizer, train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import ROOT, git_commit, machine_description
+from common import ROOT, git_commit, machine_description, write_table
 
 
 
@@ -204,11 +204,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.users, args.warmup, args.steps, args.batch_size = 300, 1, 2, [64]
     text = run(args)
-    out = args.out or (None if args.quick else os.path.join(ROOT, "bench", "results", "train_cpu.md"))
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
-        print(f"\nwrote {out}")
+    write_table(text, args.out or (None if args.quick else os.path.join(ROOT, "bench", "results", "train_cpu.md")))
 
 
 if __name__ == "__main__":
