@@ -293,8 +293,9 @@ void check_mba_lookup(const at::Tensor& weight, const at::Tensor& ids, int64_t p
               num_rows, "), got ", padding_idx);
 }
 
-void check_mba_backward_args(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& unique_ids,
-                        const at::Tensor& offsets, const at::Tensor& order) {
+MbaBackwardArgs mba_backward_args(const at::Tensor& grad_out, const at::Tensor& weight,
+                                  const at::Tensor& frequencies, const at::Tensor& unique_ids,
+                                  const at::Tensor& offsets, const at::Tensor& order) {
   const int64_t dim = weight.size(1);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(1) == dim, "din_ext: grad_out must have shape [N, ", dim,
               "], got ", grad_out.sizes());
@@ -310,6 +311,10 @@ void check_mba_backward_args(const at::Tensor& grad_out, const at::Tensor& weigh
   }
   TORCH_CHECK(offsets.size(0) == unique_ids.size(0) + 1, "din_ext: offsets must have shape [", unique_ids.size(0) + 1,
               "] (unique_ids + 1), got ", offsets.sizes());
+  MbaBackwardArgs a{grad_out.contiguous(), weight.contiguous(), frequencies.contiguous(),
+                    unique_ids.contiguous(), offsets.contiguous(), order.contiguous()};
+  a.grad_rows = at::empty({unique_ids.size(0), dim}, a.weight.options());
+  return a;
 }
 
 namespace {

@@ -120,9 +120,16 @@ void check_mba_table(const at::Tensor& weight, const at::Tensor& frequencies);
 // Checks the rest of mba_embedding's arguments: ids [N] int32/int64 on weight's device, padding_idx in [-1, V).
 void check_mba_lookup(const at::Tensor& weight, const at::Tensor& ids, int64_t padding_idx);
 
-// Checks the rest of mba_embedding_backward's arguments: grad_out [N, D] with weight's dtype and device; unique_ids
-// [U], offsets [U + 1] and order [M] int64 on weight's device.
-void check_mba_backward_args(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& unique_ids,
-                        const at::Tensor& offsets, const at::Tensor& order);
+// The arguments of mba_embedding_backward past the table (checked by the caller), checked (grad_out [N, D] with
+// weight's dtype and device; unique_ids [U], offsets [U + 1] and order [M] int64 on weight's device) and contiguous,
+// and its output grad_rows [U, D] (uninitialized).
+struct MbaBackwardArgs {
+  at::Tensor grad_out, weight, frequencies, unique_ids, offsets, order;
+  at::Tensor grad_rows;
+};
+
+MbaBackwardArgs mba_backward_args(const at::Tensor& grad_out, const at::Tensor& weight,
+                                  const at::Tensor& frequencies, const at::Tensor& unique_ids,
+                                  const at::Tensor& offsets, const at::Tensor& order);
 
 }  // namespace din_ext

@@ -32,7 +32,7 @@ def align(n):
 
 
 def py_smem(widths, tile, dim, value_dim, backward):
-    """[weff, c, q, gout, keys, z*9, h*9, score, gscore, g0, g1, grad_weff, dc, acc, total] as attention_plan.h lays them."""
+    """[weff, c, q, gout, keys, z*9, h*9, score, gscore, g0, g1, grad_weff, dc, acc, total] as the plan lays them."""
     n = len(widths) - 1
     w0, widest = widths[0], max(widths)
     sizes = [dim * w0, w0, dim, value_dim if backward else 0, tile * dim]

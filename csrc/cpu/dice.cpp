@@ -61,6 +61,17 @@ std::vector<T> feature_constants(const scalar_t* params, const scalar_t* mean, c
   return c;
 }
 
+// The rows alpha, gamma, beta, mean, rstd of the feature constants c [5, H].
+template <typename T>
+struct ConstantRows {
+  const T *alpha, *gamma, *beta, *mean, *rstd;
+};
+
+template <typename T>
+DIN_EXT_INLINE ConstantRows<T> constant_rows(const T* c, int64_t H) {
+  return {c + kAlpha * H, c + kGamma * H, c + kBeta * H, c + kMean * H, c + kRstd * H};
+}
+
 // Row loops over the H contiguous features. __restrict lets them vectorize without runtime alias checks.
 
 template <typename scalar_t>
@@ -81,11 +92,7 @@ template <typename scalar_t, typename T>
 DIN_EXT_INLINE void forward_row(const scalar_t* __restrict x,  // [H] one valid row
                                 const T* __restrict c,         // [5, H] feature constants
                                 scalar_t* __restrict y, int64_t H) {
-  const T* alpha = c + kAlpha * H;
-  const T* gamma = c + kGamma * H;
-  const T* beta = c + kBeta * H;
-  const T* mean = c + kMean * H;
-  const T* rstd = c + kRstd * H;
+  const auto [alpha, gamma, beta, mean, rstd] = constant_rows(c, H);
   for (int64_t h = 0; h < H; ++h) {
     const T xv = static_cast<T>(x[h]);
     const T p = sigmoid(gamma[h] * ((xv - mean[h]) * rstd[h]) + beta[h]);
@@ -101,11 +108,7 @@ DIN_EXT_INLINE void backward_row(const scalar_t* __restrict g,  // [H] dL/dy of 
                                  scalar_t* __restrict dx,       // [H]
                                  double* __restrict sums,       // [3, H] d alpha, d gamma, d beta of the row's block
                                  int64_t H) {
-  const T* alpha = c + kAlpha * H;
-  const T* gamma = c + kGamma * H;
-  const T* beta = c + kBeta * H;
-  const T* mean = c + kMean * H;
-  const T* rstd = c + kRstd * H;
+  const auto [alpha, gamma, beta, mean, rstd] = constant_rows(c, H);
   for (int64_t h = 0; h < H; ++h) {
     const T xv = static_cast<T>(x[h]);
     const T gx = static_cast<T>(g[h]) * xv;

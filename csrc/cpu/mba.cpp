@@ -237,12 +237,12 @@ at::Tensor mba_embedding_backward(const at::Tensor& grad_out_in, const at::Tenso
                                   const at::Tensor& frequencies_in, const at::Tensor& unique_ids_in,
                                   const at::Tensor& offsets_in, const at::Tensor& order_in, double reg_lambda) {
   check_table(weight_in, frequencies_in);
-  check_mba_backward_args(grad_out_in, weight_in, unique_ids_in, offsets_in, order_in);
-  const int64_t num_rows = weight_in.size(0), dim = weight_in.size(1);
-  const int64_t num_unique = unique_ids_in.size(0), n = grad_out_in.size(0);
-  const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous(),
-                   frequencies = frequencies_in.contiguous(), unique_ids = unique_ids_in.contiguous(),
-                   offsets = offsets_in.contiguous(), order = order_in.contiguous();
+  const MbaBackwardArgs args =
+      mba_backward_args(grad_out_in, weight_in, frequencies_in, unique_ids_in, offsets_in, order_in);
+  const at::Tensor &grad_out = args.grad_out, &weight = args.weight, &unique_ids = args.unique_ids,
+                   &offsets = args.offsets, &order = args.order, &grad_rows = args.grad_rows;
+  const int64_t num_rows = weight.size(0), dim = weight.size(1);
+  const int64_t num_unique = unique_ids.size(0), n = grad_out.size(0);
   const int64_t* unique_ptr = unique_ids.const_data_ptr<int64_t>();
   const int64_t* offsets_ptr = offsets.const_data_ptr<int64_t>();
   const int64_t* order_ptr = order.const_data_ptr<int64_t>();
@@ -258,8 +258,7 @@ at::Tensor mba_embedding_backward(const at::Tensor& grad_out_in, const at::Tenso
     TORCH_CHECK(order_ptr[i] >= 0 && order_ptr[i] < n, "din_ext: order must hold positions in [0, ", n,
                 ") (rows of grad_out), got ", order_ptr[i]);
   }
-  at::Tensor grad_rows = at::empty({num_unique, dim}, weight.options());
-  const Frequencies freq(frequencies);
+  const Frequencies freq(args.frequencies);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "mba_embedding_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grad_out.const_data_ptr<scalar_t>();

@@ -7,8 +7,8 @@
 //   h_j = act_j(z_j), z_{j+1} = W_{j+1} h_j + b_{j+1} (j < n),   s = z_n (width 1)
 //   pooling weight w_t = score_scale * s_t ("none") or softmax_t(score_scale * s_t); out_b = sum_t w_t v_t.
 //
-// Work decomposition (csrc/cuda/attention_plan.h): a user's rows are cut into chunks of plan::kChunkRows rows, one work item
-// each; a block sets up the user's c_b and Weff_b in shared memory once per item and walks the chunk in row tiles
+// Work decomposition (csrc/cuda/attention_plan.h): a user's rows are cut into chunks of plan::kChunkRows rows, one work
+// item each; a block sets up the user's c_b and Weff_b in shared memory once per item and walks the chunk in row tiles
 // whose pre-activations and activations live in shared memory. Nothing of size [N, H] is materialized, padded
 // positions are never read, and the backward recomputes the forward.
 //   forward:  [Dice training: one statistics pass per hidden layer, per-block partial sums reduced in block order]
@@ -937,7 +937,8 @@ BackwardResult attention_backward(const at::Tensor& grad_out, const at::Tensor& 
   }
   const int64_t bound = resolve_max_len(args.lengths, max_len);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.query.scalar_type(),
-                                  "din_ext_attention_backward_cuda", [&] { backward_impl<scalar_t>(args, bound, res); });
+                                  "din_ext_attention_backward_cuda",
+                                  [&] { backward_impl<scalar_t>(args, bound, res); });
   return res;
 }
 

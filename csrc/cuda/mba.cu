@@ -145,13 +145,13 @@ at::Tensor mba_embedding_backward(const at::Tensor& grad_out_in, const at::Tenso
                                   const at::Tensor& frequencies_in, const at::Tensor& unique_ids_in,
                                   const at::Tensor& offsets_in, const at::Tensor& order_in, double reg_lambda) {
   check_table(weight_in, frequencies_in);
-  check_mba_backward_args(grad_out_in, weight_in, unique_ids_in, offsets_in, order_in);
-  const int64_t dim = weight_in.size(1), num_unique = unique_ids_in.size(0);
   const c10::cuda::CUDAGuard guard(weight_in.device());
-  const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous(),
-                   frequencies = frequencies_in.contiguous(), unique_ids = unique_ids_in.contiguous(),
-                   offsets = offsets_in.contiguous(), order = order_in.contiguous();
-  at::Tensor grad_rows = at::empty({num_unique, dim}, weight.options());
+  const MbaBackwardArgs args =
+      mba_backward_args(grad_out_in, weight_in, frequencies_in, unique_ids_in, offsets_in, order_in);
+  const at::Tensor &grad_out = args.grad_out, &weight = args.weight, &frequencies = args.frequencies,
+                   &unique_ids = args.unique_ids, &offsets = args.offsets, &order = args.order,
+                   &grad_rows = args.grad_rows;
+  const int64_t dim = weight.size(1), num_unique = unique_ids.size(0);
   if (num_unique == 0 || dim == 0) return grad_rows;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "mba_embedding_backward", [&] {
