@@ -1,26 +1,56 @@
 #include "common.h"
 
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
 namespace din_ext {
 
+namespace {
+
+// Names in enum order (index i names the enumerator of value i): the one table parse_* and *_name read.
+constexpr const char* kActivationNames[kNumActivations] = {"dice", "sigmoid", "prelu", "relu"};
+constexpr const char* kNormalizationNames[kNumNormalizations] = {"none", "softmax"};
+static_assert(static_cast<int>(Activation::kRelu) + 1 == kNumActivations, "kActivationNames lists every activation");
+static_assert(static_cast<int>(Normalization::kSoftmax) + 1 == kNumNormalizations,
+              "kNormalizationNames lists every normalization");
+
+// "'a', 'b', ..." for an error message.
+std::string quoted(const char* const* names, int count) {
+  std::string out;
+  for (int i = 0; i < count; ++i) out += std::string(i ? ", '" : "'") + names[i] + "'";
+  return out;
+}
+
+}  // namespace
+
 Activation parse_activation(c10::string_view name) {
-  if (name == "dice") return Activation::kDice;
-  if (name == "sigmoid") return Activation::kSigmoid;
-  if (name == "prelu") return Activation::kPrelu;
-  if (name == "relu") return Activation::kRelu;
-  TORCH_CHECK(false, "din_ext: activation must be one of 'dice', 'sigmoid', 'prelu', 'relu', got '",
+  for (int i = 0; i < kNumActivations; ++i) {
+    if (name == kActivationNames[i]) return static_cast<Activation>(i);
+  }
+  TORCH_CHECK(false, "din_ext: activation must be one of ", quoted(kActivationNames, kNumActivations), ", got '",
               std::string(name), "'");
 }
 
 Normalization parse_normalization(c10::string_view name) {
-  if (name == "none") return Normalization::kNone;
-  if (name == "softmax") return Normalization::kSoftmax;
-  TORCH_CHECK(false, "din_ext: normalization must be 'none' or 'softmax', got '", std::string(name), "'");
+  for (int i = 0; i < kNumNormalizations; ++i) {
+    if (name == kNormalizationNames[i]) return static_cast<Normalization>(i);
+  }
+  TORCH_CHECK(false, "din_ext: normalization must be one of ", quoted(kNormalizationNames, kNumNormalizations),
+              ", got '", std::string(name), "'");
 }
+
+const char* activation_name(Activation act) { return kActivationNames[static_cast<int>(act)]; }
+
+const char* normalization_name(Normalization norm) { return kNormalizationNames[static_cast<int>(norm)]; }
 
 int64_t num_act_params(Activation act) {
   switch (act) {
     case Activation::kDice:
-      return 5;
+      return kNumDiceRows;
     case Activation::kPrelu:
       return 1;
     default:
@@ -44,8 +74,6 @@ void check_index(const at::Tensor& t, const char* name, int64_t batch, const at:
   TORCH_CHECK(t.device() == like.device(), "din_ext: ", name, " must be on ", like.device(),
               " (the device of query), got ", t.device());
 }
-
-}  // namespace
 
 AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& keys,
                                     const std::optional<at::Tensor>& values, const at::Tensor& starts,
@@ -122,7 +150,7 @@ void check_dice_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
   TORCH_CHECK(x.dim() == 2, "din_ext: dice input must have shape [N, H], got ", x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "din_ext: dice input must be floating point, got ",
               x.scalar_type());
-  TORCH_CHECK(params.dim() == 2 && params.size(0) == 5 && params.size(1) == x.size(1),
+  TORCH_CHECK(params.dim() == 2 && params.size(0) == kNumDiceRows && params.size(1) == x.size(1),
               "din_ext: dice params must have shape [5, ", x.size(1), "], got ", params.sizes());
   TORCH_CHECK(params.scalar_type() == x.scalar_type() && params.device() == x.device(),
               "din_ext: dice params must match the input's dtype and device");
@@ -146,5 +174,175 @@ void check_backward_args(const at::Tensor& grad, const char* grad_name, at::IntA
   TORCH_CHECK(grad.device() == like.device() && stats.device() == like.device(), "din_ext: ", grad_name,
               " and stats must be on ", like.device(), ", got ", grad.device(), " and ", stats.device());
 }
+
+// The checks and contiguous tensors the forward and the backward share.
+AttentionArgs attention_args(const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& values,
+                             const at::Tensor& starts, const at::Tensor& lengths, int64_t max_len,
+                             at::TensorList weights, at::TensorList biases, const at::Tensor& act_params,
+                             c10::string_view activation, c10::string_view normalization, double score_scale,
+                             bool training, double eps) {
+  AttentionArgs a;
+  a.act = parse_activation(activation);
+  a.norm = parse_normalization(normalization);
+  a.shape = check_attention_args(query, keys, values, starts, lengths, max_len, weights, biases, act_params, a.act);
+  a.query = query.contiguous();
+  a.keys = keys.contiguous();
+  a.separate_values = values.has_value();
+  a.values = a.separate_values ? values->contiguous() : a.keys;
+  a.starts = starts.contiguous();
+  a.lengths = lengths.contiguous();
+  a.max_len = max_len;
+  a.weights = weights;
+  a.biases = biases;
+  a.act_params = act_params;
+  a.score_scale = score_scale;
+  a.training = training;
+  a.eps = eps;
+  return a;
+}
+
+DiceArgs dice_args(const at::Tensor& x, const std::optional<at::Tensor>& mask, const at::Tensor& params,
+                   bool training, double eps) {
+  check_dice_args(x, mask, params);
+  DiceArgs a;
+  a.x = x.contiguous();
+  a.params = params.contiguous();
+  if (mask.has_value()) a.valid = mask->contiguous();
+  a.rows = a.x.size(0);
+  a.features = a.x.size(1);
+  a.training = training;
+  a.eps = eps;
+  return a;
+}
+
+}  // namespace
+
+AttentionForwardArgs attention_forward_args(const at::Tensor& query, const at::Tensor& keys,
+                                            const std::optional<at::Tensor>& values, const at::Tensor& starts,
+                                            const at::Tensor& lengths, int64_t max_len, at::TensorList weights,
+                                            at::TensorList biases, const at::Tensor& act_params,
+                                            c10::string_view activation, c10::string_view normalization,
+                                            double score_scale, bool training, double eps) {
+  AttentionForwardArgs a{attention_args(query, keys, values, starts, lengths, max_len, weights, biases, act_params,
+                                        activation, normalization, score_scale, training, eps)};
+  a.stats = at::zeros({2, a.shape.hidden_total}, a.query.options());
+  a.out = at::empty({a.shape.batch, a.shape.value_dim}, a.query.options());
+  return a;
+}
+
+AttentionBackwardArgs attention_backward_args(const at::Tensor& grad_out, const at::Tensor& query,
+                                              const at::Tensor& keys, const std::optional<at::Tensor>& values,
+                                              const at::Tensor& starts, const at::Tensor& lengths, int64_t max_len,
+                                              at::TensorList weights, at::TensorList biases,
+                                              const at::Tensor& act_params, const at::Tensor& stats,
+                                              c10::string_view activation, c10::string_view normalization,
+                                              double score_scale, bool training, double eps) {
+  AttentionBackwardArgs a{attention_args(query, keys, values, starts, lengths, max_len, weights, biases, act_params,
+                                         activation, normalization, score_scale, training, eps)};
+  check_backward_args(grad_out, "grad_out", {a.shape.batch, a.shape.value_dim}, stats, a.shape.hidden_total, query);
+  a.grad_out = grad_out.contiguous();
+  a.stats = stats.contiguous();
+  a.grad_keys = at::zeros_like(a.keys);
+  a.grad_values = a.separate_values ? at::zeros_like(a.values) : at::empty({0}, a.keys.options());
+  a.grad_act_params = at::zeros_like(act_params);
+  return a;
+}
+
+DiceForwardArgs dice_forward_args(const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                                  const at::Tensor& params, bool training, double eps) {
+  DiceForwardArgs a{dice_args(x, mask, params, training, eps)};
+  a.y = at::empty_like(a.x);
+  a.stats = at::zeros({2, a.features}, a.x.options());
+  return a;
+}
+
+DiceBackwardArgs dice_backward_args(const at::Tensor& grad_y, const at::Tensor& x,
+                                    const std::optional<at::Tensor>& mask, const at::Tensor& params,
+                                    const at::Tensor& stats, bool training, double eps) {
+  DiceBackwardArgs a{dice_args(x, mask, params, training, eps)};
+  check_backward_args(grad_y, "grad_y", x.sizes(), stats, x.size(1), x);
+  a.grad_y = grad_y.contiguous();
+  a.stats = stats.contiguous();
+  a.grad_x = at::empty_like(a.x);
+  a.grad_params = at::zeros_like(a.params);
+  return a;
+}
+
+void check_mba_table(const at::Tensor& weight, const at::Tensor& frequencies) {
+  TORCH_CHECK(weight.dim() == 2, "din_ext: weight must have shape [V, D], got ", weight.sizes());
+  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), "din_ext: weight must be floating point, got ",
+              weight.scalar_type());
+  TORCH_CHECK(frequencies.dim() == 1 && frequencies.size(0) == weight.size(0),
+              "din_ext: frequencies must have shape [", weight.size(0), "] (one per row of weight), got ",
+              frequencies.sizes());
+  const auto freq_dtype = frequencies.scalar_type();
+  TORCH_CHECK(freq_dtype == at::kFloat || freq_dtype == at::kDouble || freq_dtype == at::kLong,
+              "din_ext: frequencies must be float32, float64 or int64, got ", freq_dtype);
+  TORCH_CHECK(frequencies.device() == weight.device(), "din_ext: frequencies must be on ", weight.device(),
+              " (the device of weight), got ", frequencies.device());
+}
+
+void check_mba_lookup(const at::Tensor& weight, const at::Tensor& ids, int64_t padding_idx) {
+  TORCH_CHECK(ids.dim() == 1, "din_ext: ids must be 1-D (the step's lookups concatenated), got shape ", ids.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+              "din_ext: ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.device() == weight.device(), "din_ext: ids must be on ", weight.device(),
+              " (the device of weight), got ", ids.device());
+  const int64_t num_rows = weight.size(0);
+  TORCH_CHECK(padding_idx >= -1 && padding_idx < num_rows, "din_ext: padding_idx must be -1 (none) or in [0, ",
+              num_rows, "), got ", padding_idx);
+}
+
+MbaBackwardArgs mba_backward_args(const at::Tensor& grad_out, const at::Tensor& weight,
+                                  const at::Tensor& frequencies, const at::Tensor& unique_ids,
+                                  const at::Tensor& offsets, const at::Tensor& order) {
+  const int64_t dim = weight.size(1);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(1) == dim, "din_ext: grad_out must have shape [N, ", dim,
+              "], got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == weight.scalar_type() && grad_out.device() == weight.device(),
+              "din_ext: grad_out must have the dtype and device of weight");
+  const std::pair<const at::Tensor*, const char*> index_args[] = {
+      {&unique_ids, "unique_ids"}, {&offsets, "offsets"}, {&order, "order"}};
+  for (const auto& arg : index_args) {
+    const at::Tensor& t = *arg.first;
+    TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device() == weight.device(), "din_ext: ",
+                arg.second, " must be a 1-D int64 tensor on ", weight.device(), ", got ", t.scalar_type(), " ",
+                t.sizes(), " on ", t.device());
+  }
+  TORCH_CHECK(offsets.size(0) == unique_ids.size(0) + 1, "din_ext: offsets must have shape [", unique_ids.size(0) + 1,
+              "] (unique_ids + 1), got ", offsets.sizes());
+  MbaBackwardArgs a{grad_out.contiguous(), weight.contiguous(), frequencies.contiguous(),
+                    unique_ids.contiguous(), offsets.contiguous(), order.contiguous()};
+  a.grad_rows = at::empty({unique_ids.size(0), dim}, a.weight.options());
+  return a;
+}
+
+namespace {
+
+// din_ext::_contract: the facts above as python_tests/test_contract.py compares them with din_ext/contract.py.
+std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<int64_t>, std::vector<std::string>>
+contract() {
+  std::vector<std::string> activations, normalizations;
+  std::vector<int64_t> act_param_rows;
+  for (int i = 0; i < kNumActivations; ++i) {
+    const auto act = static_cast<Activation>(i);
+    activations.emplace_back(activation_name(act));
+    act_param_rows.push_back(num_act_params(act));
+  }
+  for (int i = 0; i < kNumNormalizations; ++i) {
+    normalizations.emplace_back(normalization_name(static_cast<Normalization>(i)));
+  }
+  std::vector<std::string> dice_rows(kNumDiceRows);
+  dice_rows[kDiceAlpha] = "alpha";
+  dice_rows[kDiceGamma] = "gamma";
+  dice_rows[kDiceBeta] = "beta";
+  dice_rows[kDiceRunningMean] = "running_mean";
+  dice_rows[kDiceRunningVar] = "running_var";
+  return {activations, normalizations, act_param_rows, dice_rows};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(din_ext, CompositeExplicitAutograd, m) { m.impl("_contract", &contract); }
 
 }  // namespace din_ext

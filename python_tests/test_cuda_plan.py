@@ -1,4 +1,4 @@
-"""The cuda backend's launch planning (csrc/cuda/plan.h), run on the host through din_ext::_cuda_launch_plan.
+"""The cuda attention launch planning (csrc/cuda/attention_plan.h) run on the host: din_ext::_attention_launch_plan.
 
 The kernels cannot run without a GPU; their index math (chunks, work items, row tiles, shared-memory and partial-sum
 layouts) is the same code as this op runs, checked here against a plain-Python computation. The chunked online
@@ -20,8 +20,8 @@ TILES = (64, 32, 16, 8)
 
 
 def plan(widths, dim, value_dim, lengths, max_len, elem_bytes=4, smem_limit=227 * 1024):
-    out = torch.ops.din_ext._cuda_launch_plan(list(widths), dim, value_dim, elem_bytes, smem_limit,
-                                              torch.tensor(lengths, dtype=torch.long), max_len)
+    out = torch.ops.din_ext._attention_launch_plan(list(widths), dim, value_dim, elem_bytes, smem_limit,
+                                                   torch.tensor(lengths, dtype=torch.long), max_len)
     summary, smem_f, smem_b, params, items, tiles = out
     return dict(summary=list(summary), smem_f=list(smem_f), smem_b=list(smem_b), params=list(params),
                 items=items.tolist(), tiles=tiles.tolist())
@@ -32,7 +32,7 @@ def align(n):
 
 
 def py_smem(widths, tile, dim, value_dim, backward):
-    """[weff, c, q, gout, keys, z*9, h*9, score, gscore, g0, g1, grad_weff, dc, acc, total] as plan.h lays them."""
+    """[weff, c, q, gout, keys, z*9, h*9, score, gscore, g0, g1, grad_weff, dc, acc, total] as the plan lays them."""
     n = len(widths) - 1
     w0, widest = widths[0], max(widths)
     sizes = [dim * w0, w0, dim, value_dim if backward else 0, tile * dim]

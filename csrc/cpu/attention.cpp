@@ -523,12 +523,12 @@ void pool_forward(const Net<T>& net, const Problem<T>& pb, T* out) {
 }
 
 template <typename T>
-Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
-                        const at::Tensor& starts, const at::Tensor& lengths, Normalization norm, double scale) {
-  const int64_t* len = lengths.data_ptr<int64_t>();
-  return {query.size(0), query.size(1), values.size(1), std::accumulate(len, len + query.size(0), int64_t(0)),
-          query.data_ptr<T>(), keys.data_ptr<T>(), values.data_ptr<T>(), starts.data_ptr<int64_t>(), len, norm,
-          static_cast<T>(scale)};
+Problem<T> make_problem(const AttentionArgs& args) {
+  const AttentionShape& s = args.shape;
+  const int64_t* len = args.lengths.data_ptr<int64_t>();
+  return {s.batch, s.dim, s.value_dim, std::accumulate(len, len + s.batch, int64_t(0)), args.query.data_ptr<T>(),
+          args.keys.data_ptr<T>(), args.values.data_ptr<T>(), args.starts.data_ptr<int64_t>(), len, args.norm,
+          static_cast<T>(args.score_scale)};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query_, const at::Tensor& keys_,
@@ -538,29 +538,24 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query_, c
                                                      const at::Tensor& act_params, c10::string_view activation,
                                                      c10::string_view normalization, double score_scale,
                                                      bool training, double eps) {
-  const Activation act = parse_activation(activation);
-  const Normalization norm = parse_normalization(normalization);
-  const AttentionShape shape =
-      check_attention_args(query_, keys_, values_, starts_, lengths_, max_len, weights, biases, act_params, act);
-  const at::Tensor query = query_.contiguous(), keys = keys_.contiguous();
-  const at::Tensor values = values_.has_value() ? values_->contiguous() : keys;
-  const at::Tensor starts = starts_.contiguous(), lengths = lengths_.contiguous();
-  at::Tensor stats = at::zeros({2, shape.hidden_total}, query.options());
-  at::Tensor out = at::empty({shape.batch, shape.value_dim}, query.options());
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "din_ext_attention_forward", [&] {
-    const bool dice_train = act == Activation::kDice && training;
-    Net<scalar_t> net = pack<scalar_t>(shape.dim, weights, biases, act_params, act, training, eps, stats);
-    const Problem<scalar_t> pb = make_problem<scalar_t>(query, keys, values, starts, lengths, norm, score_scale);
+  const AttentionForwardArgs args = attention_forward_args(query_, keys_, values_, starts_, lengths_, max_len,
+                                                           weights, biases, act_params, activation, normalization,
+                                                           score_scale, training, eps);
+  AT_DISPATCH_FLOATING_TYPES(args.query.scalar_type(), "din_ext_attention_forward", [&] {
+    const bool dice_train = args.act == Activation::kDice && training;
+    Net<scalar_t> net = pack<scalar_t>(args.shape.dim, weights, biases, act_params, args.act, training, eps,
+                                       args.stats);
+    const Problem<scalar_t> pb = make_problem<scalar_t>(args);
     if (dice_train) {
       int64_t col = 0;
       for (int64_t j = 0; j < net.n; ++j) {
-        gather_statistics(net, pb, j, stats.data_ptr<scalar_t>(), col, shape.hidden_total, eps);
+        gather_statistics(net, pb, j, args.stats.data_ptr<scalar_t>(), col, args.shape.hidden_total, eps);
         col += net.w[j];
       }
     }
-    pool_forward(net, pb, out.data_ptr<scalar_t>());
+    pool_forward(net, pb, args.out.data_ptr<scalar_t>());
   });
-  return {out, stats};
+  return {args.out, args.stats};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -738,32 +733,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vec
 attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const at::Tensor& keys_,
                    const std::optional<at::Tensor>& values_, const at::Tensor& starts_, const at::Tensor& lengths_,
                    int64_t max_len, at::TensorList weights, at::TensorList biases, const at::Tensor& act_params,
-                   const at::Tensor& stats, c10::string_view activation, c10::string_view normalization,
+                   const at::Tensor& stats_, c10::string_view activation, c10::string_view normalization,
                    double score_scale, bool training, double eps) {
-  const Activation act = parse_activation(activation);
-  const Normalization norm = parse_normalization(normalization);
-  const AttentionShape shape =
-      check_attention_args(query_, keys_, values_, starts_, lengths_, max_len, weights, biases, act_params, act);
-  check_backward_args(grad_out_, "grad_out", {shape.batch, shape.value_dim}, stats, shape.hidden_total, query_);
-  const at::Tensor grad_out = grad_out_.contiguous(), query = query_.contiguous(), keys = keys_.contiguous();
-  const at::Tensor values = values_.has_value() ? values_->contiguous() : keys;
-  const at::Tensor starts = starts_.contiguous(), lengths = lengths_.contiguous();
-
-  BackwardOutputs outs;
-  outs.grad_query = at::empty_like(query);
-  outs.grad_keys = at::zeros_like(keys);  // rows outside every user's range get exactly zero
-  outs.grad_values = values_.has_value() ? at::zeros_like(values) : at::empty({0}, keys.options());
+  const AttentionBackwardArgs args =
+      attention_backward_args(grad_out_, query_, keys_, values_, starts_, lengths_, max_len, weights, biases,
+                              act_params, stats_, activation, normalization, score_scale, training, eps);
+  const Activation act = args.act;
+  const AttentionShape& shape = args.shape;
+  const at::Tensor &query = args.query, &grad_out = args.grad_out;
+  BackwardOutputs outs{at::empty_like(query), args.grad_keys, args.grad_values};  // grad_query: zeroed per user
   const size_t layers = weights.size();
   std::vector<at::Tensor> grad_weights(layers), grad_biases(layers);
-  at::Tensor grad_act = at::zeros_like(act_params);
+  const at::Tensor& grad_act = args.grad_act_params;
 
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "din_ext_attention_backward", [&] {
     using T = scalar_t;
-    Net<T> net = pack<T>(shape.dim, weights, biases, act_params, act, training, eps, stats);
-    const Problem<T> pb = make_problem<T>(query, keys, values, starts, lengths, norm, score_scale);
+    Net<T> net = pack<T>(shape.dim, weights, biases, act_params, act, training, eps, args.stats);
+    const Problem<T> pb = make_problem<T>(args);
     const int64_t D = shape.dim, Dp = net.Dp, n = net.n;
     Vec<T> weight, grad_score;
-    if (norm == Normalization::kSoftmax) {
+    if (args.norm == Normalization::kSoftmax) {
       weight.resize(shape.num_keys);
       grad_score.resize(shape.num_keys);
       score_gradients(net, pb, grad_out.data_ptr<T>(), weight.data(), grad_score.data());

@@ -61,6 +61,17 @@ std::vector<T> feature_constants(const scalar_t* params, const scalar_t* mean, c
   return c;
 }
 
+// The rows alpha, gamma, beta, mean, rstd of the feature constants c [5, H].
+template <typename T>
+struct ConstantRows {
+  const T *alpha, *gamma, *beta, *mean, *rstd;
+};
+
+template <typename T>
+DIN_EXT_INLINE ConstantRows<T> constant_rows(const T* c, int64_t H) {
+  return {c + kAlpha * H, c + kGamma * H, c + kBeta * H, c + kMean * H, c + kRstd * H};
+}
+
 // Row loops over the H contiguous features. __restrict lets them vectorize without runtime alias checks.
 
 template <typename scalar_t>
@@ -81,11 +92,7 @@ template <typename scalar_t, typename T>
 DIN_EXT_INLINE void forward_row(const scalar_t* __restrict x,  // [H] one valid row
                                 const T* __restrict c,         // [5, H] feature constants
                                 scalar_t* __restrict y, int64_t H) {
-  const T* alpha = c + kAlpha * H;
-  const T* gamma = c + kGamma * H;
-  const T* beta = c + kBeta * H;
-  const T* mean = c + kMean * H;
-  const T* rstd = c + kRstd * H;
+  const auto [alpha, gamma, beta, mean, rstd] = constant_rows(c, H);
   for (int64_t h = 0; h < H; ++h) {
     const T xv = static_cast<T>(x[h]);
     const T p = sigmoid(gamma[h] * ((xv - mean[h]) * rstd[h]) + beta[h]);
@@ -101,11 +108,7 @@ DIN_EXT_INLINE void backward_row(const scalar_t* __restrict g,  // [H] dL/dy of 
                                  scalar_t* __restrict dx,       // [H]
                                  double* __restrict sums,       // [3, H] d alpha, d gamma, d beta of the row's block
                                  int64_t H) {
-  const T* alpha = c + kAlpha * H;
-  const T* gamma = c + kGamma * H;
-  const T* beta = c + kBeta * H;
-  const T* mean = c + kMean * H;
-  const T* rstd = c + kRstd * H;
+  const auto [alpha, gamma, beta, mean, rstd] = constant_rows(c, H);
   for (int64_t h = 0; h < H; ++h) {
     const T xv = static_cast<T>(x[h]);
     const T gx = static_cast<T>(g[h]) * xv;
@@ -333,45 +336,30 @@ void dice_backward_kernel(const scalar_t* grad_y,  // [N, H]
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> dice_forward(const at::Tensor& x_, const std::optional<at::Tensor>& mask,
-                                                const at::Tensor& params_, bool training, double eps) {
-  check_dice_args(x_, mask, params_);
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor params = params_.contiguous();
-  const at::Tensor valid = mask.has_value() ? mask->contiguous() : at::Tensor();
-  const int64_t N = x.size(0), H = x.size(1);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor stats = at::zeros({2, H}, x.options());
+std::tuple<at::Tensor, at::Tensor> dice_forward(const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                                                const at::Tensor& params, bool training, double eps) {
+  const DiceForwardArgs args = dice_forward_args(x, mask, params, training, eps);
   // Half and bfloat16 compute in float (opmath): the op accepted them before it was fused, and still does.
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "din_ext::dice", [&] {
-    dice_forward_kernel<scalar_t>(x.const_data_ptr<scalar_t>(),
-                                  valid.defined() ? valid.const_data_ptr<bool>() : nullptr,
-                                  params.const_data_ptr<scalar_t>(), training, eps, N, H,
-                                  y.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "din_ext::dice", [&] {
+    dice_forward_kernel<scalar_t>(args.x.const_data_ptr<scalar_t>(), args.valid_rows(),
+                                  args.params.const_data_ptr<scalar_t>(), training, eps, args.rows, args.features,
+                                  args.y.mutable_data_ptr<scalar_t>(), args.stats.mutable_data_ptr<scalar_t>());
   });
-  return {y, stats};
+  return {args.y, args.stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> dice_backward(const at::Tensor& grad_y_, const at::Tensor& x_,
-                                                 const std::optional<at::Tensor>& mask, const at::Tensor& params_,
-                                                 const at::Tensor& stats_, bool training, double eps) {
-  check_dice_args(x_, mask, params_);
-  check_backward_args(grad_y_, "grad_y", x_.sizes(), stats_, x_.size(1), x_);
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor grad_y = grad_y_.contiguous();
-  const at::Tensor params = params_.contiguous();
-  const at::Tensor stats = stats_.contiguous();
-  const at::Tensor valid = mask.has_value() ? mask->contiguous() : at::Tensor();
-  const int64_t N = x.size(0), H = x.size(1);
-  at::Tensor grad_x = at::empty_like(x);
-  at::Tensor grad_params = at::zeros_like(params);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "din_ext::dice_backward", [&] {
-    dice_backward_kernel<scalar_t>(grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                   valid.defined() ? valid.const_data_ptr<bool>() : nullptr,
-                                   params.const_data_ptr<scalar_t>(), stats.const_data_ptr<scalar_t>(), training, eps,
-                                   N, H, grad_x.mutable_data_ptr<scalar_t>(), grad_params.mutable_data_ptr<scalar_t>());
+std::tuple<at::Tensor, at::Tensor> dice_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                 const std::optional<at::Tensor>& mask, const at::Tensor& params,
+                                                 const at::Tensor& stats, bool training, double eps) {
+  const DiceBackwardArgs args = dice_backward_args(grad_y, x, mask, params, stats, training, eps);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.x.scalar_type(), "din_ext::dice_backward", [&] {
+    dice_backward_kernel<scalar_t>(args.grad_y.const_data_ptr<scalar_t>(), args.x.const_data_ptr<scalar_t>(),
+                                   args.valid_rows(), args.params.const_data_ptr<scalar_t>(),
+                                   args.stats.const_data_ptr<scalar_t>(), training, eps, args.rows, args.features,
+                                   args.grad_x.mutable_data_ptr<scalar_t>(),
+                                   args.grad_params.mutable_data_ptr<scalar_t>());
   });
-  return {grad_x, grad_params};
+  return {args.grad_x, args.grad_params};
 }
 
 }  // namespace

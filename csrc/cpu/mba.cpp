@@ -24,6 +24,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common.h"
+
 namespace din_ext::cpu {
 namespace {
 
@@ -39,18 +41,8 @@ constexpr int64_t kMinParallelIds = 1 << 20;
 constexpr int64_t kChunkGrain = kMinParallelIds / kSortChunk;  // radix chunks per parallel task
 
 void check_table(const at::Tensor& weight, const at::Tensor& frequencies) {
-  TORCH_CHECK(weight.dim() == 2, "din_ext: weight must have shape [V, D], got ", weight.sizes());
-  TORCH_CHECK(at::isFloatingType(weight.scalar_type()), "din_ext: weight must be floating point, got ",
-              weight.scalar_type());
+  check_mba_table(weight, frequencies);
   TORCH_CHECK(weight.device().is_cpu(), "din_ext: the cpu mba_embedding got weight on ", weight.device());
-  TORCH_CHECK(frequencies.dim() == 1 && frequencies.size(0) == weight.size(0),
-              "din_ext: frequencies must have shape [", weight.size(0), "] (one per row of weight), got ",
-              frequencies.sizes());
-  const auto freq_dtype = frequencies.scalar_type();
-  TORCH_CHECK(freq_dtype == at::kFloat || freq_dtype == at::kDouble || freq_dtype == at::kLong,
-              "din_ext: frequencies must be float32, float64 or int64, got ", freq_dtype);
-  TORCH_CHECK(frequencies.device() == weight.device(), "din_ext: frequencies must be on ", weight.device(),
-              " (the device of weight), got ", frequencies.device());
 }
 
 // Reads frequencies in double whatever their dtype; n_j < 1 (unseen ids) counts as 1.
@@ -219,15 +211,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mba_embed
     const at::Tensor& weight_in, const at::Tensor& ids_in, const at::Tensor& frequencies_in, double reg_lambda,
     int64_t padding_idx, bool /*sparse: read by the autograd*/) {
   check_table(weight_in, frequencies_in);
-  TORCH_CHECK(ids_in.dim() == 1, "din_ext: ids must be 1-D (the step's lookups concatenated), got shape ",
-              ids_in.sizes());
-  TORCH_CHECK(ids_in.scalar_type() == at::kLong || ids_in.scalar_type() == at::kInt,
-              "din_ext: ids must be int32 or int64, got ", ids_in.scalar_type());
-  TORCH_CHECK(ids_in.device() == weight_in.device(), "din_ext: ids must be on ", weight_in.device(),
-              " (the device of weight), got ", ids_in.device());
+  check_mba_lookup(weight_in, ids_in, padding_idx);
   const int64_t num_rows = weight_in.size(0), dim = weight_in.size(1), n = ids_in.size(0);
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < num_rows, "din_ext: padding_idx must be -1 (none) or in [0, ",
-              num_rows, "), got ", padding_idx);
   const at::Tensor weight = weight_in.contiguous(), ids = ids_in.contiguous(), frequencies = frequencies_in.contiguous();
   const auto opts = ids.options().dtype(at::kLong);
   at::Tensor unique_ids, offsets, order;
@@ -252,25 +237,12 @@ at::Tensor mba_embedding_backward(const at::Tensor& grad_out_in, const at::Tenso
                                   const at::Tensor& frequencies_in, const at::Tensor& unique_ids_in,
                                   const at::Tensor& offsets_in, const at::Tensor& order_in, double reg_lambda) {
   check_table(weight_in, frequencies_in);
-  const int64_t num_rows = weight_in.size(0), dim = weight_in.size(1);
-  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(1) == dim, "din_ext: grad_out must have shape [N, ", dim,
-              "], got ", grad_out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == weight_in.scalar_type() && grad_out_in.device() == weight_in.device(),
-              "din_ext: grad_out must have the dtype and device of weight");
-  const std::pair<const at::Tensor*, const char*> index_args[] = {
-      {&unique_ids_in, "unique_ids"}, {&offsets_in, "offsets"}, {&order_in, "order"}};
-  for (const auto& arg : index_args) {
-    const at::Tensor& t = *arg.first;
-    TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device() == weight_in.device(), "din_ext: ",
-                arg.second, " must be a 1-D int64 tensor on ", weight_in.device(), ", got ", t.scalar_type(), " ",
-                t.sizes(), " on ", t.device());
-  }
-  const int64_t num_unique = unique_ids_in.size(0), n = grad_out_in.size(0);
-  TORCH_CHECK(offsets_in.size(0) == num_unique + 1, "din_ext: offsets must have shape [", num_unique + 1,
-              "] (unique_ids + 1), got ", offsets_in.sizes());
-  const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous(),
-                   frequencies = frequencies_in.contiguous(), unique_ids = unique_ids_in.contiguous(),
-                   offsets = offsets_in.contiguous(), order = order_in.contiguous();
+  const MbaBackwardArgs args =
+      mba_backward_args(grad_out_in, weight_in, frequencies_in, unique_ids_in, offsets_in, order_in);
+  const at::Tensor &grad_out = args.grad_out, &weight = args.weight, &unique_ids = args.unique_ids,
+                   &offsets = args.offsets, &order = args.order, &grad_rows = args.grad_rows;
+  const int64_t num_rows = weight.size(0), dim = weight.size(1);
+  const int64_t num_unique = unique_ids.size(0), n = grad_out.size(0);
   const int64_t* unique_ptr = unique_ids.const_data_ptr<int64_t>();
   const int64_t* offsets_ptr = offsets.const_data_ptr<int64_t>();
   const int64_t* order_ptr = order.const_data_ptr<int64_t>();
@@ -286,8 +258,7 @@ at::Tensor mba_embedding_backward(const at::Tensor& grad_out_in, const at::Tenso
     TORCH_CHECK(order_ptr[i] >= 0 && order_ptr[i] < n, "din_ext: order must hold positions in [0, ", n,
                 ") (rows of grad_out), got ", order_ptr[i]);
   }
-  at::Tensor grad_rows = at::empty({num_unique, dim}, weight.options());
-  const Frequencies freq(frequencies);
+  const Frequencies freq(args.frequencies);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "mba_embedding_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = grad_out.const_data_ptr<scalar_t>();

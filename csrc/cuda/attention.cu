@@ -7,8 +7,8 @@
 //   h_j = act_j(z_j), z_{j+1} = W_{j+1} h_j + b_{j+1} (j < n),   s = z_n (width 1)
 //   pooling weight w_t = score_scale * s_t ("none") or softmax_t(score_scale * s_t); out_b = sum_t w_t v_t.
 //
-// Work decomposition (csrc/cuda/plan.h): a user's rows are cut into chunks of plan::kChunkRows rows, one work item
-// each; a block sets up the user's c_b and Weff_b in shared memory once per item and walks the chunk in row tiles
+// Work decomposition (csrc/cuda/attention_plan.h): a user's rows are cut into chunks of plan::kChunkRows rows, one work
+// item each; a block sets up the user's c_b and Weff_b in shared memory once per item and walks the chunk in row tiles
 // whose pre-activations and activations live in shared memory. Nothing of size [N, H] is materialized, padded
 // positions are never read, and the backward recomputes the forward.
 //   forward:  [Dice training: one statistics pass per hidden layer, per-block partial sums reduced in block order]
@@ -34,7 +34,7 @@
 
 #include "common.h"
 #include "cuda/device.cuh"
-#include "cuda/plan.h"
+#include "cuda/attention_plan.h"
 
 namespace din_ext::cuda {
 namespace {
@@ -716,25 +716,31 @@ void check_devices(const at::Tensor& query, at::TensorList weights) {
               kMaxLinears - 1, " hidden layers, got ", weights.size() - 1);
 }
 
+// The kernels' view of a batch, with S chunks reserved per user.
+template <typename T, typename acc_t>
+Batch<T, acc_t> batch_of(const AttentionArgs& args, int64_t S) {
+  return {args.query.const_data_ptr<T>(), args.keys.const_data_ptr<T>(), args.values.const_data_ptr<T>(),
+          args.starts.const_data_ptr<int64_t>(), args.lengths.const_data_ptr<int64_t>(), args.shape.batch, S,
+          static_cast<acc_t>(args.score_scale)};
+}
+
+// max_len: the resolved upper bound on lengths.
 template <typename T>
-void forward_impl(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values, bool separate_values,
-                  const at::Tensor& starts, const at::Tensor& lengths, int64_t max_len, at::TensorList weights,
-                  at::TensorList biases, const at::Tensor& act_params, Activation act, Normalization norm,
-                  double score_scale, bool training, double eps, const AttentionShape& shape, at::Tensor& out,
-                  at::Tensor& stats) {
+void forward_impl(const AttentionForwardArgs& args, int64_t max_len) {
   using acc_t = at::opmath_type<T>;
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  Packed packed = pack(shape.dim, weights, biases, act_params, act, training, eps, stats, acc);
-  const Net<acc_t> net = make_net<acc_t>(packed, shape, act);
+  const AttentionShape& shape = args.shape;
+  const at::Tensor &query = args.query, &lengths = args.lengths, &out = args.out, &stats = args.stats;
+  const double eps = args.eps;
+  Packed packed = pack(shape.dim, args.weights, args.biases, args.act_params, args.act, args.training, eps, stats, acc);
+  const Net<acc_t> net = make_net<acc_t>(packed, shape, args.act);
   const plan::Widths widths = widths_of(net);
   const Launch launch = plan_launch(widths, shape.dim, shape.value_dim, false, sizeof(acc_t));
   const int64_t S = plan::chunks_per_user(max_len), items = shape.batch * S;
-  const Batch<T, acc_t> bt{query.const_data_ptr<T>(), keys.const_data_ptr<T>(),
-                           (separate_values ? values : keys).const_data_ptr<T>(), starts.const_data_ptr<int64_t>(),
-                           lengths.const_data_ptr<int64_t>(), shape.batch, S, static_cast<acc_t>(score_scale)};
+  const Batch<T, acc_t> bt = batch_of<T, acc_t>(args, S);
 
-  if (act == Activation::kDice && training) {
+  if (args.act == Activation::kDice && args.training) {
     const at::Tensor count = lengths.sum().to(at::kDouble);
     const at::Tensor safe = count.clamp_min(1);
     const int64_t grid = plan::grid_blocks(items);
@@ -771,7 +777,7 @@ void forward_impl(const at::Tensor& query, const at::Tensor& keys, const at::Ten
                                                           out.mutable_data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (norm == Normalization::kSoftmax) {
+  if (args.norm == Normalization::kSoftmax) {
     pool(pool_kernel<T, acc_t, true>);
     combine(combine_kernel<T, acc_t, true>);
   } else {
@@ -780,57 +786,49 @@ void forward_impl(const at::Tensor& query, const at::Tensor& keys, const at::Ten
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query_, const at::Tensor& keys_,
-                                                     const std::optional<at::Tensor>& values_,
-                                                     const at::Tensor& starts_, const at::Tensor& lengths_,
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& keys,
+                                                     const std::optional<at::Tensor>& values,
+                                                     const at::Tensor& starts, const at::Tensor& lengths,
                                                      int64_t max_len, at::TensorList weights, at::TensorList biases,
                                                      const at::Tensor& act_params, c10::string_view activation,
                                                      c10::string_view normalization, double score_scale,
                                                      bool training, double eps) {
-  const Activation act = parse_activation(activation);
-  const Normalization norm = parse_normalization(normalization);
-  check_devices(query_, weights);
-  const AttentionShape shape =
-      check_attention_args(query_, keys_, values_, starts_, lengths_, max_len, weights, biases, act_params, act);
-  const c10::cuda::CUDAGuard guard(query_.device());
-  const at::Tensor query = query_.contiguous(), keys = keys_.contiguous();
-  const at::Tensor values = values_.has_value() ? values_->contiguous() : keys;
-  const at::Tensor starts = starts_.contiguous(), lengths = lengths_.contiguous();
-  at::Tensor stats = at::zeros({2, shape.hidden_total}, query.options());
-  at::Tensor out = at::empty({shape.batch, shape.value_dim}, query.options());
-  if (shape.batch == 0) return {out, stats};
-  const int64_t bound = resolve_max_len(lengths, max_len);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "din_ext_attention_forward_cuda", [&] {
-    forward_impl<scalar_t>(query, keys, values, values_.has_value(), starts, lengths, bound, weights, biases,
-                           act_params, act, norm, score_scale, training, eps, shape, out, stats);
-  });
-  return {out, stats};
+  check_devices(query, weights);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const AttentionForwardArgs args = attention_forward_args(query, keys, values, starts, lengths, max_len, weights,
+                                                           biases, act_params, activation, normalization,
+                                                           score_scale, training, eps);
+  if (args.shape.batch == 0) return {args.out, args.stats};
+  const int64_t bound = resolve_max_len(args.lengths, max_len);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.query.scalar_type(), "din_ext_attention_forward_cuda",
+                                  [&] { forward_impl<scalar_t>(args, bound); });
+  return {args.out, args.stats};
 }
 
 using BackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
 
+// max_len: the resolved upper bound on lengths. Fills res (grad_query zeroed by the caller).
 template <typename T>
-void backward_impl(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& keys,
-                   const at::Tensor& values, bool separate_values, const at::Tensor& starts,
-                   const at::Tensor& lengths, int64_t max_len, at::TensorList weights, at::TensorList biases,
-                   const at::Tensor& act_params, const at::Tensor& stats, Activation act, Normalization norm,
-                   double score_scale, bool training, double eps, const AttentionShape& shape, BackwardResult& res) {
+void backward_impl(const AttentionBackwardArgs& args, int64_t max_len, BackwardResult& res) {
   using acc_t = at::opmath_type<T>;
   const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  Packed packed = pack(shape.dim, weights, biases, act_params, act, training, eps, stats, acc);
+  const AttentionShape& shape = args.shape;
+  const at::Tensor &query = args.query, &starts = args.starts, &lengths = args.lengths, &grad_out = args.grad_out;
+  const Activation act = args.act;
+  const bool training = args.training;
+  const double score_scale = args.score_scale;
+  Packed packed = pack(shape.dim, args.weights, args.biases, args.act_params, act, training, args.eps, args.stats, acc);
   const Net<acc_t> net = make_net<acc_t>(packed, shape, act);
   const plan::Widths widths = widths_of(net);
   const int64_t D = shape.dim, Dv = shape.value_dim, B = shape.batch, N = shape.num_keys;
   const Launch fwd = plan_launch(widths, D, Dv, false, sizeof(acc_t));
   const Launch bwd = plan_launch(widths, D, Dv, true, sizeof(acc_t));
   const int64_t S = plan::chunks_per_user(max_len), items = B * S, grid = plan::grid_blocks(items);
-  const Batch<T, acc_t> bt{query.const_data_ptr<T>(), keys.const_data_ptr<T>(),
-                           (separate_values ? values : keys).const_data_ptr<T>(), starts.const_data_ptr<int64_t>(),
-                           lengths.const_data_ptr<int64_t>(), B, S, static_cast<acc_t>(score_scale)};
+  const Batch<T, acc_t> bt = batch_of<T, acc_t>(args, S);
   const auto acc_options = query.options().dtype(acc);
-  const bool softmax = norm == Normalization::kSoftmax;
+  const bool softmax = args.norm == Normalization::kSoftmax;
 
   at::Tensor weight, gs;
   if (softmax) {
@@ -879,7 +877,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& query, const at
   kernel<<<grid_of(grid), kThreads, bwd.bytes, stream>>>(
       net, bt, grad_out.const_data_ptr<T>(), weight_ptr, gs_ptr, bwd.layout, bwd.tile, -1, P, nullptr,
       params.mutable_data_ptr<acc_t>(), gq_partial.mutable_data_ptr<acc_t>(), grad_keys.mutable_data_ptr<T>(),
-      separate_values ? grad_values.mutable_data_ptr<T>() : nullptr);
+      args.separate_values ? grad_values.mutable_data_ptr<T>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (D > 0) {
     query_grad_kernel<T, acc_t><<<grid_of(B), kThreads, 0, stream>>>(gq_partial.const_data_ptr<acc_t>(),
@@ -918,42 +916,29 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& query, const at
   }
 }
 
-BackwardResult attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const at::Tensor& keys_,
-                                  const std::optional<at::Tensor>& values_, const at::Tensor& starts_,
-                                  const at::Tensor& lengths_, int64_t max_len, at::TensorList weights,
-                                  at::TensorList biases, const at::Tensor& act_params, const at::Tensor& stats_,
+BackwardResult attention_backward(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& keys,
+                                  const std::optional<at::Tensor>& values, const at::Tensor& starts,
+                                  const at::Tensor& lengths, int64_t max_len, at::TensorList weights,
+                                  at::TensorList biases, const at::Tensor& act_params, const at::Tensor& stats,
                                   c10::string_view activation, c10::string_view normalization, double score_scale,
                                   bool training, double eps) {
-  const Activation act = parse_activation(activation);
-  const Normalization norm = parse_normalization(normalization);
-  check_devices(query_, weights);
-  const AttentionShape shape =
-      check_attention_args(query_, keys_, values_, starts_, lengths_, max_len, weights, biases, act_params, act);
-  check_backward_args(grad_out_, "grad_out", {shape.batch, shape.value_dim}, stats_, shape.hidden_total, query_);
-  const c10::cuda::CUDAGuard guard(query_.device());
-  const at::Tensor grad_out = grad_out_.contiguous(), query = query_.contiguous(), keys = keys_.contiguous();
-  const at::Tensor values = values_.has_value() ? values_->contiguous() : keys;
-  const at::Tensor starts = starts_.contiguous(), lengths = lengths_.contiguous(), stats = stats_.contiguous();
-
-  BackwardResult res;
-  std::get<0>(res) = at::zeros_like(query);
-  std::get<1>(res) = at::zeros_like(keys);  // rows outside every user's range get exactly zero
-  std::get<2>(res) = values_.has_value() ? at::zeros_like(values) : at::empty({0}, keys.options());
-  std::get<5>(res) = at::zeros_like(act_params);
-  if (shape.batch == 0) {
+  check_devices(query, weights);
+  const c10::cuda::CUDAGuard guard(query.device());
+  const AttentionBackwardArgs args =
+      attention_backward_args(grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params,
+                              stats, activation, normalization, score_scale, training, eps);
+  BackwardResult res{at::zeros_like(args.query), args.grad_keys, args.grad_values, {}, {}, args.grad_act_params};
+  if (args.shape.batch == 0) {
     for (size_t i = 0; i < weights.size(); ++i) {
       std::get<3>(res).push_back(at::zeros_like(weights[i]));
       std::get<4>(res).push_back(at::zeros_like(biases[i]));
     }
     return res;
   }
-  const int64_t bound = resolve_max_len(lengths, max_len);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "din_ext_attention_backward_cuda",
-                                  [&] {
-                                    backward_impl<scalar_t>(grad_out, query, keys, values, values_.has_value(), starts,
-                                                            lengths, bound, weights, biases, act_params, stats, act,
-                                                            norm, score_scale, training, eps, shape, res);
-                                  });
+  const int64_t bound = resolve_max_len(args.lengths, max_len);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.query.scalar_type(),
+                                  "din_ext_attention_backward_cuda",
+                                  [&] { backward_impl<scalar_t>(args, bound, res); });
   return res;
 }
 

@@ -24,6 +24,11 @@ __device__ __forceinline__ acc_t max_(acc_t a, acc_t b) {
   return a > b ? a : b;
 }
 
+template <typename acc_t>
+__device__ __forceinline__ acc_t min_(acc_t a, acc_t b) {
+  return a < b ? a : b;
+}
+
 // dst[i] = src[i] for i < count, converted to the compute type, by all threads of the block. 16-byte loads when
 // src is 16-byte aligned (a tile of keys rows is one contiguous span), scalar loads otherwise.
 template <typename T, typename acc_t>

@@ -18,7 +18,6 @@
 
 #include "common.h"
 #include "cuda/device.cuh"
-#include "cuda/plan.h"
 
 namespace din_ext::cuda {
 namespace {
@@ -40,7 +39,7 @@ __global__ void __launch_bounds__(kColumns) moments_kernel(const T* __restrict__
                                                             int64_t* __restrict__ count,     // [blocks]
                                                             double* __restrict__ mean,       // [blocks, H]
                                                             double* __restrict__ m2) {       // [blocks, H]
-  const int64_t blk = blockIdx.x, r0 = blk * kBlockRows, r1 = plan::min64(N, r0 + kBlockRows);
+  const int64_t blk = blockIdx.x, r0 = blk * kBlockRows, r1 = min_(N, r0 + kBlockRows);
   const int64_t h = blockIdx.y * static_cast<int64_t>(kColumns) + threadIdx.x;
   int64_t n = 0;
   for (int64_t r = r0; r < r1; ++r) n += is_valid(valid, r);
@@ -108,7 +107,7 @@ __global__ void __launch_bounds__(kColumns) backward_kernel(const T* __restrict_
                                                              int64_t N, int64_t H, T* __restrict__ dx,
                                                              double* __restrict__ sums,    // [blocks, 3, H]
                                                              int64_t* __restrict__ count) {  // [blocks]
-  const int64_t blk = blockIdx.x, r0 = blk * kBlockRows, r1 = plan::min64(N, r0 + kBlockRows);
+  const int64_t blk = blockIdx.x, r0 = blk * kBlockRows, r1 = min_(N, r0 + kBlockRows);
   const int64_t h = blockIdx.y * static_cast<int64_t>(kColumns) + threadIdx.x;
   if (blockIdx.y == 0 && threadIdx.x == 0) {
     int64_t n = 0;
@@ -178,21 +177,14 @@ at::Tensor feature_constants(const at::Tensor& params, const at::Tensor& mean, c
       .contiguous();
 }
 
-void check_dice_cuda(const at::Tensor& x, const std::optional<at::Tensor>& mask, const at::Tensor& params) {
-  check_cuda(x, "x");
-  check_dice_args(x, mask, params);
-}
-
 std::tuple<at::Tensor, at::Tensor> dice_forward(const at::Tensor& x_, const std::optional<at::Tensor>& mask,
                                                 const at::Tensor& params_, bool training, double eps) {
-  check_dice_cuda(x_, mask, params_);
+  check_cuda(x_, "x");
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous(), params = params_.contiguous();
-  const at::Tensor valid = mask.has_value() ? mask->contiguous() : at::Tensor();
-  const bool* valid_ptr = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
-  const int64_t N = x.size(0), H = x.size(1);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor stats = at::zeros({2, H}, x.options());
+  const DiceForwardArgs args = dice_forward_args(x_, mask, params_, training, eps);
+  const at::Tensor &x = args.x, &params = args.params, &y = args.y, &stats = args.stats;
+  const bool* valid_ptr = args.valid_rows();
+  const int64_t N = args.rows, H = args.features;
   if (N == 0 || H == 0) return {y, stats};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "din_ext_dice_cuda", [&] {
@@ -226,16 +218,13 @@ std::tuple<at::Tensor, at::Tensor> dice_forward(const at::Tensor& x_, const std:
 std::tuple<at::Tensor, at::Tensor> dice_backward(const at::Tensor& grad_y_, const at::Tensor& x_,
                                                  const std::optional<at::Tensor>& mask, const at::Tensor& params_,
                                                  const at::Tensor& stats_, bool training, double eps) {
-  check_dice_cuda(x_, mask, params_);
-  check_backward_args(grad_y_, "grad_y", x_.sizes(), stats_, x_.size(1), x_);
+  check_cuda(x_, "x");
   const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous(), grad_y = grad_y_.contiguous(), params = params_.contiguous();
-  const at::Tensor stats = stats_.contiguous();
-  const at::Tensor valid = mask.has_value() ? mask->contiguous() : at::Tensor();
-  const bool* valid_ptr = valid.defined() ? valid.const_data_ptr<bool>() : nullptr;
-  const int64_t N = x.size(0), H = x.size(1);
-  at::Tensor grad_x = at::empty_like(x);
-  at::Tensor grad_params = at::zeros_like(params);
+  const DiceBackwardArgs args = dice_backward_args(grad_y_, x_, mask, params_, stats_, training, eps);
+  const at::Tensor &x = args.x, &grad_y = args.grad_y, &params = args.params, &stats = args.stats;
+  const at::Tensor &grad_x = args.grad_x, &grad_params = args.grad_params;
+  const bool* valid_ptr = args.valid_rows();
+  const int64_t N = args.rows, H = args.features;
   if (N == 0 || H == 0) return {grad_x, grad_params};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "din_ext_dice_backward_cuda", [&] {

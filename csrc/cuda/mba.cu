@@ -13,23 +13,17 @@
 
 #include <tuple>
 
+#include "common.h"
+#include "cuda/device.cuh"
+
 namespace din_ext::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
 void check_table(const at::Tensor& weight, const at::Tensor& frequencies) {
-  TORCH_CHECK(weight.dim() == 2 && at::isFloatingType(weight.scalar_type()),
-              "din_ext: weight must be a floating-point [V, D] tensor, got ", weight.scalar_type(), " ",
-              weight.sizes());
-  TORCH_CHECK(frequencies.dim() == 1 && frequencies.size(0) == weight.size(0) &&
-                  (frequencies.scalar_type() == at::kFloat || frequencies.scalar_type() == at::kDouble ||
-                   frequencies.scalar_type() == at::kLong),
-              "din_ext: frequencies must be a float32, float64 or int64 tensor of shape [", weight.size(0), "], got ",
-              frequencies.scalar_type(), " ", frequencies.sizes());
-  TORCH_CHECK(weight.is_cuda() && frequencies.device() == weight.device(),
-              "din_ext: the cuda mba_embedding needs weight and frequencies on one CUDA device, got ", weight.device(),
-              " and ", frequencies.device());
+  check_mba_table(weight, frequencies);
+  check_cuda(weight, "weight");
 }
 
 template <typename freq_t, typename acc_t>
@@ -108,13 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mba_embed
     const at::Tensor& weight_in, const at::Tensor& ids_in, const at::Tensor& frequencies_in, double reg_lambda,
     int64_t padding_idx, bool /*sparse: read by the autograd*/) {
   check_table(weight_in, frequencies_in);
-  TORCH_CHECK(ids_in.dim() == 1 && (ids_in.scalar_type() == at::kLong || ids_in.scalar_type() == at::kInt),
-              "din_ext: ids must be a 1-D int32 or int64 tensor, got ", ids_in.scalar_type(), " ", ids_in.sizes());
-  TORCH_CHECK(ids_in.device() == weight_in.device(), "din_ext: ids must be on ", weight_in.device(),
-              " (the device of weight), got ", ids_in.device());
+  check_mba_lookup(weight_in, ids_in, padding_idx);
   const int64_t num_rows = weight_in.size(0), dim = weight_in.size(1);
-  TORCH_CHECK(padding_idx >= -1 && padding_idx < num_rows, "din_ext: padding_idx must be -1 (none) or in [0, ",
-              num_rows, "), got ", padding_idx);
   const c10::cuda::CUDAGuard guard(weight_in.device());
   const at::Tensor weight = weight_in.contiguous(), frequencies = frequencies_in.contiguous();
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
@@ -156,22 +145,13 @@ at::Tensor mba_embedding_backward(const at::Tensor& grad_out_in, const at::Tenso
                                   const at::Tensor& frequencies_in, const at::Tensor& unique_ids_in,
                                   const at::Tensor& offsets_in, const at::Tensor& order_in, double reg_lambda) {
   check_table(weight_in, frequencies_in);
-  const int64_t dim = weight_in.size(1), num_unique = unique_ids_in.size(0);
-  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(1) == dim &&
-                  grad_out_in.scalar_type() == weight_in.scalar_type() && grad_out_in.device() == weight_in.device(),
-              "din_ext: grad_out must be a [N, ", dim, "] tensor with weight's dtype and device, got ",
-              grad_out_in.scalar_type(), " ", grad_out_in.sizes(), " on ", grad_out_in.device());
-  for (const at::Tensor* t : {&unique_ids_in, &offsets_in, &order_in}) {
-    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->device() == weight_in.device(),
-                "din_ext: unique_ids, offsets and order must be 1-D int64 tensors on ", weight_in.device());
-  }
-  TORCH_CHECK(offsets_in.size(0) == num_unique + 1, "din_ext: offsets must have shape [", num_unique + 1,
-              "] (unique_ids + 1), got ", offsets_in.sizes());
   const c10::cuda::CUDAGuard guard(weight_in.device());
-  const at::Tensor grad_out = grad_out_in.contiguous(), weight = weight_in.contiguous(),
-                   frequencies = frequencies_in.contiguous(), unique_ids = unique_ids_in.contiguous(),
-                   offsets = offsets_in.contiguous(), order = order_in.contiguous();
-  at::Tensor grad_rows = at::empty({num_unique, dim}, weight.options());
+  const MbaBackwardArgs args =
+      mba_backward_args(grad_out_in, weight_in, frequencies_in, unique_ids_in, offsets_in, order_in);
+  const at::Tensor &grad_out = args.grad_out, &weight = args.weight, &frequencies = args.frequencies,
+                   &unique_ids = args.unique_ids, &offsets = args.offsets, &order = args.order,
+                   &grad_rows = args.grad_rows;
+  const int64_t dim = weight.size(1), num_unique = unique_ids.size(0);
   if (num_unique == 0 || dim == 0) return grad_rows;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "mba_embedding_backward", [&] {

@@ -2,8 +2,8 @@
 // block handles which chunk, and where each buffer lives in shared memory and in the per-block partial sums.
 //
 // Everything here is plain integer arithmetic in __host__ __device__ functions, compiled by nvcc into the kernels and
-// by g++ into the always-built CPU op din_ext::_cuda_launch_plan (csrc/cuda_plan.cpp), so that the index math can be
-// tested on a machine without a GPU (python_tests/test_cuda_plan.py).
+// by g++ into the always-built CPU op din_ext::_attention_launch_plan (csrc/attention_plan.cpp), so that the index
+// math can be tested on a machine without a GPU (python_tests/test_cuda_plan.py).
 //
 // Work decomposition (attention):
 //   user b's behaviours are rows starts[b] + [0, lengths[b]) of keys; they are cut into chunks of kChunkRows rows

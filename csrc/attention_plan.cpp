@@ -1,11 +1,12 @@
-// din_ext::_cuda_launch_plan: the cuda backend's launch planning (csrc/cuda/plan.h) run on the host, so that its
-// index math is tested without a GPU (python_tests/test_cuda_plan.py). Always built; a private op, not public API.
+// din_ext::_attention_launch_plan: the cuda attention kernels' launch planning (csrc/cuda/attention_plan.h) run on
+// the host, so that its index math is tested without a GPU (python_tests/test_cuda_plan.py). Always built; a private
+// op, not public API (schema in csrc/din_ext.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <vector>
 
-#include "cuda/plan.h"
+#include "cuda/attention_plan.h"
 
 namespace din_ext {
 namespace {
@@ -40,7 +41,7 @@ std::vector<int64_t> smem_fields(const plan::SmemLayout& L) {
 //   tiles [T, 3] int64: work item, first row, rows, for every row tile in the order the kernels visit them
 std::tuple<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, at::Tensor,
            at::Tensor>
-cuda_launch_plan(c10::IntArrayRef widths, int64_t dim, int64_t value_dim, int64_t elem_bytes, int64_t smem_limit,
+attention_launch_plan(c10::IntArrayRef widths, int64_t dim, int64_t value_dim, int64_t elem_bytes, int64_t smem_limit,
                  const at::Tensor& lengths_, int64_t max_len) {
   const plan::Widths net = make_widths(widths);
   TORCH_CHECK(dim >= 1 && value_dim >= 1, "din_ext: dim and value_dim must be >= 1");
@@ -96,13 +97,8 @@ cuda_launch_plan(c10::IntArrayRef widths, int64_t dim, int64_t value_dim, int64_
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(din_ext, m) {
-  m.def(
-      "_cuda_launch_plan(int[] widths, int dim, int value_dim, int elem_bytes, int smem_limit, Tensor lengths, "
-      "int max_len) -> (int[] summary, int[] smem_forward, int[] smem_backward, int[] params, Tensor items, "
-      "Tensor tiles)");
+TORCH_LIBRARY_IMPL(din_ext, CompositeExplicitAutograd, m) {
+  m.impl("_attention_launch_plan", &attention_launch_plan);
 }
-
-TORCH_LIBRARY_IMPL(din_ext, CompositeExplicitAutograd, m) { m.impl("_cuda_launch_plan", &cuda_launch_plan); }
 
 }  // namespace din_ext
