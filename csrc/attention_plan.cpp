@@ -1,5 +1,5 @@
 // din_ext::_attention_launch_plan: the cuda attention kernels' launch planning (csrc/cuda/attention_plan.h) run on
-// the host, so that its index math is tested without a GPU (python_tests/test_cuda_plan.py). Always built; a private
+// the host, so that its index math is tested without a GPU (python_tests/test_attention_cuda_plan.py). Always built; a private
 // op, not public API (schema in csrc/din_ext.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -1,7 +1,7 @@
 """cuda-backend specifics the conformance suite (test_attention.py, test_dice.py, parametrized over backends) does
 not reach: histories spanning several chunks and many accumulating blocks, bitwise determinism, float64 gradcheck
 and opcheck on the GPU, half/bfloat16 against the float64 reference, and device errors. Skipped without a GPU or
-without the compiled cuda kernels; the index math of these paths is tested on the CPU in test_cuda_plan.py."""
+without the compiled cuda kernels; the index math of these paths is tested on the CPU in test_attention_cuda_plan.py."""
 
 from __future__ import annotations
 

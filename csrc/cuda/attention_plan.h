@@ -3,7 +3,7 @@
 //
 // Everything here is plain integer arithmetic in __host__ __device__ functions, compiled by nvcc into the kernels and
 // by g++ into the always-built CPU op din_ext::_attention_launch_plan (csrc/attention_plan.cpp), so that the index
-// math can be tested on a machine without a GPU (python_tests/test_cuda_plan.py).
+// math can be tested on a machine without a GPU (python_tests/test_attention_cuda_plan.py).
 //
 // Work decomposition (attention):
 //   user b's behaviours are rows starts[b] + [0, lengths[b]) of keys; they are cut into chunks of kChunkRows rows
