@@ -1,13 +1,8 @@
 """Triton backend of din_ext's local-activation attention: fused varlen forward and backward kernels.
 
-For user b with behaviours k_t = keys[starts[b] + t], t < lengths[b], and the MLP Linear_0 .. Linear_n:
-
-    z_0 = W_0 [q, k, q - k, q * k] + b_0 = c_b + Weff_b k,   c_b = (Wq + Wd) q + b_0,  Weff_b = (Wk - Wd) + Wp diag(q)
-    h_j = act_j(z_j),   z_{j+1} = W_{j+1} h_j + b_{j+1},   s = z_n (width 1)
-    pooling weight w_t = score_scale * s_t ("none") or softmax_t(score_scale * s_t);   out_b = sum_t w_t v_t
-
-Dice: xhat = (z - mean) * rstd, p = sigmoid(gamma * xhat + beta), h = z * (alpha + (1 - alpha) * p), with the
-batch mean/biased variance over all valid rows in training and the running statistics in eval.
+The math (the layer-1 split z_0 = c_b + Weff_b k, the activations, pooling, the backward through Dice's batch
+statistics) is docs/design.md sections 1.1-1.3; the op contract (starts/lengths rows, packed act_params, stats) is
+section 2. What follows is particular to these kernels.
 
 Structure (the cpu backend's, csrc/cpu/attention.cpp, on a GPU grid):
 - forward: one program per user walks its rows in tiles of BLOCK_L; the per-user c_b and Weff_b are built once, each

@@ -1,14 +1,8 @@
 """Triton backend of din_ext::dice: Dice on x [N, H] with statistics over the rows where mask is true.
 
-Per feature h, with sums over the n valid rows r (the contract of csrc/cpu/dice.cpp):
-    forward   training: mean, biased var of the valid rows (0 and 0 if n = 0); eval: the running statistics
-              rstd = 1 / sqrt(var + eps),  xhat = (x - mean) * rstd,  p = sigmoid(gamma * xhat + beta)
-              y = x * (alpha + (1 - alpha) * p)           (0 on masked-out rows, which are never read)
-    backward  t = g * x * (1 - alpha) * p * (1 - p)
-              d alpha = sum g * x * (1 - p),  d gamma = sum t * xhat,  d beta = sum t
-              dx = g * (alpha + (1 - alpha) * p) + gamma * rstd * t
-                   - training only: gamma * rstd * (d beta + xhat * d gamma) / n     (BatchNorm's backward)
-              eval: d running_mean = -gamma * rstd * d beta,  d running_var = -gamma * rstd^2 * d gamma / 2
+The forward and the exact backward (through the batch statistics in training; to the running statistics in eval)
+are docs/design.md section 1.3. Per feature, with the sums over the valid rows that the backward needs:
+t = g x (1 - alpha) p (1 - p); d alpha = sum g x (1 - p), d gamma = sum t xhat, d beta = sum t.
 Rows are split into fixed blocks of BLOCK_N; each block's per-feature sums (count, block mean and centred sum of
 squares for the statistics; d alpha, d gamma, d beta for the backward) go to a partial buffer merged in block order
 (Chan et al.'s parallel formula for the variance), so results are bitwise reproducible. Math in float32 (float64

@@ -1,10 +1,9 @@
 """Triton kernels of the MBA embedding (DIN paper section 5.1): the regularization value and the backward's
 segmented reduction, over the distinct ids of a step grouped by a stable device sort.
 
-For the distinct non-padding ids U (unique_ids [U] ascending, their positions order[offsets[u] : offsets[u + 1]],
-ascending within an id):
-  reg_terms[u] = ||w_j||^2 / n_j                                 (j = unique_ids[u], n_j = max(frequencies[j], 1))
-  grad_rows[u] = sum_{k in segment u} grad_out[order[k]] + lambda * w_j / n_j
+R and its gradient are docs/design.md section 1.5, the grouping outputs (unique_ids, order, offsets) section 2.4.
+The kernels compute reg_terms[u] = ||w_j||^2 / n_j and grad_rows[u] = (the sum of grad_out over id j's positions)
++ lambda * w_j / n_j for j = unique_ids[u].
 Each program owns whole ids and sums their rows sequentially in position order, in float32 (float64 for float64
 tables): no atomics, so results are bitwise reproducible. The grouping itself is torch.sort(stable=True) and
 torch.unique_consecutive on the device (deterministic).

@@ -1,10 +1,7 @@
 // cpu backend of din_ext::local_activation_attention: fused forward and backward.
 //
-// For user b with behaviours k_t = keys[starts[b] + t], t < lengths[b], and the MLP Linear_0 .. Linear_n:
-//   z_0 = W_0 [q, k, q - k, q * k] + b_0 = c_b + Weff_b k,   c_b = (Wq + Wd) q + b_0,
-//                                                           Weff_b = (Wk - Wd) + Wp diag(q)
-//   h_j = act_j(z_j), z_{j+1} = W_{j+1} h_j + b_{j+1} (j < n),   s = z_n (width 1)
-//   pooling weight w_t = score_scale * s_t ("none") or softmax_t(score_scale * s_t); out_b = sum_t w_t v_t.
+// The math (layer-1 split z_0 = c_b + Weff_b k, activations, pooling, backward) is docs/design.md sections 1.1-1.3,
+// the op contract section 2; this header says what is particular to the cpu kernels.
 // The q-only half of layer 1 is computed once per user, so a behaviour costs one D x H1 product there. Users are
 // processed in tiles of at most kTile rows whose activations live in per-thread buffers: nothing of size [N, H]
 // is materialized, padded positions are never touched, and the backward recomputes the forward.

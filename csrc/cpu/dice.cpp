@@ -1,17 +1,9 @@
 // cpu backend of din_ext::dice: fused Dice on x [N, H], statistics over the rows where mask is true (all rows if
 // no mask). Masked-out rows output 0, get no gradient and are never read.
 //
-// Per feature h, with sums over the n valid rows r:
-//   forward   training: mean = sum x_r / n,  var = sum (x_r - mean)^2 / n  (0 and 0 if n = 0); eval: running stats
-//             rstd = 1 / sqrt(var + eps),  xhat = (x - mean) * rstd,  p = sigmoid(gamma * xhat + beta)
-//             y = x * (alpha + (1 - alpha) * p)
-//   backward  g = dL/dy,  t = g * x * (1 - alpha) * p * (1 - p)                  (dL/d sigmoid argument)
-//             d alpha = sum g * x * (1 - p),  d gamma = sum t * xhat,  d beta = sum t
-//             local = g * (alpha + (1 - alpha) * p) + gamma * rstd * t            (statistics held fixed)
-//             eval:      dx = local,  d running_mean = -gamma * rstd * d beta,
-//                        d running_var = -gamma * rstd^2 * d gamma / 2
-//             training:  dx = local - gamma * rstd * (d beta + xhat * d gamma) / n   (BatchNorm's backward)
-// The training correction depends on x only through xhat, so the backward's first pass writes `local` and the
+// The forward and its exact backward are docs/design.md section 1.3. In its terms the backward is
+// local = g (alpha + (1 - alpha) p) + gamma rstd t (the statistics held fixed), t = g x (1 - alpha) p (1 - p), and in
+// training dx = local - gamma rstd (d beta + xhat d gamma) / n. The training correction depends on x only through xhat, so the backward's first pass writes `local` and the
 // second pass subtracts the correction without recomputing the sigmoid.
 //
 // Reproducibility: every per-feature sum is accumulated in double per block of kBlockRows rows (one thread, row

@@ -1,10 +1,8 @@
 // cpu backend of din_ext::mba_embedding and din_ext::mba_embedding_backward: an embedding lookup whose backward
 // adds mini-batch-aware L2 regularization (DIN paper section 5.1) and touches only the step's distinct ids.
 //
-// For the distinct non-padding ids U of a step (all its lookups of the table concatenated into ids [N]):
-//   forward   out[i] = w_{ids[i]}
-//             R = lambda / 2 * sum_{j in U} ||w_j||^2 / n_j                 (n_j = max(frequencies[j], 1))
-//   backward  grad_j = sum_{i : ids[i] = j} grad_out[i] + lambda * w_j / n_j     for j in U, one row per id
+// R and its gradient, once per distinct non-padding id of the step, are docs/design.md section 1.5; the grouping
+// outputs (unique_ids, order, offsets) section 2.4.
 // Cost O(N log V / 12 + |U| D + N D): nothing is proportional to the table size V.
 //
 // The forward groups the positions by id with a stable LSD radix sort of (id, position) pairs (12-bit digits, so

@@ -1,11 +1,5 @@
 // cuda backend of din_ext::dice: Dice on x [N, H], statistics over the rows where mask is true (all rows if no
-// mask). Masked-out rows output 0, get no gradient and are never read. Same math as csrc/cpu/dice.cpp:
-//   forward   training: mean, biased var over the valid rows (0 and 0 if none); eval: the running statistics
-//             rstd = 1 / sqrt(var + eps), xhat = (x - mean) rstd, p = sigmoid(gamma xhat + beta),
-//             y = x (alpha + (1 - alpha) p)
-//   backward  t = g x (1 - alpha) p (1 - p); d alpha = sum g x (1 - p), d gamma = sum t xhat, d beta = sum t;
-//             dx = g (alpha + (1 - alpha) p) + gamma rstd t, minus gamma rstd (d beta + xhat d gamma) / n in training;
-//             eval: d running_mean = -gamma rstd d beta, d running_var = -gamma rstd^2 d gamma / 2.
+// mask). Masked-out rows output 0, get no gradient and are never read. The math is docs/design.md section 1.3.
 // Reproducibility: per-feature sums are taken in double over fixed blocks of kBlockRows rows (one thread per
 // feature, rows in order) and the blocks are merged in block order (Chan et al.'s update for the moments), so the
 // result does not depend on the launch configuration and never uses atomics.

@@ -1,4 +1,4 @@
-// cuda backend of din_ext::mba_embedding and din_ext::mba_embedding_backward (csrc/cpu/mba.cpp has the math).
+// cuda backend of din_ext::mba_embedding and din_ext::mba_embedding_backward (the math: docs/design.md section 1.5).
 //
 // The grouping of the step's ids is ATen's stable device sort plus unique_consecutive (deterministic); the kernels
 // give each distinct id one warp, lanes over the D features, and sum the id's gradient rows sequentially in
