@@ -154,9 +154,11 @@ class LocalActivationUnit(nn.Module):
         *,
         checked: bool = False,
     ) -> torch.Tensor:
-        """query: (B, D); keys: (B, L, D) with lengths (B,), or (N, D) jagged with offsets (B+1,) and optional
-        max_len; values: like keys (default keys). checked: the caller has validated the values of lengths/offsets
-        (DIN.forward). Returns (B, Dv); a user without behaviours gets zeros."""
+        """query: (B, D), or (B, C, D) for C candidates per user against the user's one history; keys: (B, L, D)
+        with lengths (B,), or (N, D) jagged with offsets (B+1,) and optional max_len; values: like keys (default
+        keys). checked: the caller has validated the values of lengths/offsets (DIN.forward). Returns (B, Dv) or
+        (B, C, Dv); a user without behaviours gets zeros. Dice's running statistics count every valid
+        (candidate, behaviour) pair: C * sum(lengths) rows."""
         training = self.training and self.activation == "dice"
         eps = self.activations[0].eps if self.activation == "dice" and len(self.activations) else 1e-8
         params = self.act_params()
@@ -167,6 +169,8 @@ class LocalActivationUnit(nn.Module):
             score_scale=self.score_scale, training=training, eps=eps, backend=self.backend, checked=checked)
         if training:
             count = lengths.sum() if lengths is not None else offsets[-1]
+            if query.dim() == 3:
+                count = count * query.shape[1]
             column = 0
             for act in self.activations:
                 width = act.num_features

@@ -63,7 +63,7 @@ def dice(
 def _hidden_activation(
     z: torch.Tensor, mask: torch.Tensor, activation: str, params: torch.Tensor, training: bool, eps: float
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """One hidden layer's activation on z (B, L, H); params (P, H) in the packed layout."""
+    """One hidden layer's activation on z (B, C, L, H) with mask (B, C, L); params (P, H) in the packed layout."""
     if activation == "dice":
         alpha, gamma, beta, running_mean, running_var = params
         y, mean, var = dice(z, alpha, running_mean, running_var, mask=mask, gamma=gamma, beta=beta,
@@ -115,21 +115,28 @@ def local_activation_attention(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """DIN local-activation attention pooling (docs/design.md), textbook padded form.
 
-    query: (B, D); keys: (B, L, D) padded with lengths (B,), or (N, D) jagged with offsets (B+1,);
-    values: like keys with width Dv, default keys; weights/biases: Linear(4D, H1), ..., Linear(H_last, 1) in
-    nn.Linear layout; act_params: (P, sum(H_i)) packed. Returns (out (B, Dv), stats (2, sum(H_i))), stats being the
-    Dice batch mean and biased variance over valid behaviours in training mode, zeros otherwise.
+    query: (B, D), or (B, C, D) for C candidates per user scored against the user's one history; keys: (B, L, D)
+    padded with lengths (B,), or (N, D) jagged with offsets (B+1,); values: like keys with width Dv, default keys;
+    weights/biases: Linear(4D, H1), ..., Linear(H_last, 1) in nn.Linear layout; act_params: (P, sum(H_i)) packed.
+    Returns (out (B, Dv) or (B, C, Dv), stats (2, sum(H_i))), stats being the Dice batch mean and biased variance
+    over the valid (candidate, behaviour) pairs in training mode, zeros otherwise.
     """
     if offsets is not None:
         keys, lengths = jagged_to_padded(keys, offsets, max_len)
         if values is not None:
             values, _ = jagged_to_padded(values, offsets, keys.shape[1])
     values = keys if values is None else values
-    batch, max_positions, dim = keys.shape
+    single = query.dim() == 2
+    if single:
+        query = query[:, None, :]
+    batch, candidates, dim = query.shape
+    max_positions = keys.shape[1]
+    # Every (candidate c, behaviour t) pair of a user is one row of the unit: the history is tiled C times.
     mask = torch.arange(max_positions, device=keys.device)[None, :] < lengths[:, None]  # (B, L)
-
-    q = query[:, None, :].expand(batch, max_positions, dim)
-    h = torch.cat([q, keys, q - keys, q * keys], dim=-1)  # (B, L, 4D), the paper's order
+    mask = mask[:, None, :].expand(batch, candidates, max_positions)  # (B, C, L)
+    q = query[:, :, None, :].expand(batch, candidates, max_positions, dim)
+    k = keys[:, None, :, :].expand(batch, candidates, max_positions, dim)
+    h = torch.cat([q, k, q - k, q * k], dim=-1)  # (B, C, L, 4D), the paper's order
     hidden_total = sum(w.shape[0] for w in weights[:-1])
     stats = query.new_zeros(2, hidden_total)
     column = 0
@@ -141,17 +148,18 @@ def local_activation_attention(
             stats[0, column:column + width] = mean
             stats[1, column:column + width] = var
         column += width
-    scores = F.linear(h, weights[-1], biases[-1]).squeeze(-1) * score_scale  # (B, L)
+    scores = F.linear(h, weights[-1], biases[-1]).squeeze(-1) * score_scale  # (B, C, L)
 
     if normalization == "softmax":
         scores = scores.masked_fill(~mask, float("-inf"))
-        w = torch.softmax(scores, dim=1)
+        w = torch.softmax(scores, dim=-1)
         w = torch.where(mask, w, torch.zeros_like(w))  # an empty row is all -inf: NaN -> 0
     else:
         check_normalization(normalization)
         w = torch.where(mask, scores, torch.zeros_like(scores))
-    values = torch.where(mask[..., None], values, torch.zeros_like(values))
-    return (w[..., None] * values).sum(1), stats
+    values = torch.where(mask[:, 0, :, None], values, torch.zeros_like(values))  # (B, L, Dv)
+    out = torch.einsum("bcl,bld->bcd", w, values)  # (B, C, Dv)
+    return (out[:, 0] if single else out), stats
 
 
 def mba_regularization(

@@ -32,7 +32,8 @@ def expect(exc, match, fn, *args, **kwargs):
 
 def test_query_shape(unit):
     q, k, l = padded()
-    expect(ValueError, "query must have 2 dimensions", unit, q[None], k, l)
+    expect(ValueError, r"query must have shape \[B, D\] or \[B, C, D\]", unit, q[None, None], k, l)
+    expect(ValueError, r"keys must have shape \[B=1, L, D", unit, q[None], k, l)  # [1, B, D]: B = 1 user
 
 
 def test_query_dtype(unit):

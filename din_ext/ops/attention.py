@@ -48,13 +48,16 @@ def local_activation_attention(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """DIN attention pooling of each user's behaviours by their local-activation scores against the query.
 
-    query: (B, D); keys: (B, L, D) padded with lengths (B,) int32/int64, or (N, D) jagged with offsets (B+1,);
+    query: (B, D), or (B, C, D): C >= 1 candidates per user, each scored against the user's one history (which
+    the kernels read once per user, never tiled C times); keys: (B, L, D) padded with lengths (B,) int32/int64, or
+    (N, D) jagged with offsets (B+1,);
     values: like keys with width Dv (default: keys); max_len: jagged only, an upper bound of the row lengths;
     weights/biases: the MLP Linear(4D, H1), ..., Linear(H_last, 1) in nn.Linear layout;
     act_params: (P, sum(H_i)) packed activation parameters (see din_ext.contract; None for sigmoid/relu).
     checked: the caller has validated the values of lengths/offsets (e.g. DIN.forward); they are not read again.
-    Returns (out (B, Dv), stats (2, sum(H_i))): stats holds the Dice batch mean and biased variance of each hidden
-    feature over the valid behaviours in training mode (for the running statistics), zeros otherwise.
+    Returns (out (B, Dv), or (B, C, Dv) for a 3-D query, stats (2, sum(H_i))): stats holds the Dice batch mean and
+    biased variance of each hidden feature over the valid (candidate, behaviour) pairs in training mode (for the
+    running statistics; C * sum(lengths) rows), zeros otherwise.
     """
     _validate.positive_finite(eps, "eps")
     weights, biases, act_params = _check(query, keys, weights, biases, act_params, lengths, offsets, values,
@@ -85,11 +88,16 @@ def local_activation_attention(
 
 def _check(query, keys, weights, biases, act_params, lengths, offsets, values, max_len, activation, normalization,
            checked):
-    _validate.tensor(query, "query", 2)
+    _validate.tensor(query, "query")
+    if query.dim() not in (2, 3):
+        raise ValueError(f"query must have shape [B, D] or [B, C, D] (C candidates per user), got "
+                         f"{tuple(query.shape)}")
     _validate.floating(query, "query")
-    batch, dim = query.shape
+    batch, dim = query.shape[0], query.shape[-1]
     if batch == 0:
         raise ValueError("query: empty batch (B = 0); din_ext needs at least one user")
+    if query.dim() == 3 and query.shape[1] == 0:
+        raise ValueError("query: no candidates (C = 0); a [B, C, D] query needs C >= 1")
     check_activation(activation)
     check_normalization(normalization)
     if (lengths is None) == (offsets is None):
@@ -157,11 +165,13 @@ def _check(query, keys, weights, biases, act_params, lengths, offsets, values, m
 
 
 def _fake_forward(query, keys, values, starts, lengths, max_len, weights, biases, act_params, *config):
-    """(out, stats, lse): the Triton op's outputs; the compiled op returns the first two."""
+    """(out, stats, lse): the Triton op's outputs; the compiled op returns the first two. A query [B, D] gives
+    out [B, Dv] and lse [B]; a query [B, C, D] gives out [B, C, Dv] and lse [B, C]."""
     value_dim = keys.shape[1] if values is None else values.shape[1]
     hidden_total = sum(w.shape[0] for w in weights[:-1])
-    return (query.new_empty(query.shape[0], value_dim), query.new_empty(2, hidden_total),
-            query.new_empty(query.shape[0], dtype=acc_dtype(query.dtype)))
+    rows = tuple(query.shape[:-1])
+    return (query.new_empty(*rows, value_dim), query.new_empty(2, hidden_total),
+            query.new_empty(*rows, dtype=acc_dtype(query.dtype)))
 
 
 def _fake_backward(grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, *saved):
