@@ -31,6 +31,8 @@ constexpr int64_t kNumDiceRows = 5;
 
 struct AttentionShape {
   int64_t batch = 0;       // B
+  int64_t candidates = 1;  // C: candidates per user (query [B, C, D]); 1 for a query [B, D]
+  bool multi = false;      // query is [B, C, D] (out [B, C, Dv], grad_query [B, C, D]), C >= 1
   int64_t num_keys = 0;    // N, rows of keys storage
   int64_t dim = 0;         // D
   int64_t value_dim = 0;   // Dv
@@ -44,7 +46,7 @@ struct AttentionArgs {
   Activation act = Activation::kDice;
   Normalization norm = Normalization::kNone;
   AttentionShape shape;
-  at::Tensor query, keys;        // [B, D], [N, D]
+  at::Tensor query, keys;        // [B, D] or [B, C, D], [N, D]
   at::Tensor values;             // [N, Dv]; keys itself when the op got no values
   bool separate_values = false;  // the op got values
   at::Tensor starts, lengths;    // [B] int64
@@ -56,14 +58,16 @@ struct AttentionArgs {
   double eps = 0.0;
 };
 
-// The forward's arguments and its outputs: out [B, Dv] (uninitialized), stats [2, sum(H_i)] (zeros).
+// The forward's arguments and its outputs: out [B, Dv], or [B, C, Dv] for a query [B, C, D] (uninitialized),
+// stats [2, sum(H_i)] (zeros).
 struct AttentionForwardArgs : AttentionArgs {
   at::Tensor out, stats;
 };
 
-// The backward's arguments (grad_out [B, Dv] and the forward's stats, contiguous) and the outputs every device
+// The backward's arguments (grad_out shaped like out, [B, Dv] or [B, C, Dv], and the forward's stats, contiguous) and the outputs every device
 // allocates alike: grad_keys (zeros: rows outside every user's range get exactly zero), grad_values (zeros, or
-// [0] without values), grad_act_params (zeros). grad_query and the parameter gradients are the device's.
+// [0] without values), grad_act_params (zeros). grad_query (shaped like query) and the parameter gradients are the
+// device's.
 struct AttentionBackwardArgs : AttentionArgs {
   at::Tensor grad_out, stats;
   at::Tensor grad_keys, grad_values, grad_act_params;

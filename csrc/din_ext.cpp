@@ -2,7 +2,10 @@
 // each device registers its implementations in its own file with TORCH_LIBRARY_IMPL.
 //
 // Shared argument conventions (see din_ext/ops/attention.py for the Python side):
-//   query [B, D]; keys [N, D]; values [N, Dv] or None (= keys)
+//   query [B, D], or [B, C, D]: C >= 1 candidates per user, all scored against the user's one history (every
+//     (candidate, behaviour) pair is one row of the unit; out [B, C, Dv], grad_query [B, C, D], grad_keys summed
+//     over the candidates, Dice statistics over all C * sum(lengths) valid pairs); keys [N, D]; values [N, Dv] or
+//     None (= keys)
 //   starts [B], lengths [B] int64: row b's behaviours are keys[starts[b] : starts[b] + lengths[b]]
 //     (padded [B, L, D] inputs pass keys.view(B * L, D) and starts = b * L; jagged pass offsets[:-1] and diff)
 //   max_len: an upper bound on lengths, or -1 if unknown (only GPU grids use it)

@@ -53,8 +53,8 @@ class SharedEmbedding(nn.Embedding):
     def forward(self, *ids: torch.Tensor, checked: bool = False) -> Tuple[torch.Tensor, ...]:
         if len(ids) == 1:
             return (super().forward(ids[0]),)
-        flat = super().forward(torch.cat(ids))
-        return tuple(flat.split([i.numel() for i in ids]))
+        flat = super().forward(torch.cat([i.reshape(-1) for i in ids]))
+        return tuple(part.view(*i.shape, -1) for part, i in zip(flat.split([i.numel() for i in ids]), ids))
 
 
 class DIN(nn.Module):
@@ -68,7 +68,9 @@ class DIN(nn.Module):
     schema has them; mba_lambda > 0 builds the tables as ``din_ext.MBAEmbedding`` with the schema's frequencies;
     embedding_std: normal init of the tables; backend: din_ext backend of attention and Dice.
 
-    forward(batch) -> logits (B, T), one column per task in ``schema.tasks``.
+    forward(batch) -> logits (B, T), one column per task in ``schema.tasks``; a batch whose candidate item fields
+    are (B, C) (C candidates per row, scored against the row's one history) gives logits (B, C, T).
+    rank(batch, candidate_offsets=None) -> probabilities of candidate lists, one list per row (user).
     """
 
     def __init__(
@@ -246,6 +248,9 @@ class DIN(nn.Module):
             raise ValueError(f"hist_offsets must be int64 [{rows + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
         history = {f: self.schema.item_fields[f] for f in self.schema.history_fields}
         columns = []  # (label, column, table size, length; None for a history column: >= hist_offsets[-1])
+        # Candidate item columns are [S] (one candidate per row) or all [S, C] (C candidates per row).
+        first_item = next(iter(batch.item.values()), None)
+        item_shape = (rows, first_item.shape[1]) if first_item is not None and first_item.dim() == 2 else (rows,)
         for kind, present, sizes, length in (("user", batch.user, self.schema.user_fields, rows),
                                              ("item", batch.item, self.schema.item_fields, rows),
                                              ("hist", batch.hist, history, None)):
@@ -253,7 +258,12 @@ class DIN(nn.Module):
                 if name not in present:
                     raise ValueError(f"batch.{kind} has no column {name!r} (has {sorted(present)})")
                 col, label = present[name], f"batch.{kind}[{name!r}]"
-                if col.dtype != torch.long or col.dim() != 1 or (length is not None and col.shape[0] != length):
+                if kind == "item":
+                    if col.dtype != torch.long or tuple(col.shape) != item_shape or item_shape[1:] == (0,):
+                        want = "[S] or, for C >= 1 candidates per row, every item column [S, C]"
+                        raise ValueError(f"{label} must be int64 {want} (S = {rows}, the first item column is "
+                                         f"{tuple(first_item.shape)}), got {col.dtype} {tuple(col.shape)}")
+                elif col.dtype != torch.long or col.dim() != 1 or (length is not None and col.shape[0] != length):
                     want = f"[{length}]" if length is not None else f"[>= hist_offsets[-1] = {int(offsets[-1])}]"
                     raise ValueError(f"{label} must be int64 {want}, got {col.dtype} {tuple(col.shape)}")
                 columns.append((label, col, size, length))
@@ -296,11 +306,13 @@ class DIN(nn.Module):
         return torch.stack(values).sum() if values else None
 
     def forward(self, batch: Interactions) -> torch.Tensor:
-        """batch: Interactions with S rows. Returns logits (S, T), T = len(schema.tasks)."""
+        """batch: Interactions with S rows. Returns logits (S, T), T = len(schema.tasks); with candidate item
+        fields (S, C), logits (S, C, T). The user side (profile embeddings, history lookups) is computed once per
+        row, and the attention scores the C candidates against the row's one history (query (S, C, Dq))."""
         total = self._check_batch(batch)
         schema = self.schema
-        parts = [self._lookup(f, batch.user[f])[0] for f in schema.user_fields]
-        query, keys = [], []
+        users = [self._lookup(f, batch.user[f])[0] for f in schema.user_fields]
+        candidates, query, keys = [], [], []
         for field in schema.item_fields:
             if field in schema.history_fields:
                 candidate, behaviours = self._lookup(field, batch.item[field], batch.hist[field][:total])
@@ -308,27 +320,81 @@ class DIN(nn.Module):
                 keys.append(behaviours)
             else:
                 (candidate,) = self._lookup(field, batch.item[field])
-            parts.append(candidate)
-        keys = torch.cat(keys, dim=1) if len(keys) > 1 else keys[0]
-        query = torch.cat(query, dim=1) if len(query) > 1 else query[0]
-        parts.append(self.pool(query, keys, batch.hist_offsets, checked=True))
-        if self.use_dense:
-            parts.append(batch.dense.to(query.dtype))
-        x = torch.cat(parts, dim=1)
+            candidates.append(candidate)
+        keys = torch.cat(keys, dim=-1) if len(keys) > 1 else keys[0]
+        query = torch.cat(query, dim=-1) if len(query) > 1 else query[0]
+        interest = self.pool(query, keys, batch.hist_offsets, checked=True)
+        dense = [batch.dense.to(query.dtype)] if self.use_dense else []
+        if query.dim() == 2:
+            x = torch.cat(users + candidates + [interest] + dense, dim=1)
+        else:  # C candidates per row: the row's user side joins each of them, then the tower sees S * C rows
+            rows, count = query.shape[:2]
+            per_row = [u[:, None].expand(rows, count, u.shape[-1]) for u in users + dense]
+            x = torch.cat(per_row[:len(users)] + candidates + [interest] + per_row[len(users):], dim=-1)
+            x = x.reshape(rows * count, x.shape[-1])
         for linear, activation in zip(self.tower, self.tower_activations):
             x = activation(linear(x))
-        return self.heads(x)
+        logits = self.heads(x)
+        return logits if query.dim() == 2 else logits.view(*query.shape[:2], logits.shape[-1])
 
     def pool(self, query: torch.Tensor, keys: torch.Tensor, offsets: torch.Tensor, checked: bool = False
              ) -> torch.Tensor:
-        """query: (B, Dq); keys: (N, Dq) jagged with offsets (B+1,); checked: the offsets are validated (forward).
-        Returns the user interest (B, Dq)."""
+        """query: (B, Dq) or (B, C, Dq); keys: (N, Dq) jagged with offsets (B+1,); checked: the offsets are
+        validated (forward). Returns the user interest (B, Dq), or (B, C, Dq): one per candidate."""
         if self.attention is not None:
             return self.attention(query, keys, offsets=offsets, checked=checked)
         lengths = offsets[1:] - offsets[:-1]
         owner = torch.repeat_interleave(torch.arange(query.shape[0], device=keys.device), lengths,
                                         output_size=keys.shape[0])
-        return keys.new_zeros(query.shape[0], keys.shape[1]).index_add_(0, owner, keys)
+        summed = keys.new_zeros(query.shape[0], keys.shape[1]).index_add_(0, owner, keys)
+        return summed if query.dim() == 2 else summed[:, None].expand(query.shape)
+
+    @torch.no_grad()
+    def rank(self, batch: Interactions, candidate_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scores a candidate list per user against the user's one history, in eval mode, without gradients.
+
+        batch: one row per user (profile fields, history, dense); its candidate item fields are either (B, C),
+        the same number C of candidates per user, or, with candidate_offsets (B+1,) int64, jagged (M,): user b's
+        candidates are ``item[f][candidate_offsets[b]:candidate_offsets[b + 1]]`` (lists of different lengths;
+        internally padded with id 0 to the longest list, and the padding is dropped).
+        Returns probabilities (sigmoid of the logits) in candidate order: (B, C, T), or (M, T) with offsets.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            if candidate_offsets is None:
+                return torch.sigmoid(self(batch))
+            items, valid = self._pad_candidates(batch, candidate_offsets)
+            padded = Interactions(batch.user_id, batch.user, items, batch.hist_offsets, batch.hist, batch.labels,
+                                  batch.dense, batch.time)
+            return torch.sigmoid(self(padded)[valid])
+        finally:
+            self.train(was_training)
+
+    @staticmethod
+    def _pad_candidates(batch: Interactions, offsets: torch.Tensor
+                        ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """Jagged candidate columns (M,) with offsets (B+1,) -> columns (B, C_max) padded with id 0 and the mask
+        (B, C_max) of real candidates (True in candidate order)."""
+        rows = len(batch)
+        if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.long or tuple(offsets.shape) != (rows + 1,):
+            raise ValueError(f"candidate_offsets must be int64 [{rows + 1}] (B + 1), got "
+                             f"{getattr(offsets, 'dtype', type(offsets).__name__)} {tuple(getattr(offsets, 'shape', ()))}")
+        counts = offsets[1:] - offsets[:-1]
+        first, last, shortest, longest = torch.stack([offsets[0], offsets[-1], counts.min(), counts.max()]).tolist()
+        if first != 0 or shortest < 1:
+            raise ValueError("candidate_offsets must start at 0 and be increasing (every user needs a candidate)")
+        width = longest
+        valid = torch.arange(width, device=offsets.device)[None, :] < counts[:, None]
+        items = {}
+        for name, col in batch.item.items():
+            if col.dim() != 1 or col.shape[0] < last:
+                raise ValueError(f"batch.item[{name!r}] must be int64 [>= candidate_offsets[-1] = {last}] with "
+                                 f"candidate_offsets, got {tuple(col.shape)}")
+            padded = col.new_zeros(rows, width)
+            padded[valid] = col[:last]
+            items[name] = padded
+        return items, valid
 
     def extra_repr(self) -> str:
         return f"pooling={self.pooling!r}, tasks={self.tasks}, backend={self.backend!r}"

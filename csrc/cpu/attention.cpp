@@ -6,6 +6,14 @@
 // processed in tiles of at most kTile rows whose activations live in per-thread buffers: nothing of size [N, H]
 // is materialized, padded positions are never touched, and the backward recomputes the forward.
 //
+// Several candidates per user (query [B, C, D], C > 1; design §6): every (candidate, behaviour) pair is one row of
+// the unit. A user's history is read once per key tile of kTile behaviours, shared by all the candidates (the
+// forward's work items are groups of at most kGroup candidates, each reading the history once): the
+// behaviour-only part k Kc^T of layer 1 is computed once per behaviour, c_{b,c} once per candidate, and the pairs
+// are batched into pair tiles of kTile / R candidates x R behaviours whose (k * q) Pc^T is one product
+// (MultiWork). The backward sums each key row's gradient over the candidates in a fixed order and writes it
+// once. C = 1 (a query [B, D], or [B, 1, D]) runs the single-candidate kernels unchanged, bitwise.
+//
 // Training-mode Dice needs statistics over all valid rows before its activation, so the forward runs one pass per
 // hidden layer to gather them, then the pooling pass; the backward, for the exact gradient through those
 // statistics (BatchNorm's), runs one pass per hidden layer from the top gathering sum(g_xhat) and
@@ -20,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -31,6 +40,7 @@ namespace {
 
 constexpr int64_t kTile = 64;       // rows of one user processed together
 constexpr int64_t kMaxBlocks = 64;  // fixed partition of the users for deterministic reductions
+constexpr int64_t kGroup = 64;      // candidates of one forward work item (a user's C are cut into equal groups)
 
 template <typename T>
 using Vec = std::vector<T>;
@@ -358,17 +368,23 @@ void activation_backward_tile(const Net<T>& net, int64_t j, int64_t rows, const 
   activation_backward_base(net, j, rows, z, g, acc);
 }
 
-// Forward of `rows` behaviours (keys rows, contiguous) of the current user: z_0 .. z_upto and h_0 .. h_{upto-1}.
+// Layers above the first of a tile whose z_0 is in work.z[0]: z_1 .. z_upto and h_0 .. h_{upto-1}.
 template <typename T>
-void forward_tile(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, int64_t upto) {
+void forward_layers(const Net<T>& net, Work<T>& work, int64_t rows, int64_t upto) {
   const Gemm<T>& g = gemm<T>();
-  g.nn(rows, net.D, net.wp[0], keys, net.D, work.weffT.data(), net.wp[0], work.c.data(), work.z[0].data(),
-       net.wp[0]);
   for (int64_t i = 1; i <= upto; ++i) {
     activation_forward_tile(net, i - 1, rows, work.z[i - 1].data(), work.h[i - 1].data());
     g.nn(rows, net.w[i - 1], net.wp[i], work.h[i - 1].data(), net.wp[i - 1], net.WT[i].data(), net.wp[i],
          net.bias[i].data(), work.z[i].data(), net.wp[i]);
   }
+}
+
+// Forward of `rows` behaviours (keys rows, contiguous) of the current user: z_0 .. z_upto and h_0 .. h_{upto-1}.
+template <typename T>
+void forward_tile(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, int64_t upto) {
+  gemm<T>().nn(rows, net.D, net.wp[0], keys, net.D, work.weffT.data(), net.wp[0], work.c.data(), work.z[0].data(),
+               net.wp[0]);
+  forward_layers(net, work, rows, upto);
 }
 
 // Per-block accumulators of the backward: parameter gradients and Dice sums (double for the sums over rows).
@@ -394,13 +410,13 @@ struct Partial {
 
 
 // ---------------------------------------------------------------------------------------------------------------
-// Forward
+// Users, candidates and tiles of (candidate, behaviour) pairs
 
 template <typename T>
 struct Problem {
-  int64_t B, D, Dv;
-  int64_t valid;  // sum of lengths: the rows batch statistics are taken over
-  const T* query;
+  int64_t B, C, D, Dv;  // C candidates per user (1 for a query [B, D])
+  int64_t valid;  // C * sum of lengths: the (candidate, behaviour) rows batch statistics are taken over
+  const T* query;  // [B, C, D]
   const T* keys;
   const T* values;  // keys when no values were given
   const int64_t* starts;
@@ -409,7 +425,123 @@ struct Problem {
   T scale;
 };
 
-// Dice training: mean and biased variance of z_j over all valid rows, into stats (and net.acts[j]).
+// A tile of one user's (candidate, behaviour) pairs: candidates [c0, c0 + nc) against behaviours [t0, t0 + R);
+// pair row p = cc * R + r of the tile's buffers is candidate c0 + cc and behaviour t0 + r. With one candidate
+// (C = 1) a tile is R behaviours, as in the single-candidate kernels.
+struct PairTile {
+  int64_t t0, R, c0, nc;
+  int64_t rows() const { return nc * R; }
+};
+
+// The buffers of several candidates (C > 1) per user. Layer 1 of pair (c, t) is split into a candidate-only
+// part, a behaviour-only part and one product (design §1.1 and §6):
+//   z_0 = c_{b,c} + k_t Kc^T + (k_t * q_{b,c}) Pc^T,   c_{b,c} = A q_{b,c} + b_0,
+// so k_t Kc^T is computed once per behaviour (not once per pair), c_{b,c} once per candidate in one product for
+// all of them, and the pairs' (k * q) Pc^T of a pair tile is one product of up to kTile rows.
+template <typename T>
+struct MultiWork {
+  Vec<T> cvec;  // [C, wp0]: c_{b,c} of the user's candidates
+  Vec<T> kp;    // [kTile, Dp]: the key tile, zero-padded (read once per key tile, for all the candidates)
+  Vec<T> KK;    // [kTile, wp0]: k Kc^T of the key tile
+  Vec<T> X;     // [kTile, Dp]: k * q of the pair tile (padding columns zero)
+  // Backward: per candidate sum of e_0 over t; per pair Pc^T e_0; per behaviour sums over candidates of e_0,
+  // of (Pc^T e_0) * q and of the pooling weight times grad_out; Kc^T (sum over candidates of e_0).
+  Vec<T> dc, P, gzsum, gkacc, gvacc, gkK;
+  MultiWork(const Net<T>& net, int64_t candidates, int64_t value_dim, bool backward) {
+    const int64_t wp0 = net.wp[0], Dp = net.Dp;
+    cvec.assign(candidates * wp0, T(0));
+    kp.assign(kTile * Dp, T(0));
+    KK.assign(kTile * wp0, T(0));
+    X.assign(kTile * Dp, T(0));
+    if (!backward) return;
+    dc.assign(candidates * wp0, T(0));
+    P.assign(kTile * Dp, T(0));
+    gzsum.assign(kTile * wp0, T(0));
+    gkacc.assign(kTile * Dp, T(0));
+    gvacc.assign(kTile * value_dim, T(0));
+    gkK.assign(kTile * Dp, T(0));
+  }
+  // c_{b,c} for `count` candidates q [count, D], one product.
+  void set_candidates(const Net<T>& net, const T* q, int64_t count) {
+    gemm<T>().nn(count, net.D, net.wp[0], q, net.D, net.AT.data(), net.wp[0], net.bias[0].data(), cvec.data(),
+                 net.wp[0]);
+  }
+  // The key tile [R, D] and its k Kc^T; clears the backward's per-behaviour sums.
+  void set_keys(const Net<T>& net, const T* keys, int64_t R, int64_t value_dim) {
+    const int64_t D = net.D, Dp = net.Dp, wp0 = net.wp[0];
+    for (int64_t r = 0; r < R; ++r) std::copy(keys + r * D, keys + (r + 1) * D, kp.data() + r * Dp);
+    gemm<T>().nn(R, D, wp0, kp.data(), Dp, net.KcT.data(), wp0, nullptr, KK.data(), wp0);
+    if (gzsum.empty()) return;
+    std::fill(gzsum.begin(), gzsum.begin() + R * wp0, T(0));
+    std::fill(gkacc.begin(), gkacc.begin() + R * Dp, T(0));
+    std::fill(gvacc.begin(), gvacc.begin() + R * value_dim, T(0));
+  }
+  // z_0 of the pair tile into work.z[0]: q [nc, D] the tile's candidates, cv [nc, wp0] their c_{b,c}.
+  void layer1(const Net<T>& net, Work<T>& work, const T* q, const T* cv, int64_t nc, int64_t R) {
+    const int64_t D = net.D, Dp = net.Dp, wp0 = net.wp[0];
+    for (int64_t cc = 0; cc < nc; ++cc) {
+      const T* qc = q + cc * D;
+      for (int64_t r = 0; r < R; ++r) {
+        const T* k = kp.data() + r * Dp;
+        T* x = X.data() + (cc * R + r) * Dp;
+        for (int64_t d = 0; d < D; ++d) x[d] = k[d] * qc[d];
+      }
+    }
+    T* z = work.z[0].data();
+    gemm<T>().nn(nc * R, D, wp0, X.data(), Dp, net.PcT.data(), wp0, nullptr, z, wp0);
+    for (int64_t cc = 0; cc < nc; ++cc) {
+      const T* c = cv + cc * wp0;
+      for (int64_t r = 0; r < R; ++r) {
+        T* zr = z + (cc * R + r) * wp0;
+        const T* kk = KK.data() + r * wp0;
+        for (int64_t h = 0; h < wp0; ++h) zr[h] += kk[h] + c[h];
+      }
+    }
+  }
+};
+
+// The forward of user b's pairs with candidates [cbeg, cend), tile by tile, up to layer `upto` (backward: also
+// the per-user inputs of the gradient pass): on_tile(tile) after each pair tile (its z and h in work), on_keys(tile)
+// after the last pair tile of each key tile (multi-candidate only). One candidate runs the single-candidate
+// kernel (per-user effective weight, set_user); several run MultiWork's split, the key tile shared by pair tiles
+// of kTile / R candidates each (at least one).
+template <typename T, typename OnTile, typename OnKeys>
+void visit_user(const Net<T>& net, const Problem<T>& pb, Work<T>& work, MultiWork<T>* multi, int64_t b,
+                int64_t cbeg, int64_t cend, int64_t upto, bool backward, OnTile&& on_tile, OnKeys&& on_keys) {
+  const int64_t len = pb.lengths[b], row0 = pb.starts[b], D = pb.D;
+  if (pb.C == 1) {
+    work.set_user(net, pb.query + b * D, backward);
+    for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+      const int64_t rows = std::min(kTile, len - t0);
+      forward_tile(net, work, pb.keys + (row0 + t0) * D, rows, upto);
+      on_tile(PairTile{t0, rows, 0, 1});
+    }
+    return;
+  }
+  const T* q = pb.query + b * pb.C * D;
+  multi->set_candidates(net, q + cbeg * D, cend - cbeg);
+  for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+    const int64_t R = std::min(kTile, len - t0), per_tile = std::max<int64_t>(1, kTile / R);
+    multi->set_keys(net, pb.keys + (row0 + t0) * D, R, pb.Dv);
+    for (int64_t c0 = cbeg; c0 < cend; c0 += per_tile) {
+      const int64_t nc = std::min(per_tile, cend - c0);
+      multi->layer1(net, work, q + c0 * D, multi->cvec.data() + (c0 - cbeg) * net.wp[0], nc, R);
+      forward_layers(net, work, nc * R, upto);
+      on_tile(PairTile{t0, R, c0, nc});
+    }
+    on_keys(PairTile{t0, R, cbeg, cend - cbeg});
+  }
+}
+
+template <typename T>
+std::unique_ptr<MultiWork<T>> make_multi(const Net<T>& net, const Problem<T>& pb, int64_t candidates, bool backward) {
+  return pb.C > 1 ? std::make_unique<MultiWork<T>>(net, candidates, pb.Dv, backward) : nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward
+
+// Dice training: mean and biased variance of z_j over all valid pairs, into stats (and net.acts[j]).
 template <typename T>
 void gather_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, T* stats, int64_t col, int64_t htot,
                        double eps) {
@@ -418,16 +550,15 @@ void gather_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, T* stats, i
   std::vector<double> partial(blocks.count * 2 * wp, 0.0);
   at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
     Work<T> work(net);
+    const auto multi = make_multi(net, pb, pb.C, false);
     Vec<T> tile(2 * wp);
     for (int64_t blk = lo; blk < hi; ++blk) {
       double* sum = partial.data() + blk * 2 * wp;
       double* sq = sum + wp;
       for (int64_t b = blocks.first(blk, pb.B); b < blocks.last(blk, pb.B); ++b) {
         if (pb.lengths[b] == 0) continue;
-        work.set_user(net, pb.query + b * pb.D, false);
-        for (int64_t t0 = 0; t0 < pb.lengths[b]; t0 += kTile) {
-          const int64_t rows = std::min(kTile, pb.lengths[b] - t0);
-          forward_tile(net, work, pb.keys + (pb.starts[b] + t0) * pb.D, rows, j);
+        visit_user(net, pb, work, multi.get(), b, 0, pb.C, j, false, [&](const PairTile& pt) {
+          const int64_t rows = pt.rows();
           const T* z = work.z[j].data();
           const T* shift = net.bias[j].data();  // shifted sums: the bias is a cheap guess of the mean
           // A tile's sums in T (at most kTile terms), then into the double totals.
@@ -445,7 +576,7 @@ void gather_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, T* stats, i
             sum[c] += tsum[c];
             sq[c] += tsq[c];
           }
-        }
+        }, [](const PairTile&) {});
       }
     }
   });
@@ -470,51 +601,68 @@ void gather_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, T* stats, i
   }
 }
 
+// Pools `rows` scored behaviours (score r at s[r * stride], values from key row row0 on) into acc [Dv]: plain
+// sums, or an online softmax that rescales what was accumulated whenever the running maximum grows.
+template <typename T>
+void pool_rows(const Problem<T>& pb, const T* s, int64_t stride, int64_t rows, int64_t row0, T* acc,
+               double& row_max, double& denom) {
+  if (pb.norm == Normalization::kSoftmax) {
+    double tile_max = row_max;
+    for (int64_t r = 0; r < rows; ++r) tile_max = std::max(tile_max, static_cast<double>(pb.scale * s[r * stride]));
+    const T rescale = static_cast<T>(std::exp(row_max - tile_max));
+    denom *= rescale;
+    for (int64_t d = 0; d < pb.Dv; ++d) acc[d] *= rescale;
+    row_max = tile_max;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T e = static_cast<T>(std::exp(static_cast<double>(pb.scale * s[r * stride]) - row_max));
+      denom += e;
+      const T* v = pb.values + (row0 + r) * pb.Dv;
+      for (int64_t d = 0; d < pb.Dv; ++d) acc[d] += e * v[d];
+    }
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T wt = pb.scale * s[r * stride];
+      const T* v = pb.values + (row0 + r) * pb.Dv;
+      for (int64_t d = 0; d < pb.Dv; ++d) acc[d] += wt * v[d];
+    }
+  }
+}
+
+// Work items are (user, group of candidates): a user's C candidates are cut into groups of at most kGroup
+// (sizes fixed by C alone, so results do not depend on the thread count), which lets a few users with many
+// candidates fill the threads; each group reads the user's history once.
 template <typename T>
 void pool_forward(const Net<T>& net, const Problem<T>& pb, T* out) {
-  const int64_t wpn = net.wp[net.n];
-  at::parallel_for(0, pb.B, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t wpn = net.wp[net.n], C = pb.C, Dv = pb.Dv;
+  const int64_t groups = (C + kGroup - 1) / kGroup, size = (C + groups - 1) / groups;
+  at::parallel_for(0, pb.B * groups, 1, [&](int64_t lo, int64_t hi) {
     Work<T> work(net);
-    Vec<T> acc(pb.Dv);
-    for (int64_t b = lo; b < hi; ++b) {
-      T* o = out + b * pb.Dv;
-      std::fill(acc.begin(), acc.end(), T(0));
+    const auto multi = make_multi(net, pb, size, false);
+    Vec<T> acc(size * Dv);
+    Vec<double> row_max(size), denom(size);
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t b = item / groups, cbeg = item % groups * size, count = std::min(size, C - cbeg);
+      T* o = out + (b * C + cbeg) * Dv;
       const int64_t len = pb.lengths[b];
       if (len == 0) {
-        std::fill(o, o + pb.Dv, T(0));
+        std::fill(o, o + count * Dv, T(0));
         continue;
       }
-      work.set_user(net, pb.query + b * pb.D, false);
-      double row_max = -std::numeric_limits<double>::infinity(), denom = 0;
-      for (int64_t t0 = 0; t0 < len; t0 += kTile) {
-        const int64_t rows = std::min(kTile, len - t0);
-        const int64_t row0 = pb.starts[b] + t0;
-        forward_tile(net, work, pb.keys + row0 * pb.D, rows, net.n);
+      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<double>::infinity());
+      std::fill(denom.begin(), denom.end(), 0.0);
+      visit_user(net, pb, work, multi.get(), b, cbeg, cbeg + count, net.n, false, [&](const PairTile& pt) {
         const T* s = work.z[net.n].data();
-        if (pb.norm == Normalization::kSoftmax) {
-          // Online softmax: rescale what was accumulated whenever the running maximum grows.
-          double tile_max = row_max;
-          for (int64_t r = 0; r < rows; ++r) tile_max = std::max(tile_max, static_cast<double>(pb.scale * s[r * wpn]));
-          const T rescale = static_cast<T>(std::exp(row_max - tile_max));
-          denom *= rescale;
-          for (auto& x : acc) x *= rescale;
-          row_max = tile_max;
-          for (int64_t r = 0; r < rows; ++r) {
-            const T e = static_cast<T>(std::exp(static_cast<double>(pb.scale * s[r * wpn]) - row_max));
-            denom += e;
-            const T* v = pb.values + (row0 + r) * pb.Dv;
-            for (int64_t d = 0; d < pb.Dv; ++d) acc[d] += e * v[d];
-          }
-        } else {
-          for (int64_t r = 0; r < rows; ++r) {
-            const T wt = pb.scale * s[r * wpn];
-            const T* v = pb.values + (row0 + r) * pb.Dv;
-            for (int64_t d = 0; d < pb.Dv; ++d) acc[d] += wt * v[d];
-          }
+        for (int64_t cc = 0; cc < pt.nc; ++cc) {
+          const int64_t c = pt.c0 - cbeg + cc;
+          pool_rows(pb, s + cc * pt.R * wpn, wpn, pt.R, pb.starts[b] + pt.t0, acc.data() + c * Dv, row_max[c],
+                    denom[c]);
         }
+      }, [](const PairTile&) {});
+      for (int64_t c = 0; c < count; ++c) {
+        const T inv = pb.norm == Normalization::kSoftmax ? static_cast<T>(1.0 / denom[c]) : T(1);
+        for (int64_t d = 0; d < Dv; ++d) o[c * Dv + d] = acc[c * Dv + d] * inv;
       }
-      const T inv = pb.norm == Normalization::kSoftmax ? static_cast<T>(1.0 / denom) : T(1);
-      for (int64_t d = 0; d < pb.Dv; ++d) o[d] = acc[d] * inv;
     }
   });
 }
@@ -523,7 +671,8 @@ template <typename T>
 Problem<T> make_problem(const AttentionArgs& args) {
   const AttentionShape& s = args.shape;
   const int64_t* len = args.lengths.data_ptr<int64_t>();
-  return {s.batch, s.dim, s.value_dim, std::accumulate(len, len + s.batch, int64_t(0)), args.query.data_ptr<T>(),
+  return {s.batch, s.candidates, s.dim, s.value_dim,
+          s.candidates * std::accumulate(len, len + s.batch, int64_t(0)), args.query.data_ptr<T>(),
           args.keys.data_ptr<T>(), args.values.data_ptr<T>(), args.starts.data_ptr<int64_t>(), len, args.norm,
           static_cast<T>(args.score_scale)};
 }
@@ -558,45 +707,47 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query_, c
 // ---------------------------------------------------------------------------------------------------------------
 // Backward
 
-// Softmax pooling: d loss / d score of every valid behaviour and its pooling weight, indexed by key row (one
-// scoring sweep; both need the whole row's scores). Without softmax the backward passes derive them per tile.
+// Softmax pooling: d loss / d score of every valid pair and its pooling weight, at index (key row) * C +
+// candidate (one scoring sweep; both need the whole row's scores). Without softmax the backward passes derive
+// them per tile.
 template <typename T>
 void score_gradients(const Net<T>& net, const Problem<T>& pb, const T* grad_out, T* weight, T* grad_score) {
-  const int64_t wpn = net.wp[net.n];
+  const int64_t wpn = net.wp[net.n], C = pb.C;
   at::parallel_for(0, pb.B, 1, [&](int64_t lo, int64_t hi) {
     Work<T> work(net);
+    const auto multi = make_multi(net, pb, C, false);
     for (int64_t b = lo; b < hi; ++b) {
       const int64_t len = pb.lengths[b], row0 = pb.starts[b];
       if (len == 0) continue;
-      work.set_user(net, pb.query + b * pb.D, false);
-      for (int64_t t0 = 0; t0 < len; t0 += kTile) {
-        const int64_t rows = std::min(kTile, len - t0);
-        forward_tile(net, work, pb.keys + (row0 + t0) * pb.D, rows, net.n);
-        for (int64_t r = 0; r < rows; ++r) weight[row0 + t0 + r] = pb.scale * work.z[net.n][r * wpn];
-      }
-      const T* g = grad_out + b * pb.Dv;
-      double dot = 0;
-      if (pb.norm == Normalization::kSoftmax) {
-        double row_max = -std::numeric_limits<double>::infinity(), denom = 0;
-        for (int64_t t = 0; t < len; ++t) row_max = std::max(row_max, static_cast<double>(weight[row0 + t]));
-        for (int64_t t = 0; t < len; ++t) denom += std::exp(weight[row0 + t] - row_max);
-        for (int64_t t = 0; t < len; ++t) {
-          weight[row0 + t] = static_cast<T>(std::exp(weight[row0 + t] - row_max) / denom);
+      visit_user(net, pb, work, multi.get(), b, 0, C, net.n, false, [&](const PairTile& pt) {
+        for (int64_t p = 0; p < pt.rows(); ++p) {
+          const int64_t c = pt.c0 + p / pt.R, t = pt.t0 + p % pt.R;
+          weight[(row0 + t) * C + c] = pb.scale * work.z[net.n][p * wpn];
         }
-      }
-      for (int64_t t = 0; t < len; ++t) {
-        const T* v = pb.values + (row0 + t) * pb.Dv;
-        double gw = 0;
-        for (int64_t d = 0; d < pb.Dv; ++d) gw += static_cast<double>(g[d]) * v[d];
-        grad_score[row0 + t] = static_cast<T>(gw);
-        dot += weight[row0 + t] * gw;
-      }
-      for (int64_t t = 0; t < len; ++t) {
-        const T gw = grad_score[row0 + t];
-        // softmax: d/dt_t = w_t (gw_t - sum_u w_u gw_u); none: d/dt_t = gw_t. Then d/ds = score_scale * d/dt.
-        grad_score[row0 + t] = pb.scale * (pb.norm == Normalization::kSoftmax
-                                               ? weight[row0 + t] * (gw - static_cast<T>(dot))
-                                               : gw);
+      }, [](const PairTile&) {});
+      for (int64_t c = 0; c < C; ++c) {
+        const T* g = grad_out + (b * C + c) * pb.Dv;
+        T* w = weight + row0 * C + c;  // w[t * C]: behaviour t
+        T* gs = grad_score + row0 * C + c;
+        double dot = 0;
+        if (pb.norm == Normalization::kSoftmax) {
+          double row_max = -std::numeric_limits<double>::infinity(), denom = 0;
+          for (int64_t t = 0; t < len; ++t) row_max = std::max(row_max, static_cast<double>(w[t * C]));
+          for (int64_t t = 0; t < len; ++t) denom += std::exp(w[t * C] - row_max);
+          for (int64_t t = 0; t < len; ++t) w[t * C] = static_cast<T>(std::exp(w[t * C] - row_max) / denom);
+        }
+        for (int64_t t = 0; t < len; ++t) {
+          const T* v = pb.values + (row0 + t) * pb.Dv;
+          double gw = 0;
+          for (int64_t d = 0; d < pb.Dv; ++d) gw += static_cast<double>(g[d]) * v[d];
+          gs[t * C] = static_cast<T>(gw);
+          dot += w[t * C] * gw;
+        }
+        for (int64_t t = 0; t < len; ++t) {
+          const T gw = gs[t * C];
+          // softmax: d/dt_t = w_t (gw_t - sum_u w_u gw_u); none: d/dt_t = gw_t. Then d/ds = score_scale * d/dt.
+          gs[t * C] = pb.scale * (pb.norm == Normalization::kSoftmax ? w[t * C] * (gw - static_cast<T>(dot)) : gw);
+        }
       }
     }
   });
@@ -606,15 +757,16 @@ struct BackwardOutputs {
   at::Tensor grad_query, grad_keys, grad_values;
 };
 
-// One pass over all behaviours: recompute the forward, back-propagate from the scores down to hidden layer
-// `stop` (Dice sums pass: accumulate sum(g_xhat), sum(g_xhat * xhat) of that layer) or, with stop < 0, all the
-// way to the inputs (gradient pass).
+// One pass over all pairs: recompute the forward, back-propagate from the scores down to hidden layer `stop`
+// (Dice sums pass: accumulate sum(g_xhat), sum(g_xhat * xhat) of that layer) or, with stop < 0, all the way to
+// the inputs (gradient pass). A key row's gradient is summed over the user's candidates in a fixed order and
+// written once.
 template <typename T>
 void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, const T* grad_score, const T* grad_out,
                    int64_t stop, std::vector<Partial<T>>& partials, BackwardOutputs* outs) {
   const Blocks blocks(pb.B);
   const bool full = stop < 0, softmax = pb.norm == Normalization::kSoftmax;
-  const int64_t D = pb.D, Dp = net.Dp, n = net.n;
+  const int64_t C = pb.C, D = pb.D, Dv = pb.Dv, Dp = net.Dp, n = net.n, wp0 = net.wp[0], w0 = net.w[0];
   T* gq_all = full ? outs->grad_query.data_ptr<T>() : nullptr;
   T* gk_all = full ? outs->grad_keys.data_ptr<T>() : nullptr;
   T* gv_all = full && outs->grad_values.numel() ? outs->grad_values.data_ptr<T>() : nullptr;
@@ -622,40 +774,38 @@ void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, con
     const Gemm<T>& g = gemm<T>();
     Work<T> work(net);
     work.init_backward(net);
+    const auto multi = make_multi(net, pb, C, full);
     for (int64_t blk = lo; blk < hi; ++blk) {
       Partial<T>& part = partials[blk];
       for (int64_t b = blocks.first(blk, pb.B); b < blocks.last(blk, pb.B); ++b) {
         const int64_t len = pb.lengths[b], row0 = pb.starts[b];
-        const T* q = pb.query + b * D;
-        if (full) std::fill(gq_all + b * D, gq_all + (b + 1) * D, T(0));
+        const T* q = pb.query + b * C * D;  // the user's candidates [C, D]
+        if (full) std::fill(gq_all + b * C * D, gq_all + (b + 1) * C * D, T(0));
         if (len == 0) continue;
-        work.set_user(net, q, full);
         if (full) {
           std::fill(work.G.begin(), work.G.end(), T(0));
           std::fill(work.dc.begin(), work.dc.end(), T(0));
+          if (multi) std::fill(multi->dc.begin(), multi->dc.end(), T(0));
         }
-        for (int64_t t0 = 0; t0 < len; t0 += kTile) {
-          const int64_t rows = std::min(kTile, len - t0);
-          const T* keys = pb.keys + (row0 + t0) * D;
-          // The gradient pass needs the scores (unnormalized pooling weights) and h_{n-1}; a sums pass only z.
-          forward_tile(net, work, keys, rows, full ? n : n - 1);
+        const auto on_tile = [&](const PairTile& pt) {
+          const int64_t rows = pt.rows(), R = pt.R;
           // d/dz_n: the score gradient in column 0.
           T* gz = work.g0.data();
           T* gh = work.g1.data();
           const int64_t wpn = net.wp[n];
           std::fill(gz, gz + rows * wpn, T(0));
-          const T* gout = grad_out + b * pb.Dv;
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t row = row0 + t0 + r;
+          for (int64_t p = 0; p < rows; ++p) {
+            const int64_t c = pt.c0 + p / R, row = row0 + pt.t0 + p % R;
             if (softmax) {
-              gz[r * wpn] = grad_score[row];
-              work.wt[r] = weight[row];
+              gz[p * wpn] = grad_score[row * C + c];
+              work.wt[p] = weight[row * C + c];
             } else {
-              const T* v = pb.values + row * pb.Dv;
+              const T* gout = grad_out + (b * C + c) * Dv;
+              const T* v = pb.values + row * Dv;
               T gw = 0;
-              for (int64_t d = 0; d < pb.Dv; ++d) gw += gout[d] * v[d];
-              gz[r * wpn] = pb.scale * gw;
-              if (full) work.wt[r] = pb.scale * work.z[n][r * wpn];
+              for (int64_t d = 0; d < Dv; ++d) gw += gout[d] * v[d];
+              gz[p * wpn] = pb.scale * gw;
+              if (full) work.wt[p] = pb.scale * work.z[n][p * wpn];
             }
           }
           for (int64_t i = n; i >= 1; --i) {
@@ -672,49 +822,127 @@ void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, con
             std::swap(gz, gh);  // gz = d/dz_{i-1}
             if (sums_here) break;
           }
-          if (!full) continue;
-          // Layer 1: z_0 = c + Weff k.
-          const int64_t wp0 = net.wp[0];
-          for (int64_t r = 0; r < rows; ++r) {
-            std::copy(keys + r * D, keys + (r + 1) * D, work.kp.data() + r * Dp);
-            for (int64_t c = 0; c < wp0; ++c) work.dc[c] += gz[r * wp0 + c];
+          if (!full) return;
+          const T* keys = pb.keys + (row0 + pt.t0) * D;
+          if (C == 1) {
+            // Layer 1: z_0 = c + Weff k.
+            const T* gout = grad_out + b * Dv;
+            for (int64_t r = 0; r < rows; ++r) {
+              std::copy(keys + r * D, keys + (r + 1) * D, work.kp.data() + r * Dp);
+              for (int64_t c = 0; c < wp0; ++c) work.dc[c] += gz[r * wp0 + c];
+            }
+            g.tn(rows, wp0, Dp, gz, wp0, work.kp.data(), Dp, work.G.data(), Dp);
+            g.nn(rows, w0, Dp, gz, wp0, work.weff.data(), Dp, nullptr, work.gk.data(), Dp);
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t row = row0 + pt.t0 + r;
+              T* gk = gk_all + row * D;
+              const T* src = work.gk.data() + r * Dp;
+              const T wt = work.wt[r];
+              if (gv_all) {
+                for (int64_t d = 0; d < D; ++d) gk[d] = src[d];
+                T* gv = gv_all + row * Dv;
+                for (int64_t d = 0; d < Dv; ++d) gv[d] = wt * gout[d];
+              } else {
+                for (int64_t d = 0; d < D; ++d) gk[d] = src[d] + wt * gout[d];
+              }
+            }
+            return;
           }
-          g.tn(rows, wp0, Dp, gz, wp0, work.kp.data(), Dp, work.G.data(), Dp);
-          g.nn(rows, net.w[0], Dp, gz, wp0, work.weff.data(), Dp, nullptr, work.gk.data(), Dp);
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t row = row0 + t0 + r;
-            T* gk = gk_all + row * D;
-            const T* src = work.gk.data() + r * Dp;
-            const T wt = work.wt[r];
-            if (gv_all) {
-              for (int64_t d = 0; d < D; ++d) gk[d] = src[d];
-              T* gv = gv_all + row * pb.Dv;
-              for (int64_t d = 0; d < pb.Dv; ++d) gv[d] = wt * gout[d];
-            } else {
-              for (int64_t d = 0; d < D; ++d) gk[d] = src[d] + wt * gout[d];
+          // Layer 1 of the pairs, z_0 = c_{b,c} + k Kc^T + (k * q) Pc^T: dPc += e_0^T (k * q) (X still holds the
+          // tile's k * q); P = Pc^T e_0 per pair gives d/dq += k * P and d/dk += q * P; e_0 is summed per
+          // candidate (dc: d/dq and dA, db_0 per user) and per behaviour (gzsum: Kc's part, on_keys).
+          MultiWork<T>& m = *multi;
+          T* P = m.P.data();
+          g.nn(rows, w0, Dp, gz, wp0, net.Pc.data(), Dp, nullptr, P, Dp);
+          g.tn(rows, wp0, Dp, gz, wp0, m.X.data(), Dp, part.dPc.data(), Dp);
+          for (int64_t cc = 0; cc < pt.nc; ++cc) {
+            const int64_t c = pt.c0 + cc;
+            const T* qc = q + c * D;
+            const T* gout = grad_out + (b * C + c) * Dv;
+            T* gq = gq_all + (b * C + c) * D;
+            T* dc = m.dc.data() + c * wp0;
+            for (int64_t r = 0; r < R; ++r) {
+              const int64_t p = cc * R + r;
+              const T* e = gz + p * wp0;
+              T* es = m.gzsum.data() + r * wp0;
+              for (int64_t h = 0; h < wp0; ++h) {
+                dc[h] += e[h];
+                es[h] += e[h];
+              }
+              const T* pp = P + p * Dp;
+              const T* k = m.kp.data() + r * Dp;
+              T* ga = m.gkacc.data() + r * Dp;
+              for (int64_t d = 0; d < D; ++d) {
+                gq[d] += k[d] * pp[d];
+                ga[d] += qc[d] * pp[d];
+              }
+              const T wt = work.wt[p];
+              T* gva = m.gvacc.data() + r * Dv;
+              for (int64_t d = 0; d < Dv; ++d) gva[d] += wt * gout[d];
             }
           }
-        }
-        if (!full) continue;
-        // Per user: d/dq = (Wq + Wd)^T dc + sum_h G[h, :] * Wp[h, :]; d(Wq + Wd) += dc q^T;
-        // d(Wk - Wd) += G; dWp += G diag(q).
-        const int64_t w0 = net.w[0];
-        T* gq = gq_all + b * D;
-        for (int64_t hh = 0; hh < w0; ++hh) {
-          const T dch = work.dc[hh];
-          const T* a = net.A.data() + hh * D;
-          const T* Gh = work.G.data() + hh * Dp;
-          const T* pc = net.Pc.data() + hh * Dp;
-          T* dA = part.dA.data() + hh * D;
-          T* dKc = part.dKc.data() + hh * Dp;
-          T* dPc = part.dPc.data() + hh * Dp;
-          for (int64_t d = 0; d < D; ++d) {
-            gq[d] += a[d] * dch + Gh[d] * pc[d];
-            dA[d] += dch * q[d];
-            dKc[d] += Gh[d];
-            dPc[d] += Gh[d] * q[d];
+        };
+        // Multi-candidate, once per behaviour: dKc += (sum_c e_0)^T k, d/dk = Kc^T sum_c e_0 + sum_c q * P, and the
+        // values' part (sum_c w g), written once per key row.
+        const auto on_keys = [&](const PairTile& pt) {
+          if (!full) return;
+          MultiWork<T>& m = *multi;
+          const int64_t R = pt.R;
+          g.tn(R, wp0, Dp, m.gzsum.data(), wp0, m.kp.data(), Dp, part.dKc.data(), Dp);
+          g.nn(R, w0, Dp, m.gzsum.data(), wp0, net.Kc.data(), Dp, nullptr, m.gkK.data(), Dp);
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t row = row0 + pt.t0 + r;
+            T* gk = gk_all + row * D;
+            const T* kk = m.gkK.data() + r * Dp;
+            const T* ga = m.gkacc.data() + r * Dp;
+            const T* gva = m.gvacc.data() + r * Dv;
+            if (gv_all) {
+              for (int64_t d = 0; d < D; ++d) gk[d] = kk[d] + ga[d];
+              std::copy(gva, gva + Dv, gv_all + row * Dv);
+            } else {
+              for (int64_t d = 0; d < D; ++d) gk[d] = kk[d] + ga[d] + gva[d];
+            }
           }
-          part.db[0][hh] += dch;
+        };
+        visit_user(net, pb, work, multi.get(), b, 0, C, full ? n : n - 1, full, on_tile, on_keys);
+        if (!full) continue;
+        if (C == 1) {
+          // Per user: d/dq = (Wq + Wd)^T dc + sum_h G[h, :] * Wp[h, :]; d(Wq + Wd) += dc q^T;
+          // d(Wk - Wd) += G; dWp += G diag(q).
+          T* gq = gq_all + b * D;
+          for (int64_t hh = 0; hh < w0; ++hh) {
+            const T dch = work.dc[hh];
+            const T* a = net.A.data() + hh * D;
+            const T* Gh = work.G.data() + hh * Dp;
+            const T* pc = net.Pc.data() + hh * Dp;
+            T* dA = part.dA.data() + hh * D;
+            T* dKc = part.dKc.data() + hh * Dp;
+            T* dPc = part.dPc.data() + hh * Dp;
+            for (int64_t d = 0; d < D; ++d) {
+              gq[d] += a[d] * dch + Gh[d] * pc[d];
+              dA[d] += dch * q[d];
+              dKc[d] += Gh[d];
+              dPc[d] += Gh[d] * q[d];
+            }
+            part.db[0][hh] += dch;
+          }
+          continue;
+        }
+        // Per candidate: d/dq += (Wq + Wd)^T dc; d(Wq + Wd) += dc q^T; db_0 += dc.
+        for (int64_t c = 0; c < C; ++c) {
+          const T* qc = q + c * D;
+          const T* dc = multi->dc.data() + c * wp0;
+          T* gq = gq_all + (b * C + c) * D;
+          for (int64_t hh = 0; hh < w0; ++hh) {
+            const T dch = dc[hh];
+            const T* a = net.A.data() + hh * D;
+            T* dA = part.dA.data() + hh * D;
+            for (int64_t d = 0; d < D; ++d) {
+              gq[d] += a[d] * dch;
+              dA[d] += dch * qc[d];
+            }
+            part.db[0][hh] += dch;
+          }
         }
       }
     }
@@ -750,8 +978,8 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
     const int64_t D = shape.dim, Dp = net.Dp, n = net.n;
     Vec<T> weight, grad_score;
     if (args.norm == Normalization::kSoftmax) {
-      weight.resize(shape.num_keys);
-      grad_score.resize(shape.num_keys);
+      weight.resize(shape.num_keys * pb.C);
+      grad_score.resize(shape.num_keys * pb.C);
       score_gradients(net, pb, grad_out.data_ptr<T>(), weight.data(), grad_score.data());
     }
 
