@@ -1,0 +1,172 @@
+"""Ranking benchmark (issue 14): score C candidates for each of B users against one history of L behaviours.
+
+Workload: C in {1, 10, 100, 500}, B in {1, 16}, L in {50, 500}, D = 48, H = (80, 40), Dice, eval, float32, CPU.
+Contenders, per request (one call scoring B x C candidates):
+  (a) the eager reference on the history tiled C times (B * C single-candidate rows);
+  (b) din_ext's single-candidate op on the tiled history;
+  (c) din_ext's multi-candidate op (query [B, C, D], the history read once per user);
+  (d) DIN.rank on [B, C] candidates, against DIN's forward on the same candidates as B * C tiled rows.
+p50 and p99 latency at 1 and 2 threads, and the FLOP floor: valid pairs x FLOPs per pair / measured matmul GFLOP/s
+at the same thread count (FLOPs per pair 2 (D H1 + H1 H2 + H2): layer 1 in its split form, design §1.1).
+
+    PYTHONPATH=. python bench/bench_rank.py --out bench/results/rank_cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+
+import torch
+
+import din_ext
+from common import git_commit, machine_description, matmul_gflops, time_fn, write_table
+from din_ext.data.core import Interactions, Schema
+from din_ext.model import DIN
+
+D, HIDDEN = 48, (80, 40)
+FLOPS_PER_PAIR = 2 * (D * HIDDEN[0] + HIDDEN[0] * HIDDEN[1] + HIDDEN[1])
+REFERENCE_MAX_PAIRS = 300_000  # (a) materializes [pairs, 4D] and more: skipped beyond
+TILED_MAX_PAIRS = 1_000_000    # (b) and the tiled model forward copy the history C times: skipped beyond
+SCHEMA = Schema(user_fields={"gender": 3, "age": 8}, item_fields={"item": 5001, "category": 101, "brand": 401},
+                history_fields=("item", "category", "brand"))
+
+
+def percentile(times, q):
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def make_inputs(batch, count, length, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, count, D, generator=g)
+    keys = torch.randn(batch, length, D, generator=g)
+    lengths = torch.full((batch,), length, dtype=torch.long)
+    return query, keys, lengths
+
+
+def make_unit():
+    torch.manual_seed(0)
+    unit = din_ext.LocalActivationUnit(D, HIDDEN, activation="dice").eval()
+    with torch.no_grad():
+        for act in unit.activations:
+            act.alpha.uniform_(-0.5, 0.5)
+            act.running_mean.uniform_(-0.3, 0.3)
+            act.running_var.uniform_(0.5, 2.0)
+    return unit
+
+
+def user_batch(batch, count, length, seed=0):
+    """B users with histories of L behaviours and [B, C] candidates, and the same as B * C tiled rows."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda size, shape: torch.randint(1, size, shape, generator=g)  # noqa: E731
+    offsets = torch.arange(batch + 1, dtype=torch.long) * length
+    users = Interactions(user_id=torch.arange(batch), user={f: ids(s, (batch,)) for f, s in SCHEMA.user_fields.items()},
+                         item={f: ids(s, (batch, count)) for f, s in SCHEMA.item_fields.items()},
+                         hist_offsets=offsets, hist={f: ids(s, (batch * length,)) for f, s in SCHEMA.item_fields.items()},
+                         labels={"click": torch.zeros(batch)})
+    tiled = users.take(torch.arange(batch).repeat_interleave(count))
+    tiled = Interactions(tiled.user_id, tiled.user, {f: v.reshape(-1) for f, v in users.item.items()},
+                         tiled.hist_offsets, tiled.hist, {"click": torch.zeros(batch * count)})
+    return users, tiled
+
+
+def bench_shape(unit, model, batch, count, length, threads, floor_gflops, min_reps, min_seconds):
+    query, keys, lengths = make_inputs(batch, count, length)
+    pairs = batch * count * length
+    weights = [l.weight for l in unit.linears] + [unit.out.weight]
+    biases = [l.bias for l in unit.linears] + [unit.out.bias]
+    params = unit.act_params()
+    flat_query = query.reshape(batch * count, D)
+    tiled_keys = keys.repeat_interleave(count, dim=0) if pairs <= TILED_MAX_PAIRS else None
+    tiled_lengths = lengths.repeat_interleave(count)
+    cpu = torch.device("cpu")
+    row = {}
+
+    def measure(name, fn):
+        with torch.no_grad():
+            times = time_fn(fn, cpu, min_reps, min_seconds)
+        row[name] = (statistics.median(times), percentile(times, 99))
+
+    if pairs <= REFERENCE_MAX_PAIRS:
+        measure("a", lambda: din_ext.reference.local_activation_attention(
+            flat_query, tiled_keys, weights, biases, params, lengths=tiled_lengths, activation="dice"))
+    if tiled_keys is not None:
+        measure("b", lambda: din_ext.ops.local_activation_attention(
+            flat_query, tiled_keys, weights, biases, params, lengths=tiled_lengths, activation="dice",
+            backend="cpu"))
+    measure("c", lambda: din_ext.ops.local_activation_attention(
+        query, keys, weights, biases, params, lengths=lengths, activation="dice", backend="cpu"))
+    users, tiled = user_batch(batch, count, length)
+    measure("d", lambda: model.rank(users))
+    if pairs <= TILED_MAX_PAIRS:
+        measure("d_tiled", lambda: model(tiled))
+    row["floor"] = pairs * FLOPS_PER_PAIR / (floor_gflops * 1e9) * 1e3
+    return row
+
+
+def fmt(cell):
+    return "skipped" if cell is None else f"{cell[0]:.3f} / {cell[1]:.3f}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write the results table here (markdown)")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--min-reps", type=int, default=7)
+    parser.add_argument("--min-seconds", type=float, default=0.25)
+    parser.add_argument("--quick", action="store_true", help="C in {1, 100}, B = 1, L = 50 only")
+    args = parser.parse_args(argv)
+    if not din_ext._ext.has_cpp():
+        sys.exit("bench_rank needs the C++ extension (din_ext._C)")
+    shapes = [(b, c, l) for l in (50, 500) for b in (1, 16) for c in (1, 10, 100, 500)]
+    if args.quick:
+        shapes = [(1, 1, 50), (1, 100, 50)]
+    unit = make_unit()
+    torch.manual_seed(0)
+    model = DIN(SCHEMA, embed_dim=16, attention_hidden=HIDDEN, tower_hidden=(200, 80), activation="dice",
+                backend="cpu").eval()
+    load = os.getloadavg()
+    lines = [
+        "# Ranking: C candidates per user against one history (bench/bench_rank.py)",
+        "",
+        f"- machine: {machine_description(torch.device('cpu'))}; load average at start {load[0]:.2f} / {load[1]:.2f} / "
+        f"{load[2]:.2f} (1/5/15 min; the machine is shared, timings are noisy)",
+        f"- torch {torch.__version__}, commit {git_commit()}, {datetime.date.today().isoformat()}",
+        f"- D = {D}, H = {HIDDEN}, Dice, eval, float32; every history has L behaviours; FLOPs per pair "
+        f"{FLOPS_PER_PAIR} (layer 1 split, design §1.1)",
+        "- cells: p50 / p99 ms per request (one call scoring B x C candidates); (a) eager reference on the tiled "
+        "history, (b) din_ext single-candidate op on the tiled history, (c) din_ext multi-candidate op, "
+        "(d) DIN.rank on [B, C] candidates, (d') DIN forward on the B x C tiled rows; floor = pairs x FLOPs per pair "
+        "/ matmul GFLOP/s at the thread count",
+        f"- skipped: (a) beyond {REFERENCE_MAX_PAIRS} pairs, (b) and (d') beyond {TILED_MAX_PAIRS} pairs "
+        "(the tiled history alone is pairs x D floats)",
+        "",
+    ]
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        gflops = matmul_gflops(torch.device("cpu"))
+        lines += [f"## {threads} thread{'s' if threads > 1 else ''} (matmul {gflops:.1f} GFLOP/s)", "",
+                  "| B | C | L | pairs | (a) ref tiled | (b) op tiled | (c) multi op | floor | (c)/floor | (a)/(c) "
+                  "| (b)/(c) | (d) rank | (d') forward tiled | (d')/(d) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for batch, count, length in shapes:
+            row = bench_shape(unit, model, batch, count, length, threads, gflops, args.min_reps, args.min_seconds)
+            c = row["c"][0]
+            ratio = lambda key: f"{row[key][0] / c:.2f}" if key in row else "-"  # noqa: E731
+            d_ratio = f"{row['d_tiled'][0] / row['d'][0]:.2f}" if "d_tiled" in row else "-"
+            lines.append(f"| {batch} | {count} | {length} | {batch * count * length} | {fmt(row.get('a'))} | "
+                         f"{fmt(row.get('b'))} | {fmt(row['c'])} | {row['floor']:.3f} | {c / row['floor']:.2f} | "
+                         f"{ratio('a')} | {ratio('b')} | {fmt(row['d'])} | {fmt(row.get('d_tiled'))} | {d_ratio} |")
+            print(lines[-1], flush=True)
+        lines.append("")
+    write_table("\n".join(lines) + "\n", args.out)
+    if not args.out:
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
