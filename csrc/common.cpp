@@ -80,11 +80,14 @@ AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& k
                                     const at::Tensor& lengths, int64_t max_len, at::TensorList weights,
                                     at::TensorList biases, const at::Tensor& act_params, Activation act) {
   AttentionShape s;
-  TORCH_CHECK(query.dim() == 2, "din_ext: query must have shape [B, D], got ", query.sizes());
+  TORCH_CHECK(query.dim() == 2 || query.dim() == 3, "din_ext: query must have shape [B, D] or [B, C, D], got ",
+              query.sizes());
   TORCH_CHECK(at::isFloatingType(query.scalar_type()), "din_ext: query must be floating point, got ",
               query.scalar_type());
   s.batch = query.size(0);
-  s.dim = query.size(1);
+  s.multi = query.dim() == 3;
+  s.candidates = s.multi ? query.size(1) : 1;
+  s.dim = query.size(-1);
   TORCH_CHECK(keys.dim() == 2 && keys.size(1) == s.dim, "din_ext: keys must have shape [N, ", s.dim, "], got ",
               keys.sizes());
   check_float(keys, "keys", query);
@@ -226,7 +229,8 @@ AttentionForwardArgs attention_forward_args(const at::Tensor& query, const at::T
   AttentionForwardArgs a{attention_args(query, keys, values, starts, lengths, max_len, weights, biases, act_params,
                                         activation, normalization, score_scale, training, eps)};
   a.stats = at::zeros({2, a.shape.hidden_total}, a.query.options());
-  a.out = at::empty({a.shape.batch, a.shape.value_dim}, a.query.options());
+  a.out = a.shape.multi ? at::empty({a.shape.batch, a.shape.candidates, a.shape.value_dim}, a.query.options())
+                        : at::empty({a.shape.batch, a.shape.value_dim}, a.query.options());
   return a;
 }
 
@@ -239,7 +243,10 @@ AttentionBackwardArgs attention_backward_args(const at::Tensor& grad_out, const 
                                               double score_scale, bool training, double eps) {
   AttentionBackwardArgs a{attention_args(query, keys, values, starts, lengths, max_len, weights, biases, act_params,
                                          activation, normalization, score_scale, training, eps)};
-  check_backward_args(grad_out, "grad_out", {a.shape.batch, a.shape.value_dim}, stats, a.shape.hidden_total, query);
+  const std::vector<int64_t> grad_shape =
+      a.shape.multi ? std::vector<int64_t>{a.shape.batch, a.shape.candidates, a.shape.value_dim}
+                    : std::vector<int64_t>{a.shape.batch, a.shape.value_dim};
+  check_backward_args(grad_out, "grad_out", grad_shape, stats, a.shape.hidden_total, query);
   a.grad_out = grad_out.contiguous();
   a.stats = stats.contiguous();
   a.grad_keys = at::zeros_like(a.keys);

@@ -36,6 +36,8 @@ struct AttentionShape {
   int64_t value_dim = 0;   // Dv
   std::vector<int64_t> hidden;  // H_1 .. H_last
   int64_t hidden_total = 0;     // sum(hidden)
+  int64_t candidates = 1;       // C: candidates per row (1 for a 2-D query)
+  bool multi = false;           // query is [B, C, D]
 };
 
 // The arguments of local_activation_attention and of its backward, checked (shapes, dtypes, devices and, for CPU
