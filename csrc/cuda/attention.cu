@@ -17,6 +17,15 @@
 //             users), parameter gradients go to per-block partial rows (each element owned by one thread), reduced
 //             in block order; the query gradient per item, combined per user in chunk order. No atomics anywhere,
 //             so every result is bitwise reproducible run to run.
+// Several candidates per user (query [B, C, D]; attention_plan.h): a work item is (user, chunk, candidate group);
+// each key (and value) tile is loaded into shared memory once and serves the group's candidates in order, each
+// setting up its own c and Weff (O(D H1) per tile, against O(tile D H1) for the tile's layer 1). Per-candidate state
+// that spans tiles (online-softmax triple, query-gradient accumulator) is carried in the candidate's partial row;
+// per-(candidate, key row) softmax buffers are [C, N] scalars; a tile's key / value gradients are summed over the
+// group's candidates in shared memory and stored once (per group into [G, N, D] partials reduced in group order
+// when the candidates are split). The combine, softmax-gradient and query-gradient kernels run one block per
+// (user, candidate). Dice's statistics count C * sum(lengths) pairs. With C = 1 every kernel does what it did for a
+// 2-D query, in the same order (bitwise the same results).
 // Compute type: float for float/half/bfloat16, double for double (at::opmath_type).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
