@@ -50,8 +50,8 @@ TORCH_LIBRARY(din_ext, m) {
   // The cuda attention kernels' launch planning run on the host (csrc/attention_plan.cpp).
   m.def(
       "_attention_launch_plan(int[] widths, int dim, int value_dim, int elem_bytes, int smem_limit, Tensor lengths, "
-      "int max_len) -> (int[] summary, int[] smem_forward, int[] smem_backward, int[] params, Tensor items, "
-      "Tensor tiles)");
+      "int max_len, int candidates=1) -> (int[] summary, int[] smem_forward, int[] smem_backward, int[] params, "
+      "Tensor items, Tensor tiles, int[] multi, Tensor steps)");
   // The C++ side of the op contract (csrc/common.cpp): activation and normalization names in enum order, the
   // act_params rows of each activation, the Dice row names in row order.
   m.def("_contract() -> (str[] activations, str[] normalizations, int[] act_param_rows, str[] dice_rows)");

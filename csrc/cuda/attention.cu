@@ -17,6 +17,15 @@
 //             users), parameter gradients go to per-block partial rows (each element owned by one thread), reduced
 //             in block order; the query gradient per item, combined per user in chunk order. No atomics anywhere,
 //             so every result is bitwise reproducible run to run.
+// Several candidates per user (query [B, C, D]; attention_plan.h): a work item is (user, chunk, candidate group);
+// each key (and value) tile is loaded into shared memory once and serves the group's candidates in order, each
+// setting up its own c and Weff (O(D H1) per tile, against O(tile D H1) for the tile's layer 1). Per-candidate state
+// that spans tiles (online-softmax triple, query-gradient accumulator) is carried in the candidate's partial row;
+// per-(candidate, key row) softmax buffers are [C, N] scalars; a tile's key / value gradients are summed over the
+// group's candidates in shared memory and stored once (per group into [G, N, D] partials reduced in group order
+// when the candidates are split). The combine, softmax-gradient and query-gradient kernels run one block per
+// (user, candidate). Dice's statistics count C * sum(lengths) pairs. With C = 1 every kernel does what it did for a
+// 2-D query, in the same order (bitwise the same results).
 // Compute type: float for float/half/bfloat16, double for double (at::opmath_type).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -63,25 +72,31 @@ struct Net {
 
 template <typename T, typename acc_t>
 struct Batch {
-  const T* query;     // [B, D]
+  const T* query;     // [B, C, D] ([B, D] when C == 1)
   const T* keys;      // [N, D]
   const T* values;    // [N, Dv] (keys when no values were given)
   const int64_t* starts;
   const int64_t* lengths;
   int64_t B, S;       // users, chunks reserved per user
+  int64_t C, G, per_group;  // candidates per user, candidate groups (plan::candidate_groups), candidates per group
+  int64_t N;          // rows of keys storage: the candidate stride of the per-key-row buffers [C, N]
+  bool shared_values; // the values are the keys
   acc_t scale;        // score_scale
+  __host__ __device__ int64_t items() const { return B * S * G; }
 };
 
-// Pointers into a block's dynamic shared memory (layout: plan::smem_layout).
+// Pointers into a block's dynamic shared memory (layout: plan::smem_layout). With several candidates and the keys as
+// values, vals is the keys tile itself.
 template <typename acc_t>
 struct Smem {
-  acc_t *weff, *c, *q, *gout, *keys, *score, *gscore, *g0, *g1, *grad_weff, *dc, *acc;
+  acc_t *weff, *c, *q, *gout, *keys, *score, *gscore, *g0, *g1, *grad_weff, *dc, *acc, *vals, *gkeys, *gvals;
   acc_t* z[kMaxLinears];
   acc_t* h[kMaxLinears];
-  __device__ Smem(acc_t* base, const plan::SmemLayout& L)
+  __device__ Smem(acc_t* base, const plan::SmemLayout& L, bool shared_values)
       : weff(base + L.weff), c(base + L.c), q(base + L.q), gout(base + L.gout), keys(base + L.keys),
         score(base + L.score), gscore(base + L.gscore), g0(base + L.g0), g1(base + L.g1),
-        grad_weff(base + L.grad_weff), dc(base + L.dc), acc(base + L.acc) {
+        grad_weff(base + L.grad_weff), dc(base + L.dc), acc(base + L.acc),
+        vals(shared_values ? base + L.keys : base + L.vals), gkeys(base + L.gkeys), gvals(base + L.gvals) {
     for (int i = 0; i < kMaxLinears; ++i) {
       z[i] = base + L.z[i];
       h[i] = base + L.h[i];
@@ -95,9 +110,10 @@ __device__ __forceinline__ acc_t* dynamic_smem() {
   return reinterpret_cast<acc_t*>(smem_raw);
 }
 
-// Loads the user's query and builds c = (Wq + Wd) q + b_0 and Weff^T = (Wk - Wd)^T + diag(q) Wp^T.
+// Loads one candidate's query and builds c = (Wq + Wd) q + b_0 and Weff^T = (Wk - Wd)^T + diag(q) Wp^T.
+// Starts by writing s.q: the caller's previous readers of s.q, s.c and s.weff must be past a barrier.
 template <typename T, typename acc_t>
-__device__ void setup_user(const Net<acc_t>& net, const T* __restrict__ query, Smem<acc_t>& s) {
+__device__ void setup_query(const Net<acc_t>& net, const T* __restrict__ query, Smem<acc_t>& s) {
   const int64_t D = net.D, w0 = net.w[0];
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) s.q[d] = static_cast<acc_t>(query[d]);
   __syncthreads();
@@ -110,17 +126,23 @@ __device__ void setup_user(const Net<acc_t>& net, const T* __restrict__ query, S
   __syncthreads();
 }
 
-// Work item w of the block's sequence: its user, chunk and rows; for a non-empty item, also sets the user up.
+// Work item w of the block's sequence: its user, chunk, rows and candidates. False for an empty chunk (uniform
+// across the block).
 template <typename T, typename acc_t>
-__device__ __forceinline__ bool open_item(const Net<acc_t>& net, const Batch<T, acc_t>& bt, int64_t w, Smem<acc_t>& s,
-                                          plan::Item& item, plan::Range& r) {
-  item = plan::work_item(w, bt.S);
+__device__ __forceinline__ bool open_item(const Batch<T, acc_t>& bt, int64_t w, plan::Item& item, plan::Range& r,
+                                          plan::Range& cands) {
+  item = plan::work_item(w, bt.S, bt.G);
   r = plan::chunk_range(bt.lengths[item.user], item.chunk);
-  if (r.begin == r.end) return false;  // uniform across the block
-  setup_user(net, bt.query + item.user * net.D, s);
-  return true;
+  cands = plan::candidate_range(bt.C, bt.per_group, item.group);
+  return r.begin != r.end;
 }
 
+// A tile's candidate step: with one candidate, the query is set up once per item (at its first tile); with several,
+// before every (tile, candidate) step.
+template <typename T, typename acc_t>
+__device__ __forceinline__ bool needs_setup(const Batch<T, acc_t>& bt, const plan::Range& r, int64_t t0) {
+  return bt.C > 1 || t0 == r.begin;
+}
 // out[t, o] = bias[o] + sum_k in[t, k] WT[k, o] for t < rows (dense [rows, O] and [rows, K] tiles).
 // A thread computes kRowBlock rows of one column, so each weight it loads serves kRowBlock rows. Rows of the last
 // group past `rows` (still inside the tile buffer: tiles are multiples of 8 rows) are computed from stale data and
@@ -187,6 +209,16 @@ __device__ __forceinline__ void load_keys(const Net<acc_t>& net, const T* keys, 
   __syncthreads();
 }
 
+// Loads a tile's keys and, with several candidates and separate values, its values (once for all the candidates).
+// Ends synchronized.
+template <typename T, typename acc_t>
+__device__ __forceinline__ void load_tile(const Net<acc_t>& net, const Batch<T, acc_t>& bt, int64_t row0,
+                                          int64_t rows, Smem<acc_t>& s) {
+  load_span(bt.keys + row0 * net.D, rows * net.D, s.keys);
+  if (bt.C > 1 && !bt.shared_values) load_span(bt.values + row0 * net.Dv, rows * net.Dv, s.vals);
+  __syncthreads();
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -211,157 +243,198 @@ __device__ __forceinline__ void grad_dot_values(int64_t Dv, const T* values, int
 // Forward kernels
 
 // Dice training, hidden layer j: per block, sum and sum of squares of z_j - b_j (shifted: the bias is a cheap guess
-// of the mean) over the valid rows of the block's items.
+// of the mean) over the valid (candidate, row) pairs of the block's items, tile by tile, candidate by candidate.
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads) stats_kernel(const Net<acc_t> net, const Batch<T, acc_t> bt,
                                                          const plan::SmemLayout L, int64_t tile, int j,
                                                          double* __restrict__ partial) {  // [grid, 2, w_j]
-  Smem<acc_t> s(dynamic_smem<acc_t>(), L);
+  Smem<acc_t> s(dynamic_smem<acc_t>(), L, bt.shared_values);
   const int64_t wj = net.w[j];
   double* sums = partial + blockIdx.x * 2 * wj;
   for (int64_t h = threadIdx.x; h < 2 * wj; h += blockDim.x) sums[h] = 0;
-  for (int64_t w = blockIdx.x; w < bt.B * bt.S; w += gridDim.x) {
+  for (int64_t w = blockIdx.x; w < bt.items(); w += gridDim.x) {
     plan::Item item;
-    plan::Range r;
-    if (!open_item(net, bt, w, s, item, r)) continue;
+    plan::Range r, cands;
+    if (!open_item(bt, w, item, r, cands)) continue;
     for (int64_t t0 = r.begin; t0 < r.end; t0 += tile) {
       const int64_t rows = plan::tile_rows_at(r, tile, t0);
       load_keys(net, bt.keys, bt.starts[item.user] + t0, rows, s);
-      forward_tile(net, s, rows, j);
-      const acc_t* z = s.z[j];
-      for (int64_t h = threadIdx.x; h < wj; h += blockDim.x) {
-        const acc_t shift = net.bias[j][h];
-        acc_t sum = 0, sq = 0;
-        for (int64_t t = 0; t < rows; ++t) {
-          const acc_t v = z[t * wj + h] - shift;
-          sum += v;
-          sq += v * v;
+      for (int64_t c = cands.begin; c < cands.end; ++c) {
+        if (needs_setup(bt, r, t0)) setup_query(net, bt.query + (item.user * bt.C + c) * net.D, s);
+        forward_tile(net, s, rows, j);
+        const acc_t* z = s.z[j];
+        for (int64_t h = threadIdx.x; h < wj; h += blockDim.x) {
+          const acc_t shift = net.bias[j][h];
+          acc_t sum = 0, sq = 0;
+          for (int64_t t = 0; t < rows; ++t) {
+            const acc_t v = z[t * wj + h] - shift;
+            sum += v;
+            sq += v * v;
+          }
+          sums[h] += static_cast<double>(sum);
+          sums[wj + h] += static_cast<double>(sq);
         }
-        sums[h] += static_cast<double>(sum);
-        sums[wj + h] += static_cast<double>(sq);
+        __syncthreads();
       }
-      __syncthreads();
     }
   }
 }
 
-// Pooling, one block per work item: partial[w] = (m, l, acc[Dv]) with softmax (running max, sum of exp(s - m),
-// sum of exp(s - m) v), or (0, 0, sum of w_t v_t) without. Empty items write nothing (the combine skips them).
+// Pooling, one block per work item: for each candidate c of the item, partial[partial_row(user, chunk, c)] =
+// (m, l, acc[Dv]) with softmax (running max, sum of exp(s - m), sum of exp(s - m) v), or (0, 0, sum of w_t v_t)
+// without. A key tile is loaded once and serves the item's candidates in order; with several candidates a
+// candidate's running triple is carried from tile to tile in its partial row (one candidate: in registers and
+// s.acc, written after the last tile). Empty items write nothing (the combine skips them).
 template <typename T, typename acc_t, bool kSoftmax>
 __global__ void __launch_bounds__(kThreads) pool_kernel(const Net<acc_t> net, const Batch<T, acc_t> bt,
                                                         const plan::SmemLayout L, int64_t tile,
-                                                        acc_t* __restrict__ partial) {  // [B * S, Dv + 2]
-  Smem<acc_t> s(dynamic_smem<acc_t>(), L);
+                                                        acc_t* __restrict__ partial) {  // [B * S * C, Dv + 2]
+  Smem<acc_t> s(dynamic_smem<acc_t>(), L, bt.shared_values);
   const int64_t Dv = net.Dv, n = net.n;
-  for (int64_t w = blockIdx.x; w < bt.B * bt.S; w += gridDim.x) {
+  const bool multi = bt.C > 1;
+  for (int64_t w = blockIdx.x; w < bt.items(); w += gridDim.x) {
     plan::Item item;
-    plan::Range r;
-    if (!open_item(net, bt, w, s, item, r)) continue;
-    for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) s.acc[d] = 0;
+    plan::Range r, cands;
+    if (!open_item(bt, w, item, r, cands)) continue;
     acc_t m = -INFINITY, l = 0;  // identical in every thread
     for (int64_t t0 = r.begin; t0 < r.end; t0 += tile) {
       const int64_t rows = plan::tile_rows_at(r, tile, t0);
       const int64_t row0 = bt.starts[item.user] + t0;
-      load_keys(net, bt.keys, row0, rows, s);
-      forward_tile(net, s, rows, n);
-      const acc_t* score = s.z[n];  // width 1
-      acc_t rescale = 1;
-      if (kSoftmax) {
-        acc_t tile_max = m;
-        for (int64_t t = 0; t < rows; ++t) tile_max = max_(tile_max, bt.scale * score[t]);
-        rescale = exp_(m - tile_max);
-        m = tile_max;
-        for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) s.score[t] = exp_(bt.scale * score[t] - m);
-      } else {
-        for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) s.score[t] = bt.scale * score[t];
+      const bool first = t0 == r.begin, last = t0 + tile >= r.end;
+      load_tile(net, bt, row0, rows, s);
+      for (int64_t c = cands.begin; c < cands.end; ++c) {
+        acc_t* out = partial + plan::partial_row(item.user, item.chunk, c, bt.S, bt.C) * (Dv + 2);
+        if (needs_setup(bt, r, t0)) setup_query(net, bt.query + (item.user * bt.C + c) * net.D, s);
+        if (first) {
+          m = -INFINITY;
+          l = 0;
+          for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) s.acc[d] = 0;
+        } else if (multi) {  // written by this block's previous tile, past barriers
+          m = out[0];
+          l = out[1];
+          for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) s.acc[d] = out[2 + d];
+        }
+        forward_tile(net, s, rows, n);
+        const acc_t* score = s.z[n];  // width 1
+        acc_t rescale = 1;
+        if (kSoftmax) {
+          acc_t tile_max = m;
+          for (int64_t t = 0; t < rows; ++t) tile_max = max_(tile_max, bt.scale * score[t]);
+          rescale = exp_(m - tile_max);
+          m = tile_max;
+          for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) s.score[t] = exp_(bt.scale * score[t] - m);
+        } else {
+          for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) s.score[t] = bt.scale * score[t];
+        }
+        __syncthreads();
+        if (kSoftmax) {
+          acc_t tile_sum = 0;
+          for (int64_t t = 0; t < rows; ++t) tile_sum += s.score[t];
+          l = l * rescale + tile_sum;
+        }
+        for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) {
+          acc_t v = 0;
+          if (multi) {
+            for (int64_t t = 0; t < rows; ++t) v += s.score[t] * s.vals[t * Dv + d];
+          } else {
+            for (int64_t t = 0; t < rows; ++t) v += s.score[t] * static_cast<acc_t>(bt.values[(row0 + t) * Dv + d]);
+          }
+          s.acc[d] = s.acc[d] * rescale + v;
+          if (multi || last) out[2 + d] = s.acc[d];
+        }
+        if ((multi || last) && threadIdx.x == 0) {
+          out[0] = m;
+          out[1] = l;
+        }
+        __syncthreads();
       }
-      __syncthreads();
-      if (kSoftmax) {
-        acc_t tile_sum = 0;
-        for (int64_t t = 0; t < rows; ++t) tile_sum += s.score[t];
-        l = l * rescale + tile_sum;
-      }
-      for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) {
-        acc_t v = 0;
-        for (int64_t t = 0; t < rows; ++t) v += s.score[t] * static_cast<acc_t>(bt.values[(row0 + t) * Dv + d]);
-        s.acc[d] = s.acc[d] * rescale + v;
-      }
-      __syncthreads();
     }
-    acc_t* out = partial + w * (Dv + 2);
-    if (threadIdx.x == 0) {
-      out[0] = m;
-      out[1] = l;
-    }
-    for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) out[2 + d] = s.acc[d];
-    __syncthreads();
   }
 }
 
-// out[b] from the user's chunk partials in chunk order; exactly 0 for an empty user.
+// out[b, c] from the chunk partials of (b, c) in chunk order, one block per (user, candidate); exactly 0 for an
+// empty user.
 template <typename T, typename acc_t, bool kSoftmax>
-__global__ void __launch_bounds__(kThreads) combine_kernel(const acc_t* __restrict__ partial,  // [B * S, Dv + 2]
-                                                           const int64_t* __restrict__ lengths, int64_t S, int64_t Dv,
-                                                           T* __restrict__ out) {              // [B, Dv]
-  const int64_t b = blockIdx.x;
+__global__ void __launch_bounds__(kThreads) combine_kernel(const acc_t* __restrict__ partial,  // [B * S * C, Dv + 2]
+                                                           const int64_t* __restrict__ lengths, int64_t S, int64_t C,
+                                                           int64_t Dv, T* __restrict__ out) {  // [B, C, Dv]
+  const int64_t bc = blockIdx.x, b = bc / C, cand = bc % C;
   const int64_t chunks = plan::num_chunks(lengths[b]);
-  const acc_t* p = partial + b * S * (Dv + 2);
+  auto part = [&](int64_t chunk) { return partial + plan::partial_row(b, chunk, cand, S, C) * (Dv + 2); };
   acc_t m = -INFINITY, denom = 0;
   if (kSoftmax) {
-    for (int64_t c = 0; c < chunks; ++c) m = max_(m, p[c * (Dv + 2)]);
-    for (int64_t c = 0; c < chunks; ++c) denom += p[c * (Dv + 2) + 1] * exp_(p[c * (Dv + 2)] - m);
+    for (int64_t c = 0; c < chunks; ++c) m = max_(m, part(c)[0]);
+    for (int64_t c = 0; c < chunks; ++c) denom += part(c)[1] * exp_(part(c)[0] - m);
   }
   for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) {
     acc_t v = 0;
     for (int64_t c = 0; c < chunks; ++c) {
-      const acc_t* pc = p + c * (Dv + 2);
+      const acc_t* pc = part(c);
       v += kSoftmax ? pc[2 + d] * exp_(pc[0] - m) : pc[2 + d];
     }
     if (kSoftmax && chunks > 0) v /= denom;
-    out[b * Dv + d] = static_cast<T>(v);
+    out[bc * Dv + d] = static_cast<T>(v);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Backward kernels
 
-// Softmax backward, one block per work item: score[row] = score_scale * s_t and gw[row] = g_b . v_t per key row.
+// Softmax backward, one block per work item: score[c * N + row] = score_scale * s_t and gw[c * N + row] = g_bc . v_t
+// per (candidate, key row), a key tile serving the item's candidates in order.
 template <typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads) scores_kernel(const Net<acc_t> net, const Batch<T, acc_t> bt,
-                                                          const T* __restrict__ grad_out,  // [B, Dv]
+                                                          const T* __restrict__ grad_out,  // [B, C, Dv]
                                                           const plan::SmemLayout L, int64_t tile,
-                                                          acc_t* __restrict__ score,       // [N]
-                                                          acc_t* __restrict__ gw) {        // [N]
-  Smem<acc_t> s(dynamic_smem<acc_t>(), L);
+                                                          acc_t* __restrict__ score,       // [C, N]
+                                                          acc_t* __restrict__ gw) {        // [C, N]
+  Smem<acc_t> s(dynamic_smem<acc_t>(), L, bt.shared_values);
   const int64_t Dv = net.Dv, n = net.n;
-  for (int64_t w = blockIdx.x; w < bt.B * bt.S; w += gridDim.x) {
+  for (int64_t w = blockIdx.x; w < bt.items(); w += gridDim.x) {
     plan::Item item;
-    plan::Range r;
-    if (!open_item(net, bt, w, s, item, r)) continue;
-    for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) s.acc[d] = static_cast<acc_t>(grad_out[item.user * Dv + d]);
+    plan::Range r, cands;
+    if (!open_item(bt, w, item, r, cands)) continue;
     for (int64_t t0 = r.begin; t0 < r.end; t0 += tile) {
       const int64_t rows = plan::tile_rows_at(r, tile, t0);
       const int64_t row0 = bt.starts[item.user] + t0;
-      load_keys(net, bt.keys, row0, rows, s);  // its barrier also publishes s.acc
-      forward_tile(net, s, rows, n);
-      for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) score[row0 + t] = bt.scale * s.z[n][t];
-      grad_dot_values(Dv, bt.values, row0, rows, s.acc, [&](int64_t t, acc_t v) { gw[row0 + t] = v; });
-      __syncthreads();
+      load_tile(net, bt, row0, rows, s);
+      for (int64_t c = cands.begin; c < cands.end; ++c) {
+        const int64_t qrow = item.user * bt.C + c;
+        if (needs_setup(bt, r, t0)) {
+          setup_query(net, bt.query + qrow * net.D, s);
+          for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) s.acc[d] = static_cast<acc_t>(grad_out[qrow * Dv + d]);
+        }
+        forward_tile(net, s, rows, n);  // its barriers also publish s.acc
+        acc_t* sc = score + c * bt.N + row0;
+        acc_t* g = gw + c * bt.N + row0;
+        for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) sc[t] = bt.scale * s.z[n][t];
+        if (bt.C > 1) {
+          grad_dot_values(Dv, s.vals, 0, rows, s.acc, [&](int64_t t, acc_t v) { g[t] = v; });
+        } else {
+          grad_dot_values(Dv, bt.values, row0, rows, s.acc, [&](int64_t t, acc_t v) { g[t] = v; });
+        }
+        __syncthreads();
+      }
     }
   }
 }
 
-// Softmax backward, one block per user: turns score into the pooling weights w_t in place and writes
-// gs_t = score_scale * w_t (gw_t - sum_u w_u gw_u). Block reductions in a fixed order.
+// Softmax backward, one block per (user, candidate): turns its scores into the pooling weights w_t in place and
+// writes gs_t = score_scale * w_t (gw_t - sum_u w_u gw_u). Block reductions in a fixed order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) softmax_grad_kernel(const int64_t* __restrict__ starts,
-                                                                const int64_t* __restrict__ lengths, acc_t scale,
-                                                                acc_t* __restrict__ score,     // [N] -> weights
-                                                                const acc_t* __restrict__ gw,  // [N]
-                                                                acc_t* __restrict__ gs) {      // [N]
+                                                                const int64_t* __restrict__ lengths, int64_t C,
+                                                                int64_t N, acc_t scale,
+                                                                acc_t* __restrict__ score_,     // [C, N] -> weights
+                                                                const acc_t* __restrict__ gw_,  // [C, N]
+                                                                acc_t* __restrict__ gs_) {      // [C, N]
   __shared__ acc_t scratch[kThreads];
-  const int64_t len = lengths[blockIdx.x], row0 = starts[blockIdx.x];
+  const int64_t b = blockIdx.x / C, cand = blockIdx.x % C;
+  const int64_t len = lengths[b], row0 = starts[b];
   if (len == 0) return;
+  acc_t* score = score_ + cand * N;
+  const acc_t* gw = gw_ + cand * N;
+  acc_t* gs = gs_ + cand * N;
   acc_t m = -INFINITY;
   for (int64_t t = threadIdx.x; t < len; t += blockDim.x) m = max_(m, score[row0 + t]);
   m = block_reduce<acc_t, true>(m, scratch);
@@ -443,29 +516,37 @@ __device__ void act_backward(const Net<acc_t>& net, int j, int64_t rows, const a
   }
 }
 
-// The backward's passes over all work items, grid_blocks(B * S) blocks.
+// The backward's passes over all work items, grid_blocks(B * S * G) blocks; a key tile serves the item's
+// candidates in order.
 //   kFull = false (Dice training sums pass for hidden layer `stop`): recompute z_0 .. z_{n-1}, back-propagate from
 //     the scores down to z_stop, add sum g_xhat and sum g_xhat * xhat of that layer to stat_sums[block].
-//   kFull = true: recompute everything, back-propagate to the inputs; write grad_keys / grad_values rows, the
-//     item's query gradient to gq_partial[item], and parameter gradients to params[block] (plan::param_layout).
-// kSoftmax: the pooling weights and score gradients come from softmax_grad_kernel (weight, gs per key row);
-// otherwise they are w_t = score_scale * s_t and score_scale * g . v_t, derived per tile.
+//   kFull = true: recompute everything, back-propagate to the inputs; write grad_keys / grad_values rows, each
+//     candidate's query gradient to gq_partial[partial_row], and parameter gradients to params[block]
+//     (plan::param_layout). With several candidates, a tile's key and value gradients are summed over the item's
+//     candidates in shared memory (s.gkeys, s.gvals, in candidate order) and stored once: into grad_keys /
+//     grad_values with one candidate group, into the group's row of gk_partial / gv_partial otherwise; a
+//     candidate's query-gradient accumulator is carried from tile to tile in its gq_partial row.
+// kSoftmax: the pooling weights and score gradients come from softmax_grad_kernel (weight, gs per candidate and key
+// row); otherwise they are w_t = score_scale * s_t and score_scale * g . v_t, derived per tile.
 template <typename T, typename acc_t, bool kFull, bool kSoftmax>
 __global__ void __launch_bounds__(kThreads) backward_kernel(
     const Net<acc_t> net, const Batch<T, acc_t> bt,
-    const T* __restrict__ grad_out,        // [B, Dv]
-    const acc_t* __restrict__ weight,      // [N] softmax pooling weights (kSoftmax)
-    const acc_t* __restrict__ gs,          // [N] softmax score gradients (kSoftmax)
+    const T* __restrict__ grad_out,        // [B, C, Dv]
+    const acc_t* __restrict__ weight,      // [C, N] softmax pooling weights (kSoftmax)
+    const acc_t* __restrict__ gs,          // [C, N] softmax score gradients (kSoftmax)
     const plan::SmemLayout L, int64_t tile, int stop,
     const plan::ParamLayout P,
     double* __restrict__ stat_sums,        // [grid, 2, w_stop] (sums pass)
     acc_t* __restrict__ params,            // [grid, P.total] (gradient pass)
-    acc_t* __restrict__ gq_partial,        // [B * S, D] (gradient pass)
+    acc_t* __restrict__ gq_partial,        // [B * S * C, D] (gradient pass)
     T* __restrict__ grad_keys,             // [N, D], zero-initialized (gradient pass)
-    T* __restrict__ grad_values) {         // [N, Dv] or nullptr when values are the keys (gradient pass)
-  Smem<acc_t> s(dynamic_smem<acc_t>(), L);
+    T* __restrict__ grad_values,           // [N, Dv] or nullptr when values are the keys (gradient pass)
+    acc_t* __restrict__ gk_partial,        // [G, N, D] zero-initialized when G > 1, else nullptr (gradient pass)
+    acc_t* __restrict__ gv_partial) {      // [G, N, Dv] zero-initialized when G > 1 with values, else nullptr
+  Smem<acc_t> s(dynamic_smem<acc_t>(), L, bt.shared_values);
   const int n = net.n;
   const int64_t D = net.D, Dv = net.Dv, w0 = net.w[0];
+  const bool multi = bt.C > 1;
   acc_t* part = kFull ? params + blockIdx.x * P.total : nullptr;
   double* sums = kFull ? nullptr : stat_sums + blockIdx.x * 2 * net.w[stop];
   if (kFull) {
@@ -474,129 +555,176 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
     for (int64_t k = threadIdx.x; k < 2 * net.w[stop]; k += blockDim.x) sums[k] = 0;
   }
   __syncthreads();  // the zeroing threads are not the accumulating ones
-  for (int64_t w = blockIdx.x; w < bt.B * bt.S; w += gridDim.x) {
+  for (int64_t w = blockIdx.x; w < bt.items(); w += gridDim.x) {
     plan::Item item;
-    plan::Range r;
-    if (!open_item(net, bt, w, s, item, r)) continue;
-    for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) s.gout[d] = static_cast<acc_t>(grad_out[item.user * Dv + d]);
-    if (kFull) {
-      for (int64_t d = threadIdx.x; d < D; d += blockDim.x) s.acc[d] = 0;
-    }
+    plan::Range r, cands;
+    if (!open_item(bt, w, item, r, cands)) continue;
     for (int64_t t0 = r.begin; t0 < r.end; t0 += tile) {
       const int64_t rows = plan::tile_rows_at(r, tile, t0);
       const int64_t row0 = bt.starts[item.user] + t0;
-      load_keys(net, bt.keys, row0, rows, s);  // its barrier also publishes s.gout
-      forward_tile(net, s, rows, kFull ? n : n - 1);
-      // Pooling weights (gradient pass) and score gradients of the tile's rows.
-      if (kSoftmax) {
-        for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) {
-          s.gscore[t] = gs[row0 + t];
-          s.score[t] = weight[row0 + t];
+      const bool first = t0 == r.begin, last = t0 + tile >= r.end;
+      load_tile(net, bt, row0, rows, s);
+      for (int64_t c = cands.begin; c < cands.end; ++c) {
+        const int64_t qrow = item.user * bt.C + c;
+        acc_t* gq = kFull ? gq_partial + plan::partial_row(item.user, item.chunk, c, bt.S, bt.C) * D : nullptr;
+        if (needs_setup(bt, r, t0)) {
+          setup_query(net, bt.query + qrow * D, s);
+          for (int64_t d = threadIdx.x; d < Dv; d += blockDim.x) s.gout[d] = static_cast<acc_t>(grad_out[qrow * Dv + d]);
         }
-      } else {
-        const acc_t scale = bt.scale;
-        acc_t* gscore = s.gscore;
-        grad_dot_values(Dv, bt.values, row0, rows, s.gout, [&](int64_t t, acc_t v) { gscore[t] = scale * v; });
         if (kFull) {
-          for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) s.score[t] = scale * s.z[n][t];
-        }
-      }
-      __syncthreads();
-      acc_t* gz = s.g0;  // d/dz_i, [rows, w_i]
-      acc_t* gh = s.g1;
-      for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) gz[t] = s.gscore[t];
-      __syncthreads();
-      for (int i = n; i >= 1; --i) {
-        const int64_t wi = net.w[i], wp = net.w[i - 1];
-        if (kFull) {
-          for (int64_t k = threadIdx.x; k < wi * wp; k += blockDim.x) {
-            const int64_t o = k / wp, in = k % wp;
-            acc_t v = 0;
-            for (int64_t t = 0; t < rows; ++t) v += gz[t * wi + o] * s.h[i - 1][t * wp + in];
-            part[P.dW[i] + k] += v;
-          }
-          for (int64_t o = threadIdx.x; o < wi; o += blockDim.x) {
-            acc_t v = 0;
-            for (int64_t t = 0; t < rows; ++t) v += gz[t * wi + o];
-            part[P.db[i] + o] += v;
+          if (first) {
+            for (int64_t d = threadIdx.x; d < D; d += blockDim.x) s.acc[d] = 0;
+          } else if (multi) {  // written by this block's previous tile (same thread per d)
+            for (int64_t d = threadIdx.x; d < D; d += blockDim.x) s.acc[d] = gq[d];
           }
         }
-        const acc_t* W = net.W[i];
-        for (int64_t k = threadIdx.x; k < rows * wp; k += blockDim.x) {
-          const int64_t t = k / wp, in = k % wp;
-          acc_t v = 0;
-          for (int64_t o = 0; o < wi; ++o) v += gz[t * wi + o] * W[o * wp + in];
-          gh[k] = v;
+        forward_tile(net, s, rows, kFull ? n : n - 1);  // its barriers also publish s.gout
+        // Pooling weights (gradient pass) and score gradients of the tile's rows.
+        if (kSoftmax) {
+          const acc_t* gsc = gs + c * bt.N + row0;
+          const acc_t* wc = weight + c * bt.N + row0;
+          for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) {
+            s.gscore[t] = gsc[t];
+            s.score[t] = wc[t];
+          }
+        } else {
+          const acc_t scale = bt.scale;
+          acc_t* gscore = s.gscore;
+          auto store = [&](int64_t t, acc_t v) { gscore[t] = scale * v; };
+          if (multi) {
+            grad_dot_values(Dv, s.vals, 0, rows, s.gout, store);
+          } else {
+            grad_dot_values(Dv, bt.values, row0, rows, s.gout, store);
+          }
+          if (kFull) {
+            for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) s.score[t] = scale * s.z[n][t];
+          }
         }
         __syncthreads();
-        const bool sums_here = !kFull && i - 1 == stop;
-        act_backward(net, i - 1, rows, s.z[i - 1], gh, kFull ? part + P.act : nullptr, sums_here ? sums : nullptr);
+        acc_t* gz = s.g0;  // d/dz_i, [rows, w_i]
+        acc_t* gh = s.g1;
+        for (int64_t t = threadIdx.x; t < rows; t += blockDim.x) gz[t] = s.gscore[t];
         __syncthreads();
-        acc_t* tmp = gz;
-        gz = gh;
-        gh = tmp;
-        if (sums_here) break;
+        for (int i = n; i >= 1; --i) {
+          const int64_t wi = net.w[i], wp = net.w[i - 1];
+          if (kFull) {
+            for (int64_t k = threadIdx.x; k < wi * wp; k += blockDim.x) {
+              const int64_t o = k / wp, in = k % wp;
+              acc_t v = 0;
+              for (int64_t t = 0; t < rows; ++t) v += gz[t * wi + o] * s.h[i - 1][t * wp + in];
+              part[P.dW[i] + k] += v;
+            }
+            for (int64_t o = threadIdx.x; o < wi; o += blockDim.x) {
+              acc_t v = 0;
+              for (int64_t t = 0; t < rows; ++t) v += gz[t * wi + o];
+              part[P.db[i] + o] += v;
+            }
+          }
+          const acc_t* W = net.W[i];
+          for (int64_t k = threadIdx.x; k < rows * wp; k += blockDim.x) {
+            const int64_t t = k / wp, in = k % wp;
+            acc_t v = 0;
+            for (int64_t o = 0; o < wi; ++o) v += gz[t * wi + o] * W[o * wp + in];
+            gh[k] = v;
+          }
+          __syncthreads();
+          const bool sums_here = !kFull && i - 1 == stop;
+          act_backward(net, i - 1, rows, s.z[i - 1], gh, kFull ? part + P.act : nullptr, sums_here ? sums : nullptr);
+          __syncthreads();
+          acc_t* tmp = gz;
+          gz = gh;
+          gh = tmp;
+          if (sums_here) break;
+        }
+        if constexpr (kFull) {
+          // Layer 1, z_0 = c + Weff k: gz is d/dz_0 [rows, w0].
+          for (int64_t o = threadIdx.x; o < w0; o += blockDim.x) {
+            acc_t v = 0;
+            for (int64_t t = 0; t < rows; ++t) v += gz[t * w0 + o];
+            s.dc[o] = v;
+            part[P.db[0] + o] += v;
+          }
+          for (int64_t k = threadIdx.x; k < w0 * D; k += blockDim.x) {
+            const int64_t o = k / D, d = k % D;
+            acc_t v = 0;
+            for (int64_t t = 0; t < rows; ++t) v += gz[t * w0 + o] * s.keys[t * D + d];
+            s.grad_weff[k] = v;                   // d/dWeff[o, d]
+            part[P.dKc + k] += v;                 // Weff = Kc + Pc diag(q)
+            part[P.dPc + k] += v * s.q[d];
+          }
+          __syncthreads();
+          for (int64_t k = threadIdx.x; k < w0 * D; k += blockDim.x) part[P.dA + k] += s.dc[k / D] * s.q[k % D];
+          // d/dq through c (A^T dc) and through Weff (sum_o dWeff[o, d] Pc[o, d]).
+          for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+            acc_t v = 0;
+            for (int64_t o = 0; o < w0; ++o) v += net.A[o * D + d] * s.dc[o] + s.grad_weff[o * D + d] * net.Pc[o * D + d];
+            s.acc[d] += v;
+            if (multi || last) gq[d] = s.acc[d];
+          }
+          const bool first_cand = c == cands.begin;
+          for (int64_t k = threadIdx.x; k < rows * D; k += blockDim.x) {
+            const int64_t t = k / D, d = k % D;
+            acc_t v = 0;
+            for (int64_t o = 0; o < w0; ++o) v += gz[t * w0 + o] * s.weff[d * w0 + o];
+            if (!grad_values) v += s.score[t] * s.gout[d];  // the keys are also the pooled values
+            if (multi) {
+              s.gkeys[k] = first_cand ? v : s.gkeys[k] + v;
+            } else {
+              grad_keys[(row0 + t) * D + d] = static_cast<T>(v);
+            }
+          }
+          if (grad_values) {
+            for (int64_t k = threadIdx.x; k < rows * Dv; k += blockDim.x) {
+              const int64_t t = k / Dv, d = k % Dv;
+              const acc_t v = s.score[t] * s.gout[d];
+              if (multi) {
+                s.gvals[k] = first_cand ? v : s.gvals[k] + v;
+              } else {
+                grad_values[(row0 + t) * Dv + d] = static_cast<T>(v);
+              }
+            }
+          }
+        }
+        __syncthreads();
       }
-      if constexpr (kFull) {
-        // Layer 1, z_0 = c + Weff k: gz is d/dz_0 [rows, w0].
-        for (int64_t o = threadIdx.x; o < w0; o += blockDim.x) {
-          acc_t v = 0;
-          for (int64_t t = 0; t < rows; ++t) v += gz[t * w0 + o];
-          s.dc[o] = v;
-          part[P.db[0] + o] += v;
-        }
-        for (int64_t k = threadIdx.x; k < w0 * D; k += blockDim.x) {
-          const int64_t o = k / D, d = k % D;
-          acc_t v = 0;
-          for (int64_t t = 0; t < rows; ++t) v += gz[t * w0 + o] * s.keys[t * D + d];
-          s.grad_weff[k] = v;                   // d/dWeff[o, d]
-          part[P.dKc + k] += v;                 // Weff = Kc + Pc diag(q)
-          part[P.dPc + k] += v * s.q[d];
-        }
-        __syncthreads();
-        for (int64_t k = threadIdx.x; k < w0 * D; k += blockDim.x) part[P.dA + k] += s.dc[k / D] * s.q[k % D];
-        // d/dq through c (A^T dc) and through Weff (sum_o dWeff[o, d] Pc[o, d]).
-        for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-          acc_t v = 0;
-          for (int64_t o = 0; o < w0; ++o) v += net.A[o * D + d] * s.dc[o] + s.grad_weff[o * D + d] * net.Pc[o * D + d];
-          s.acc[d] += v;
-        }
+      if (kFull && multi) {
+        // The tile's key / value gradients, summed over the group's candidates: stored once.
         for (int64_t k = threadIdx.x; k < rows * D; k += blockDim.x) {
-          const int64_t t = k / D, d = k % D;
-          acc_t v = 0;
-          for (int64_t o = 0; o < w0; ++o) v += gz[t * w0 + o] * s.weff[d * w0 + o];
-          if (!grad_values) v += s.score[t] * s.gout[d];  // the keys are also the pooled values
-          grad_keys[(row0 + t) * D + d] = static_cast<T>(v);
+          if (gk_partial) {
+            gk_partial[(item.group * bt.N + row0) * D + k] = s.gkeys[k];
+          } else {
+            grad_keys[row0 * D + k] = static_cast<T>(s.gkeys[k]);
+          }
         }
         if (grad_values) {
           for (int64_t k = threadIdx.x; k < rows * Dv; k += blockDim.x) {
-            const int64_t t = k / Dv, d = k % Dv;
-            grad_values[(row0 + t) * Dv + d] = static_cast<T>(s.score[t] * s.gout[d]);
+            if (gv_partial) {
+              gv_partial[(item.group * bt.N + row0) * Dv + k] = s.gvals[k];
+            } else {
+              grad_values[row0 * Dv + k] = static_cast<T>(s.gvals[k]);
+            }
           }
         }
+        __syncthreads();
       }
-      __syncthreads();
     }
-    if (kFull) {
-      for (int64_t d = threadIdx.x; d < D; d += blockDim.x) gq_partial[w * D + d] = s.acc[d];
-    }
-    __syncthreads();
   }
 }
 
-// grad_query[b] = sum of the user's item partials in chunk order (0 for an empty user).
+// grad_query[b, c] = sum of the (b, c) chunk partials in chunk order (0 for an empty user), one block per
+// (user, candidate).
 template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads) query_grad_kernel(const acc_t* __restrict__ gq_partial,  // [B * S, D]
+__global__ void __launch_bounds__(kThreads) query_grad_kernel(const acc_t* __restrict__ gq_partial,  // [B*S*C, D]
                                                               const int64_t* __restrict__ lengths, int64_t S,
-                                                              int64_t D, T* __restrict__ grad_query) {  // [B, D]
-  const int64_t b = blockIdx.x, chunks = plan::num_chunks(lengths[b]);
+                                                              int64_t C, int64_t D,
+                                                              T* __restrict__ grad_query) {  // [B, C, D]
+  const int64_t bc = blockIdx.x, b = bc / C, cand = bc % C, chunks = plan::num_chunks(lengths[b]);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     acc_t v = 0;
-    for (int64_t c = 0; c < chunks; ++c) v += gq_partial[(b * S + c) * D + d];
-    grad_query[b * D + d] = static_cast<T>(v);
+    for (int64_t c = 0; c < chunks; ++c) v += gq_partial[plan::partial_row(b, c, cand, S, C) * D + d];
+    grad_query[bc * D + d] = static_cast<T>(v);
   }
 }
-
 // ---------------------------------------------------------------------------------------------------------------
 // Host side
 
@@ -684,15 +812,17 @@ struct Launch {
   int64_t bytes;
 };
 
-Launch plan_launch(const plan::Widths& widths, int64_t D, int64_t Dv, bool backward, int64_t elem_bytes) {
+Launch plan_launch(const plan::Widths& widths, int64_t D, int64_t Dv, bool backward, int64_t elem_bytes,
+                   int64_t candidates) {
   const int64_t limit = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  const int64_t tile = plan::choose_tile_rows(widths, D, Dv, backward, elem_bytes, limit);
+  const int64_t tile = plan::choose_tile_rows(widths, D, Dv, backward, elem_bytes, limit, candidates);
   const int64_t smallest = plan::tile_choice(plan::kNumTileChoices - 1);
   TORCH_CHECK(tile > 0, "din_ext: the cuda backend keeps the user's layer-1 weight (H1 = ", widths.w[0], " x D = ", D,
               ") and a ", smallest, "-row tile of every layer in shared memory: that needs ",
-              plan::smem_layout(widths, smallest, D, Dv, backward).total * elem_bytes, " bytes, more than the ",
-              limit, " this device allows per block; use the triton or cpu backend, or smaller layers");
-  const plan::SmemLayout layout = plan::smem_layout(widths, tile, D, Dv, backward);
+              plan::smem_layout(widths, smallest, D, Dv, backward, candidates).total * elem_bytes,
+              " bytes, more than the ", limit,
+              " this device allows per block; use the triton or cpu backend, or smaller layers");
+  const plan::SmemLayout layout = plan::smem_layout(widths, tile, D, Dv, backward, candidates);
   return {tile, layout, layout.total * elem_bytes};
 }
 
@@ -712,12 +842,14 @@ void check_devices(const at::Tensor& query, at::TensorList weights) {
               kMaxLinears - 1, " hidden layers, got ", weights.size() - 1);
 }
 
-// The kernels' view of a batch, with S chunks reserved per user.
+// The kernels' view of a batch, with S chunks reserved per user and the plan's candidate groups.
 template <typename T, typename acc_t>
 Batch<T, acc_t> batch_of(const AttentionArgs& args, int64_t S) {
+  const int64_t B = args.shape.batch, C = args.shape.candidates;
+  const int64_t G = plan::candidate_groups(B * S, C);
   return {args.query.const_data_ptr<T>(), args.keys.const_data_ptr<T>(), args.values.const_data_ptr<T>(),
-          args.starts.const_data_ptr<int64_t>(), args.lengths.const_data_ptr<int64_t>(), args.shape.batch, S,
-          static_cast<acc_t>(args.score_scale)};
+          args.starts.const_data_ptr<int64_t>(), args.lengths.const_data_ptr<int64_t>(), B, S, C, G,
+          plan::group_size(C, G), args.shape.num_keys, !args.separate_values, static_cast<acc_t>(args.score_scale)};
 }
 
 // max_len: the resolved upper bound on lengths.
@@ -732,12 +864,15 @@ void forward_impl(const AttentionForwardArgs& args, int64_t max_len) {
   Packed packed = pack(shape.dim, args.weights, args.biases, args.act_params, args.act, args.training, eps, stats, acc);
   const Net<acc_t> net = make_net<acc_t>(packed, shape, args.act);
   const plan::Widths widths = widths_of(net);
-  const Launch launch = plan_launch(widths, shape.dim, shape.value_dim, false, sizeof(acc_t));
-  const int64_t S = plan::chunks_per_user(max_len), items = shape.batch * S;
+  const int64_t C = shape.candidates;
+  const Launch launch = plan_launch(widths, shape.dim, shape.value_dim, false, sizeof(acc_t), C);
+  const int64_t S = plan::chunks_per_user(max_len);
   const Batch<T, acc_t> bt = batch_of<T, acc_t>(args, S);
+  const int64_t items = bt.items();
 
   if (args.act == Activation::kDice && args.training) {
-    const at::Tensor count = lengths.sum().to(at::kDouble);
+    // Over all valid (candidate, behaviour) pairs: C * sum_b len_b rows per feature.
+    const at::Tensor count = lengths.sum().to(at::kDouble) * static_cast<double>(C);
     const at::Tensor safe = count.clamp_min(1);
     const int64_t grid = plan::grid_blocks(items);
     allow_smem(stats_kernel<T, acc_t>, launch.bytes);
@@ -760,7 +895,7 @@ void forward_impl(const AttentionForwardArgs& args, int64_t max_len) {
           (stats[1].narrow(0, net.col[j], wj).to(at::kDouble) + eps).rsqrt());
     }
   }
-  at::Tensor partial = at::empty({items, shape.value_dim + 2}, query.options().dtype(acc));
+  at::Tensor partial = at::empty({shape.batch * S * C, shape.value_dim + 2}, query.options().dtype(acc));
   auto pool = [&](auto kernel) {
     allow_smem(kernel, launch.bytes);
     kernel<<<grid_of(items), kThreads, launch.bytes, stream>>>(net, bt, launch.layout, launch.tile,
@@ -768,9 +903,9 @@ void forward_impl(const AttentionForwardArgs& args, int64_t max_len) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   auto combine = [&](auto kernel) {
-    kernel<<<grid_of(shape.batch), kThreads, 0, stream>>>(partial.const_data_ptr<acc_t>(),
-                                                          lengths.const_data_ptr<int64_t>(), S, shape.value_dim,
-                                                          out.mutable_data_ptr<T>());
+    kernel<<<grid_of(shape.batch * C), kThreads, 0, stream>>>(partial.const_data_ptr<acc_t>(),
+                                                              lengths.const_data_ptr<int64_t>(), S, C,
+                                                              shape.value_dim, out.mutable_data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (args.norm == Normalization::kSoftmax) {
@@ -819,25 +954,27 @@ void backward_impl(const AttentionBackwardArgs& args, int64_t max_len, BackwardR
   const Net<acc_t> net = make_net<acc_t>(packed, shape, act);
   const plan::Widths widths = widths_of(net);
   const int64_t D = shape.dim, Dv = shape.value_dim, B = shape.batch, N = shape.num_keys;
-  const Launch fwd = plan_launch(widths, D, Dv, false, sizeof(acc_t));
-  const Launch bwd = plan_launch(widths, D, Dv, true, sizeof(acc_t));
-  const int64_t S = plan::chunks_per_user(max_len), items = B * S, grid = plan::grid_blocks(items);
+  const int64_t C = shape.candidates;
+  const Launch fwd = plan_launch(widths, D, Dv, false, sizeof(acc_t), C);
+  const Launch bwd = plan_launch(widths, D, Dv, true, sizeof(acc_t), C);
+  const int64_t S = plan::chunks_per_user(max_len);
   const Batch<T, acc_t> bt = batch_of<T, acc_t>(args, S);
+  const int64_t items = bt.items(), grid = plan::grid_blocks(items), G = bt.G;
   const auto acc_options = query.options().dtype(acc);
   const bool softmax = args.norm == Normalization::kSoftmax;
 
   at::Tensor weight, gs;
   if (softmax) {
-    weight = at::empty({N}, acc_options);
-    gs = at::empty({N}, acc_options);
-    at::Tensor gw = at::empty({N}, acc_options);
+    weight = at::empty({C, N}, acc_options);
+    gs = at::empty({C, N}, acc_options);
+    at::Tensor gw = at::empty({C, N}, acc_options);
     allow_smem(scores_kernel<T, acc_t>, fwd.bytes);
     scores_kernel<T, acc_t><<<grid_of(items), kThreads, fwd.bytes, stream>>>(
         net, bt, grad_out.const_data_ptr<T>(), fwd.layout, fwd.tile, weight.mutable_data_ptr<acc_t>(),
         gw.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    softmax_grad_kernel<acc_t><<<grid_of(B), kThreads, 0, stream>>>(
-        starts.const_data_ptr<int64_t>(), lengths.const_data_ptr<int64_t>(), static_cast<acc_t>(score_scale),
+    softmax_grad_kernel<acc_t><<<grid_of(B * C), kThreads, 0, stream>>>(
+        starts.const_data_ptr<int64_t>(), lengths.const_data_ptr<int64_t>(), C, N, static_cast<acc_t>(score_scale),
         weight.mutable_data_ptr<acc_t>(), gw.const_data_ptr<acc_t>(), gs.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -846,7 +983,7 @@ void backward_impl(const AttentionBackwardArgs& args, int64_t max_len, BackwardR
   const plan::ParamLayout P = plan::param_layout(widths, D);
 
   if (act == Activation::kDice && training) {
-    const at::Tensor safe = lengths.sum().to(at::kDouble).clamp_min(1);
+    const at::Tensor safe = (lengths.sum().to(at::kDouble) * static_cast<double>(C)).clamp_min(1);
     auto kernel = softmax ? backward_kernel<T, acc_t, false, true> : backward_kernel<T, acc_t, false, false>;
     allow_smem(kernel, bwd.bytes);
     for (int j = net.n - 1; j >= 0; --j) {
@@ -855,7 +992,7 @@ void backward_impl(const AttentionBackwardArgs& args, int64_t max_len, BackwardR
       kernel<<<grid_of(grid), kThreads, bwd.bytes, stream>>>(net, bt, grad_out.const_data_ptr<T>(), weight_ptr,
                                                              gs_ptr, bwd.layout, bwd.tile, j, P,
                                                              sums.mutable_data_ptr<double>(), nullptr, nullptr,
-                                                             nullptr, nullptr);
+                                                             nullptr, nullptr, nullptr, nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const at::Tensor total = sum_rows(sums);
       packed.act_c[plan::kActGradMean].narrow(0, net.col[j], wj).copy_(total.narrow(0, 0, wj) / safe);
@@ -867,18 +1004,30 @@ void backward_impl(const AttentionBackwardArgs& args, int64_t max_len, BackwardR
   at::Tensor& grad_keys = std::get<1>(res);
   at::Tensor& grad_values = std::get<2>(res);
   at::Tensor params = at::empty({grid, P.total}, acc_options);
-  at::Tensor gq_partial = at::empty({items, D}, acc_options);
+  at::Tensor gq_partial = at::empty({B * S * C, D}, acc_options);
+  // Several candidate groups: each writes its own key- (value-) gradient rows, reduced below in group order.
+  at::Tensor gk_partial, gv_partial;
+  if (G > 1) {
+    gk_partial = at::zeros({G, N, D}, acc_options);
+    if (args.separate_values) gv_partial = at::zeros({G, N, Dv}, acc_options);
+  }
   auto kernel = softmax ? backward_kernel<T, acc_t, true, true> : backward_kernel<T, acc_t, true, false>;
   allow_smem(kernel, bwd.bytes);
   kernel<<<grid_of(grid), kThreads, bwd.bytes, stream>>>(
       net, bt, grad_out.const_data_ptr<T>(), weight_ptr, gs_ptr, bwd.layout, bwd.tile, -1, P, nullptr,
       params.mutable_data_ptr<acc_t>(), gq_partial.mutable_data_ptr<acc_t>(), grad_keys.mutable_data_ptr<T>(),
-      args.separate_values ? grad_values.mutable_data_ptr<T>() : nullptr);
+      args.separate_values ? grad_values.mutable_data_ptr<T>() : nullptr,
+      gk_partial.defined() ? gk_partial.mutable_data_ptr<acc_t>() : nullptr,
+      gv_partial.defined() ? gv_partial.mutable_data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (gk_partial.defined()) {
+    grad_keys.copy_(sum_rows(gk_partial.view({G, N * D})).view({N, D}));
+    if (gv_partial.defined()) grad_values.copy_(sum_rows(gv_partial.view({G, N * Dv})).view({N, Dv}));
+  }
   if (D > 0) {
-    query_grad_kernel<T, acc_t><<<grid_of(B), kThreads, 0, stream>>>(gq_partial.const_data_ptr<acc_t>(),
-                                                                     lengths.const_data_ptr<int64_t>(), S, D,
-                                                                     grad_query.mutable_data_ptr<T>());
+    query_grad_kernel<T, acc_t><<<grid_of(B * C), kThreads, 0, stream>>>(gq_partial.const_data_ptr<acc_t>(),
+                                                                         lengths.const_data_ptr<int64_t>(), S, C, D,
+                                                                         grad_query.mutable_data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 

@@ -17,6 +17,17 @@
 //   bitwise reproducible run to run.
 //   Inside a chunk, a block processes row tiles of tile_rows rows (a divisor of kChunkRows chosen by
 //   choose_tile_rows so that the shared-memory layout fits the device).
+//
+// Several candidates per user (query [B, C, D], C > 1): the candidates of a user share its history, so a work item
+// is (user, chunk, candidate group): a key tile is loaded into shared memory once and then serves every candidate
+// of the group in candidate order (set up its c and Weff, run the tile's MLP, pool / back-propagate). Per-candidate
+// running state that outlives a tile (the online softmax's (m, l, acc), the query-gradient accumulator) lives in
+// its own partial row, partial_row(item, c), read and written only by the item's block; the key- and value-gradients
+// of a tile are summed over the group's candidates in shared memory and stored once per tile. There are
+// G = candidate_groups(B * S, C) groups: 1 (the history is read once per chunk) unless the B * S chunks alone leave
+// blocks idle, in which case the candidates are split into groups of at least kMinGroup, up to kMaxBlocks items;
+// with G > 1 each group writes its own [N, D] key-gradient (and value-gradient) partial, reduced in group order.
+// Item w is (user, chunk, group) = ((w / G) / S, (w / G) % S, w % G); with C = 1, G = 1 and everything is as above.
 #pragma once
 
 #include <cstdint>
@@ -35,6 +46,7 @@ constexpr int64_t kMaxBlocks = 512;      // blocks of the accumulating kernels (
 constexpr int kThreads = 256;            // threads per block of every attention kernel
 constexpr int64_t kAlign = 4;            // shared-memory offsets are multiples of 4 elements (>= 16 bytes)
 constexpr int kNumTileChoices = 4;   // row tiles tried, largest first: 64, 32, 16, 8 (divisors of kChunkRows)
+constexpr int64_t kMinGroup = 8;     // candidates of a work item at least, when the candidates are split (C > 1)
 
 // Rows of the per-feature activation constants handed to the kernels ([kNumActConstants, sum H]).
 constexpr int kActAlpha = 0, kActGamma = 1, kActBeta = 2, kActMean = 3, kActRstd = 4, kActGradMean = 5,
@@ -68,11 +80,38 @@ DIN_EXT_HD Range chunk_range(int64_t len, int64_t c) {
   return {begin, min64(begin + kChunkRows, len)};
 }
 
+// Candidate groups for B * S = user_chunks chunks of C candidates: 1 when C == 1 or the chunks alone fill
+// kMaxBlocks blocks; otherwise as many as bring the items up to kMaxBlocks, each of at least kMinGroup candidates
+// (of all C when C < 2 kMinGroup), and none empty. Depends only on B, S and C (never on the device).
+DIN_EXT_HD int64_t candidate_groups(int64_t user_chunks, int64_t C) {
+  if (C <= 1 || user_chunks >= kMaxBlocks) return 1;
+  const int64_t groups = min64(ceil_div(kMaxBlocks, max64(user_chunks, 1)), max64(C / kMinGroup, 1));
+  return ceil_div(C, ceil_div(C, groups));
+}
+
+// Candidates of one group (the last one may be smaller).
+DIN_EXT_HD int64_t group_size(int64_t C, int64_t groups) { return ceil_div(C, groups); }
+
 struct Item {
-  int64_t user, chunk;
+  int64_t user, chunk, group;
 };
 
-DIN_EXT_HD Item work_item(int64_t w, int64_t chunks) { return {w / chunks, w % chunks}; }
+DIN_EXT_HD Item work_item(int64_t w, int64_t chunks, int64_t groups = 1) {
+  const int64_t uc = w / groups;
+  return {uc / chunks, uc % chunks, w % groups};
+}
+
+// The candidates [begin, end) of group g (C candidates, groups of size per_group).
+DIN_EXT_HD Range candidate_range(int64_t C, int64_t per_group, int64_t g) {
+  const int64_t begin = min64(g * per_group, C);
+  return {begin, min64(begin + per_group, C)};
+}
+
+// The partial row of (user, chunk, candidate c): [B * S * C] rows in (user, chunk, candidate) order, so that a
+// user's chunks of one candidate are combined in chunk order. With C = 1 it is the work item's index.
+DIN_EXT_HD int64_t partial_row(int64_t user, int64_t chunk, int64_t c, int64_t chunks, int64_t C) {
+  return (user * chunks + chunk) * C + c;
+}
 
 // Widths of the MLP: w[i] = output width of linear i (w[n] == 1 is the score), n hidden layers.
 struct Widths {
@@ -102,10 +141,16 @@ struct SmemLayout {
   int64_t grad_weff;         // [w0, D] the tile's d loss / d Weff (backward)
   int64_t dc;                // [w0] the tile's d loss / d c (backward)
   int64_t acc;               // [max(D, Dv)] pooled-value accumulator (forward) / query-gradient accumulator (backward)
+  int64_t vals;              // [tile, Dv] the tile's values (C > 1 only: they serve every candidate)
+  int64_t gkeys;             // [tile, D] the tile's key gradient summed over candidates (C > 1, backward)
+  int64_t gvals;             // [tile, Dv] the tile's value gradient summed over candidates (C > 1, backward)
   int64_t total;             // elements
 };
 
-DIN_EXT_HD SmemLayout smem_layout(const Widths& net, int64_t tile, int64_t D, int64_t Dv, bool backward) {
+// candidates > 1 adds the vals / gkeys / gvals regions at the end; with one candidate they are empty and every other
+// offset is the same.
+DIN_EXT_HD SmemLayout smem_layout(const Widths& net, int64_t tile, int64_t D, int64_t Dv, bool backward,
+                                  int64_t candidates = 1) {
   SmemLayout L{};
   int64_t at = 0;
   auto take = [&at](int64_t size) {
@@ -128,15 +173,21 @@ DIN_EXT_HD SmemLayout smem_layout(const Widths& net, int64_t tile, int64_t D, in
   L.grad_weff = take(backward ? w0 * D : 0);
   L.dc = take(backward ? w0 : 0);
   L.acc = take(max64(D, Dv));
+  const bool multi = candidates > 1;
+  L.vals = take(multi ? tile * Dv : 0);
+  L.gkeys = take(multi && backward ? tile * D : 0);
+  L.gvals = take(multi && backward ? tile * Dv : 0);
   L.total = at;
   return L;
 }
 
 // The largest tile_choice whose layout fits limit_bytes, or 0 if none does.
 DIN_EXT_HD int64_t choose_tile_rows(const Widths& net, int64_t D, int64_t Dv, bool backward, int64_t elem_bytes,
-                                    int64_t limit_bytes) {
+                                    int64_t limit_bytes, int64_t candidates = 1) {
   for (int i = 0; i < kNumTileChoices; ++i) {
-    if (smem_layout(net, tile_choice(i), D, Dv, backward).total * elem_bytes <= limit_bytes) return tile_choice(i);
+    if (smem_layout(net, tile_choice(i), D, Dv, backward, candidates).total * elem_bytes <= limit_bytes) {
+      return tile_choice(i);
+    }
   }
   return 0;
 }
