@@ -18,6 +18,15 @@ Structure (the cpu backend's, csrc/cpu/attention.cpp, on a GPU grid):
   hidden layer (top down) gathering sum(g_xhat) and sum(g_xhat * xhat), the terms of the exact gradient through the
   batch statistics.
   Softmax uses delta_b = grad_out_b . out_b (flash-attention's trick) instead of a separate scoring sweep.
+- multi-candidate queries [B, C, D] (MULTI; C = 1 runs the path above as [B, D]): a tile holds BLOCK_L (candidate,
+  behaviour) pairs, BLOCK_C candidates x BLOCK_L // BLOCK_C behaviours, row i * (BLOCK_L // BLOCK_C) + t; its layer 1
+  is z_0 = c_{b,c} + Kc k + Pc (q * k), two [BLOCK_L, D] x [D, H1] tl.dots (Weff differs per candidate), with c_{b,c}
+  computed once on the host (CB); the hidden layers and their backward are the 2-D path's on the pair rows. The
+  forward's grid is (user, candidate block): each program loads a key tile once for its BLOCK_C candidates (with
+  their own online softmax). The backward's program walks each user's key tiles once and, per tile, the user's
+  candidates BLOCK_C at a time, so grad_keys/grad_values are summed over the candidates in registers and stored once
+  per tile; the per-candidate gq and dc are summed over the tiles in zero-filled scratch that only the user's
+  program touches (read-modify-write, a barrier after each). Dice statistics count every valid pair.
 Every reduction over users goes through per-program partial sums added in a fixed order, so the results are
 bitwise reproducible run to run. Hidden layers: at most MAX_HIDDEN, widths padded to powers of two (>= 16).
 """
@@ -693,51 +702,53 @@ def _backward_kernel(
                         a0_2 += s2
                         a0_3 += s3
                         a0_4 += s4
-                if FULL and MULTI:  # layer 1: z_0 = c_{b,c} + Kc k + Pc (q_{b,c} * k)
-                    gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
-                    gy3 = tl.reshape(gy, [BLOCK_C, BLOCK_L // BLOCK_C, DP])
-                    gk3 = tl.reshape(_mm(gz, kc, ACC, TF32), [BLOCK_C, BLOCK_L // BLOCK_C, DP])
-                    gk_sum += tl.sum(gk3 + gy3 * qb[:, None, :], 0)
-                    gv = tl.sum(w[:, :, None] * g_out[:, None, :], 0)
+                if FULL:
+                    if MULTI:  # layer 1: z_0 = c_{b,c} + Kc k + Pc (q_{b,c} * k)
+                        gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
+                        gy3 = tl.reshape(gy, [BLOCK_C, BLOCK_L // BLOCK_C, DP])
+                        gk3 = tl.reshape(_mm(gz, kc, ACC, TF32), [BLOCK_C, BLOCK_L // BLOCK_C, DP])
+                        gk_sum += tl.sum(gk3 + gy3 * qb[:, None, :], 0)
+                        gv = tl.sum(w[:, :, None] * g_out[:, None, :], 0)
+                        if HAS_V:
+                            gv_sum += gv
+                        else:
+                            gk_sum += gv
+                        d_k += _mm_tn(gz, km, ACC, IN, TF32)
+                        d_p += _mm_tn(gz, qk, ACC, IN, TF32)
+                        # The candidates' gq and dc, summed over the tiles in GQ and DC: only this program touches
+                        # user b's rows, and the barrier orders each tile's update before the next one reads them.
+                        qmask = cmask[:, None] & (offs_d < D)[None, :]
+                        gq_at = GQ + pair[:, None] * D + offs_d[None, :]
+                        gq = tl.load(gq_at, mask=qmask, other=0.0) + tl.sum(gy3 * k.to(ACC)[None, :, :], 1)
+                        dc_at = DC + pair[:, None] * P0 + tl.arange(0, P0)[None, :]
+                        gz3 = tl.reshape(gz, [BLOCK_C, BLOCK_L // BLOCK_C, P0])
+                        dc = tl.load(dc_at, mask=cmask[:, None], other=0.0) + tl.sum(gz3, 1)
+                        tl.store(gq_at, gq, mask=qmask)
+                        tl.store(dc_at, dc, mask=cmask[:, None])
+                        tl.debug_barrier()
+                    else:  # layer 1: z_0 = c_b + Weff_b k
+                        dc += tl.sum(gz, 0)
+                        gk = _mm(gz, kc, ACC, TF32)
+                        gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
+                        gk += gy * q[None, :]
+                        kf = k.to(ACC)
+                        gq += tl.sum(gy * kf, 0)
+                        d_k += _mm_tn(gz, k, ACC, IN, TF32)
+                        d_p += _mm_tn(gz, kf * q[None, :], ACC, IN, TF32)
+                        if HAS_V:
+                            tl.store(GV + r[:, None] * DV + offs_v[None, :], w[:, None] * g_out[None, :], mask=vmask)
+                        else:
+                            gk += w[:, None] * g_out[None, :]
+                        tl.store(GK + r[:, None] * D + offs_d[None, :], gk, mask=kmask)
+            if MULTI:
+                if FULL:
+                    tl.store(GK + r[:, None] * D + offs_d[None, :], gk_sum, mask=kmask)
                     if HAS_V:
-                        gv_sum += gv
-                    else:
-                        gk_sum += gv
-                    d_k += _mm_tn(gz, km, ACC, IN, TF32)
-                    d_p += _mm_tn(gz, qk, ACC, IN, TF32)
-                    # The candidates' gq and dc, summed over the tiles in GQ and DC: only this program touches
-                    # user b's rows, and the barrier orders each tile's update before the next one reads them.
-                    qmask = cmask[:, None] & (offs_d < D)[None, :]
-                    gq_at = GQ + pair[:, None] * D + offs_d[None, :]
-                    gq = tl.load(gq_at, mask=qmask, other=0.0) + tl.sum(gy3 * k.to(ACC)[None, :, :], 1)
-                    dc_at = DC + pair[:, None] * P0 + tl.arange(0, P0)[None, :]
-                    gz3 = tl.reshape(gz, [BLOCK_C, BLOCK_L // BLOCK_C, P0])
-                    dc = tl.load(dc_at, mask=cmask[:, None], other=0.0) + tl.sum(gz3, 1)
-                    tl.store(gq_at, gq, mask=qmask)
-                    tl.store(dc_at, dc, mask=cmask[:, None])
-                    tl.debug_barrier()
-                elif FULL:  # layer 1: z_0 = c_b + Weff_b k
-                    dc += tl.sum(gz, 0)
-                    gk = _mm(gz, kc, ACC, TF32)
-                    gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
-                    gk += gy * q[None, :]
-                    kf = k.to(ACC)
-                    gq += tl.sum(gy * kf, 0)
-                    d_k += _mm_tn(gz, k, ACC, IN, TF32)
-                    d_p += _mm_tn(gz, kf * q[None, :], ACC, IN, TF32)
-                    if HAS_V:
-                        tl.store(GV + r[:, None] * DV + offs_v[None, :], w[:, None] * g_out[None, :], mask=vmask)
-                    else:
-                        gk += w[:, None] * g_out[None, :]
-                    tl.store(GK + r[:, None] * D + offs_d[None, :], gk, mask=kmask)
-            if FULL and MULTI:
-                tl.store(GK + r[:, None] * D + offs_d[None, :], gk_sum, mask=kmask)
-                if HAS_V:
-                    tl.store(GV + r[:, None] * DV + offs_v[None, :], gv_sum, mask=vmask)
-        if FULL and not MULTI:
-            tl.store(GQ + b * D + offs_d, gq, mask=offs_d < D)
-            tl.store(DC + b * P0 + tl.arange(0, P0), dc)
-
+                        tl.store(GV + r[:, None] * DV + offs_v[None, :], gv_sum, mask=vmask)
+        if not MULTI:
+            if FULL:
+                tl.store(GQ + b * D + offs_d, gq, mask=offs_d < D)
+                tl.store(DC + b * P0 + tl.arange(0, P0), dc)
 
     base = PART + pid * part_size
     if FULL:  # the layout of _backward_layout
