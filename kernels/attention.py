@@ -813,7 +813,9 @@ class _Plan:
         self.batch, self.dim = query.shape[0], query.shape[-1]
         self.multi = query.dim() == 3  # query [B, C, D] with C > 1 (the launchers run C = 1 as [B, D])
         self.candidates = query.shape[1] if self.multi else 1
-        self.block_c = min(MAX_BLOCK_C, triton.next_power_of_2(self.candidates))
+        # (a symbolic C, while torch.compile traces: the widest block, valid for any C)
+        self.block_c = (min(MAX_BLOCK_C, triton.next_power_of_2(self.candidates)) if isinstance(self.candidates, int)
+                        else MAX_BLOCK_C)
         self.value_dim = keys.shape[1] if values is None else values.shape[1]
         self.num_hidden = len(weights) - 1
         if self.num_hidden > MAX_HIDDEN:

@@ -49,7 +49,7 @@ def make_case(lengths, candidates, activation="dice", normalization="softmax", h
         biases.append(torch.randn(width, generator=g, dtype=dtype) * 0.1)
         fan_in = width
     act_params = torch.rand(ACT_PARAM_ROWS[activation], sum(hidden), generator=g, dtype=dtype) + 0.5
-    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    to = lambda t: None if t is None else t.to(DEVICE)
     return dict(query=to(query), keys=to(keys), values=to(values), starts=to(starts), lengths=to(lengths),
                 max_len=int(lengths.max()), weights=[to(w) for w in weights], biases=[to(b) for b in biases],
                 act_params=to(act_params), activation=activation, normalization=normalization, score_scale=0.7,
@@ -79,7 +79,7 @@ def tiled_reference(case, training, grad_out):
     index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts.tolist(), lengths.tolist())]
                       + [torch.zeros(0, dtype=torch.long)]).to(keys.device)
     offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-    leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()  # noqa: E731
+    leaf = lambda t: None if t is None else t.detach().clone().requires_grad_()
     query, keys, values = leaf(query), leaf(keys), leaf(values)
     weights, biases = [leaf(w) for w in case["weights"]], [leaf(b) for b in case["biases"]]
     act_params = leaf(case["act_params"])
@@ -111,7 +111,7 @@ def assert_grads_close(grads, expected, atol, rtol):
         torch.testing.assert_close(ours, ref, atol=atol, rtol=rtol)
 
 
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-9), torch.float32: dict(atol=2e-5, rtol=2e-4)}
+TOL = {torch.float64: {"atol": 1e-10, "rtol": 1e-9}, torch.float32: {"atol": 2e-5, "rtol": 2e-4}}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -205,6 +205,6 @@ def test_triton_multi_is_deterministic():
     grad_out = torch.randn(4, 7, 5, dtype=torch.float32, device=DEVICE)
     first = run(case, True, grad_out=grad_out)
     second = run(case, True, grad_out=grad_out)
-    flat = lambda r: [*r[:3], *r[3][:2], *r[3][3], *r[3][4], r[3][5]]  # noqa: E731
+    flat = lambda r: [*r[:3], *r[3][:2], *r[3][3], *r[3][4], r[3][5]]
     for a, b in zip(flat(first), flat(second)):
         assert torch.equal(a, b)
