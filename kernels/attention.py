@@ -18,6 +18,15 @@ Structure (the cpu backend's, csrc/cpu/attention.cpp, on a GPU grid):
   hidden layer (top down) gathering sum(g_xhat) and sum(g_xhat * xhat), the terms of the exact gradient through the
   batch statistics.
   Softmax uses delta_b = grad_out_b . out_b (flash-attention's trick) instead of a separate scoring sweep.
+- multi-candidate queries [B, C, D] (MULTI; C = 1 runs the path above as [B, D]): a tile holds BLOCK_L (candidate,
+  behaviour) pairs, BLOCK_C candidates x BLOCK_L // BLOCK_C behaviours, row i * (BLOCK_L // BLOCK_C) + t; its layer 1
+  is z_0 = c_{b,c} + Kc k + Pc (q * k), two [BLOCK_L, D] x [D, H1] tl.dots (Weff differs per candidate), with c_{b,c}
+  computed once on the host (CB); the hidden layers and their backward are the 2-D path's on the pair rows. The
+  forward's grid is (user, candidate block): each program loads a key tile once for its BLOCK_C candidates (with
+  their own online softmax). The backward's program walks each user's key tiles once and, per tile, the user's
+  candidates BLOCK_C at a time, so grad_keys/grad_values are summed over the candidates in registers and stored once
+  per tile; the per-candidate gq and dc are summed over the tiles in zero-filled scratch that only the user's
+  program touches (read-modify-write, a barrier after each). Dice statistics count every valid pair.
 Every reduction over users goes through per-program partial sums added in a fixed order, so the results are
 bitwise reproducible run to run. Hidden layers: at most MAX_HIDDEN, widths padded to powers of two (>= 16).
 """
@@ -40,6 +49,7 @@ from din_ext.kernels.common import interpreting, sigmoid
 
 MAX_HIDDEN = 4
 NUM_BLOCKS = 128  # programs of the backward: fixes the summation order of the parameter gradients
+MAX_BLOCK_C = 4  # candidates per pair tile (BLOCK_L // BLOCK_C behaviours each) of a multi-candidate query
 # The activation ids of the ACT constexpr (din_ext.contract's).
 DICE, SIGMOID, PRELU, RELU = (tl.constexpr(ACTIVATION_IDS[name]) for name in ("dice", "sigmoid", "prelu", "relu"))
 
@@ -71,7 +81,8 @@ def _configs(configs):
     return [triton.Config({"BLOCK_L": block}, num_warps=warps, num_stages=2) for block, warps in configs]
 
 
-_KEY = ["b_bucket", "l_bucket", "D", "DV", "N0", "N1", "N2", "N3", "NUM_HIDDEN", "ACT", "SOFTMAX", "STOP"]
+_KEY = ["b_bucket", "l_bucket", "D", "DV", "N0", "N1", "N2", "N3", "NUM_HIDDEN", "ACT", "SOFTMAX", "STOP", "MULTI",
+        "BLOCK_C"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,13 +226,47 @@ def _user_layer0(Q, W0, B0, b, D, N0, DP: tl.constexpr, P0: tl.constexpr, ACC: t
 
 
 @triton.jit
-def _mlp_tile(k, c0, weff_t, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
+def _layer0_t(W0, D, N0, DP: tl.constexpr, P0: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr):
+    """The candidate-independent blocks of layer 1 transposed, (Wk - Wd)^T and Wp^T [DP, P0], in IN."""
+    kc_t = _load_t(W0 + D, N0, D, 4 * D, DP, P0).to(ACC) - _load_t(W0 + 2 * D, N0, D, 4 * D, DP, P0).to(ACC)
+    return kc_t.to(IN), _load_t(W0 + 3 * D, N0, D, 4 * D, DP, P0).to(IN)
+
+
+@triton.jit
+def _candidates(Q, CB, b, first_c, NC, D, DP: tl.constexpr, P0: tl.constexpr, BLOCK_C: tl.constexpr,
+                ACC: tl.constexpr):
+    """Row b's candidates first_c .. first_c + BLOCK_C - 1 (those past NC masked out): their flat indices b * NC + c
+    [BLOCK_C], mask [BLOCK_C], queries [BLOCK_C, DP] and c_{b,c} [BLOCK_C, P0] (ACC; zero when masked)."""
+    offs_c = first_c + tl.arange(0, BLOCK_C)
+    cmask = offs_c < NC
+    pair = b * NC + offs_c
+    offs_d = tl.arange(0, DP)
+    q = tl.load(Q + pair[:, None] * D + offs_d[None, :], mask=cmask[:, None] & (offs_d < D)[None, :],
+                other=0.0).to(ACC)
+    c = tl.load(CB + pair[:, None] * P0 + tl.arange(0, P0)[None, :], mask=cmask[:, None], other=0.0).to(ACC)
+    return pair, cmask, q, c
+
+
+@triton.jit
+def _pairs_z0(k, q, c, kc_t, pc_t, BLOCK_C: tl.constexpr, KT: tl.constexpr, ACC: tl.constexpr, TF32: tl.constexpr):
+    """Layer 1 of a pair tile: row i * KT + t pairs candidate i (q [BLOCK_C, DP], c [BLOCK_C, P0]) with key t
+    (k [KT, DP]): z_0 = c_i + Kc k_t + Pc (q_i * k_t). Returns the keys repeated per candidate and the products
+    q_i * k_t, [BLOCK_C * KT, DP] in ACC, and z_0 [BLOCK_C * KT, P0]."""
+    kf = k.to(ACC)
+    km = tl.reshape(tl.broadcast_to(kf[None, :, :], [BLOCK_C, KT, k.shape[1]]), [BLOCK_C * KT, k.shape[1]])
+    qk = tl.reshape(q[:, None, :] * kf[None, :, :], [BLOCK_C * KT, k.shape[1]])
+    cm = tl.reshape(tl.broadcast_to(c[:, None, :], [BLOCK_C, KT, c.shape[1]]), [BLOCK_C * KT, c.shape[1]])
+    z0 = _mm(km, kc_t, ACC, TF32) + _mm(qk, pc_t, ACC, TF32) + cm
+    return km, qk, z0
+
+
+@triton.jit
+def _mlp_tile(z0, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
               NUM_HIDDEN: tl.constexpr, UPTO: tl.constexpr, ACT: tl.constexpr,
               P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, HMAXP: tl.constexpr,
               ACC: tl.constexpr, TF32: tl.constexpr):
-    """Forward of a tile k [BLOCK_L, DP] up to z_UPTO; with UPTO = NUM_HIDDEN up to the scores s [BLOCK_L].
-    Returns z_0..z_3, h_0..h_3, s; what was not computed repeats z_0 (and s = row sums of z_0)."""
-    z0 = _mm(k, weff_t, ACC, TF32) + c0[None, :]
+    """Forward of a tile from its layer-1 output z0 [BLOCK_L, P0] up to z_UPTO; with UPTO = NUM_HIDDEN up to the
+    scores s [BLOCK_L]. Returns z_0..z_3, h_0..h_3, s; what was not computed repeats z_0 (and s = row sums of z_0)."""
     z1, z2, z3, h0, h1, h2, h3 = z0, z0, z0, z0, z0, z0, z0
     s = tl.sum(z0, 1)  # without hidden layers z_0 is the score (its padding columns are 0)
     if UPTO >= 1:
@@ -286,7 +331,7 @@ def _load_mlp(W1, B1, W2, B2, W3, B3, WS, BS, N0, N1, N2, N3, NUM_HIDDEN: tl.con
 @triton.autotune(configs=_configs([(32, 4), (16, 4), (64, 8), (32, 8)]), key=_KEY)
 @triton.jit
 def _forward_kernel(
-    Q,  # [B, D] queries
+    Q,  # [B, D] queries, or [B, NC, D] (MULTI)
     K,  # [N, D] keys, row-major
     V,  # [N, DV] values (K itself when the keys are the values)
     STARTS,  # [B] int64: user b's rows are STARTS[b] .. STARTS[b] + LENGTHS[b] - 1
@@ -295,52 +340,73 @@ def _forward_kernel(
     W1, B1, W2, B2, W3, B3,  # hidden-to-hidden linears [N_j, N_{j-1}], [N_j] (placeholders when absent)
     WS, BS,  # score linear [1, N_last], [1]
     CONSTS,  # [CONST_ROWS * MAX_HIDDEN + 1, HMAXP] activation constants (accumulation dtype); last: score_scale
-    OUT,  # [B, DV] pooled output (pooling pass)
-    LSE,  # [B] log-sum-exp of the scaled scores (softmax pooling pass; accumulation dtype)
-    PART,  # [B, 2, PS] shifted sum and sum of squares of z_STOP over the user's rows (statistics pass)
+    CB,  # MULTI: [B * NC, P0] c_{b,c} = (Wq + Wd) q_{b,c} + b_0 (accumulation dtype, zero padding); else unused
+    OUT,  # [B, DV] pooled output (pooling pass); [B, NC, DV] (MULTI)
+    LSE,  # [B] log-sum-exp of the scaled scores (softmax pooling pass; accumulation dtype); [B, NC] (MULTI)
+    PART,  # [programs, 2, PS] shifted sum and sum of squares of z_STOP over the program's rows (statistics pass)
     SHIFT,  # [NS] bias of layer STOP, the shift of the statistics sums
     D, DV,  # key and value widths
     N0, N1, N2, N3,  # hidden widths (1 for absent layers; N0 = 1 without hidden layers)
     NS,  # width of layer STOP
+    NC,  # candidates per user (1 unless MULTI)
     b_bucket, l_bucket,  # autotuning keys: power-of-two B, bucketed max_len
     NUM_HIDDEN: tl.constexpr,  # number of hidden layers (0 .. MAX_HIDDEN)
     ACT: tl.constexpr,  # DICE, SIGMOID, PRELU or RELU
     SOFTMAX: tl.constexpr,  # softmax-normalized pooling weights
     STOP: tl.constexpr,  # -1: pooling pass; j >= 0: statistics pass of hidden layer j
+    MULTI: tl.constexpr,  # NC candidates per user: program (b, i) scores candidates i * BLOCK_C .. of user b
     DP: tl.constexpr, DVP: tl.constexpr,  # padded D, DV
     P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,  # padded hidden widths
     PS: tl.constexpr,  # padded width of layer STOP
     HMAXP: tl.constexpr,  # row length of CONSTS
     TF32: tl.constexpr,  # float32 products on tf32 tensor cores
-    BLOCK_L: tl.constexpr,  # rows per tile
+    BLOCK_C: tl.constexpr,  # candidates per program (1 unless MULTI)
+    BLOCK_L: tl.constexpr,  # rows per tile: (candidate, behaviour) pairs, BLOCK_L // BLOCK_C behaviours
 ):
     ACC = CONSTS.dtype.element_ty  # accumulation dtype
     IN = K.dtype.element_ty  # input dtype (the tl.dot operands)
     b = tl.program_id(0).to(tl.int64)
     length = tl.load(LENGTHS + b)
     start = tl.load(STARTS + b)
-    q, c0, kc_t, pc_t = _user_layer0(Q, W0, B0, b, D, N0, DP, P0, ACC)
-    weff_t = (kc_t + pc_t * q[:, None]).to(IN)
+    if MULTI:
+        part_row = b * tl.num_programs(1) + tl.program_id(1)
+        first_c = tl.program_id(1).to(tl.int64) * BLOCK_C
+        pair, cmask, qb, cb = _candidates(Q, CB, b, first_c, NC, D, DP, P0, BLOCK_C, ACC)
+        kc_t, pc_t = _layer0_t(W0, D, N0, DP, P0, ACC, IN)
+        acc = tl.zeros([BLOCK_C, DVP], dtype=ACC)
+        row_max = tl.where(cmask, float("-inf"), 0.0).to(ACC)  # 0 on masked candidates: no inf - inf
+        denom = tl.zeros([BLOCK_C], dtype=ACC)
+    else:
+        part_row = b
+        q, c0, kc_t, pc_t = _user_layer0(Q, W0, B0, b, D, N0, DP, P0, ACC)
+        weff_t = (kc_t + pc_t * q[:, None]).to(IN)
+        acc = tl.zeros([DVP], dtype=ACC)
+        row_max = tl.full([1], float("-inf"), ACC)
+        denom = tl.zeros([1], dtype=ACC)
     w1t, b1, w2t, b2, w3t, b3, ws, bs = _load_mlp(W1, B1, W2, B2, W3, B3, WS, BS, N0, N1, N2, N3, NUM_HIDDEN,
                                                   P0, P1, P2, P3, ACC, IN)
     scale = tl.load(CONSTS + SCALE_ROW * HMAXP)
     offs_l = tl.arange(0, BLOCK_L)
+    offs_k = tl.arange(0, BLOCK_L // BLOCK_C)
     offs_d = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     offs_s = tl.arange(0, PS)
     shift = tl.load(SHIFT + offs_s, mask=offs_s < NS, other=0.0).to(ACC)
     sum1 = tl.zeros([PS], dtype=ACC)
     sum2 = tl.zeros([PS], dtype=ACC)
-    acc = tl.zeros([DVP], dtype=ACC)
-    row_max = tl.full([1], float("-inf"), ACC)
-    denom = tl.zeros([1], dtype=ACC)
-    for t0 in range(0, length, BLOCK_L):
-        rows = t0 + offs_l
-        valid = rows < length
+    for t0 in range(0, length, BLOCK_L // BLOCK_C):
+        rows = t0 + offs_k
+        kvalid = rows < length
         r = start + rows
-        k = tl.load(K + r[:, None] * D + offs_d[None, :], mask=valid[:, None] & (offs_d < D)[None, :], other=0.0)
+        k = tl.load(K + r[:, None] * D + offs_d[None, :], mask=kvalid[:, None] & (offs_d < D)[None, :], other=0.0)
+        if MULTI:  # the tile's keys, read once, against the program's candidates
+            _, _, z0 = _pairs_z0(k, qb, cb, kc_t, pc_t, BLOCK_C, BLOCK_L // BLOCK_C, ACC, TF32)
+            valid = (t0 + offs_l % (BLOCK_L // BLOCK_C) < length) & (first_c + offs_l // (BLOCK_L // BLOCK_C) < NC)
+        else:
+            z0 = _mm(k, weff_t, ACC, TF32) + c0[None, :]
+            valid = kvalid
         if STOP >= 0:
-            z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(k, c0, weff_t, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
+            z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(z0, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
                                                           NUM_HIDDEN, STOP, ACT, P0, P1, P2, P3, HMAXP, ACC, TF32)
             z = z0
             if STOP == 1:
@@ -353,13 +419,27 @@ def _forward_kernel(
             sum1 += tl.sum(x, 0)
             sum2 += tl.sum(x * x, 0)
         else:
-            z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(k, c0, weff_t, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
+            z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(z0, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
                                                           NUM_HIDDEN, NUM_HIDDEN, ACT, P0, P1, P2, P3, HMAXP, ACC,
                                                           TF32)
             t = s * scale
-            v = tl.load(V + r[:, None] * DV + offs_v[None, :], mask=valid[:, None] & (offs_v < DV)[None, :],
+            v = tl.load(V + r[:, None] * DV + offs_v[None, :], mask=kvalid[:, None] & (offs_v < DV)[None, :],
                         other=0.0).to(ACC)
-            if SOFTMAX:  # online softmax: rescale what was accumulated when the running maximum grows
+            if MULTI:  # per candidate: t [BLOCK_C, KT], the tile's values shared
+                t = tl.reshape(t, [BLOCK_C, BLOCK_L // BLOCK_C])
+                valid2 = cmask[:, None] & kvalid[None, :]
+                if SOFTMAX:
+                    t = tl.where(valid2, t, float("-inf"))
+                    new_max = tl.maximum(row_max, tl.max(t, 1))
+                    rescale = tl.exp(row_max - new_max)
+                    e = tl.exp(t - new_max[:, None])
+                    denom = denom * rescale + tl.sum(e, 1)
+                    acc = acc * rescale[:, None] + tl.sum(e[:, :, None] * v[None, :, :], 1)
+                    row_max = new_max
+                else:
+                    w = tl.where(valid2, t, 0.0)
+                    acc += tl.sum(w[:, :, None] * v[None, :, :], 1)
+            elif SOFTMAX:  # online softmax: rescale what was accumulated when the running maximum grows
                 t = tl.where(valid, t, float("-inf"))
                 new_max = tl.maximum(row_max, tl.max(t, 0))
                 rescale = tl.exp(row_max - new_max)
@@ -371,8 +451,15 @@ def _forward_kernel(
                 w = tl.where(valid, t, 0.0)
                 acc += tl.sum(w[:, None] * v, 0)
     if STOP >= 0:
-        tl.store(PART + b * 2 * PS + offs_s, sum1)
-        tl.store(PART + b * 2 * PS + PS + offs_s, sum2)
+        tl.store(PART + part_row * 2 * PS + offs_s, sum1)
+        tl.store(PART + part_row * 2 * PS + PS + offs_s, sum2)
+    elif MULTI:
+        if SOFTMAX:
+            has_rows = denom > 0
+            acc = tl.where(has_rows[:, None], acc / tl.where(has_rows, denom, 1.0)[:, None], 0.0)
+            lse = tl.where(has_rows, row_max + tl.log(tl.where(has_rows, denom, 1.0)), 0.0)
+            tl.store(LSE + pair, lse, mask=cmask)
+        tl.store(OUT + pair[:, None] * DV + offs_v[None, :], acc, mask=cmask[:, None] & (offs_v < DV)[None, :])
     else:
         if SOFTMAX:
             has_rows = denom > 0
@@ -413,26 +500,32 @@ def _store_sums(PART, s0, s1, s2, s3, s4, P: tl.constexpr):
 @triton.autotune(configs=_configs([(16, 8), (16, 4), (32, 8)]), key=_KEY)
 @triton.jit
 def _backward_kernel(
-    GOUT,  # [B, DV] gradient of the pooled output
+    GOUT,  # [B, DV] gradient of the pooled output ([B, NC, DV]: MULTI, and so on below)
     OUT,  # [B, DV] pooled output (softmax: delta_b = GOUT_b . OUT_b)
     LSE,  # [B] log-sum-exp of the scaled scores (softmax)
     Q, K, V, STARTS, LENGTHS,  # as in the forward (V is K when the keys are the values)
     W0, B0, W1, B1, W2, B2, W3, B3, WS, BS,  # linears, as in the forward
     CONSTS,  # activation constants, as in the forward, with ROW_G_MEAN and ROW_GX_MEAN (Dice training)
-    GQ,  # [B, D] gradient of the queries through Weff_b (accumulation dtype; the caller adds (Wq + Wd)^T dc_b)
-    DC,  # [B, P0] dc_b = sum over the user's rows of d/dz_0 (accumulation dtype)
+    CB,  # MULTI: [B * NC, P0] c_{b,c}, as in the forward; else unused
+    GQ,  # [B, D] gradient of the queries through Weff_b (accumulation dtype; the caller adds (Wq + Wd)^T dc_b;
+         # MULTI: zero-filled by the caller, accumulated tile by tile)
+    DC,  # [B, P0] dc_b = sum over the user's rows of d/dz_0 (accumulation dtype; MULTI: as GQ)
     GK,  # [N, D] gradient of the keys (rows outside every user are zero-filled by the caller)
     GV,  # [N, DV] gradient of the values (HAS_V)
     PART,  # [programs, part_size] per-program parameter gradient sums (layout: _backward_layout)
     batch, users_per_program,  # users [pid * users_per_program, ...) belong to program pid
     D, DV, N0, N1, N2, N3,
     part_size,  # elements of one program's partial sums
+    NC,  # candidates per user (1 unless MULTI)
     b_bucket, l_bucket,  # autotuning keys
     NUM_HIDDEN: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr,
     STOP: tl.constexpr,  # -1: gradient pass; j >= 0: Dice sums pass of hidden layer j (sum g_xhat, g_xhat * xhat)
     HAS_V: tl.constexpr,  # values are separate from the keys
+    MULTI: tl.constexpr,  # NC candidates per user: each key tile meets them BLOCK_C at a time
     DP: tl.constexpr, DVP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
-    PS: tl.constexpr, HMAXP: tl.constexpr, TF32: tl.constexpr, BLOCK_L: tl.constexpr,
+    PS: tl.constexpr, HMAXP: tl.constexpr, TF32: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # candidates per step (1 unless MULTI)
+    BLOCK_L: tl.constexpr,  # rows per tile: (candidate, behaviour) pairs, BLOCK_L // BLOCK_C behaviours
 ):
     ACC = CONSTS.dtype.element_ty  # accumulation dtype
     IN = K.dtype.element_ty  # input dtype (the tl.dot operands)
@@ -490,109 +583,172 @@ def _backward_kernel(
     a3_0 = tl.zeros([P3], dtype=ACC)
     a3_1, a3_2, a3_3, a3_4 = a3_0, a3_0, a3_0, a3_0
 
+    if MULTI:  # layer 1's forward blocks, shared by every candidate
+        kc_t, pc_t = _layer0_t(W0, D, N0, DP, P0, ACC, IN)
+    offs_k = tl.arange(0, BLOCK_L // BLOCK_C)
     for b in range(first, last):
         length = tl.load(LENGTHS + b)
         start = tl.load(STARTS + b)
-        q, c0, kc_t, pc_t = _user_layer0(Q, W0, B0, b, D, N0, DP, P0, ACC)
-        weff_t = (kc_t + pc_t * q[:, None]).to(IN)
-        g_out = tl.load(GOUT + b * DV + offs_v, mask=offs_v < DV, other=0.0).to(ACC)
-        lse = tl.zeros([1], dtype=ACC)
-        delta = tl.zeros([1], dtype=ACC)
-        if SOFTMAX:
-            lse = tl.load(LSE + b + tl.arange(0, 1))
-            out = tl.load(OUT + b * DV + offs_v, mask=offs_v < DV, other=0.0).to(ACC)
-            delta = tl.zeros([1], dtype=ACC) + tl.sum(g_out * out, 0)
-        dc = tl.zeros([P0], dtype=ACC)
-        gq = tl.zeros([DP], dtype=ACC)
-        for t0 in range(0, length, BLOCK_L):
-            rows = t0 + offs_l
-            valid = rows < length
-            r = start + rows
-            kmask = valid[:, None] & (offs_d < D)[None, :]
-            k = tl.load(K + r[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
-            z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(k, c0, weff_t, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
-                                                          NUM_HIDDEN, NUM_HIDDEN, ACT, P0, P1, P2, P3, HMAXP, ACC,
-                                                          TF32)
-            t = s * scale
-            v = tl.load(V + r[:, None] * DV + offs_v[None, :], mask=valid[:, None] & (offs_v < DV)[None, :],
-                        other=0.0).to(ACC)
-            gw = tl.sum(v * g_out[None, :], 1)  # d loss / d pooling weight
+        if not MULTI:
+            q, c0, kc_t, pc_t = _user_layer0(Q, W0, B0, b, D, N0, DP, P0, ACC)
+            weff_t = (kc_t + pc_t * q[:, None]).to(IN)
+            g_out = tl.load(GOUT + b * DV + offs_v, mask=offs_v < DV, other=0.0).to(ACC)
+            lse = tl.zeros([1], dtype=ACC)
+            delta = tl.zeros([1], dtype=ACC)
             if SOFTMAX:
-                w = tl.exp(t - lse)
-                gs = scale * w * (gw - delta)
-            else:
-                w = t
-                gs = scale * gw
-            w = tl.where(valid, w, 0.0)
-            gs = tl.where(valid, gs, 0.0)
-            # Score layer, then the hidden layers from the top; a sums pass stops at its layer's activation.
-            if NUM_HIDDEN == 0:
-                gz = tl.where(col0[None, :], gs[:, None], 0.0)
-            else:
-                h_last = h0
-                z_last = z0
-                if NUM_HIDDEN == 2:
-                    h_last, z_last = h1, z1
-                if NUM_HIDDEN == 3:
-                    h_last, z_last = h2, z2
-                if NUM_HIDDEN == 4:
-                    h_last, z_last = h3, z3
-                if FULL:
-                    dws += tl.sum(gs[:, None] * h_last, 0)
-                    dbs += tl.sum(gs, 0)
-                gz, s0, s1, s2, s3, s4 = _act_bwd(gs[:, None] * ws[None, :], z_last, valid, CONSTS, NUM_HIDDEN - 1,
-                                                  ws.shape[0], HMAXP, ACT)
-                if NUM_HIDDEN == 4:
-                    a3_0 += s0
-                    a3_1 += s1
-                    a3_2 += s2
-                    a3_3 += s3
-                    a3_4 += s4
-                    if STOP <= 2:
-                        gz, dw3, db3, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h2, z2, valid, w3, dw3, db3, CONSTS, 2, P2,
-                                                                       HMAXP, ACT, ACC, IN, TF32, FULL)
-                if NUM_HIDDEN >= 3 and STOP <= 2:
-                    a2_0 += s0
-                    a2_1 += s1
-                    a2_2 += s2
-                    a2_3 += s3
-                    a2_4 += s4
-                    if STOP <= 1:
-                        gz, dw2, db2, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h1, z1, valid, w2, dw2, db2, CONSTS, 1, P1,
-                                                                       HMAXP, ACT, ACC, IN, TF32, FULL)
-                if NUM_HIDDEN >= 2 and STOP <= 1:
-                    a1_0 += s0
-                    a1_1 += s1
-                    a1_2 += s2
-                    a1_3 += s3
-                    a1_4 += s4
-                    if STOP <= 0:
-                        gz, dw1, db1, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h0, z0, valid, w1, dw1, db1, CONSTS, 0, P0,
-                                                                       HMAXP, ACT, ACC, IN, TF32, FULL)
-                if STOP <= 0:
-                    a0_0 += s0
-                    a0_1 += s1
-                    a0_2 += s2
-                    a0_3 += s3
-                    a0_4 += s4
-            if FULL:  # layer 1: z_0 = c_b + Weff_b k
-                dc += tl.sum(gz, 0)
-                gk = _mm(gz, kc, ACC, TF32)
-                gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
-                gk += gy * q[None, :]
-                kf = k.to(ACC)
-                gq += tl.sum(gy * kf, 0)
-                d_k += _mm_tn(gz, k, ACC, IN, TF32)
-                d_p += _mm_tn(gz, kf * q[None, :], ACC, IN, TF32)
-                if HAS_V:
-                    tl.store(GV + r[:, None] * DV + offs_v[None, :], w[:, None] * g_out[None, :],
-                             mask=valid[:, None] & (offs_v < DV)[None, :])
+                lse = tl.load(LSE + b + tl.arange(0, 1))
+                out = tl.load(OUT + b * DV + offs_v, mask=offs_v < DV, other=0.0).to(ACC)
+                delta = tl.zeros([1], dtype=ACC) + tl.sum(g_out * out, 0)
+            dc = tl.zeros([P0], dtype=ACC)
+            gq = tl.zeros([DP], dtype=ACC)
+        for t0 in range(0, length, BLOCK_L // BLOCK_C):
+            rows = t0 + offs_k
+            kvalid = rows < length
+            r = start + rows
+            kmask = kvalid[:, None] & (offs_d < D)[None, :]
+            vmask = kvalid[:, None] & (offs_v < DV)[None, :]
+            k = tl.load(K + r[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
+            if MULTI:  # the tile's keys and values, read once; their gradients summed over the candidates
+                v = tl.load(V + r[:, None] * DV + offs_v[None, :], mask=vmask, other=0.0).to(ACC)
+                gk_sum = tl.zeros([BLOCK_L // BLOCK_C, DP], dtype=ACC)
+                gv_sum = tl.zeros([BLOCK_L // BLOCK_C, DVP], dtype=ACC)
+            for first_c in range(0, NC, BLOCK_C):
+                if MULTI:
+                    pair, cmask, qb, cb = _candidates(Q, CB, b, first_c, NC, D, DP, P0, BLOCK_C, ACC)
+                    km, qk, z0 = _pairs_z0(k, qb, cb, kc_t, pc_t, BLOCK_C, BLOCK_L // BLOCK_C, ACC, TF32)
+                    valid = ((t0 + offs_l % (BLOCK_L // BLOCK_C) < length)
+                             & (first_c + offs_l // (BLOCK_L // BLOCK_C) < NC))
                 else:
-                    gk += w[:, None] * g_out[None, :]
-                tl.store(GK + r[:, None] * D + offs_d[None, :], gk, mask=kmask)
-        if FULL:
-            tl.store(GQ + b * D + offs_d, gq, mask=offs_d < D)
-            tl.store(DC + b * P0 + tl.arange(0, P0), dc)
+                    z0 = _mm(k, weff_t, ACC, TF32) + c0[None, :]
+                    valid = kvalid
+                z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(z0, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
+                                                              NUM_HIDDEN, NUM_HIDDEN, ACT, P0, P1, P2, P3, HMAXP,
+                                                              ACC, TF32)
+                t = s * scale
+                if MULTI:  # per candidate: [BLOCK_C, KT]
+                    omask = cmask[:, None] & (offs_v < DV)[None, :]
+                    g_out = tl.load(GOUT + pair[:, None] * DV + offs_v[None, :], mask=omask, other=0.0).to(ACC)
+                    t = tl.reshape(t, [BLOCK_C, BLOCK_L // BLOCK_C])
+                    valid2 = cmask[:, None] & kvalid[None, :]
+                    gw = tl.sum(v[None, :, :] * g_out[:, None, :], 2)  # d loss / d pooling weight
+                    if SOFTMAX:
+                        lse = tl.load(LSE + pair, mask=cmask, other=0.0)
+                        out = tl.load(OUT + pair[:, None] * DV + offs_v[None, :], mask=omask, other=0.0).to(ACC)
+                        w = tl.exp(t - lse[:, None])
+                        gs = scale * w * (gw - tl.sum(g_out * out, 1)[:, None])
+                    else:
+                        w = t
+                        gs = scale * gw
+                    w = tl.where(valid2, w, 0.0)
+                    gs = tl.reshape(tl.where(valid2, gs, 0.0), [BLOCK_L])
+                else:
+                    v = tl.load(V + r[:, None] * DV + offs_v[None, :], mask=vmask, other=0.0).to(ACC)
+                    gw = tl.sum(v * g_out[None, :], 1)  # d loss / d pooling weight
+                    if SOFTMAX:
+                        w = tl.exp(t - lse)
+                        gs = scale * w * (gw - delta)
+                    else:
+                        w = t
+                        gs = scale * gw
+                    w = tl.where(valid, w, 0.0)
+                    gs = tl.where(valid, gs, 0.0)
+                # Score layer, then the hidden layers from the top; a sums pass stops at its layer's activation.
+                if NUM_HIDDEN == 0:
+                    gz = tl.where(col0[None, :], gs[:, None], 0.0)
+                else:
+                    h_last = h0
+                    z_last = z0
+                    if NUM_HIDDEN == 2:
+                        h_last, z_last = h1, z1
+                    if NUM_HIDDEN == 3:
+                        h_last, z_last = h2, z2
+                    if NUM_HIDDEN == 4:
+                        h_last, z_last = h3, z3
+                    if FULL:
+                        dws += tl.sum(gs[:, None] * h_last, 0)
+                        dbs += tl.sum(gs, 0)
+                    gz, s0, s1, s2, s3, s4 = _act_bwd(gs[:, None] * ws[None, :], z_last, valid, CONSTS, NUM_HIDDEN - 1,
+                                                      ws.shape[0], HMAXP, ACT)
+                    if NUM_HIDDEN == 4:
+                        a3_0 += s0
+                        a3_1 += s1
+                        a3_2 += s2
+                        a3_3 += s3
+                        a3_4 += s4
+                        if STOP <= 2:
+                            gz, dw3, db3, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h2, z2, valid, w3, dw3, db3, CONSTS,
+                                                                           2, P2, HMAXP, ACT, ACC, IN, TF32, FULL)
+                    if NUM_HIDDEN >= 3 and STOP <= 2:
+                        a2_0 += s0
+                        a2_1 += s1
+                        a2_2 += s2
+                        a2_3 += s3
+                        a2_4 += s4
+                        if STOP <= 1:
+                            gz, dw2, db2, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h1, z1, valid, w2, dw2, db2, CONSTS,
+                                                                           1, P1, HMAXP, ACT, ACC, IN, TF32, FULL)
+                    if NUM_HIDDEN >= 2 and STOP <= 1:
+                        a1_0 += s0
+                        a1_1 += s1
+                        a1_2 += s2
+                        a1_3 += s3
+                        a1_4 += s4
+                        if STOP <= 0:
+                            gz, dw1, db1, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h0, z0, valid, w1, dw1, db1, CONSTS,
+                                                                           0, P0, HMAXP, ACT, ACC, IN, TF32, FULL)
+                    if STOP <= 0:
+                        a0_0 += s0
+                        a0_1 += s1
+                        a0_2 += s2
+                        a0_3 += s3
+                        a0_4 += s4
+                if FULL:
+                    if MULTI:  # layer 1: z_0 = c_{b,c} + Kc k + Pc (q_{b,c} * k)
+                        gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
+                        gy3 = tl.reshape(gy, [BLOCK_C, BLOCK_L // BLOCK_C, DP])
+                        gk3 = tl.reshape(_mm(gz, kc, ACC, TF32), [BLOCK_C, BLOCK_L // BLOCK_C, DP])
+                        gk_sum += tl.sum(gk3 + gy3 * qb[:, None, :], 0)
+                        gv = tl.sum(w[:, :, None] * g_out[:, None, :], 0)
+                        if HAS_V:
+                            gv_sum += gv
+                        else:
+                            gk_sum += gv
+                        d_k += _mm_tn(gz, km, ACC, IN, TF32)
+                        d_p += _mm_tn(gz, qk, ACC, IN, TF32)
+                        # The candidates' gq and dc, summed over the tiles in GQ and DC: only this program touches
+                        # user b's rows, and the barrier orders each tile's update before the next one reads them.
+                        qmask = cmask[:, None] & (offs_d < D)[None, :]
+                        gq_at = GQ + pair[:, None] * D + offs_d[None, :]
+                        gq = tl.load(gq_at, mask=qmask, other=0.0) + tl.sum(gy3 * k.to(ACC)[None, :, :], 1)
+                        dc_at = DC + pair[:, None] * P0 + tl.arange(0, P0)[None, :]
+                        gz3 = tl.reshape(gz, [BLOCK_C, BLOCK_L // BLOCK_C, P0])
+                        dc = tl.load(dc_at, mask=cmask[:, None], other=0.0) + tl.sum(gz3, 1)
+                        tl.store(gq_at, gq, mask=qmask)
+                        tl.store(dc_at, dc, mask=cmask[:, None])
+                        tl.debug_barrier()
+                    else:  # layer 1: z_0 = c_b + Weff_b k
+                        dc += tl.sum(gz, 0)
+                        gk = _mm(gz, kc, ACC, TF32)
+                        gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
+                        gk += gy * q[None, :]
+                        kf = k.to(ACC)
+                        gq += tl.sum(gy * kf, 0)
+                        d_k += _mm_tn(gz, k, ACC, IN, TF32)
+                        d_p += _mm_tn(gz, kf * q[None, :], ACC, IN, TF32)
+                        if HAS_V:
+                            tl.store(GV + r[:, None] * DV + offs_v[None, :], w[:, None] * g_out[None, :], mask=vmask)
+                        else:
+                            gk += w[:, None] * g_out[None, :]
+                        tl.store(GK + r[:, None] * D + offs_d[None, :], gk, mask=kmask)
+            if MULTI:
+                if FULL:
+                    tl.store(GK + r[:, None] * D + offs_d[None, :], gk_sum, mask=kmask)
+                    if HAS_V:
+                        tl.store(GV + r[:, None] * DV + offs_v[None, :], gv_sum, mask=vmask)
+        if not MULTI:
+            if FULL:
+                tl.store(GQ + b * D + offs_d, gq, mask=offs_d < D)
+                tl.store(DC + b * P0 + tl.arange(0, P0), dc)
 
     base = PART + pid * part_size
     if FULL:  # the layout of _backward_layout
@@ -654,7 +810,12 @@ class _Plan:
 
     def __init__(self, query: Tensor, keys: Tensor, values: Optional[Tensor], weights: List[Tensor], max_len: int,
                  activation: str, normalization: str):
-        self.batch, self.dim = query.shape
+        self.batch, self.dim = query.shape[0], query.shape[-1]
+        self.multi = query.dim() == 3  # query [B, C, D] with C > 1 (the launchers run C = 1 as [B, D])
+        self.candidates = query.shape[1] if self.multi else 1
+        # (a symbolic C, while torch.compile traces: the widest block, valid for any C)
+        self.block_c = (min(MAX_BLOCK_C, triton.next_power_of_2(self.candidates)) if isinstance(self.candidates, int)
+                        else MAX_BLOCK_C)
         self.value_dim = keys.shape[1] if values is None else values.shape[1]
         self.num_hidden = len(weights) - 1
         if self.num_hidden > MAX_HIDDEN:
@@ -674,7 +835,19 @@ class _Plan:
             b_bucket=_bucket(self.batch), l_bucket=_length_bucket(max_len),
             NUM_HIDDEN=self.num_hidden, ACT=self.act, SOFTMAX=self.softmax, DP=_pad(self.dim),
             DVP=_pad(self.value_dim), P0=self.p[0], P1=self.p[1], P2=self.p[2], P3=self.p[3], HMAXP=self.hmaxp,
-            TF32=self.tf32)
+            TF32=self.tf32, NC=self.candidates, MULTI=self.multi, BLOCK_C=self.block_c)
+        self.pairs = self.batch * self.candidates  # rows of the query viewed as [B * C, D]
+
+    def candidate_terms(self, query: Tensor, weights: List[Tensor], biases: List[Tensor]) -> Tensor:
+        """The CB argument: c_{b,c} = (Wq + Wd) q_{b,c} + b_0 of every candidate, [B * C, P0] in the accumulation
+        dtype (computed in float64, zero padding); a placeholder for a 2-D query."""
+        if not self.multi:
+            return torch.zeros(1, dtype=self.acc, device=query.device)
+        w0, dim = weights[0].double(), self.dim
+        terms = torch.zeros(self.pairs, self.p[0], dtype=self.acc, device=query.device)
+        terms[:, :self.n[0]] = torch.addmm(biases[0].double(), query.reshape(self.pairs, dim).double(),
+                                            (w0[:, :dim] + w0[:, 2 * dim:3 * dim]).t())
+        return terms
 
     def linears(self, weights: List[Tensor], biases: List[Tensor]) -> list:
         """W0, B0, W1, B1, W2, B2, W3, B3, WS, BS (placeholders repeat the first linear)."""
@@ -725,11 +898,17 @@ def _constants(plan: _Plan, act_params: Tensor, activation: str, training: bool,
     return consts
 
 
-def _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, stop, out, lse, part, shift,
+def _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, terms, stop, out, lse, part, shift,
                   shift_width, stop_pad):
-    wrap_triton(_forward_kernel)[(plan.batch,)](
-        query, keys, keys if values is None else values, starts, lengths, *linears, consts, out, lse, part, shift,
-        NS=shift_width, STOP=stop, PS=stop_pad, **plan.common)
+    grid = (plan.batch, triton.cdiv(plan.candidates, plan.block_c)) if plan.multi else (plan.batch,)
+    wrap_triton(_forward_kernel)[grid](
+        query, keys, keys if values is None else values, starts, lengths, *linears, consts, terms, out, lse, part,
+        shift, NS=shift_width, STOP=stop, PS=stop_pad, **plan.common)
+
+
+def _single(query: Tensor) -> Optional[Tensor]:
+    """A query [B, 1, D] as [B, D] (one candidate runs the 2-D path, with its results); None for other shapes."""
+    return query.reshape(query.shape[0], query.shape[2]) if query.dim() == 3 and query.shape[1] == 1 else None
 
 
 def forward(
@@ -738,26 +917,34 @@ def forward(
     score_scale: float, training: bool, eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Forward of din_ext::local_activation_attention on Triton (canonical form: keys rows + starts/lengths).
-    Returns (out [B, Dv], stats [2, sum H], lse [B]): lse is each user's log-sum-exp of the scaled scores (softmax),
-    kept for the backward."""
+    query: (B, D), or (B, C, D) candidates against each user's one history.
+    Returns (out [B, Dv], stats [2, sum H], lse [B]), or out [B, C, Dv] and lse [B, C] for a 3-D query: lse is the
+    log-sum-exp of the scaled scores (softmax) of each user (candidate), kept for the backward."""
+    single = _single(query)
+    if single is not None:
+        out, stats, lse = forward(single, keys, values, starts, lengths, max_len, weights, biases, act_params,
+                                  activation, normalization, score_scale, training, eps)
+        return out.unsqueeze(1), stats, lse.unsqueeze(1)
     plan = _Plan(query, keys, values, weights, max_len, activation, normalization)
     query, keys = query.contiguous(), keys.contiguous()
     values = None if values is None else values.contiguous()
     linears = plan.linears(weights, biases)
+    terms = plan.candidate_terms(query, weights, biases)
     hidden_total = sum(plan.hidden)
     stats = query.new_zeros(2, hidden_total)
-    out = query.new_empty(plan.batch, plan.value_dim)
-    lse = torch.zeros(plan.batch, dtype=plan.acc, device=query.device)
+    out = query.new_empty(*query.shape[:-1], plan.value_dim)
+    lse = torch.zeros(query.shape[:-1], dtype=plan.acc, device=query.device)
     dice_train = activation == "dice" and training
     consts = _constants(plan, act_params, activation, False, None, eps, score_scale)
     if dice_train:
-        count = lengths.sum().to(torch.float64)
+        count = lengths.sum().to(torch.float64) * plan.candidates  # every (candidate, behaviour) pair is a row
         column = 0
+        programs = plan.batch * (triton.cdiv(plan.candidates, plan.block_c) if plan.multi else 1)
         for j, width in enumerate(plan.hidden):
-            # Statistics of z_j over all valid rows: per-user sums shifted by the bias (a cheap guess of the mean),
-            # added up in user order in float64.
-            part = torch.empty(plan.batch, 2, plan.p[j], dtype=plan.acc, device=query.device)
-            _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, j, out, lse, part,
+            # Statistics of z_j over all valid rows: per-program sums shifted by the bias (a cheap guess of the
+            # mean), added up in program (user, then candidate block) order in float64.
+            part = torch.empty(programs, 2, plan.p[j], dtype=plan.acc, device=query.device)
+            _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, terms, j, out, lse, part,
                           biases[j], width, plan.p[j])
             sums = part[:, :, :width].sum(0, dtype=torch.float64)
             safe = count.clamp(min=1)
@@ -769,7 +956,7 @@ def forward(
             consts[const_row(j, ROW_MEAN), :width] = stats[0, column:column + width]
             consts[const_row(j, ROW_RSTD), :width] = torch.rsqrt(stats[1, column:column + width].double() + eps)
             column += width
-    _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, -1, out, lse, lse, biases[0],
+    _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, terms, -1, out, lse, lse, biases[0],
                   1, 16)
     return out, stats, lse
 
@@ -787,10 +974,10 @@ def _backward_layout(plan: _Plan) -> List[Tuple[str, int, Tuple[int, ...]]]:
     return pieces
 
 
-def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, stop, grad_query,
-                   dc, grad_keys, grad_values, part, programs):
+def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, stop,
+                   grad_query, dc, grad_keys, grad_values, part, programs):
     wrap_triton(_backward_kernel)[(programs,)](
-        grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts,
+        grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts, terms,
         grad_query, dc, grad_keys, grad_keys if grad_values is None else grad_values, part, plan.batch,
         triton.cdiv(plan.batch, programs), part_size=part.shape[1], STOP=stop, HAS_V=values is not None,
         PS=plan.p[max(stop, 0)], **plan.common)
@@ -801,46 +988,57 @@ def backward(
     max_len: int, weights: List[Tensor], biases: List[Tensor], act_params: Tensor, out: Tensor, stats: Tensor,
     lse: Tensor, activation: str, normalization: str, score_scale: float, training: bool, eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor], Tensor]:
-    """Backward of ``forward``: (grad_query, grad_keys, grad_values (empty without values),
-    grad_weights, grad_biases, grad_act_params)."""
+    """Backward of ``forward``: (grad_query (like query), grad_keys (summed over a 3-D query's candidates),
+    grad_values (empty without values), grad_weights, grad_biases, grad_act_params)."""
+    single = _single(query)
+    if single is not None:
+        batch = single.shape[0]
+        grad_query, *grads = backward(grad_out.reshape(batch, -1), single, keys, values, starts, lengths, max_len,
+                                      weights, biases, act_params, out.reshape(batch, -1), stats, lse.reshape(batch),
+                                      activation, normalization, score_scale, training, eps)
+        return (grad_query.unsqueeze(1), *grads)
     plan = _Plan(query, keys, values, weights, max_len, activation, normalization)
-    grad_out, out = grad_out.contiguous(), out.contiguous()
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
     query, keys = query.contiguous(), keys.contiguous()
     values = None if values is None else values.contiguous()
     linears = plan.linears(weights, biases)
+    terms = plan.candidate_terms(query, weights, biases)
     dice_train = activation == "dice" and training
     consts = _constants(plan, act_params, activation, dice_train, stats, eps, score_scale)
     programs = min(plan.batch, NUM_BLOCKS)
-    grad_query = torch.empty(query.shape, dtype=plan.acc, device=query.device)  # through Weff_b; + (Wq + Wd)^T dc
-    dc = torch.empty(plan.batch, plan.p[0], dtype=plan.acc, device=query.device)
+    # Through Weff_b; + (Wq + Wd)^T dc below. A 3-D query's are sums over tiles: zero-filled.
+    new = torch.zeros if plan.multi else torch.empty
+    grad_query = new(plan.pairs, plan.dim, dtype=plan.acc, device=query.device)
+    dc = new(plan.pairs, plan.p[0], dtype=plan.acc, device=query.device)
     grad_keys = torch.zeros_like(keys)  # rows outside every user's range get exactly zero
     grad_values = None if values is None else torch.zeros_like(values)
     if dice_train:
-        count = lengths.sum().to(plan.acc).clamp(min=1)
+        count = (lengths.sum() * plan.candidates).to(plan.acc).clamp(min=1)
         for j in reversed(range(plan.num_hidden)):
             # The batch means of g_xhat and g_xhat * xhat of layer j, with those of the layers above known.
             part = torch.empty(programs, 2 * plan.p[j], dtype=plan.acc, device=query.device)
-            _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, j,
-                           grad_query, dc, grad_keys, grad_values, part, programs)
+            _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms,
+                           j, grad_query, dc, grad_keys, grad_values, part, programs)
             sums = part.view(programs, 2, plan.p[j]).sum(0, dtype=torch.float64)
             consts[const_row(j, ROW_G_MEAN):const_row(j, ROW_GX_MEAN) + 1, :plan.p[j]] = sums / count
     layout = _backward_layout(plan)
     size = sum(math.prod(shape) for _, _, shape in layout)
     part = torch.empty(programs, size, dtype=plan.acc, device=query.device)
-    _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, -1, grad_query,
-                   dc, grad_keys, grad_values, part, programs)
+    _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, -1,
+                   grad_query, dc, grad_keys, grad_values, part, programs)
     total = part.sum(0, dtype=torch.float64)
     pieces, offset = {}, 0
     for name, layer, shape in layout:
         numel = math.prod(shape)
         pieces[name, layer] = total[offset:offset + numel].view(shape)
         offset += numel
-    # Layer 1's (Wq + Wd) terms from the per-user dc_b (float64 products, users in order).
+    # Layer 1's (Wq + Wd) terms from the per-user (per-candidate) dc_b (float64 products, users in order).
     width0, dim = weights[0].shape[0], plan.dim
     dc = dc[:, :width0].double()
     w0 = weights[0].double()
     grad_query = (grad_query.double() + dc @ (w0[:, :dim] + w0[:, 2 * dim:3 * dim])).to(query.dtype)
-    pieces["dA", 0] = dc.t() @ query.double()
+    grad_query = grad_query.view(query.shape)
+    pieces["dA", 0] = dc.t() @ query.reshape(plan.pairs, dim).double()
     pieces["db", 0] = dc.sum(0)
     return (grad_query, grad_keys, query.new_empty(0) if grad_values is None else grad_values,
             *_parameter_gradients(plan, pieces, weights, act_params, consts, activation, training))

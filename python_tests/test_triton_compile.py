@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     from din_ext.kernels import attention as A, dice as Dk
 
     SCALARS = {"D", "DV", "N0", "N1", "N2", "N3", "NS", "batch", "users_per_program", "part_size", "b_bucket",
-               "l_bucket", "N", "H"}
+               "l_bucket", "N", "H", "NC"}
 
     def compile_kernel(kernel, dtype, constexprs, warps=4):
         fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent("""
                 signature[name] = "i32"
             else:
                 signature[name] = "*" + dtype
-        accumulators = {"CONSTS", "LSE", "PART", "COUNT", "MEAN", "M2", "C", "SUMS"}
+        accumulators = {"CONSTS", "CB", "LSE", "PART", "COUNT", "MEAN", "M2", "C", "SUMS"}
         if fn.__name__ == "_dice_backward_kernel":
             accumulators.add("K")  # the statistics coefficients there (the keys elsewhere)
         for name in accumulators & set(signature):
@@ -46,16 +46,21 @@ SCRIPT = textwrap.dedent("""
                        options={"num_warps": warps, "num_stages": 2})
         print("compiled", fn.__name__, dtype, flush=True)
 
-    def mlp(hidden, act, softmax, stop, block, dim=32, **extra):
+    def mlp(hidden, act, softmax, stop, block, dim=32, block_c=1, **extra):
         p = [A._pad(h) for h in hidden] + [16] * (A.MAX_HIDDEN - len(hidden))
         return dict(NUM_HIDDEN=len(hidden), ACT=act, SOFTMAX=softmax, STOP=stop, DP=A._pad(dim), DVP=A._pad(dim),
                     P0=p[0], P1=p[1], P2=p[2], P3=p[3], PS=p[max(stop, 0)], HMAXP=max(p), TF32=False,
-                    BLOCK_L=block, **extra)
+                    BLOCK_L=block, MULTI=block_c > 1, BLOCK_C=block_c, **extra)
 
     compile_kernel(A._forward_kernel, "bf16", mlp((80, 40), A.DICE, True, -1, 32))
     compile_kernel(A._forward_kernel, "fp64", mlp((80, 40), A.DICE, False, 1, 16))
     compile_kernel(A._forward_kernel, "fp32", mlp((), A.SIGMOID, False, -1, 16))
     compile_kernel(A._backward_kernel, "fp32", mlp((33, 9, 5, 7), A.PRELU, True, -1, 16, HAS_V=True))
+    # multi-candidate queries [B, C, D]: pair tiles of BLOCK_C candidates x BLOCK_L // BLOCK_C behaviours
+    compile_kernel(A._forward_kernel, "bf16", mlp((80, 40), A.DICE, True, -1, 32, block_c=4))
+    compile_kernel(A._forward_kernel, "fp64", mlp((80, 40), A.DICE, False, 0, 16, block_c=2))
+    compile_kernel(A._backward_kernel, "bf16", mlp((80, 40), A.DICE, True, -1, 16, block_c=4, HAS_V=False))
+    compile_kernel(A._backward_kernel, "fp32", mlp((33, 9, 5, 7), A.PRELU, False, -1, 16, block_c=4, HAS_V=True))
     dice = dict(HAS_MASK=True, BLOCK_N=Dk.BLOCK_N, BLOCK_H=64)
     compile_kernel(Dk._dice_moments_kernel, "bf16", dice)
     compile_kernel(Dk._dice_forward_kernel, "bf16", dice)
@@ -77,4 +82,4 @@ def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 7, result.stdout
+    assert result.stdout.count("compiled") == 11, result.stdout
