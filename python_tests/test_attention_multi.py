@@ -14,9 +14,9 @@ import din_ext
 from conftest import BACKENDS, clean, make_batch, requires_cpp
 from test_attention import ACTIVATIONS, make_unit
 
-# The subjects: the reference's own 3-D support and the backends whose kernels take a 3-D query.
-# TODO(merge): widen to every pair of conftest.BACKENDS (triton, cuda) once their kernels accept query [B, C, D].
-MULTI_BACKENDS = [("reference", "cpu")] + [pair for pair in BACKENDS if pair[0] == "cpu"]
+# The subjects: the reference's own 3-D support and every backend this machine runs (cpu; triton under
+# TRITON_INTERPRET=1 or on a GPU; cuda on a GPU), all of whose kernels take a 3-D query.
+MULTI_BACKENDS = [("reference", "cpu")] + BACKENDS
 CASES = [
     pytest.param(act, norm, layout, training, id=f"{act}-{norm}-{layout}-{'train' if training else 'eval'}")
     for act, norm, layout, training in itertools.product(ACTIVATIONS, ["none", "softmax"], ["padded", "jagged"],
