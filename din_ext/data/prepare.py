@@ -194,7 +194,7 @@ def _prepare_taobao(pl, path, out, scratch, max_history, btags, test_start, pric
 
     # buckets: one must fit the memory limit in the per-bucket pass
     room = limit - BASELINE_BYTES
-    per_bucket = max(1 << 16, min(shard_rows or 4_000_000, room // BYTES_PER_BEHAVIOUR))
+    per_bucket = max(1, min(shard_rows or 4_000_000, room // BYTES_PER_BEHAVIOUR))
     behaviours = _rows_estimate(log_path, behavior_rows)
     impressions = _rows_estimate(sample_path)
     buckets = max(1, math.ceil(behaviours / per_bucket), math.ceil(impressions * BYTES_PER_IMPRESSION / room))

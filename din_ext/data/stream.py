@@ -244,6 +244,3 @@ def load_prepared(path, *, max_history: Optional[int] = None) -> Tuple[Interacti
         out.append(block.take(np.argsort(block.columns["row"], kind="stable"), info, source.max_history))
     return out[0], out[1], schema
 
-
-# name -> opener(path, **options) -> (train, test, schema) whose splits have batches(): data the CLI streams
-SOURCES = {"prepared": open_prepared}
