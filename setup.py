@@ -72,7 +72,7 @@ setup(
     package_dir={"din_ext.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
-    extras_require={"test": ["pytest", "numpy"], "triton": ["triton"], "bench": ["pytest-benchmark", "deepctr-torch"]},
+    extras_require={"test": ["pytest", "numpy"], "triton": ["triton"], "data": ["polars>=2.1"], "bench": ["pytest-benchmark", "deepctr-torch"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
