@@ -209,7 +209,6 @@ def _data(work: Path, rows: int) -> Path:
 
 def bench(args) -> None:
     import torch
-
     from common import git_commit, machine_description, write_table
 
     work = Path(args.work)
@@ -250,9 +249,10 @@ def bench(args) -> None:
 def report(results, args, machine: str, commit: str) -> str:
     gib = 1 << 30
     one = results[0]
-    lines = [f"{machine}; {time.strftime('%Y-%m-%d')}; commit {commit}; torch threads {args.threads}; --memory-limit {args.memory_limit}", "",
-             "| data | behaviour rows | impressions | shards | CSV | prepared | prepare s | rows/s | prepare peak RSS "
-             "| training peak RSS |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"{machine}; {time.strftime('%Y-%m-%d')}; commit {commit}; torch threads {args.threads}; "
+             f"--memory-limit {args.memory_limit}", "",
+             ("| data | behaviour rows | impressions | shards | CSV | prepared | prepare s | rows/s | prepare peak RSS "
+              "| training peak RSS |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         lines.append(f"| {r['scale']}x | {r['behaviours']:,} | {r['impressions']:,} | {r['shards']} | "
                      f"{r['csv_bytes'] / gib:.2f} GiB | {r['prepared_bytes'] / gib:.2f} GiB | {r['prepare_s']:.0f} | "
@@ -260,7 +260,8 @@ def report(results, args, machine: str, commit: str) -> str:
                      f"{r['train_rss'] / gib:.2f} GiB |")
     lines += ["", f"B={args.batch_size}: streaming (one shuffled epoch, {one['stream_rows']:,} rows) "
               f"{one['stream_prefetch0']:,.0f} samples/s without prefetch, {one['stream_prefetch8']:,.0f} with; "
-              f"train_step {one['train_step']:,.0f} samples/s; ratio {one['stream_prefetch0'] / one['train_step']:.1f}x "
+              f"train_step {one['train_step']:,.0f} samples/s; ratio "
+              f"{one['stream_prefetch0'] / one['train_step']:.1f}x "
               f"(target >= 5x). fit through the stream (prefetch 8, {args.steps} steps): "
               f"{one['fit_train_samples_per_second']:,.0f} samples/s."]
     if len(results) > 1:

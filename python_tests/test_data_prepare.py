@@ -115,9 +115,20 @@ def test_stream_cuts_histories_and_shards_by_rank(raw, prepared):
         assert sum(len(p) for p in parts) == len(expected_train)
         assert [len(p) for p in parts] == [len(open_prepared(prepared, rank=r, world_size=world)[0])
                                            for r in range(world)]
-        assert sorted(sum((rows(p) for p in parts), [])) == rows(expected_train)
+        assert sorted(r for p in parts for r in rows(p)) == rows(expected_train)
     with pytest.raises(ValueError, match="rank"):
         open_prepared(prepared, rank=2, world_size=2)
+
+
+def test_the_first_batch_reads_one_window_of_shards(prepared, monkeypatch):
+    from din_ext.data import stream
+
+    reads, read = [], stream._Block.read.__func__
+    monkeypatch.setattr(stream._Block, "read", classmethod(lambda cls, *a, **k: reads.append(a[0]) or read(cls, *a, **k)))
+    train, _, _ = open_prepared(prepared, shuffle_shards=2, prefetch=0)
+    assert not reads  # opening reads schema.json and the vocabularies only
+    next(iter(train.batches(16, shuffle=True)))
+    assert len(reads) == 2 < len(json.loads((prepared / "schema.json").read_text())["shards"])
 
 
 def test_prefetch_runs_ahead_and_reraises():

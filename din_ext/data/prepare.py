@@ -65,7 +65,7 @@ def parse_memory(value) -> int:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         size = float(value)
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(value), flags=re.I)
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(value), flags=re.IGNORECASE)
         if match is None:
             raise ValueError(f"memory_limit {value!r} is not a size such as 2G, 1500M or 2147483648")
         size = float(match.group(1)) * 1024 ** "_kmgt".index((match.group(2) or "_").lower())
@@ -267,13 +267,13 @@ def _prepare_taobao(pl, path, out, scratch, max_history, btags, test_start, pric
     hist_counts = {"cate": {}, "brand": {}}
     for k in range(buckets):
         imp, seq = _bucket(pl, scratch, k, max_history)
-        for f in hist_counts:
+        for f, total in hist_counts.items():
             grouped = seq.group_by(f).agg(pl.col("coverage").sum())
-            _add(hist_counts[f], dict(zip(grouped[f].to_list(), grouped["coverage"].to_list())))
+            _add(total, dict(zip(grouped[f].to_list(), grouped["coverage"].to_list())))
         imp.write_parquet(scratch / f"imp-{k}.parquet")
         seq.select("cate", "brand").write_parquet(scratch / f"seq-{k}.parquet")
-    for f in hist_counts:
-        _add(counts[f], hist_counts[f])
+    for f, part in hist_counts.items():
+        _add(counts[f], part)
 
     vocabs, frequencies = {}, {}
     for f, c in counts.items():
@@ -288,8 +288,8 @@ def _prepare_taobao(pl, path, out, scratch, max_history, btags, test_start, pric
         directory = out / "shards" / f"{k:05d}"
         directory.mkdir(parents=True)
         seq = pl.read_parquet(scratch / f"seq-{k}.parquet")
-        pl.DataFrame({f: _encode(vocabs[f], seq[f].to_numpy()).astype(np.int32) for f in ("cate", "brand")}).write_parquet(
-            directory / "sequences.parquet")
+        encoded_seq = {f: _encode(vocabs[f], seq[f].to_numpy()).astype(np.int32) for f in ("cate", "brand")}
+        pl.DataFrame(encoded_seq).write_parquet(directory / "sequences.parquet")
         imp = pl.read_parquet(scratch / f"imp-{k}.parquet")
         encoded = {"row": imp["row"].to_numpy().astype(np.int64), "user_id": imp["user"].to_numpy()}
         for f in (*PROFILE_FIELDS, *item_fields):

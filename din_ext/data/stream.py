@@ -203,7 +203,7 @@ def prefetched(produce: Callable[[], Iterator], depth: int) -> Iterator:
                 if not put(item):
                     return
             put(_END)
-        except BaseException as exc:  # handed to the consumer, which raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             put(exc)
 
     thread = threading.Thread(target=work, name="din_ext-prefetch", daemon=True)
