@@ -124,7 +124,12 @@ def test_the_first_batch_reads_one_window_of_shards(prepared, monkeypatch):
     from din_ext.data import stream
 
     reads, read = [], stream._Block.read.__func__
-    monkeypatch.setattr(stream._Block, "read", classmethod(lambda cls, *a, **k: reads.append(a[0]) or read(cls, *a, **k)))
+
+    def counted(cls, *args, **kwargs):
+        reads.append(args[0])
+        return read(cls, *args, **kwargs)
+
+    monkeypatch.setattr(stream._Block, "read", classmethod(counted))
     train, _, _ = open_prepared(prepared, shuffle_shards=2, prefetch=0)
     assert not reads  # opening reads schema.json and the vocabularies only
     next(iter(train.batches(16, shuffle=True)))
@@ -193,3 +198,12 @@ def test_malformed_raw_files_name_the_file(raw, tmp_path):
     with pytest.raises(ValueError, match="behavior_log.csv"):
         prepare("taobao", bad, tmp_path / "p2", log=lambda _: None)
     assert not np.any([p.name == "_scratch" for p in (tmp_path / "p2").iterdir()])
+
+
+def test_more_buckets_than_users_leaves_no_empty_shard(tmp_path):
+    raw = write_sample("taobao", tmp_path / "raw", seed=2, users=12)
+    info = prepare("taobao", raw, tmp_path / "prep", shard_rows=5, log=lambda _: None)
+    assert len(info["shards"]) <= 12 and all(s["train"] + s["test"] for s in info["shards"])
+    expected_train, expected_test, expected_schema = load_taobao(raw)
+    train, test, schema = load_prepared(tmp_path / "prep")
+    same_schema(expected_schema, schema), same(expected_train, train), same(expected_test, test)

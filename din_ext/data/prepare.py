@@ -34,10 +34,10 @@ from typing import Callable, Dict, Iterable, Optional
 
 import numpy as np
 
-from din_ext.data.build import check_max_history
+from din_ext.data.build import check_max_history, history_bounds
 from din_ext.data.readers import find_file, read_header, require_path
 from din_ext.data.taobao import AD_FIELDS, BTAGS, DAY, PROFILE_FIELDS
-from din_ext.data.vocab import Vocabulary, search_sorted
+from din_ext.data.vocab import Vocabulary
 
 logger = logging.getLogger("din_ext")
 
@@ -265,7 +265,8 @@ def _prepare_taobao(pl, path, out, scratch, max_history, btags, test_start, pric
     train = stored.filter(~pl.col("test"))
     counts = {f: _counts(pl, train, f) for f in (*PROFILE_FIELDS, *item_fields)}
     hist_counts = {"cate": {}, "brand": {}}
-    for k in range(buckets):
+    filled = [k for k in range(buckets) if (scratch / "impressions" / f"bucket={k}").exists()]
+    for k in filled:
         imp, seq = _bucket(pl, scratch, k, max_history)
         for f, total in hist_counts.items():
             grouped = seq.group_by(f).agg(pl.col("coverage").sum())
@@ -284,7 +285,7 @@ def _prepare_taobao(pl, path, out, scratch, max_history, btags, test_start, pric
 
     # pass 2, per bucket: encode and write the shards
     shards = []
-    for k in range(buckets):
+    for k in filled:
         directory = out / "shards" / f"{k:05d}"
         directory.mkdir(parents=True)
         seq = pl.read_parquet(scratch / f"seq-{k}.parquet")
@@ -342,35 +343,20 @@ def _bucket(pl, scratch: Path, k: int, max_history: Optional[int]):
     else:
         beh = pl.DataFrame({"user": [], "time": [], "cate": [], "brand": [], "row": []},
                            schema={c: pl.Int64 for c in ("user", "time", "cate", "brand", "row")})
-    e_user, e_time = beh["user"].to_numpy(), beh["time"].to_numpy()
-    user, time = imp["user"].to_numpy(), imp["time"].to_numpy()
-    if e_user.size:
-        t_min = min(int(e_time.min()), int(time.min()))
-        span = max(int(e_time.max()), int(time.max())) - t_min + 1
-        top = max(int(e_user.max()), int(user.max())) + 1
-        if top * span >= 2 ** 62:  # the (user, time) key would overflow: compare time ranks instead
-            ranks = np.unique(np.concatenate([e_time, time]), return_inverse=True)[1].reshape(-1)
-            e_time, time, t_min, span = ranks[:e_time.size], ranks[e_time.size:], 0, int(ranks.max()) + 1
-        keys = e_user * span + (e_time - t_min)
-        first = search_sorted(keys, user * span)
-        end = search_sorted(keys, user * span + (time - t_min))
-    else:
-        first = end = np.zeros(user.size, dtype=np.int64)
+    first, end = history_bounds(beh["user"].to_numpy(), beh["time"].to_numpy(), imp["user"].to_numpy(),
+                                imp["time"].to_numpy())
+    events = beh.height
     start = first if max_history is None else np.maximum(first, end - max_history)
-    # keep the behaviours some history uses: [min start, max end) of each user, contiguous per user
-    delta = np.zeros(e_user.size + 1, dtype=np.int64)
+    # keep the behaviours that some history holds (the union of the windows start:end)
     used = end > start
-    np.add.at(delta, start[used], 1)
-    np.add.at(delta, end[used], -1)
+    delta = np.bincount(start[used], minlength=events + 1) - np.bincount(end[used], minlength=events + 1)
     keep = np.cumsum(delta[:-1]) > 0
-    kept_before = np.zeros(e_user.size + 1, dtype=np.int64)
+    kept_before = np.zeros(events + 1, dtype=np.int64)
     np.cumsum(keep, out=kept_before[1:])
     hist_start, hist_end = kept_before[start], kept_before[end]
     # coverage of each kept behaviour by the training histories
     train = ~imp["test"].to_numpy() & used
-    cover = np.zeros(e_user.size + 1, dtype=np.int64)
-    np.add.at(cover, start[train], 1)
-    np.add.at(cover, end[train], -1)
+    cover = np.bincount(start[train], minlength=events + 1) - np.bincount(end[train], minlength=events + 1)
     coverage = np.cumsum(cover[:-1])[keep]
     seq = beh.filter(pl.Series(keep)).select("cate", "brand").with_columns(coverage=pl.Series(coverage))
     imp = imp.with_columns(hist_start=pl.Series(hist_start), hist_end=pl.Series(hist_end))
