@@ -1,6 +1,7 @@
 """The ``din-ext`` command: train, evaluate and compare DIN on a click log, predict with a checkpoint, self-check.
 
-    din-ext train [--data synthetic|amazon|taobao|recbole] [--path P] [--model din|base] [--epochs N] ...
+    din-ext train [--data synthetic|amazon|taobao|recbole|prepared] [--path P] [--model din|base] [--epochs N] ...
+    din-ext prepare --data taobao --path RAW --out DIR [--memory-limit 2G]   # parquet shards that train streams
     din-ext evaluate --checkpoint DIR/best.pt [--data ...]
     din-ext predict --checkpoint DIR/best.pt [--data ...] --output preds.csv
     din-ext compare [--epochs N] ...           # BaseModel and DIN on the same data, with RelaImpr
@@ -27,6 +28,7 @@ import din_ext.data as datasets
 from din_ext import _backend, metrics, training
 from din_ext.contract import ACTIVATIONS, NORMALIZATIONS
 from din_ext.data import LOADERS, Interactions, Schema
+from din_ext.data.loaders import SOURCES
 from din_ext.model import DIN, CheckpointError, load_checkpoint
 from din_ext.selfcheck import self_check
 
@@ -85,15 +87,26 @@ def _loader_arguments(spec: Dict[str, Any]) -> Tuple[Optional[str], Dict[str, An
 
 
 def load_data(spec: Dict[str, Any]) -> Tuple[Interactions, Interactions, Schema]:
-    """(train, test, schema) of a data spec; histories are cut to the most recent ``max_history`` behaviours."""
+    """(train, test, schema) of a data spec; histories are cut to the most recent ``max_history`` behaviours.
+
+    A streamed source (``--data prepared``) gives batch sources instead of ``Interactions``: nothing but its schema
+    is read here."""
     name = spec["data"]
     if spec["max_history"] < 0:
         raise UsageError(f"--max-history must be >= 0 (0 keeps every behaviour), got {spec['max_history']}")
     if spec["synthetic_users"] is not None and spec["synthetic_users"] < 1:
         raise UsageError(f"--synthetic-users must be positive, got {spec['synthetic_users']}")
-    if name not in LOADERS:
-        raise UsageError(f"--data must be one of {', '.join(LOADERS)}, got {name!r}")
+    if name not in LOADERS and name not in SOURCES:
+        raise UsageError(f"--data must be one of {', '.join((*LOADERS, *SOURCES))}, got {name!r}")
     path, options = _loader_arguments(spec)
+    if name in SOURCES:
+        try:
+            train, test, schema = SOURCES[name](path, max_history=spec["max_history"] or None, **options)
+        except (ValueError, OSError, ImportError) as exc:
+            raise UsageError(f"--data {name} --path {path}: {exc}") from exc
+        if len(train) == 0 or len(test) == 0:
+            raise UsageError(f"the {name} data has an empty split (train {len(train)}, test {len(test)} rows)")
+        return train, test, schema
     try:  # datasets.load_dataset looked up at each call, so that a replacement of it (tests do) applies
         train, test, schema = datasets.load_dataset(name, path, **options)
     except (ValueError, OSError) as exc:  # malformed or missing files: the loaders name the file and line
@@ -237,14 +250,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                                            else f"the folder {folder} does not exist"))
     model, checkpoint, device = _load_model(args)
     data = _split(args, model, checkpoint)
-    probabilities, _ = training.predict(model, data, args.batch_size, device)
+    probabilities, user_id, all_labels, _ = training.predict_rows(model, data, args.batch_size, device)
     with open(args.output, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["row", "user_id", *(f"p_{t}" for t in model.tasks), *model.tasks])
-        labels = [data.labels[t].tolist() for t in model.tasks]
-        for row, (user, p) in enumerate(zip(data.user_id.tolist(), probabilities.tolist())):
+        labels = [all_labels[t].tolist() for t in model.tasks]
+        for row, (user, p) in enumerate(zip(user_id.tolist(), probabilities.tolist())):
             writer.writerow([row, user, *(f"{x:.6f}" for x in p), *(int(col[row]) for col in labels)])
-    print(f"wrote {len(data):,} predictions to {args.output}")
+    print(f"wrote {len(user_id):,} predictions to {args.output}")
     return 0
 
 
@@ -270,6 +283,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from din_ext.data.prepare import PREPARERS, prepare
+
+    if args.data not in PREPARERS:
+        raise UsageError(f"--data {args.data}: prepare supports {', '.join(PREPARERS)}")
+    if not os.path.exists(args.path):
+        raise UsageError(f"--path {args.path!r} does not exist")
+    options = {"memory_limit": args.memory_limit, "max_history": args.max_history or None}
+    if args.shard_rows is not None:
+        options["shard_rows"] = training.check_positive("shard_rows", args.shard_rows)
+    try:
+        schema = prepare(args.data, args.path, args.out, log=_say, **options)
+    except (ValueError, OSError, ImportError) as exc:
+        raise UsageError(f"--data {args.data} --path {args.path}: {exc}") from exc
+    print(f"prepared {schema['rows']['train']:,} train / {schema['rows']['test']:,} test impressions in "
+          f"{len(schema['shards'])} shard(s): train with  din-ext train --data prepared --path {args.out}")
+    return 0
+
+
 def cmd_selfcheck(args: argparse.Namespace) -> int:
     return self_check(_say)
 
@@ -279,7 +311,7 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 def _data_options(parser: argparse.ArgumentParser, evaluation: bool) -> None:
     default = "the checkpoint's" if evaluation else "{}"
-    parser.add_argument("--data", choices=tuple(LOADERS), default=None,
+    parser.add_argument("--data", choices=(*LOADERS, *SOURCES), default=None,
                         help=f"dataset (default: {default.format('synthetic')})")
     parser.add_argument("--path", default=None, help="folder or file of the amazon/taobao/recbole data")
     parser.add_argument("--seed", type=int, default=None,
@@ -346,6 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", required=True, help="CSV: row, user_id, p_<task>..., <task> labels")
         _runtime_options(p)
         p.set_defaults(func=func)
+    p = sub.add_parser("prepare", help="turn raw click logs into parquet shards that train streams "
+                                       "(memory-bounded; needs din_ext[data])")
+    p.add_argument("--data", required=True, help="raw format: taobao")
+    p.add_argument("--path", required=True, help="folder of the raw files")
+    p.add_argument("--out", required=True, help="new folder for schema.json, vocab/ and shards/")
+    p.add_argument("--memory-limit", default="2G", help="peak memory to stay within, e.g. 2G, 1500M (default 2G)")
+    p.add_argument("--max-history", type=int, default=50,
+                   help="most recent behaviours per impression, 0 keeps all (default 50; the vocabularies count them)")
+    p.add_argument("--shard-rows", type=int, default=None,
+                   help="at most about that many behaviour rows per shard (default: what the memory limit allows, "
+                        "at most 4M)")
+    p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("selfcheck", aliases=["check"], help="check every built backend against the reference")
     p.set_defaults(func=cmd_selfcheck)
     return parser

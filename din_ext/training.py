@@ -5,6 +5,8 @@
     checkpoint = load_checkpoint("run/last.pt")           # later: resume up to 4 epochs, exactly as a 4-epoch run
     metrics = fit(DIN.from_checkpoint(checkpoint), train, test, epochs=4, out="run", resume_from=checkpoint)
     probabilities, rows_per_second = predict(model, test)
+    train, test, schema = open_prepared("prepared/")      # or any data with batches(): fit streams it
+    metrics = fit(DIN(schema), train, test, epochs=1, out="run")
 
 Bad input raises TrainingError (a ValueError); ArgumentError names the argument at fault, TrainingDiverged stops a run
 whose loss is no longer finite.
@@ -17,7 +19,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple, Union
 
 import torch
 
@@ -154,6 +156,26 @@ def make_optimizer(model: DIN, lr: float):
 # -- evaluation -----------------------------------------------------------------------------------------------------
 
 
+class BatchSource(Protocol):
+    """Data that fit, evaluate and predict stream instead of in-memory ``Interactions``: a factory of each epoch's
+    batches (``din_ext.data.stream.PreparedSplit`` is one). ``len()``: the rows one pass yields."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterable[Interactions]: ...
+
+
+Data = Union[Interactions, BatchSource]
+
+
+def _batches(data: Data, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterable[Interactions]:
+    if isinstance(data, Interactions):
+        return iterate_batches(data, batch_size, shuffle=shuffle, seed=seed)
+    if not callable(getattr(data, "batches", None)):
+        raise TrainingError(f"data must be Interactions or have a batches() method, got {type(data).__name__}")
+    return data.batches(batch_size, shuffle=shuffle, seed=seed)
+
+
 def _labels(batch: Interactions, tasks) -> torch.Tensor:
     return torch.stack([batch.labels[t] for t in tasks], dim=1)
 
@@ -163,34 +185,54 @@ def _model_device(model: DIN) -> torch.device:
 
 
 @torch.no_grad()
-def predict(model: DIN, data: Interactions, batch_size: int = 4096,
+def predict_rows(model: DIN, data: Data, batch_size: int = 4096, device: Optional[torch.device] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor], float]:
+    """(probabilities (S, T), user_id (S,), labels task -> (S,), rows per second) of every row, in the data's order.
+
+    device: where the batches go (default: the model's). A batch source is read once, unshuffled, so the user ids
+    and labels come from its batches.
+    """
+    batch_size = check_positive("batch_size", batch_size)
+    device = _model_device(model) if device is None else device
+    model.eval()
+    outputs, users, labels = [], [], {t: [] for t in model.tasks}
+    start = time.perf_counter()
+    for batch in _batches(data, batch_size):
+        outputs.append(torch.sigmoid(model(batch.to(device)).float()).cpu())
+        if not isinstance(data, Interactions):
+            users.append(batch.user_id)
+            for t in labels:
+                labels[t].append(batch.labels[t])
+    seconds = time.perf_counter() - start
+    probabilities = torch.cat(outputs) if outputs else torch.zeros(0, len(model.tasks))
+    if isinstance(data, Interactions):
+        return probabilities, data.user_id, {t: data.labels[t] for t in model.tasks}, len(data) / max(seconds, 1e-9)
+    return (probabilities, torch.cat(users), {t: torch.cat(v) for t, v in labels.items()},
+            probabilities.shape[0] / max(seconds, 1e-9))
+
+
+def predict(model: DIN, data: Data, batch_size: int = 4096,
             device: Optional[torch.device] = None) -> Tuple[torch.Tensor, float]:
     """Click probabilities (S, T) of every row in order, and the rows per second of the pass.
 
     device: where the batches go (default: the model's).
     """
-    batch_size = check_positive("batch_size", batch_size)
-    device = _model_device(model) if device is None else device
-    model.eval()
-    outputs = []
-    start = time.perf_counter()
-    for batch in iterate_batches(data, batch_size):
-        outputs.append(torch.sigmoid(model(batch.to(device)).float()).cpu())
-    seconds = time.perf_counter() - start
-    return torch.cat(outputs), len(data) / max(seconds, 1e-9)
+    probabilities, _, _, speed = predict_rows(model, data, batch_size, device)
+    return probabilities, speed
 
 
-def evaluate(model: DIN, data: Interactions, batch_size: int = 4096,
+def evaluate(model: DIN, data: Data, batch_size: int = 4096,
              device: Optional[torch.device] = None) -> Dict[str, Any]:
     """auc, gauc, logloss of the first task (and of every task under "tasks"), samples_per_second of the pass."""
-    probabilities, speed = predict(model, data, batch_size, device)
+    probabilities, user_id, all_labels, speed = predict_rows(model, data, batch_size, device)
     per_task = {}
     for column, task in enumerate(model.tasks):
-        labels, p = data.labels[task], probabilities[:, column]
+        labels, p = all_labels[task], probabilities[:, column]
         per_task[task] = {"auc": _defined(metrics.auc, labels, p), "gauc": _defined(metrics.gauc, labels, p,
-                                                                                      data.user_id),
+                                                                                      user_id),
                           "logloss": metrics.logloss(labels, p)}
-    return {**per_task[model.tasks[0]], "samples_per_second": speed, "rows": len(data), "tasks": per_task}
+    return {**per_task[model.tasks[0]], "samples_per_second": speed, "rows": probabilities.shape[0],
+            "tasks": per_task}
 
 
 def _defined(fn, *args) -> float:
@@ -247,7 +289,7 @@ def train_step(model: DIN, optimizer, batch: Interactions, loss_fn: torch.nn.Mod
     return loss
 
 
-def fit(model: DIN, train: Interactions, test: Interactions, *, epochs: int, out: Union[str, os.PathLike],
+def fit(model: DIN, train: Data, test: Data, *, epochs: int, out: Union[str, os.PathLike],
         batch_size: Optional[int] = None, lr: Optional[float] = None, eval_batch_size: int = 4096,
         device: Union[str, torch.device, None] = None, seed: int = 0,
         resume_from: Optional[Mapping[str, Any]] = None, data_options: Optional[Mapping[str, Any]] = None,
@@ -255,6 +297,10 @@ def fit(model: DIN, train: Interactions, test: Interactions, *, epochs: int, out
         log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Trains ``model`` on ``train`` up to ``epochs`` epochs, evaluating on ``test`` after each; returns the final
     metrics with the history (also written to OUT/metrics.json).
+
+    train, test: in-memory ``Interactions``, or batch sources (``BatchSource``, e.g. the streamed splits of
+    ``din_ext.data.stream.open_prepared``), whose ``batches(batch_size, shuffle=True, seed=...)`` is called once
+    per epoch.
 
     After each epoch OUT/last.pt holds the run (model, optimizer, epoch, history, best score, options) and OUT/best.pt
     the epoch of the best test gauc (auc where gauc is undefined). Epoch e visits the rows in an order seeded with
@@ -300,7 +346,7 @@ def fit(model: DIN, train: Interactions, test: Interactions, *, epochs: int, out
         model.train()
         bar = _Progress(len(train), f"epoch {epoch + 1}/{epochs}", progress)
         total_loss, total_reg, seen, tick = 0.0, 0.0, 0, time.perf_counter()
-        for step, batch in enumerate(iterate_batches(train, batch_size, shuffle=True, seed=seed * 1000 + epoch)):
+        for step, batch in enumerate(_batches(train, batch_size, shuffle=True, seed=seed * 1000 + epoch)):
             batch = batch.to(device)
             value = train_step(model, optimizer, batch).item()
             if not math.isfinite(value):
@@ -313,6 +359,8 @@ def fit(model: DIN, train: Interactions, test: Interactions, *, epochs: int, out
             seen += len(batch)
             bar.update(len(batch), value)
         bar.close()
+        if not seen:
+            raise TrainingError(f"epoch {epoch + 1}: the training data yielded no batches")
         train_seconds = time.perf_counter() - tick
         result = evaluate(model, test, eval_batch_size, device)
         if not math.isfinite(result["logloss"]):

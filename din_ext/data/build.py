@@ -40,6 +40,21 @@ def histories_before(event_user, event_time, user, time, max_history: Optional[i
     order = np.lexsort((np.arange(event_user.size), event_time, event_user))
     if not event_user.size or not user.size:
         return order, np.zeros(user.size + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    first, end = history_bounds(event_user[order], event_time[order], user, time)
+    lengths = end - first
+    if max_history is not None:
+        lengths = np.minimum(lengths, max_history)
+    offsets, index = jagged(end - lengths, lengths)
+    return order, offsets, index
+
+
+def history_bounds(event_user, event_time, user, time) -> Tuple[np.ndarray, np.ndarray]:
+    """(first, end) positions in events sorted by (user, time): impression i's user's events strictly before its
+    time are ``first[i]:end[i]``. event_user, event_time: [E] int64, sorted; user, time: [S] int64."""
+    event_user, event_time = np.asarray(event_user, np.int64), np.asarray(event_time, np.int64)
+    user, time = np.asarray(user, np.int64), np.asarray(time, np.int64)
+    if not event_user.size or not user.size:
+        return np.zeros(user.size, dtype=np.int64), np.zeros(user.size, dtype=np.int64)
     t_min = min(int(event_time.min()), int(time.min()))
     span = max(int(event_time.max()), int(time.max())) - t_min + 1
     top = max(int(event_user.max()), int(user.max())) + 1
@@ -49,14 +64,8 @@ def histories_before(event_user, event_time, user, time, max_history: Optional[i
         ranks = np.unique(np.concatenate([event_time, time]), return_inverse=True)[1].reshape(-1)
         event_time, time = ranks[:event_time.size], ranks[event_time.size:]
         t_min, span = 0, int(ranks.max()) + 1
-    keys = event_user[order] * span + (event_time[order] - t_min)
-    first = search_sorted(keys, user * span)
-    end = search_sorted(keys, user * span + (time - t_min))
-    lengths = end - first
-    if max_history is not None:
-        lengths = np.minimum(lengths, max_history)
-    offsets, index = jagged(end - lengths, lengths)
-    return order, offsets, index
+    keys = event_user * span + (event_time - t_min)
+    return search_sorted(keys, user * span), search_sorted(keys, user * span + (time - t_min))
 
 
 def sample_negatives(user, pool, forbidden_user, forbidden_item, rng: np.random.Generator,

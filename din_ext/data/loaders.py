@@ -18,6 +18,17 @@ LOADERS: Dict[str, Loader] = {"synthetic": load_synthetic, "amazon": load_amazon
                               "recbole": load_recbole}
 
 
+def _open_prepared(path, **options):
+    from din_ext.data.stream import open_prepared  # imports polars, an optional extra: only when asked for
+
+    return open_prepared(path, **options)
+
+
+# name -> opener(path, **options) returning (train, test, schema) whose splits stream (``batches()``), nothing read
+# up front: the CLI's --data choices besides LOADERS
+SOURCES: Dict[str, Callable] = {"prepared": _open_prepared}
+
+
 def register_loader(name: str, loader: Loader, *, replace: bool = False) -> None:
     """Make ``load_dataset(name, ...)`` call ``loader``."""
     if name in LOADERS and not replace:

@@ -1,0 +1,275 @@
+"""Streaming data at scale: preparation rows/s and peak RSS, streaming vs training samples/s, training RSS at 1x / 4x.
+
+    python bench/bench_data.py --rows 20000000 --scale 4 --threads 1     # generates the CSVs once, in --work
+    python bench/bench_data.py generate --rows 20000000 --out DIR         # Taobao-format CSVs of that many behaviours
+
+Every measured run is a subprocess (``din-ext prepare``, a training run through din_ext.training.fit on the
+prepared folder) whose peak RSS is read from ``os.wait4``'s rusage (ru_maxrss). Streaming samples/s: a full epoch
+of ``PreparedSplit.batches(B, shuffle=True)`` drained as fast as it comes; training samples/s: the median of
+``train_step`` on batches already in memory, B=1024, the default DIN of ``din-ext train``. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+START = 1494028800  # 2017-05-06 00:00 UTC: the public impressions' first day
+DAY = 86400
+CATALOG = {"ads": 200_000, "cates": 6_000, "brands": 80_000, "campaigns": 100_000, "customers": 60_000}
+BEHAVIOURS_PER_USER = 200     # about the public data's 640 in 22 days, a third
+IMPRESSIONS_PER_USER = 8      # public data: 700M behaviours / 26M impressions, about 27 behaviours each
+
+
+def generate(out, rows: int, seed: int = 0, chunk_users: int = 20_000) -> Path:
+    """Taobao-format CSVs (the four files) with about ``rows`` behaviour rows; a fixed catalog, users scale.
+
+    Users have favourite categories; behaviours and clicks lean to them. Rows of a chunk of users are shuffled, so
+    the log is not grouped by user within a chunk. About 35 bytes a behaviour row (20M rows: 0.7 GB).
+    """
+    import polars as pl
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    users = max(10, rows // BEHAVIOURS_PER_USER)
+    ad_cate = rng.integers(1, CATALOG["cates"] + 1, CATALOG["ads"])
+    ad_brand = rng.integers(1, CATALOG["brands"] + 1, CATALOG["ads"])
+    pl.DataFrame({"adgroup_id": np.arange(1, CATALOG["ads"] + 1), "cate_id": ad_cate,
+                  "campaign_id": rng.integers(1, CATALOG["campaigns"], CATALOG["ads"]),
+                  "customer": rng.integers(1, CATALOG["customers"], CATALOG["ads"]),
+                  "brand": np.where(rng.random(CATALOG["ads"]) < 0.1, None, ad_brand).tolist(),
+                  "price": np.round(rng.gamma(2.0, 100.0, CATALOG["ads"]), 2)}).write_csv(out / "ad_feature.csv")
+    profile = {"userid": np.arange(1, users + 1)}
+    for name, top in (("cms_segid", 98), ("cms_group_id", 13), ("final_gender_code", 3), ("age_level", 7),
+                      ("pvalue_level", 4), ("shopping_level", 4), ("occupation", 2), ("new_user_class_level ", 5)):
+        values = rng.integers(0 if top != 3 else 1, top, users)
+        profile[name] = np.where(rng.random(users) < 0.15, None, values).tolist() if "level" in name else values
+    keep = rng.random(users) > 0.05  # some users have no profile
+    pl.DataFrame(profile).filter(pl.Series(keep)).write_csv(out / "user_profile.csv")
+
+    written = 0
+    with open(out / "behavior_log.csv", "wb") as log, open(out / "raw_sample.csv", "wb") as sample:
+        log.write(b"user,time_stamp,btag,cate,brand\n")
+        sample.write(b"user,time_stamp,adgroup_id,pid,nonclk,clk\n")
+        for first in range(1, users + 1, chunk_users):
+            ids = np.arange(first, min(first + chunk_users, users + 1))
+            favourite = rng.integers(1, CATALOG["cates"] + 1, (ids.size, 3))
+            n = rng.poisson(BEHAVIOURS_PER_USER, ids.size)
+            user = np.repeat(ids, n)
+            own = rng.random(user.size) < 0.7
+            ad = rng.integers(0, CATALOG["ads"], user.size)
+            cate = np.where(own, favourite[np.repeat(np.arange(ids.size), n), rng.integers(0, 3, user.size)],
+                            ad_cate[ad])
+            order = rng.permutation(user.size)
+            pl.DataFrame({"user": user[order], "time_stamp": (START - 14 * DAY + rng.integers(0, 22 * DAY, user.size)
+                                                              )[order],
+                          "btag": np.array(["pv", "cart", "fav", "buy"])[rng.choice(4, user.size,
+                                                                                     p=[.9, .03, .03, .04])][order],
+                          "cate": cate[order], "brand": ad_brand[ad][order]}).write_csv(log, include_header=False)
+            written += user.size
+            m = rng.poisson(IMPRESSIONS_PER_USER, ids.size)
+            who = np.repeat(np.arange(ids.size), m)
+            shown = rng.integers(0, CATALOG["ads"], who.size)
+            liked = np.any(ad_cate[shown][:, None] == favourite[who], axis=1)
+            clk = (rng.random(who.size) < np.where(liked, 0.3, 0.04)).astype(np.int64)
+            pl.DataFrame({"user": ids[who], "time_stamp": START + rng.integers(0, 8 * DAY, who.size),
+                          "adgroup_id": shown + 1,
+                          "pid": np.where(rng.random(who.size) < 0.6, "430548_1007", "430539_1007"),
+                          "nonclk": 1 - clk, "clk": clk}).write_csv(sample, include_header=False)
+    (out / "rows.json").write_text(json.dumps({"behaviours": written, "users": users, "seed": seed}))
+    return out
+
+
+def run_measured(command, **kwargs):
+    """(seconds, peak RSS bytes, stdout) of a subprocess, its RSS from wait4's rusage."""
+    tick = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - tick
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise SystemExit(f"{' '.join(map(str, command))} failed ({process.returncode}):\n{output[-3000:]}")
+    return seconds, usage.ru_maxrss * 1024, output
+
+
+class Limited:
+    """A batch source cut to its first ``steps`` batches (a bounded training run on large data)."""
+
+    def __init__(self, source, steps: int, batch_size: int):
+        self.source, self.steps, self.batch_size = source, steps, batch_size
+
+    def __len__(self) -> int:
+        return min(len(self.source), self.steps * self.batch_size)
+
+    def batches(self, batch_size, *, shuffle=False, seed=0):
+        return itertools.islice(self.source.batches(batch_size, shuffle=shuffle, seed=seed), self.steps)
+
+
+def child_train(args) -> None:
+    """In the measured subprocess: fit DIN on the prepared folder for --steps batches, evaluate as many."""
+    import tempfile
+
+    import torch
+
+    from din_ext.data.stream import open_prepared
+    from din_ext.model import DIN
+    from din_ext.training import fit
+
+    torch.set_num_threads(args.threads)
+    train, test, schema = open_prepared(args.path)
+    torch.manual_seed(0)
+    model = DIN(schema, embed_dim=16, attention_hidden=(80, 40), tower_hidden=(200, 80), activation="dice")
+    result = fit(model, Limited(train, args.steps, args.batch_size), Limited(test, args.steps // 4, 4096), epochs=1,
+                 out=tempfile.mkdtemp(), batch_size=args.batch_size, log=lambda _: None)
+    print(json.dumps({"train_samples_per_second": result["train_samples_per_second"], "rows": len(train)}))
+
+
+def child_speeds(args) -> None:
+    """In a subprocess: streaming samples/s over one shuffled epoch, and train_step samples/s at --batch-size."""
+    import torch
+
+    from din_ext.data.stream import open_prepared
+    from din_ext.model import DIN
+    from din_ext.training import make_optimizer, train_step
+
+    torch.set_num_threads(args.threads)
+    train, _, schema = open_prepared(args.path)
+    out = {}
+    for prefetch in (0, 8):
+        train.prefetch = prefetch
+        tick, seen = time.perf_counter(), 0
+        for batch in train.batches(args.batch_size, shuffle=True, seed=1):
+            seen += len(batch)
+        out[f"stream_prefetch{prefetch}"] = seen / (time.perf_counter() - tick)
+    train.prefetch = 0
+    batches = list(itertools.islice(train.batches(args.batch_size, shuffle=True, seed=2), args.warmup + 30))
+    torch.manual_seed(0)
+    model = DIN(schema, embed_dim=16, attention_hidden=(80, 40), tower_hidden=(200, 80), activation="dice")
+    optimizer = make_optimizer(model, 1e-3)
+    model.train()
+    times = []
+    for i, batch in enumerate(batches):
+        tick = time.perf_counter()
+        train_step(model, optimizer, batch).item()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - tick)
+    out["train_step"] = args.batch_size / float(np.median(times))
+    out["stream_rows"] = len(train)
+    print(json.dumps(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", default="bench", choices=("bench", "generate", "_train", "_speeds"))
+    parser.add_argument("--rows", type=int, default=20_000_000, help="behaviour rows of the 1x data")
+    parser.add_argument("--scale", type=int, default=4, help="the larger data, in multiples of --rows (0: skip)")
+    parser.add_argument("--work", default="/tmp/din_ext_bench_data", help="generated and prepared data (kept)")
+    parser.add_argument("--out", help="generate: the folder")
+    parser.add_argument("--path", help="_train/_speeds: a prepared folder")
+    parser.add_argument("--memory-limit", default="2G")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=300, help="training steps of the RSS runs")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--table", default=None, help="also write the table there (e.g. bench/results/data_cpu.md)")
+    args = parser.parse_args()
+    if args.mode == "generate":
+        tick = time.perf_counter()
+        generate(args.out, args.rows)
+        print(f"wrote {args.out} in {time.perf_counter() - tick:.0f} s")
+        return
+    if args.mode == "_train":
+        return child_train(args)
+    if args.mode == "_speeds":
+        return child_speeds(args)
+    bench(args)
+
+
+def _data(work: Path, rows: int) -> Path:
+    raw = work / f"raw-{rows}"
+    if not (raw / "rows.json").exists():
+        tick = time.perf_counter()
+        generate(raw, rows)
+        print(f"generated {raw} in {time.perf_counter() - tick:.0f} s", flush=True)
+    return raw
+
+
+def bench(args) -> None:
+    import torch
+    from common import git_commit, machine_description, write_table
+
+    work = Path(args.work)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+    python = sys.executable
+    me = [python, str(Path(__file__).resolve())]
+    results = []
+    for scale in [1] + ([args.scale] if args.scale else []):
+        raw = _data(work, args.rows * scale)
+        rows = json.loads((raw / "rows.json").read_text())["behaviours"]
+        prepared = work / f"prepared-{rows}"
+        if prepared.exists():
+            subprocess.run(["rm", "-rf", str(prepared)], check=True)
+        seconds, rss, _ = run_measured([python, "-m", "din_ext", "prepare", "--data", "taobao", "--path", str(raw),
+                                        "--out", str(prepared), "--memory-limit", args.memory_limit], env=env)
+        info = json.loads((prepared / "schema.json").read_text())
+        row = {"scale": scale, "behaviours": rows, "impressions": info["rows"]["train"] + info["rows"]["test"],
+               "shards": len(info["shards"]), "prepare_s": seconds, "prepare_rss": rss,
+               "csv_bytes": sum(p.stat().st_size for p in raw.glob("*.csv")),
+               "prepared_bytes": sum(p.stat().st_size for p in prepared.rglob("*") if p.is_file())}
+        print(json.dumps(row), flush=True)
+        if scale == 1:
+            _, _, output = run_measured([*me, "_speeds", "--path", str(prepared), "--threads", str(args.threads),
+                                         "--batch-size", str(args.batch_size), "--warmup", str(args.warmup)], env=env)
+            row.update(json.loads(output.strip().splitlines()[-1]))
+        seconds, rss, output = run_measured([*me, "_train", "--path", str(prepared), "--threads", str(args.threads),
+                                             "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
+                                            env=env)
+        row.update(train_rss=rss, train_s=seconds, **{"fit_" + k: v for k, v in
+                                                      json.loads(output.strip().splitlines()[-1]).items()})
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    text = report(results, args, machine_description(torch.device("cpu")), git_commit())
+    print(text)
+    write_table(text + "\n", args.table)
+
+
+def report(results, args, machine: str, commit: str) -> str:
+    gib = 1 << 30
+    one = results[0]
+    lines = [f"{machine}; {time.strftime('%Y-%m-%d')}; commit {commit}; torch threads {args.threads}; "
+             f"--memory-limit {args.memory_limit}", "",
+             ("| data | behaviour rows | impressions | shards | CSV | prepared | prepare s | rows/s | prepare peak RSS "
+              "| training peak RSS |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| {r['scale']}x | {r['behaviours']:,} | {r['impressions']:,} | {r['shards']} | "
+                     f"{r['csv_bytes'] / gib:.2f} GiB | {r['prepared_bytes'] / gib:.2f} GiB | {r['prepare_s']:.0f} | "
+                     f"{r['behaviours'] / r['prepare_s']:,.0f} | {r['prepare_rss'] / gib:.2f} GiB | "
+                     f"{r['train_rss'] / gib:.2f} GiB |")
+    lines += ["", f"B={args.batch_size}: streaming (one shuffled epoch, {one['stream_rows']:,} rows) "
+              f"{one['stream_prefetch0']:,.0f} samples/s without prefetch, {one['stream_prefetch8']:,.0f} with; "
+              f"train_step {one['train_step']:,.0f} samples/s; ratio "
+              f"{one['stream_prefetch0'] / one['train_step']:.1f}x "
+              f"(target >= 5x). fit through the stream (prefetch 8, {args.steps} steps): "
+              f"{one['fit_train_samples_per_second']:,.0f} samples/s."]
+    if len(results) > 1:
+        lines.append(f"Training peak RSS {results[-1]['scale']}x / 1x: "
+                     f"{results[-1]['train_rss'] / one['train_rss']:.2f} (target <= 1.2); prepare peak RSS at 1x "
+                     f"{one['prepare_rss'] / gib:.2f} GiB (target <= 2 GB).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
