@@ -67,7 +67,8 @@ class SharedEmbedding(nn.Embedding):
         if len(ids) == 1:
             return (super().forward(ids[0]),)
         flat = super().forward(torch.cat([i.reshape(-1) for i in ids]))
-        return tuple(part.view(*i.shape, -1) for part, i in zip(flat.split([i.numel() for i in ids]), ids))
+        parts = flat.split([i.numel() for i in ids])
+        return tuple(part.view(*i.shape, self.embedding_dim) for part, i in zip(parts, ids))  # not -1: N may be 0
 
 
 class DIN(nn.Module):
@@ -255,7 +256,7 @@ class DIN(nn.Module):
         whole)."""
         if not isinstance(batch, Interactions):
             raise TypeError(f"batch must be din_ext.data.Interactions, got {type(batch).__name__}")
-        rows = len(batch)
+        rows = batch.user_id.shape[0]  # not len(): a symbolic size under torch.export stays symbolic
         if rows == 0:
             raise ValueError("batch is empty (0 impressions)")
         offsets = batch.hist_offsets
