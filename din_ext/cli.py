@@ -243,21 +243,75 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        raise UsageError(f"--output {path!r}: " + ("is a folder; name a CSV file" if os.path.isdir(path)
+                                                   else f"the folder {folder} does not exist"))
+
+
+def _write_predictions(path: str, tasks, probabilities: torch.Tensor, user_id: torch.Tensor,
+                       labels: Dict[str, torch.Tensor]) -> None:
+    """The predictions CSV: row, user_id, p_<task>..., <task> labels."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "user_id", *(f"p_{t}" for t in tasks), *tasks])
+        columns = [labels[t].tolist() for t in tasks]
+        for row, (user, p) in enumerate(zip(user_id.tolist(), probabilities.tolist())):
+            writer.writerow([row, user, *(f"{x:.6f}" for x in p), *(int(col[row]) for col in columns)])
+    print(f"wrote {len(user_id):,} predictions to {path}")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if os.path.isdir(args.output) or not os.path.isdir(folder):
-        raise UsageError(f"--output {args.output!r}: " + ("is a folder; name a CSV file" if os.path.isdir(args.output)
-                                                           else f"the folder {folder} does not exist"))
+    _check_output(args.output)
     model, checkpoint, device = _load_model(args)
     data = _split(args, model, checkpoint)
-    probabilities, user_id, all_labels, _ = training.predict_rows(model, data, args.batch_size, device)
-    with open(args.output, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["row", "user_id", *(f"p_{t}" for t in model.tasks), *model.tasks])
-        labels = [all_labels[t].tolist() for t in model.tasks]
-        for row, (user, p) in enumerate(zip(user_id.tolist(), probabilities.tolist())):
-            writer.writerow([row, user, *(f"{x:.6f}" for x in p), *(int(col[row]) for col in labels)])
-    print(f"wrote {len(user_id):,} predictions to {args.output}")
+    probabilities, user_id, labels, _ = training.predict_rows(model, data, args.batch_size, device)
+    _write_predictions(args.output, model.tasks, probabilities, user_id, labels)
+    return 0
+
+
+def cmd_predict_any(args: argparse.Namespace) -> int:
+    """predict for a checkpoint (.pt) or, through din_ext.serving.DINPredictor, a .pt2 package."""
+    if not args.checkpoint.endswith(".pt2"):
+        return cmd_predict(args)
+    from din_ext.serving import DINPredictor
+
+    _check_output(args.output)
+    if not os.path.exists(args.checkpoint):
+        raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist")
+    training.check_positive("batch_size", args.batch_size)
+    try:
+        predictor = DINPredictor.load(args.checkpoint)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"--checkpoint {args.checkpoint}: {_first_line(exc)}") from None
+    spec = data_spec(args, predictor.data)
+    train_set, test_set, schema = load_data(spec)
+    want = (predictor.schema.user_fields, predictor.schema.item_fields, predictor.schema.history_fields)
+    if (schema.user_fields, schema.item_fields, schema.history_fields) != want:
+        raise UsageError(f"the {spec['data']} data does not fit the package's fields and table sizes {want}")
+    data = train_set if args.split == "train" else test_set
+    _write_predictions(args.output, predictor.tasks, predictor.predict_interactions(data, args.batch_size),
+                       data.user_id, data.labels)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """din-ext export: a checkpoint as an AOTInductor package (.pt2) for the CPU."""
+    from din_ext.export import export_package
+
+    if not args.out.endswith(".pt2"):
+        raise UsageError(f"--out {args.out!r}: a pt2 package's name ends in .pt2")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UsageError(f"--out {args.out!r}: its folder does not exist")
+    checkpoint = _read_checkpoint(args.checkpoint, "--checkpoint")
+    try:
+        model = DIN.from_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
+    export_package(model, args.out, data=checkpoint.get("data"))
+    note = "" if model.schema.vocabularies else " (the checkpoint has no vocabularies: row-id requests only)"
+    print(f"wrote {args.out}{note}")
     return 0
 
 
@@ -368,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_options(p, with_model=False)
     p.set_defaults(func=cmd_compare, out="din-ext-compare")
     for name, func, help_text in (("evaluate", cmd_evaluate, "auc, gauc, logloss of a checkpoint"),
-                                  ("predict", cmd_predict, "write a checkpoint's click probabilities to CSV")):
+                                  ("predict", cmd_predict_any, "write a checkpoint's (.pt or .pt2) click "
+                                                               "probabilities to CSV")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--checkpoint", required=True, help="a .pt written by din-ext train (best.pt or last.pt)")
         _data_options(p, evaluation=True)
@@ -390,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most about that many behaviour rows per shard (default: what the memory limit allows, "
                         "at most 4M)")
     p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("export", help="a checkpoint as an AOTInductor package (.pt2) for serving")
+    p.add_argument("--checkpoint", required=True, help="a .pt written by din-ext train")
+    p.add_argument("--format", choices=("pt2",), default="pt2")
+    p.add_argument("--out", required=True, help="the package to write (NAME.pt2)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("selfcheck", aliases=["check"], help="check every built backend against the reference")
     p.set_defaults(func=cmd_selfcheck)
     return parser

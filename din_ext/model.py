@@ -30,17 +30,30 @@ POOLINGS = ("attention", "sum")
 CHECKPOINT_FORMAT = 1
 
 
+def _vocabulary_to_data(vocabulary: Sequence[Any]) -> Union[torch.Tensor, list]:
+    """Rows 1.. of a vocabulary: an int64 tensor for integer ids (compact), else a list of strings."""
+    rest = list(vocabulary)[1:]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in rest):
+        return torch.tensor(rest, dtype=torch.long)
+    return [str(v) for v in rest]
+
+
 def schema_to_dict(schema: Schema) -> Dict[str, Any]:
     """A Schema as plain data (dicts, tuples, tensors) that ``torch.load(weights_only=True)`` reads back."""
     return {"user_fields": dict(schema.user_fields), "item_fields": dict(schema.item_fields),
             "history_fields": tuple(schema.history_fields), "dense_dim": int(schema.dense_dim),
-            "tasks": tuple(schema.tasks), "frequencies": dict(schema.frequencies)}
+            "tasks": tuple(schema.tasks), "frequencies": dict(schema.frequencies),
+            "vocabularies": {f: _vocabulary_to_data(v) for f, v in schema.vocabularies.items()}}
 
 
 def schema_from_dict(data: Mapping[str, Any]) -> Schema:
+    """The Schema of ``schema_to_dict``'s data; data written before vocabularies existed gives none."""
+    vocabularies = {f: [None, *(v.tolist() if isinstance(v, torch.Tensor) else v)]
+                    for f, v in dict(data.get("vocabularies", {})).items()}
     return Schema(user_fields=dict(data["user_fields"]), item_fields=dict(data["item_fields"]),
                   history_fields=tuple(data["history_fields"]), dense_dim=int(data["dense_dim"]),
-                  tasks=tuple(data["tasks"]), frequencies=dict(data.get("frequencies", {})))
+                  tasks=tuple(data["tasks"]), frequencies=dict(data.get("frequencies", {})),
+                  vocabularies=vocabularies)
 
 
 class SharedEmbedding(nn.Embedding):
@@ -54,7 +67,8 @@ class SharedEmbedding(nn.Embedding):
         if len(ids) == 1:
             return (super().forward(ids[0]),)
         flat = super().forward(torch.cat([i.reshape(-1) for i in ids]))
-        return tuple(part.view(*i.shape, -1) for part, i in zip(flat.split([i.numel() for i in ids]), ids))
+        parts = flat.split([i.numel() for i in ids])
+        return tuple(part.view(*i.shape, self.embedding_dim) for part, i in zip(parts, ids))  # not -1: N may be 0
 
 
 class DIN(nn.Module):
@@ -235,12 +249,14 @@ class DIN(nn.Module):
         ids)."""
         self._check_batch(batch)
 
-    def _check_batch(self, batch: Interactions) -> int:
+    def _check_batch(self, batch: Interactions) -> Optional[int]:
         """check_batch, returning hist_offsets[-1]; every value it checks is read with one host-device
-        synchronization, so forward passes ``checked=True`` to the layers."""
+        synchronization, so forward passes ``checked=True`` to the layers. While torch.compile or torch.export
+        traces, only names, dtypes and shapes are checked, and it returns None (the history columns are used
+        whole)."""
         if not isinstance(batch, Interactions):
             raise TypeError(f"batch must be din_ext.data.Interactions, got {type(batch).__name__}")
-        rows = len(batch)
+        rows = batch.user_id.shape[0]  # not len(): a symbolic size under torch.export stays symbolic
         if rows == 0:
             raise ValueError("batch is empty (0 impressions)")
         offsets = batch.hist_offsets
@@ -267,6 +283,12 @@ class DIN(nn.Module):
                     want = f"[{length}]" if length is not None else f"[>= hist_offsets[-1] = {int(offsets[-1])}]"
                     raise ValueError(f"{label} must be int64 {want}, got {col.dtype} {tuple(col.shape)}")
                 columns.append((label, col, size, length))
+        if _validate.tracing():
+            # Under torch.compile/torch.export the values are data of the graph: checking them would guard on them.
+            # The caller checks them before the graph (check_batch, or din_ext.serving); the history columns are then
+            # used whole, so they must end at hist_offsets[-1] (every din_ext loader's batches do).
+            self._check_dense(batch, rows)
+            return None
         filled = [c for c in columns if c[1].numel()]
         # History columns are read whole (their used part needs hist_offsets[-1], which this very read gets).
         values = torch.stack(_validate.offsets_summary(offsets) + [v for _, col, _, _ in filled
@@ -285,12 +307,15 @@ class DIN(nn.Module):
                 lo, hi = torch.stack(torch.aminmax(used)).tolist() if used.numel() else (0, 0)
             if lo < 0 or hi >= size:
                 raise ValueError(f"{label} has ids outside [0, {size}) (the table size)")
+        self._check_dense(batch, rows)
+        return total
+
+    def _check_dense(self, batch: Interactions, rows: int) -> None:
         if self.use_dense:
             dense = batch.dense
             if dense is None or tuple(dense.shape) != (rows, self.schema.dense_dim) or not dense.is_floating_point():
                 got = None if dense is None else (dense.dtype, tuple(dense.shape))
                 raise ValueError(f"batch.dense must be float [{rows}, {self.schema.dense_dim}], got {got}")
-        return total
 
     def _lookup(self, field: str, *ids: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The embeddings of ``ids`` in the table of ``field``, one call per table per step (so an MBA table counts
@@ -315,7 +340,8 @@ class DIN(nn.Module):
         candidates, query, keys = [], [], []
         for field in schema.item_fields:
             if field in schema.history_fields:
-                candidate, behaviours = self._lookup(field, batch.item[field], batch.hist[field][:total])
+                history = batch.hist[field] if total is None else batch.hist[field][:total]
+                candidate, behaviours = self._lookup(field, batch.item[field], history)
                 query.append(candidate)
                 keys.append(behaviours)
             else:
@@ -343,10 +369,11 @@ class DIN(nn.Module):
         validated (forward). Returns the user interest (B, Dq), or (B, C, Dq): one per candidate."""
         if self.attention is not None:
             return self.attention(query, keys, offsets=offsets, checked=checked)
-        lengths = offsets[1:] - offsets[:-1]
-        owner = torch.repeat_interleave(torch.arange(query.shape[0], device=keys.device), lengths,
-                                        output_size=keys.shape[0])
-        summed = keys.new_zeros(query.shape[0], keys.shape[1]).index_add_(0, owner, keys)
+        # The row of every key (rows past offsets[-1] go to a dropped extra row): no data-dependent size, so it
+        # traces for torch.compile and torch.export.
+        rows = query.shape[0]
+        owner = torch.searchsorted(offsets[1:], torch.arange(keys.shape[0], device=keys.device), right=True)
+        summed = keys.new_zeros(rows + 1, keys.shape[1]).index_add_(0, owner, keys)[:rows]
         return summed if query.dim() == 2 else summed[:, None].expand(query.shape)
 
     @torch.no_grad()

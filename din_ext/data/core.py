@@ -9,7 +9,7 @@ field, so vocabulary sizes include it. ``Schema`` says which fields exist and ho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -26,6 +26,9 @@ class Schema:
     dense_dim: int = 0                          # width of the optional dense features
     tasks: Tuple[str, ...] = ("click",)         # label columns, one head each
     frequencies: Dict[str, torch.Tensor] = field(default_factory=dict)  # field -> [table size] training counts
+    # field -> the raw id of every table row in row order (ints or strings; entry 0, the OOV/padding row, is a
+    # placeholder such as None): what serving maps a request's raw ids through. Empty: rows only.
+    vocabularies: Dict[str, List[Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = [f for f in self.history_fields if f not in self.item_fields]
@@ -33,6 +36,13 @@ class Schema:
             raise ValueError(f"history_fields {unknown} are not item fields {list(self.item_fields)}")
         if not self.tasks:
             raise ValueError("tasks must name at least one label column")
+        sizes = {**self.user_fields, **self.item_fields}
+        for name, vocabulary in self.vocabularies.items():
+            if name not in sizes:
+                raise ValueError(f"vocabularies[{name!r}]: not a user or item field {list(sizes)}")
+            if len(vocabulary) != sizes[name]:
+                raise ValueError(f"vocabularies[{name!r}] has {len(vocabulary)} entries (row 0 included), but the "
+                                 f"table has {sizes[name]} rows")
 
 
 @dataclass
