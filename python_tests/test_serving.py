@@ -318,3 +318,39 @@ def test_cli_predict_pt_and_pt2_agree(served, tiny, tmp_path, monkeypatch, capsy
     assert len(pt) == len(test) + 1 and pt[0] == pt2[0]
     for a, b in zip(pt[1:], pt2[1:]):
         assert a[:2] == b[:2] and a[-1] == b[-1] and abs(float(a[2]) - float(b[2])) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["amazon", "taobao", "recbole"])
+def test_every_loader_puts_its_vocabularies_in_the_checkpoint(name, tmp_path):
+    """Each loader's fitted vocabularies (raw id -> row, OOV -> 0) travel in the checkpoint (weights_only), and a
+    predictor maps a request's raw ids through them to the rows the loader encoded."""
+    from din_ext.data import load_dataset
+    from din_ext.data.samples import write_sample
+    from din_ext.model import save_checkpoint
+    from din_ext.serving import DINPredictor
+
+    train, _, schema = load_dataset(name, write_sample(name, tmp_path / name))
+    sizes = {**schema.user_fields, **schema.item_fields}
+    assert set(schema.vocabularies) == set(sizes)
+    for field, vocabulary in schema.vocabularies.items():
+        assert len(vocabulary) == sizes[field] and vocabulary[0] is None, field
+        assert len(set(vocabulary[1:])) == len(vocabulary) - 1, field  # one row per raw id
+    torch.manual_seed(0)
+    model = DIN(schema, embed_dim=4, attention_hidden=(8,), tower_hidden=(8,)).eval()
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model.checkpoint())
+    predictor = DINPredictor.load(str(path))
+    assert predictor.schema.vocabularies == schema.vocabularies
+    row = 0
+    lo, hi = int(train.hist_offsets[row]), int(train.hist_offsets[row + 1])
+    raw = lambda field, rows: [schema.vocabularies[field][r] for r in rows]  # noqa: E731
+    request = {"user": {f: raw(f, [int(train.user[f][row])])[0] for f in schema.user_fields},
+               "history": {f: raw(f, train.hist[f][lo:hi].tolist()) for f in schema.history_fields},
+               "candidates": {f: raw(f, [int(train.item[f][row])]) for f in schema.item_fields}}
+    if model.use_dense:
+        request["dense"] = train.dense[row].tolist()
+    with torch.no_grad():
+        expected = torch.sigmoid(model(train.take(torch.tensor([row]))))[0]
+    got = predictor.predict([request])[0]
+    for t, task in enumerate(schema.tasks):
+        assert got[task] == pytest.approx([float(expected[t])], abs=1e-6)

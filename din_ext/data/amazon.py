@@ -168,13 +168,14 @@ def load_amazon(path, *, reviews_file=None, meta_file=None, max_history: Optiona
     reviews_path = _resolve(path, reviews_file, REVIEW_FILES, "amazon reviews")
     base = path if path.is_dir() else reviews_path.parent
     meta_path = _resolve(base, meta_file, META_FILES, "amazon meta")
-    user_code, _, item_code, item_names, times = read_reviews(reviews_path)
+    user_code, user_names, item_code, item_names, times = read_reviews(reviews_path)
     categories = read_categories(meta_path, set(item_names.tolist()), strict_meta)
     cate_names = [categories.get(a) for a in item_names.tolist()]
     known = np.array([c is not None for c in cate_names], dtype=bool)
     cate_of_item = np.full(item_names.size, -1, dtype=np.int64)
+    cate_labels = np.zeros(0, dtype=str)
     if known.any():
-        cate_of_item[known] = intern(np.array([c for c in cate_names if c is not None]))[0]
+        cate_of_item[known], cate_labels = intern(np.array([c for c in cate_names if c is not None]))
 
     order = np.lexsort((np.arange(times.size), times, user_code))
     u, it, t = user_code[order], item_code[order], times[order]
@@ -197,5 +198,6 @@ def load_amazon(path, *, reviews_file=None, meta_file=None, max_history: Optiona
         labels={"click": np.tile(np.array([1.0, 0.0]), at.size)}, time=np.repeat(t[at], 2))
     train, test = split(raw, np.repeat(last[at], 2))
     train, test, schema, _ = fit_and_encode(train, test, user_fields=("user",) if user_feature else (),
-                                            item_fields=("item", "cate"), history_fields=("item", "cate"))
+                                            item_fields=("item", "cate"), history_fields=("item", "cate"),
+                                            names={"user": user_names, "item": item_names, "cate": cate_labels})
     return train, test, schema

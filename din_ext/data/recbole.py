@@ -56,7 +56,8 @@ def atomic_files(path, name: Optional[str] = None):
 
 
 def _side_table(path, key: str, wanted: Optional[Sequence[str]], default: Sequence[str], buckets: int):
-    """(sorted key tokens, {field: int codes aligned with the keys}) of a .user / .item file."""
+    """(sorted key tokens, {field: int codes aligned with the keys}, {token field: its tokens, indexed by code}) of a
+    .user / .item file; a float field's codes are its quantile buckets (no tokens)."""
     types = _types(path)
     if key not in types:
         raise parse_error(path, 1, f"header lacks the id column {key!r}")
@@ -68,7 +69,7 @@ def _side_table(path, key: str, wanted: Optional[Sequence[str]], default: Sequen
             raise parse_error(path, 1, f"header lacks the requested column(s) {missing}")
     table = read_columns(path, {key: "str", **{f: "str" for f in wanted}}, delimiter="\t", normalize=_field_name)
     keys, first = np.unique(table[key], return_index=True)
-    codes = {}
+    codes, tokens = {}, {}
     for f in wanted:
         text = table[f]
         if types[f] in ("token_seq", "float_seq"):  # the first token of a sequence
@@ -81,9 +82,9 @@ def _side_table(path, key: str, wanted: Optional[Sequence[str]], default: Sequen
                 else np.zeros(0)
             codes[f] = np.where(known, np.searchsorted(edges, np.nan_to_num(values), side="right"), MISSING)
         else:
-            c, _ = intern(text[first])
+            c, tokens[f] = intern(text[first])
             codes[f] = np.where(blank, MISSING, c)
-    return keys, codes
+    return keys, codes, tokens
 
 
 def _align(keys: np.ndarray, codes: Dict[str, np.ndarray], names: np.ndarray) -> Dict[str, np.ndarray]:
@@ -173,17 +174,17 @@ def load_recbole(path, *, name: Optional[str] = None, user_field: str = "user_id
     order, offsets, index = histories_before(user[events], rank[events], user[source], rank[source], max_history)
     hist_item = item[events][order][index]
 
-    item_side = {}
+    item_side, side_tokens, user_tokens = {}, {}, {}
     if item_path is not None:
-        keys, codes = _side_table(item_path, item_field, item_features, CATEGORY_COLUMNS, float_buckets)
+        keys, codes, side_tokens = _side_table(item_path, item_field, item_features, CATEGORY_COLUMNS, float_buckets)
         item_side = _align(keys, codes, item_names)
     elif item_features:
         raise ValueError(f"item_features {list(item_features)} given but there is no .item file")
     user_side = {}
     if user_path is not None:
         types_u = _types(user_path)
-        keys, codes = _side_table(user_path, user_field, user_features,
-                                  [f for f in types_u if f != user_field], float_buckets)
+        keys, codes, user_tokens = _side_table(user_path, user_field, user_features,
+                                               [f for f in types_u if f != user_field], float_buckets)
         user_side = {f: c[user] for f, c in _align(keys, codes, user_names).items()}
     elif user_features:
         raise ValueError(f"user_features {list(user_features)} given but there is no .user file")
@@ -198,5 +199,7 @@ def load_recbole(path, *, name: Optional[str] = None, user_field: str = "user_id
     if not len(train) or not len(test):
         raise ValueError(f"the {split_by} split leaves {len(train)} training and {len(test)} test impressions")
     train, test, schema, _ = fit_and_encode(train, test, user_fields=tuple(user_cols), item_fields=tuple(item_cols),
-                                            history_fields=tuple(item_cols))
+                                            history_fields=tuple(item_cols),
+                                            names={**side_tokens, **user_tokens, user_field: user_names,
+                                                   item_field: item_names})
     return train, test, schema

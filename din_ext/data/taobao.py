@@ -105,8 +105,9 @@ def load_taobao(path, *, max_history: Optional[int] = 50, btags: Optional[Iterab
     for field, column in (("cate", "cate_id"), ("brand", "brand"), ("campaign", "campaign_id"),
                           ("customer", "customer")):
         item[field] = np.where(found, ads[column][at], MISSING)
+    names = {}
     if pid:
-        item["pid"] = intern(sample["pid"])[0]
+        item["pid"], names["pid"] = intern(sample["pid"])
 
     profile = _table(profile_path, {"userid": "int", **{f: "id" for f in PROFILE_FIELDS}}, "userid")
     at_user, has_profile = locate(profile["userid"], user)
@@ -130,5 +131,6 @@ def load_taobao(path, *, max_history: Optional[int] = 50, btags: Optional[Iterab
                            labels={"click": clicks}, dense=dense, time=time)
     train, test = split(raw, test_mask)
     train, test, schema, _ = fit_and_encode(train, test, user_fields=PROFILE_FIELDS, item_fields=tuple(item),
-                                            history_fields=("cate", "brand"), dense_dim=1 if price else 0)
+                                            history_fields=("cate", "brand"), dense_dim=1 if price else 0,
+                                            names=names)
     return train, test, schema

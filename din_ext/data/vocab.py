@@ -7,7 +7,7 @@ of the set of training ids (reproducible, independent of file order).
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -150,13 +150,21 @@ def count_frequencies(data: Interactions, schema: Schema) -> Dict[str, torch.Ten
     return {name: counts.clamp_(min=1) for name, counts in out.items()}
 
 
+def _raw_ids(keys: np.ndarray, names: Optional[np.ndarray]) -> list:
+    """The raw ids of a vocabulary's codes, as Python ints or strings."""
+    return (keys if names is None else np.asarray(names)[keys]).tolist()
+
+
 def fit_and_encode(train: Interactions, test: Interactions, *, user_fields, item_fields, history_fields,
-                   tasks=("click",), dense_dim: int = 0, missing: int = -1):
+                   tasks=("click",), dense_dim: int = 0, missing: int = -1, names: Optional[Mapping] = None):
     """Fit one vocabulary per field on ``train`` (raw int codes), encode both splits, and build the ``Schema``.
 
     train, test: ``Interactions`` whose id columns hold raw integer codes (``missing`` for absent values).
     An item field that appears in histories gets one vocabulary over its candidate and history columns, since
-    the two share an embedding table. Returns ``(train, test, schema, vocabularies)``, both splits validated.
+    the two share an embedding table. names: field -> array with ``names[code]`` the raw id a code stands for
+    (fields whose codes were interned from strings); other fields' codes are their raw ids. The schema's
+    ``vocabularies`` get each table's raw ids in row order (row 0, OOV/padding: None), for serving raw requests.
+    Returns ``(train, test, schema, vocabularies)``, both splits validated.
     """
     vocabs: Dict[str, Vocabulary] = {}
     for f in user_fields:
@@ -177,6 +185,7 @@ def fit_and_encode(train: Interactions, test: Interactions, *, user_fields, item
     schema = Schema(user_fields={f: len(vocabs[f]) for f in user_fields},
                     item_fields={f: len(vocabs[f]) for f in item_fields},
                     history_fields=tuple(history_fields), dense_dim=dense_dim, tasks=tuple(tasks))
+    schema.vocabularies = {f: [None, *_raw_ids(vocab.keys, (names or {}).get(f))] for f, vocab in vocabs.items()}
     train_enc, test_enc = encode(train), encode(test)
     schema.frequencies = count_frequencies(train_enc, schema)
     return train_enc.validate(schema), test_enc.validate(schema), schema, vocabs
