@@ -113,6 +113,33 @@ def test_state_dict_round_trip_and_bad_inputs(tmp_path):
         DIN(columns + [SparseFeat("price", 5, 8)], ["item_id", "price"])
 
 
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    columns, x, y = make_data(rows=400)
+    model = compiled(DIN(columns, ["item_id", "cate_id"], dnn_hidden_units=(8,), att_hidden_size=(8,)))
+    model.fit(x, y, batch_size=100, epochs=1, verbose=0)
+    torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fit_with_distributed_data_parallel(tmp_path):
+    """Two processes (gloo on the CPU; on GPUs it is one process per GPU, nccl): each takes every second batch, and
+    they end with the same weights and statistics."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
+
+
 try:
     import deepctr_torch
     from deepctr_torch.models import DIN as DeepCTRDIN

@@ -511,6 +511,9 @@ class DIN(nn.Module):
             _call(callbacks, "on_epoch_end", epoch, logs)
             if self.stop_training:
                 break
+        if world > 1:  # each process folded its own last batch into the Dice/BatchNorm statistics: take rank 0's
+            for buffer in self.buffers():
+                torch.distributed.broadcast(buffer, 0)
         _call(callbacks, "on_train_end")
         return self.history
 
