@@ -241,12 +241,19 @@ def test_opcheck(training, with_values):
     args = (batch.query.requires_grad_(), batch.keys.requires_grad_(),
             None if batch.values is None else batch.values.requires_grad_(), offsets[:-1], offsets.diff(), 5,
             weights, biases, params, "dice", "softmax", 0.5, training, 1e-8)
+    opcheck_compiled_op(args)
+
+
+def opcheck_compiled_op(args):
+    """torch.library.opcheck of din_ext::local_activation_attention on ``args`` and of its backward on the forward's
+    outputs; returns the forward's out."""
     torch.library.opcheck(torch.ops.din_ext.local_activation_attention.default, args)
     out, stats = torch.ops.din_ext.local_activation_attention(*args)
     grad_args = (torch.randn_like(out), *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:9]],
                  stats.detach(), *args[9:])
     grad_args = tuple([t.detach() for t in a] if isinstance(a, list) else a for a in grad_args)
     torch.library.opcheck(torch.ops.din_ext.local_activation_attention_backward.default, grad_args)
+    return out
 
 
 @requires_cpp

@@ -12,7 +12,7 @@ import torch
 
 import din_ext
 from conftest import BACKENDS, clean, make_batch, requires_cpp
-from test_attention import ACTIVATIONS, make_unit
+from test_attention import ACTIVATIONS, make_unit, opcheck_compiled_op
 
 # The subjects: the reference's own 3-D support and every backend this machine runs (cpu; triton under
 # TRITON_INTERPRET=1 or on a GPU; cuda on a GPU), all of whose kernels take a 3-D query.
@@ -247,13 +247,7 @@ def test_opcheck_3d_query(training):
     params = unit.act_params().detach().clone().requires_grad_()
     args = (candidates(batch, 3).requires_grad_(), batch.keys.requires_grad_(), None, offsets[:-1], offsets.diff(),
             5, weights, biases, params, "dice", "softmax", 0.5, training, 1e-8)
-    torch.library.opcheck(torch.ops.din_ext.local_activation_attention.default, args)
-    out, stats = torch.ops.din_ext.local_activation_attention(*args)
-    assert out.shape == (4, 3, 5)
-    grad_args = (torch.randn_like(out), *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:9]],
-                 stats.detach(), *args[9:])
-    grad_args = tuple([t.detach() for t in a] if isinstance(a, list) else a for a in grad_args)
-    torch.library.opcheck(torch.ops.din_ext.local_activation_attention_backward.default, grad_args)
+    assert opcheck_compiled_op(args).shape == (4, 3, 5)
 
 
 @requires_cpp
