@@ -38,6 +38,7 @@ def same_schema(a, b) -> None:
     assert list(a.frequencies) == list(b.frequencies)
     for f in a.frequencies:
         assert torch.equal(a.frequencies[f], b.frequencies[f]), f
+    assert a.vocabularies == b.vocabularies
 
 
 def rows(data: Interactions) -> list:

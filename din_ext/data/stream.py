@@ -42,13 +42,15 @@ def read_schema(path) -> Tuple[dict, Schema]:
     info = json.loads(file.read_text())
     if info.get("format") != FORMAT:
         raise ValueError(f"prepared: {file} has format {info.get('format')!r}, this din_ext reads {FORMAT}")
-    frequencies = {}
+    frequencies, vocabularies = {}, {}
     for f in (*info["user_fields"], *info["item_fields"]):
-        counts = pl.read_parquet(path / "vocab" / f"{f}.parquet", columns=["count"])["count"].to_numpy()
+        table = pl.read_parquet(path / "vocab" / f"{f}.parquet", columns=["key", "count"])
+        counts = table["count"].to_numpy()
         frequencies[f] = torch.from_numpy(np.concatenate([[info["oov_counts"][f]], counts]).astype(np.int64))
+        vocabularies[f] = [None, *table["key"].to_list()]  # raw ids in row order, for serving raw requests
     schema = Schema(user_fields=dict(info["user_fields"]), item_fields=dict(info["item_fields"]),
                     history_fields=tuple(info["history_fields"]), dense_dim=len(info["dense"]),
-                    tasks=tuple(info["tasks"]), frequencies=frequencies)
+                    tasks=tuple(info["tasks"]), frequencies=frequencies, vocabularies=vocabularies)
     return info, schema
 
 
