@@ -49,6 +49,13 @@ def index(x, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or the name of its type when the message is empty: the text of a
+    one-line error built on top of it."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def positive_finite(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 import din_ext.data as datasets
-from din_ext import _backend, metrics, training
+from din_ext import _backend, _validate, metrics, training
 from din_ext.contract import ACTIVATIONS, NORMALIZATIONS
 from din_ext.data import LOADERS, Interactions, Schema
 from din_ext.data.loaders import SOURCES
@@ -128,11 +128,6 @@ def _check_backend(backend: str, device: torch.device) -> None:
         raise UsageError(f"--backend {backend}: {exc}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _read_checkpoint(path: str, option: str) -> Dict[str, Any]:
     try:
         return load_checkpoint(path)
@@ -160,7 +155,7 @@ def _new_model(args: argparse.Namespace, schema: Schema) -> DIN:
                    tower_hidden=args.tower_hidden, activation=args.activation, pooling=training.POOLING[args.model],
                    normalization=args.normalization, mba_lambda=args.mba_lambda)
     except (ValueError, TypeError, RuntimeError, MemoryError) as exc:  # e.g. a width too large to allocate
-        raise UsageError(f"the model options: {_first_line(exc)}") from None
+        raise UsageError(f"the model options: {_validate.first_line(exc)}") from None
 
 
 def _say(text: str) -> None:
@@ -284,7 +279,7 @@ def cmd_predict_any(args: argparse.Namespace) -> int:
     try:
         predictor = DINPredictor.load(args.checkpoint)
     except (ValueError, RuntimeError) as exc:
-        raise UsageError(f"--checkpoint {args.checkpoint}: {_first_line(exc)}") from None
+        raise UsageError(f"--checkpoint {args.checkpoint}: {_validate.first_line(exc)}") from None
     spec = data_spec(args, predictor.data)
     train_set, test_set, schema = load_data(spec)
     want = (predictor.schema.user_fields, predictor.schema.item_fields, predictor.schema.history_fields)

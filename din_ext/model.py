@@ -446,9 +446,9 @@ REQUIRED_KEYS = ("format", "config", "state_dict")
 
 
 def _reason(exc: BaseException) -> str:
-    """The first line of an exception's message (KeyError's is just the key), for a one-line error."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    """The exception's type and the first line of its message (KeyError's is just the key), for a one-line error."""
+    name, line = type(exc).__name__, _validate.first_line(exc)
+    return name if line == name else f"{name}: {line}"
 
 
 def check_checkpoint(checkpoint: Any, source: str) -> None:

@@ -34,6 +34,7 @@ from typing import Callable, Dict, Iterable, Optional
 
 import numpy as np
 
+from din_ext._validate import first_line
 from din_ext.data.build import check_max_history, history_bounds
 from din_ext.data.readers import find_file, read_header, require_path
 from din_ext.data.taobao import AD_FIELDS, BTAGS, DAY, PROFILE_FIELDS
@@ -113,7 +114,7 @@ def _collect(frame, path):
     except Exception as exc:  # polars raises its own ComputeError, SchemaError, ... for malformed text
         if type(exc).__module__.split(".")[0] != "polars":
             raise
-        raise ValueError(f"{path}: {str(exc).strip().splitlines()[0]}") from None
+        raise ValueError(f"{path}: {first_line(exc)}") from None
 
 
 def _sink(frame, target, path) -> None:
@@ -122,7 +123,7 @@ def _sink(frame, target, path) -> None:
     except Exception as exc:
         if type(exc).__module__.split(".")[0] != "polars":
             raise
-        raise ValueError(f"{path}: {str(exc).strip().splitlines()[0]}") from None
+        raise ValueError(f"{path}: {first_line(exc)}") from None
 
 
 def _counts(pl, frame, column: str) -> Dict[int, int]:
