@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from din_ext import ops
+from din_ext import _validate, ops
 from din_ext.contract import ACT_PARAM_ROWS, check_activation, check_normalization
 from din_ext.ops.dice import pack_params
 
@@ -34,8 +33,7 @@ def check_dice_options(num_features: int, eps: float, momentum: Optional[float])
     or None (a cumulative average)."""
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
         raise ValueError(f"Dice num_features must be a positive int, got {num_features!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"Dice eps must be finite and > 0 (it keeps 1/sqrt(var + eps) finite), got {eps!r}")
+    _validate.positive_finite(eps, "Dice eps")  # > 0 keeps 1/sqrt(var + eps) finite for a feature of zero variance
     if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                                  or not 0 <= momentum <= 1):
         raise ValueError(f"Dice momentum must be in [0, 1], or None for a cumulative average, got {momentum!r}")
