@@ -135,6 +135,14 @@ def _read_checkpoint(path: str, option: str) -> Dict[str, Any]:
         raise UsageError(f"{option}: {exc}") from None
 
 
+def _model_of(checkpoint: Dict[str, Any], where: str) -> DIN:
+    """DIN.from_checkpoint, its CheckpointError as a one-line UsageError prefixed by ``where`` (option and path)."""
+    try:
+        return DIN.from_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
 def _widths(text: str) -> Tuple[int, ...]:
     try:
         widths = tuple(int(w) for w in text.split(",") if w.strip())
@@ -188,10 +196,7 @@ def _train(args: argparse.Namespace, data, out: str, last_path: str) -> Dict[str
 
     torch.manual_seed(spec["seed"])  # the initialization of a new model
     if checkpoint is not None:
-        try:
-            model = DIN.from_checkpoint(checkpoint)
-        except CheckpointError as exc:
-            raise UsageError(f"--resume: {last_path}: {exc}") from None
+        model = _model_of(checkpoint, f"--resume: {last_path}")
         training.check_fits(model, schema, "--resume: the data")
     else:
         model = _new_model(args, schema)
@@ -207,10 +212,7 @@ def _load_model(args: argparse.Namespace) -> Tuple[DIN, Dict[str, Any], torch.de
     device = training.resolve_device(args.device)
     _check_backend(args.backend, device)
     training.check_positive("batch_size", args.batch_size)
-    try:
-        model = DIN.from_checkpoint(checkpoint)
-    except CheckpointError as exc:
-        raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
+    model = _model_of(checkpoint, f"--checkpoint {args.checkpoint}")
     model.backend = args.backend
     return model.to(device), checkpoint, device
 
@@ -300,10 +302,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise UsageError(f"--out {args.out!r}: its folder does not exist")
     checkpoint = _read_checkpoint(args.checkpoint, "--checkpoint")
-    try:
-        model = DIN.from_checkpoint(checkpoint)
-    except CheckpointError as exc:
-        raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
+    model = _model_of(checkpoint, f"--checkpoint {args.checkpoint}")
     export_package(model, args.out, data=checkpoint.get("data"))
     note = "" if model.schema.vocabularies else " (the checkpoint has no vocabularies: row-id requests only)"
     print(f"wrote {args.out}{note}")
