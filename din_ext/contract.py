@@ -22,9 +22,6 @@ ACT_PARAM_ROWS: Dict[str, int] = {"dice": len(DICE_ROWS), "prelu": len(PRELU_ROW
 DICE_ALPHA, DICE_GAMMA, DICE_BETA, DICE_RUNNING_MEAN, DICE_RUNNING_VAR = range(len(DICE_ROWS))
 (PRELU_SLOPE,) = range(len(PRELU_ROWS))
 
-# Rows of the batch statistics stats [2, sum(H_i)] that the attention and Dice ops return in training.
-STATS_ROWS: Tuple[str, ...] = ("mean", "biased_var")
-
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The ops' accumulation dtype for inputs of ``dtype``: float64 for float64, float32 otherwise. It is also the
