@@ -66,18 +66,34 @@ class Parser {
     return value;
   }
 
-  Json parse_object(int depth) {
+  // The comma-separated elements of an object or array (pos_ at its opening bracket), each read by element().
+  template <typename Element>
+  void parse_elements(char close, int depth, Element element) {
     if (depth > kMaxDepth) fail("nested deeper than " + std::to_string(kMaxDepth) + " levels");
-    Json value;
-    value.kind = Json::Kind::Object;
-    ++pos_;  // '{'
+    ++pos_;
     skip_space();
-    if (peek() == '}') {
+    if (peek() == close) {
       ++pos_;
-      return value;
+      return;
     }
     for (;;) {
       skip_space();
+      element();
+      skip_space();
+      if (peek() == ',') {
+        ++pos_;
+        continue;
+      }
+      if (peek() != close) fail(std::string("expected ',' or '") + close + "'");
+      ++pos_;
+      return;
+    }
+  }
+
+  Json parse_object(int depth) {
+    Json value;
+    value.kind = Json::Kind::Object;
+    parse_elements('}', depth, [&] {
       if (peek() != '"') fail("expected a string key");
       size_t key_at = pos_;
       std::string key = parse_string();
@@ -89,39 +105,15 @@ class Parser {
       expect(':');
       skip_space();
       value.members.emplace_back(std::move(key), parse_value(depth));
-      skip_space();
-      if (peek() == ',') {
-        ++pos_;
-        continue;
-      }
-      if (peek() != '}') fail("expected ',' or '}'");
-      ++pos_;
-      return value;
-    }
+    });
+    return value;
   }
 
   Json parse_array(int depth) {
-    if (depth > kMaxDepth) fail("nested deeper than " + std::to_string(kMaxDepth) + " levels");
     Json value;
     value.kind = Json::Kind::Array;
-    ++pos_;  // '['
-    skip_space();
-    if (peek() == ']') {
-      ++pos_;
-      return value;
-    }
-    for (;;) {
-      skip_space();
-      value.items.push_back(parse_value(depth));
-      skip_space();
-      if (peek() == ',') {
-        ++pos_;
-        continue;
-      }
-      if (peek() != ']') fail("expected ',' or ']'");
-      ++pos_;
-      return value;
-    }
+    parse_elements(']', depth, [&] { value.items.push_back(parse_value(depth)); });
+    return value;
   }
 
   Json parse_number() {
