@@ -135,8 +135,9 @@ def test_serve_refuses_malformed_requests(served):
             predictor.predict([request])
         lines.append(json.dumps(request))
         fields.append(field)
-    lines += NOT_JSON + ["[1, 2]"]
-    fields += ["invalid JSON at column"] * len(NOT_JSON) + ["must be an object"]
+    infinite = json.dumps({**json.loads(good), "dense": [12345.5, 0]}).replace("12345.5", "1e999")
+    lines += NOT_JSON + ["[1, 2]", infinite]  # the predictor takes an infinite dense value; the program does not
+    fields += ["invalid JSON at column"] * len(NOT_JSON) + ["must be an object", "finite"]
 
     done = serve([good, *lines, good], "--keep-going")
     assert done.returncode == 1 and not done.stderr

@@ -10,7 +10,8 @@
 //
 // A malformed request prints "line N: <reason naming the field>" to stderr and ends the program with status 1;
 // with --keep-going its output line is {"error": "<reason>"} instead and the program goes on (status 1 at the
-// end). A package that cannot be served ends it with status 2 before any request is read.
+// end). A package that cannot be served ends it with status 2 before any request is read, and so does a model
+// failure on a well-formed request.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
