@@ -1,4 +1,6 @@
-"""CMakeLists.txt builds the ops as a standalone libtorch library that torch.ops.load_library can load."""
+"""CMakeLists.txt builds the ops as a standalone libtorch library that torch.ops.load_library can load.
+
+``built`` is the session's one build of CMakeLists.txt (minutes on 2 cores), shared with test_serve_cpp."""
 
 from __future__ import annotations
 
@@ -25,15 +27,42 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _missing_tool():
+    """Why CMakeLists.txt cannot be built here (cmake or a C++ compiler missing), or None."""
+    if shutil.which("cmake") is None:
+        return "cmake is not installed"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "c++", "g++", "clang++")):
+        return "no C++ compiler (c++, g++, clang++ or $CXX) is installed"
+    return None
+
+
+_MISSING = _missing_tool()
+requires_cmake = pytest.mark.skipif(_MISSING is not None, reason=str(_MISSING))
+_BUILDS = {}
+
+
+def _run(command, env):
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=env)
+    if done.returncode:
+        pytest.fail(f"{' '.join(command)} failed:\n{(done.stdout + done.stderr)[-4000:]}")
+
+
+def built(tmp_path_factory):
+    """The build folder of every CMakeLists.txt target (libdin_ext_ops.so, din_ext_serve), built once a session."""
+    if "build" not in _BUILDS:
+        build = tmp_path_factory.mktemp("cmake-build")
+        env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("MAX_JOBS", str(os.cpu_count() or 2)))
+        _run(["cmake", "-S", ROOT, "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+              "-DCMAKE_BUILD_TYPE=Release"], env)
+        _run(["cmake", "--build", str(build)], env)
+        _BUILDS["build"] = build
+    return _BUILDS["build"]
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
-def test_cmake_library_builds_loads_and_runs(tmp_path):
-    build = tmp_path / "build"
-    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("MAX_JOBS", str(os.cpu_count() or 2)))
-    subprocess.run(["cmake", "-S", ROOT, "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-                    "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True, env=env)
-    subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True, env=env)
-    library = build / "libdin_ext_ops.so"
+@requires_cmake
+def test_cmake_library_builds_loads_and_runs(tmp_path_factory, tmp_path):
+    library = built(tmp_path_factory) / "libdin_ext_ops.so"
     assert library.exists()
 
     torch.manual_seed(0)
