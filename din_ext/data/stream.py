@@ -27,7 +27,7 @@ import torch
 
 from din_ext.data.build import jagged
 from din_ext.data.core import Interactions, Schema, concat
-from din_ext.data.prepare import FORMAT, require_polars
+from din_ext.data.prepare_core import FORMAT, item_column, require_polars, user_column
 
 SPLITS = ("train", "test")
 
@@ -96,11 +96,11 @@ class _Block:
         offsets, positions = jagged(start, end - start)
         dense = None
         if info["dense"]:
-            dense = torch.from_numpy(np.stack([col[c][index] for c in info["dense"]], 1).astype(np.float32))
+            dense = torch.from_numpy(np.stack([col[f"dense.{c}"][index] for c in info["dense"]], 1).astype(np.float32))
         return Interactions(
             user_id=long(col["user_id"][index]),
-            user={f: long(col[f][index]) for f in info["user_fields"]},
-            item={f: long(col[f][index]) for f in info["item_fields"]},
+            user={f: long(col[user_column(f)][index]) for f in info["user_fields"]},
+            item={f: long(col[item_column(f)][index]) for f in info["item_fields"]},
             hist_offsets=long(offsets),
             hist={f: long(self.sequences[f][positions]) for f in info["history_fields"]},
             labels={t: torch.from_numpy(col[info["label_columns"][t]][index].astype(np.float32))
