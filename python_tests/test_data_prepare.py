@@ -12,8 +12,9 @@ import torch
 pytest.importorskip("polars", reason="din_ext[data] (polars) is not installed")
 
 from din_ext import cli  # noqa: E402
-from din_ext.data import Interactions, concat, load_taobao, write_sample  # noqa: E402
+from din_ext.data import Interactions, concat, load_amazon, load_recbole, load_taobao, write_sample  # noqa: E402
 from din_ext.data.prepare import parse_memory, prepare, require_polars  # noqa: E402
+from din_ext.data.prepare_core import NegativeSampler  # noqa: E402
 from din_ext.data.stream import load_prepared, open_prepared, prefetched  # noqa: E402
 
 
@@ -76,6 +77,78 @@ def test_taobao_prepared_equals_the_loader(raw, tmp_path, options, shard_rows):
     assert info["rows"]["train"] == len(train) and info["rows"]["test"] == len(test)
     # each user's behaviours once: no more stored rows than the (kept) log has
     assert info["rows"]["sequences"] <= int(train.hist_offsets[-1]) + int(test.hist_offsets[-1])
+
+
+def drawn_again(monkeypatch) -> list:
+    """The number of negatives each preparation had to draw again (their first draw hit an item of their user)."""
+    counts, resolve = [], NegativeSampler.resolve
+
+    def counted(self, pairs_of):
+        fixed = resolve(self, pairs_of)
+        counts.append(len(fixed))
+        return fixed
+
+    monkeypatch.setattr(NegativeSampler, "resolve", counted)
+    return counts
+
+
+def prepared_equals_loaded(loader, raw, out, options, shard_rows) -> dict:
+    expected_train, expected_test, expected_schema = loader(raw, **options)
+    info = prepare(loader.__name__.removeprefix("load_"), raw, out, shard_rows=shard_rows, log=lambda _: None,
+                   **options)
+    train, test, schema = load_prepared(out)
+    same_schema(expected_schema, schema)
+    same(expected_train, train)
+    same(expected_test, test)
+    assert info["rows"]["train"] == len(train) and info["rows"]["test"] == len(test)
+    return info
+
+
+# negatives: the preparers draw them in the loaders' order from the same seeded Generator, so equality is exact
+@pytest.mark.parametrize("options", [{}, {"max_history": 3, "seed": 5, "user_feature": False},
+                                     {"max_history": None}], ids=["defaults", "history-seed-nouser", "all-history"])
+@pytest.mark.parametrize("shard_rows", [None, 200])
+def test_amazon_prepared_equals_the_loader(tmp_path_factory, tmp_path, monkeypatch, options, shard_rows):
+    raw = write_sample("amazon", tmp_path_factory.mktemp("amazon"), seed=3, users=150, compress=True)
+    again = drawn_again(monkeypatch)
+    info = prepared_equals_loaded(load_amazon, raw, tmp_path / "prep", options, shard_rows)
+    assert (len(info["shards"]) > 3) == (shard_rows is not None)
+    assert again and again[0] > 0  # the later rounds of the sampling ran, and agree
+
+
+RECBOLE = [{}, {"label": "implicit", "negatives": 2, "seed": 4},
+           {"split_by": "leave_last_out", "history": "all", "max_history": 5},
+           {"label": "implicit", "split_by": "leave_last_out", "time_field": "none", "max_history": None,
+            "user_feature": False, "item_features": ["release_year", "class"], "user_features": ["age", "gender"]}]
+
+
+@pytest.mark.parametrize("options", RECBOLE, ids=["rating-time", "implicit-2", "last-out-all", "implicit-no-time"])
+def test_recbole_prepared_equals_the_loader(tmp_path_factory, tmp_path, monkeypatch, options):
+    raw = write_sample("recbole", tmp_path_factory.mktemp("raw") / "ml", seed=3, users=120)
+    again = drawn_again(monkeypatch)
+    info = prepared_equals_loaded(load_recbole, raw, tmp_path / "prep", options, 300)
+    assert len(info["shards"]) > 3
+    if options.get("label") == "implicit":
+        assert again and again[0] > 0
+
+
+def test_malformed_amazon_and_recbole_files_name_the_file(tmp_path):
+    amazon = write_sample("amazon", tmp_path / "amazon", seed=1, users=20)
+    with open(amazon / "reviews_Electronics_5.json", "a") as f:
+        f.write("{'reviewerID': 'A1', 'asin': 'B1', 'unixReviewTime': 5}\n")
+    with pytest.raises(ValueError, match="reviews_Electronics_5.json"):
+        prepare("amazon", amazon, tmp_path / "p1", log=lambda _: None)
+    (amazon / "reviews_Electronics_5.json").write_text('{"reviewerID": "A1", "asin": "B1", "unixReviewTime": 5}\n'
+                                                       '{"reviewerID": "A1", "unixReviewTime": 6}\n')
+    with pytest.raises(ValueError, match=r"reviews_Electronics_5.json, line 2: missing field 'asin'"):
+        prepare("amazon", amazon, tmp_path / "p2", log=lambda _: None)
+    recbole = write_sample("recbole", tmp_path / "ml", seed=1, users=20)
+    with open(recbole / "ml.inter", "a") as f:
+        f.write("7\t3\t\t880000000\n")
+    with pytest.raises(ValueError, match=r"ml.inter, line \d+: column 'rating': missing or not a number"):
+        prepare("recbole", recbole, tmp_path / "p3", log=lambda _: None)
+    with pytest.raises(ValueError, match="split must be"):
+        prepare("recbole", recbole, tmp_path / "p4", split_by="random", log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +247,7 @@ def test_cli_prepare_train_evaluate_predict(raw, tmp_path, capsys):
     assert cli.main(["prepare", "--data", "taobao", "--path", str(raw), "--out", str(out)]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
     assert cli.main(["prepare", "--data", "amazon", "--path", str(raw), "--out", str(tmp_path / "x")]) == 2
+    assert "amazon reviews" in capsys.readouterr().err
 
 
 def test_memory_sizes_and_the_missing_extra(monkeypatch):
