@@ -147,7 +147,7 @@ def test_malformed_amazon_and_recbole_files_name_the_file(tmp_path):
         f.write("7\t3\t\t880000000\n")
     with pytest.raises(ValueError, match=r"ml.inter, line \d+: column 'rating': missing or not a number"):
         prepare("recbole", recbole, tmp_path / "p3", log=lambda _: None)
-    with pytest.raises(ValueError, match="split must be"):
+    with pytest.raises(ValueError, match="split_by must be"):
         prepare("recbole", recbole, tmp_path / "p4", split_by="random", log=lambda _: None)
 
 

@@ -19,7 +19,6 @@ import numpy as np
 
 from din_ext.data import prepare_core as core
 from din_ext.data.amazon import META_FILES, REVIEW_FILES, _resolve, read_categories
-from din_ext.data.build import check_max_history
 from din_ext.data.prepare_core import item_column, user_column
 from din_ext.data.readers import MISSING, require_path
 
@@ -34,10 +33,7 @@ def prepare_amazon(path, out, *, reviews_file=None, meta_file=None, max_history:
     Options as ``load_amazon``'s (same defaults, same results: the same sampled negatives for the same seed).
     memory_limit, shard_rows: as ``prepare_taobao``'s (shard_rows counts reviews).
     """
-    pl = core.require_polars()
-    log = log or core.logger.info
-    max_history = check_max_history(max_history)
-    limit = core.parse_memory(memory_limit)
+    pl, log, max_history, limit = core.setup(log, max_history, memory_limit)
     path = require_path(path, "amazon")
     reviews_path = _resolve(path, reviews_file, REVIEW_FILES, "amazon reviews")
     meta_path = _resolve(path if path.is_dir() else reviews_path.parent, meta_file, META_FILES, "amazon meta")
@@ -105,14 +101,8 @@ def _prepare(pl, reviews_path, meta_path, out, scratch, options, limit, shard_ro
     if not done:
         raise ValueError(f"{reviews_path}: no impressions: every user has a single review")
 
-    def pairs_of(wanted):
-        frame = core.collect(pl.scan_parquet(scratch / "reviews" / "**" / "*.parquet")
-                             .filter(pl.col("user_id").is_in(wanted)).select("user_id", "item"), reviews_path)
-        return frame["user_id"].to_numpy(), frame["item"].to_numpy()
-
-    fixed = sampler.resolve(pairs_of)
-    for k in rejected:
-        sampler.patch(pl, scratch, k, fixed, {item_column("item"): None, item_column("cate"): cate_of_item})
+    sampler.settle(pl, scratch, scratch / "reviews", rejected,
+                   {item_column("item"): None, item_column("cate"): cate_of_item}, reviews_path)
     return core.finish(pl, out, scratch, range(buckets), dataset="amazon",
                        user_fields=("user",) if options["user_feature"] else (), item_fields=("item", "cate"),
                        history_fields=("item", "cate"), dense=[], hist_counts=hist_counts,

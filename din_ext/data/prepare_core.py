@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import numpy as np
 
 from din_ext._validate import first_line
-from din_ext.data.build import history_bounds
+from din_ext.data.build import check_max_history, history_bounds
 from din_ext.data.readers import MISSING, read_header
 from din_ext.data.vocab import Vocabulary, locate
 
@@ -66,6 +66,11 @@ def parse_memory(value) -> int:
         raise ValueError(f"memory_limit {value!r} is too small: at least {(BASELINE_BYTES >> 20) + 64} MiB "
                          "(the process alone takes about that)")
     return int(size)
+
+
+def setup(log, max_history, memory_limit):
+    """(polars, the log function, the checked max_history, the memory limit in bytes) of a preparer's options."""
+    return require_polars(), log or logger.info, check_max_history(max_history), parse_memory(memory_limit)
 
 
 def user_column(field: str) -> str:
@@ -236,7 +241,8 @@ class NegativeSampler:
     ``draw(n)`` gives the first-round items of the next n impressions; ``reject(keys, users)`` records the ones that
     hit an item of their user (keys: their positions in the sequence); ``resolve(pairs_of)`` runs the later rounds,
     one draw for all rejected impressions in sequence order each, as sample_negatives does, and returns
-    ``{key: item}``. pool: the sorted item codes to sample from.
+    ``{key: item}``; ``settle`` resolves and writes the results into the stored buckets. pool: the sorted item
+    codes to sample from.
     """
 
     def __init__(self, pool: np.ndarray, seed: int, max_rounds: int = 64):
@@ -279,23 +285,31 @@ class NegativeSampler:
         raise ValueError(f"cannot sample negatives for {redo.size} impressions: their users interacted with "
                          "(almost) every item of the pool")
 
-    @staticmethod
-    def patch(pl, scratch: Path, k: int, fixed: Dict[int, int], columns: Dict[str, Optional[np.ndarray]]) -> None:
-        """Rewrite bucket ``k``'s impressions with the resolved negatives: ``draw`` (the key, -1 for other rows) ->
-        item; columns: column -> the lookup from item code to its value (None: the item code itself)."""
-        file = scratch / f"imp-{k}.parquet"
-        imp = pl.read_parquet(file)
-        draw = imp["draw"].to_numpy()
-        hit = np.flatnonzero(np.isin(draw, np.fromiter(fixed, np.int64, len(fixed))))
-        if not hit.size:
-            return
-        items = np.array([fixed[d] for d in draw[hit].tolist()], np.int64)
-        updates = {}
-        for column, lookup in columns.items():
-            values = imp[column].to_numpy().copy()
-            values[hit] = items if lookup is None else lookup[items]
-            updates[column] = pl.Series(values)
-        imp.with_columns(**updates).write_parquet(file)
+    def settle(self, pl, scratch: Path, folder: Path, buckets: Iterable[int],
+               columns: Dict[str, Optional[np.ndarray]], path) -> None:
+        """Run the later rounds and rewrite the impressions of ``buckets`` (those with rejected draws) with their
+        final negatives. folder: the ``sink_buckets`` folder whose ``user_id`` / ``item`` pairs are the forbidden
+        ones; columns: impression column -> the lookup from item code to its value (None: the item code itself);
+        the impressions' ``draw`` column holds each negative's key (-1 on other rows)."""
+        def pairs_of(users):
+            frame = collect(pl.scan_parquet(folder / "**" / "*.parquet").filter(pl.col("user_id").is_in(users))
+                            .select("user_id", "item"), path)
+            return frame["user_id"].to_numpy(), frame["item"].to_numpy()
+
+        fixed = self.resolve(pairs_of)
+        keys = np.fromiter(fixed, np.int64, len(fixed))
+        for k in buckets:
+            file = scratch / f"imp-{k}.parquet"
+            imp = pl.read_parquet(file)
+            draw = imp["draw"].to_numpy()
+            hit = np.flatnonzero(np.isin(draw, keys))
+            items = np.array([fixed[d] for d in draw[hit].tolist()], np.int64)
+            updates = {}
+            for column, lookup in columns.items():
+                values = imp[column].to_numpy().copy()
+                values[hit] = items if lookup is None else lookup[items]
+                updates[column] = pl.Series(values)
+            imp.with_columns(**updates).write_parquet(file)
 
 
 def finish(pl, out: Path, scratch: Path, buckets: Iterable[int], *, dataset: str, user_fields: Sequence[str],

@@ -18,9 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from din_ext.data import prepare_core as core
-from din_ext.data.build import check_max_history
 from din_ext.data.prepare_core import item_column, user_column
-from din_ext.data.readers import parse_error
 from din_ext.data.recbole import CATEGORY_COLUMNS, _align, _field_name, _side_table, _types, atomic_files
 
 _DRAW_ROWS = 1 << 20  # interactions whose first-round negatives are drawn (and written) at a time
@@ -39,27 +37,17 @@ def prepare_recbole(path, out, *, name: Optional[str] = None, user_field: str = 
     Options as ``load_recbole``'s (same defaults, same results: the same sampled negatives for the same seed).
     memory_limit, shard_rows: as ``prepare_taobao``'s (shard_rows counts interactions).
     """
-    pl = core.require_polars()
-    log = log or core.logger.info
-    max_history = check_max_history(max_history)
-    limit = core.parse_memory(memory_limit)
-    if history not in ("positive", "all"):
-        raise ValueError(f"history must be 'positive' or 'all', got {history!r}")
-    if split_by not in ("time", "leave_last_out"):
-        raise ValueError(f"split must be 'time' or 'leave_last_out', got {split_by!r}")
+    pl, log, max_history, limit = core.setup(log, max_history, memory_limit)
+    for option, value, allowed in (("history", history, ("positive", "all")),
+                                   ("split_by", split_by, ("time", "leave_last_out")),
+                                   ("label", label, ("auto", "rating", "implicit"))):
+        if value not in allowed:
+            raise ValueError(f"{option} must be one of {allowed}, got {value!r}")
     if split_by == "time" and not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     inter_path, user_path, item_path = atomic_files(path, name)
-    types = _types(inter_path)
-    for required in (user_field, item_field):
-        if required not in types:
-            raise parse_error(inter_path, 1, f"header lacks the column {required!r}")
-    if label == "auto":
-        label = "rating" if rating_field in types else "implicit"
-    if label not in ("rating", "implicit"):
-        raise ValueError(f"label must be 'auto', 'rating' or 'implicit', got {label!r}")
-    if label == "rating" and rating_field not in types:
-        raise parse_error(inter_path, 1, f"header lacks the rating column {rating_field!r}")
+    types = _types(inter_path)  # the columns themselves are checked by the scan
+    label = ("rating" if rating_field in types else "implicit") if label == "auto" else label
     if label == "implicit" and (not isinstance(negatives, int) or negatives < 1):
         raise ValueError(f"negatives must be a positive int, got {negatives!r}")
     for side, wanted in ((item_path, item_features), (user_path, user_features)):
@@ -198,15 +186,8 @@ def _prepare(pl, files, out, scratch, options, limit, shard_rows, log):
         raise ValueError(f"the {options['split_by']} split leaves {sizes['train']} training and {sizes['test']} "
                          "test impressions")
     if negatives:
-        def pairs_of(wanted):
-            frame = core.collect(pl.scan_parquet(scratch / "inter" / "**" / "*.parquet")
-                                 .filter(pl.col("user_id").is_in(wanted)).select("user_id", "item"), inter_path)
-            return frame["user_id"].to_numpy(), frame["item"].to_numpy()
-
-        fixed = sampler.resolve(pairs_of)
-        for k in rejected:
-            sampler.patch(pl, scratch, k, fixed, {item_column(item_field): None,
-                                                  **{item_column(f): c for f, c in item_side.items()}})
+        sampler.settle(pl, scratch, scratch / "inter", rejected, {
+            item_column(item_field): None, **{item_column(f): c for f, c in item_side.items()}}, inter_path)
     return core.finish(pl, out, scratch, range(buckets), dataset="recbole", user_fields=tuple(user_fields),
                        item_fields=tuple(item_fields), history_fields=tuple(item_fields), dense=[],
                        hist_counts=hist_counts,

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 from din_ext.data import prepare_core as core
-from din_ext.data.build import check_max_history
 from din_ext.data.prepare_core import item_column, user_column
 from din_ext.data.readers import MISSING, find_file, require_path
 from din_ext.data.taobao import AD_FIELDS, BTAGS, DAY, PROFILE_FIELDS
@@ -25,10 +24,7 @@ def prepare_taobao(path, out, *, max_history: Optional[int] = 50, btags: Optiona
     memory should stay within. shard_rows: at most about that many behaviour rows per shard (default: what the
     memory limit allows, at most 4M; the stream holds a shard or two at a time).
     """
-    pl = core.require_polars()
-    log = log or core.logger.info
-    max_history = check_max_history(max_history)
-    limit = core.parse_memory(memory_limit)
+    pl, log, max_history, limit = core.setup(log, max_history, memory_limit)
     if btags is not None:
         btags = list(btags)
         unknown = [b for b in btags if b not in BTAGS]
