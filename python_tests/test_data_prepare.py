@@ -250,6 +250,16 @@ def test_cli_prepare_train_evaluate_predict(raw, tmp_path, capsys):
     assert "amazon reviews" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["amazon", "recbole"])
+def test_cli_prepares_amazon_and_recbole(tmp_path, capsys, name):
+    raw = write_sample(name, tmp_path / "ml", seed=2, users=30)
+    out = tmp_path / "prep"
+    assert cli.main(["prepare", "--data", name, "--path", str(raw), "--out", str(out), "--max-history", "4"]) == 0
+    assert "din-ext train --data prepared" in capsys.readouterr().out
+    expected_train, _, _ = (load_amazon if name == "amazon" else load_recbole)(raw, max_history=4)
+    same(expected_train, load_prepared(out)[0])
+
+
 def test_memory_sizes_and_the_missing_extra(monkeypatch):
     assert parse_memory("2G") == 2 << 30 and parse_memory("1500MiB") == 1500 << 20 and parse_memory(10 ** 9) == 10 ** 9
     for bad in ("lots", "10M", -1):
