@@ -178,20 +178,34 @@ def test_stream_yields_the_loaders_rows_shuffled_across_shards_and_seeded(raw, p
                        .tolist())) > 1
 
 
-def test_stream_cuts_histories_and_shards_by_rank(raw, prepared):
+def test_stream_cuts_histories(raw, prepared):
     expected_train, _, _ = load_taobao(raw)
     train, _, _ = open_prepared(prepared, max_history=3, prefetch=0)
     assert rows(concat(train.batches(50))) == rows(expected_train.truncate_history(3))
-    shards = len(json.loads((prepared / "schema.json").read_text())["shards"])
-    for world in (2, shards + 3):  # whole shards per rank; more ranks than shards: rows strided within shards
-        parts = [concat(open_prepared(prepared, rank=r, world_size=world)[0].batches(80, shuffle=True, seed=1))
-                 for r in range(world)]
-        assert sum(len(p) for p in parts) == len(expected_train)
-        assert [len(p) for p in parts] == [len(open_prepared(prepared, rank=r, world_size=world)[0])
-                                           for r in range(world)]
-        assert sorted(r for p in parts for r in rows(p)) == rows(expected_train)
+
+
+@pytest.mark.parametrize("world", [2, 3, 7])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_each_rank_streams_its_slice_of_every_global_batch(prepared, world, drop_last):
+    whole = list(open_prepared(prepared, prefetch=0)[0].batches(40 * world, shuffle=True, seed=7,
+                                                                 drop_last=drop_last))
+    splits = [open_prepared(prepared, rank=r, world_size=world)[0] for r in range(world)]
+    ranks = [list(s.batches(40, shuffle=True, seed=7, drop_last=drop_last)) for s in splits]
+    assert {len(r) for r in ranks} == {len(whole)}  # every rank takes as many steps (DDP would hang otherwise)
+    for step, batch in enumerate(whole):
+        parts = [r[step] for r in ranks]
+        assert len({len(p) for p in parts}) == 1  # equal batch sizes at each step
+        glued = concat(parts)
+        if step < len(whole) - 1 or len(batch) == 40 * world:
+            same(batch, glued)  # the ranks' slices, in rank order, are the global batch: disjoint, same order
+        else:  # the last, short global batch: padded to a multiple of world_size with its own first rows
+            assert len(glued) == -(-len(batch) // world) * world
+            same(batch, glued.take(torch.arange(len(batch))))
+            same(batch.take(torch.arange(len(glued) - len(batch))), glued.take(torch.arange(len(batch), len(glued))))
+    if not drop_last:
+        assert [sum(len(b) for b in r) for r in ranks] == [len(s) for s in splits]
     with pytest.raises(ValueError, match="rank"):
-        open_prepared(prepared, rank=2, world_size=2)
+        open_prepared(prepared, rank=world, world_size=world)
 
 
 def test_the_first_batch_reads_one_window_of_shards(prepared, monkeypatch):
