@@ -115,10 +115,11 @@ def rows_estimate(path: Path, limit: Optional[int] = None) -> int:
 
 
 def bucket_count(limit: int, shard_rows: Optional[int], behaviours: int, impressions: int) -> int:
-    """How many user buckets make one bucket's behaviours and impressions fit the memory limit ``limit``."""
+    """How many user buckets make one bucket's behaviours and impressions (together) fit the memory limit ``limit``;
+    shard_rows: at most that many behaviours a bucket (default ``MAX_SHARD_ROWS``)."""
     room = limit - BASELINE_BYTES
-    per_bucket = max(1, min(shard_rows or MAX_SHARD_ROWS, room // BYTES_PER_BEHAVIOUR))
-    return max(1, math.ceil(behaviours / per_bucket), math.ceil(impressions * BYTES_PER_IMPRESSION / room))
+    need = behaviours * BYTES_PER_BEHAVIOUR + impressions * BYTES_PER_IMPRESSION
+    return max(1, math.ceil(behaviours / (shard_rows or MAX_SHARD_ROWS)), math.ceil(need / room))
 
 
 def scan_csv(pl, path: Path, dtypes: Dict[str, object], *, separator: str = ",",
