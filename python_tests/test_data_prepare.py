@@ -79,6 +79,30 @@ def test_taobao_prepared_equals_the_loader(raw, tmp_path, options, shard_rows):
     assert info["rows"]["sequences"] <= int(train.hist_offsets[-1]) + int(test.hist_offsets[-1])
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_sampler_drawing_piece_by_piece_is_sample_negatives(seed):
+    from din_ext.data.build import sample_negatives
+
+    rng = np.random.default_rng(seed)
+    pair_users, pair_items = rng.integers(0, 40, 800), rng.integers(0, 60, 800)  # dense: many first draws hit
+    users = np.sort(rng.integers(0, 40, 5000))
+    pool = np.unique(rng.integers(0, 60, 50))
+    expected = sample_negatives(users, pool, pair_users, pair_items, np.random.default_rng(seed + 10))
+    sampler, out, done = NegativeSampler(pool, seed + 10), [], 0
+    for size in (1, 0, 999, 2500, 1500):  # pieces of the sequence, in order, as buckets draw them
+        drawn = sampler.draw(size)
+        bad = sampler.forbidden(users[done:done + size], drawn, pair_users, pair_items)
+        sampler.reject(done + np.flatnonzero(bad), users[done:done + size][bad])
+        out.append(drawn)
+        done += size
+    out = np.concatenate(out)
+    fixed = sampler.resolve(lambda wanted: (pair_users[np.isin(pair_users, wanted)],
+                                            pair_items[np.isin(pair_users, wanted)]))
+    assert len(fixed) > 100
+    out[list(fixed)] = list(fixed.values())
+    assert np.array_equal(out, expected)
+
+
 def drawn_again(monkeypatch) -> list:
     """The number of negatives each preparation had to draw again (their first draw hit an item of their user)."""
     counts, resolve = [], NegativeSampler.resolve
