@@ -117,17 +117,22 @@ def _favourite(rng, n, ids_size, cates: int, items_by_cate, item_count: int):
     return who, np.where(rng.random(who.size) < 0.7, own, rng.integers(0, item_count, who.size))
 
 
+def _catalog(out, seed: int, items: int, cates: int):
+    """(the created folder, the generator, each item's category, 64 items of each category)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    item_cate = rng.integers(0, cates, items)
+    return out, rng, item_cate, np.stack([rng.choice(np.flatnonzero(item_cate == c), 64) for c in range(cates)])
+
+
 def generate_amazon(out, rows: int, seed: int = 0) -> Path:
     """Amazon-format reviews (JSON lines) and meta (Python dict literals, as the published meta files) with about
     ``rows`` reviews; users have favourite categories; some reviews of a user share a day. About 110 bytes a review."""
     import polars as pl
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     items, cates = AMAZON["items"], AMAZON["cates"]
-    item_cate = rng.integers(0, cates, items)
-    by_cate = np.stack([rng.choice(np.flatnonzero(item_cate == c), 64) for c in range(cates)])
+    out, rng, item_cate, by_cate = _catalog(out, seed, items, cates)
     written = 0
     with open(out / "reviews.json", "wb") as f:
         for ids, n in _chunks(max(10, rows // AMAZON["reviews_per_user"]), AMAZON["reviews_per_user"], rng):
@@ -153,12 +158,8 @@ def generate_recbole(out, rows: int, seed: int = 0) -> Path:
     """RecBole atomic files (``<dir>.inter`` / ``.item`` / ``.user``) with about ``rows`` rated interactions."""
     import polars as pl
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     items, genres = RECBOLE["items"], RECBOLE["genres"]
-    item_genre = rng.integers(0, genres, items)
-    by_genre = np.stack([rng.choice(np.flatnonzero(item_genre == g), 64) for g in range(genres)])
+    out, rng, item_genre, by_genre = _catalog(out, seed, items, genres)
     written, users = 0, max(10, rows // RECBOLE["per_user"])
     with open(out / f"{out.name}.inter", "wb") as f:
         f.write(b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
