@@ -2,6 +2,11 @@
 
     python bench/bench_data.py --rows 20000000 --scale 4 --threads 1     # generates the CSVs once, in --work
     python bench/bench_data.py generate --rows 20000000 --out DIR         # Taobao-format CSVs of that many behaviours
+    python bench/bench_data.py --formats amazon,recbole --amazon-rows 10000000 --recbole-rows 10000000
+    python bench/bench_data.py generate --format amazon --rows 10000000 --out DIR   # reviews + meta (recbole: atomic)
+
+Taobao gets the whole study (preparation, streaming, training RSS at 1x and --scale x); amazon and recbole get
+their preparation only (rows/s and peak RSS of ``din-ext prepare`` on generated data of the chosen size).
 
 Every measured run is a subprocess (``din-ext prepare``, a training run through din_ext.training.fit on the
 prepared folder) whose peak RSS is read from ``os.wait4``'s rusage (ru_maxrss). Streaming samples/s: a full epoch
@@ -90,6 +95,91 @@ def generate(out, rows: int, seed: int = 0, chunk_users: int = 20_000) -> Path:
                           "nonclk": 1 - clk, "clk": clk}).write_csv(sample, include_header=False)
     (out / "rows.json").write_text(json.dumps({"behaviours": written, "users": users, "seed": seed}))
     return out
+
+
+AMAZON = {"items": 300_000, "cates": 2_000, "reviews_per_user": 12}   # Books 5-core: 22M reviews, 8.9M ratings/user
+RECBOLE = {"items": 60_000, "genres": 20, "per_user": 80}                # ml-20m: 20M ratings of 138k users, 27k movies
+
+
+def _chunks(users: int, per_user: int, rng, chunk_users: int = 50_000):
+    """(user ids, each one's row count) for chunks of users; counts at least 5 (as the 5-core data)."""
+    for first in range(0, users, chunk_users):
+        ids = np.arange(first, min(first + chunk_users, users))
+        yield ids, 5 + rng.poisson(per_user - 5, ids.size)
+
+
+def _favourite(rng, n, ids_size, cates: int, items_by_cate, item_count: int):
+    """For rows of users (``n`` rows each): an item of one of the user's 3 favourite categories 70% of the time."""
+    favourite = rng.integers(0, cates, (ids_size, 3))
+    who = np.repeat(np.arange(ids_size), n)
+    cate = favourite[who, rng.integers(0, 3, who.size)]
+    own = items_by_cate[cate, rng.integers(0, items_by_cate.shape[1], who.size)]
+    return who, np.where(rng.random(who.size) < 0.7, own, rng.integers(0, item_count, who.size))
+
+
+def _catalog(out, seed: int, items: int, cates: int):
+    """(the created folder, the generator, each item's category, 64 items of each category)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    item_cate = rng.integers(0, cates, items)
+    return out, rng, item_cate, np.stack([rng.choice(np.flatnonzero(item_cate == c), 64) for c in range(cates)])
+
+
+def generate_amazon(out, rows: int, seed: int = 0) -> Path:
+    """Amazon-format reviews (JSON lines) and meta (Python dict literals, as the published meta files) with about
+    ``rows`` reviews; users have favourite categories; some reviews of a user share a day. About 110 bytes a review."""
+    import polars as pl
+
+    items, cates = AMAZON["items"], AMAZON["cates"]
+    out, rng, item_cate, by_cate = _catalog(out, seed, items, cates)
+    written = 0
+    with open(out / "reviews.json", "wb") as f:
+        for ids, n in _chunks(max(10, rows // AMAZON["reviews_per_user"]), AMAZON["reviews_per_user"], rng):
+            who, item = _favourite(rng, n, ids.size, cates, by_cate, items)
+            day = 1_200_000_000 // DAY + rng.integers(0, 3000, ids.size)[who] + rng.integers(0, 400, who.size) // 3
+            pl.DataFrame({"reviewerID": pl.Series(ids[who]).cast(pl.String).str.zfill(9).str.replace("^", "A"),
+                          "asin": pl.Series(item).cast(pl.String).str.zfill(9).str.replace("^", "B"),
+                          "overall": rng.integers(1, 6, who.size).astype(np.float64),
+                          "unixReviewTime": day * DAY}).write_ndjson(f)
+            written += who.size
+    with open(out / "meta.json", "w") as f:
+        for i in range(items + 1000):  # some items no review names, a few reviewed ones without categories
+            if i < items and i % 50:
+                f.write(f"{{'asin': 'B{i:09d}', 'title': 'Book {i}', 'categories': [['Books', 'Genre "
+                        f"{item_cate[i] % 40}', 'Category {item_cate[i]}']]}}\n")
+            else:
+                f.write(f"{{'asin': 'B{i:09d}', 'title': 'Book {i}'}}\n")
+    (out / "rows.json").write_text(json.dumps({"rows": written, "seed": seed}))
+    return out
+
+
+def generate_recbole(out, rows: int, seed: int = 0) -> Path:
+    """RecBole atomic files (``<dir>.inter`` / ``.item`` / ``.user``) with about ``rows`` rated interactions."""
+    import polars as pl
+
+    items, genres = RECBOLE["items"], RECBOLE["genres"]
+    out, rng, item_genre, by_genre = _catalog(out, seed, items, genres)
+    written, users = 0, max(10, rows // RECBOLE["per_user"])
+    with open(out / f"{out.name}.inter", "wb") as f:
+        f.write(b"user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+        for ids, n in _chunks(users, RECBOLE["per_user"], rng):
+            who, item = _favourite(rng, n, ids.size, genres, by_genre, items)
+            pl.DataFrame({"user": ids[who] + 1, "item": item + 1, "rating": rng.integers(1, 6, who.size),
+                          "timestamp": 880_000_000 + rng.integers(0, 10 ** 8, who.size)}
+                         ).write_csv(f, separator="\t", include_header=False)
+            written += who.size
+    pl.DataFrame({"item_id:token": np.arange(1, items + 1),
+                  "class:token_seq": [f"G{g} G{(g + 7) % genres}" for g in item_genre.tolist()]}
+                 ).write_csv(out / f"{out.name}.item", separator="\t")
+    pl.DataFrame({"user_id:token": np.arange(1, users + 1), "age:float": rng.integers(15, 70, users),
+                  "gender:token": np.array(["F", "M"])[rng.integers(0, 2, users)]}
+                 ).write_csv(out / f"{out.name}.user", separator="\t")
+    (out / "rows.json").write_text(json.dumps({"rows": written, "seed": seed}))
+    return out
+
+
+GENERATORS = {"amazon": generate_amazon, "recbole": generate_recbole}
 
 
 def run_measured(command, **kwargs):
@@ -185,10 +275,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps of the RSS runs")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--table", default=None, help="also write the table there (e.g. bench/results/data_cpu.md)")
+    parser.add_argument("--formats", default="taobao,amazon,recbole", help="what to benchmark, comma separated")
+    parser.add_argument("--amazon-rows", type=int, default=10_000_000, help="reviews of the generated amazon data")
+    parser.add_argument("--recbole-rows", type=int, default=10_000_000, help="interactions of the recbole data")
+    parser.add_argument("--format", default="taobao", choices=("taobao", *GENERATORS), help="generate: the format")
     args = parser.parse_args()
     if args.mode == "generate":
         tick = time.perf_counter()
-        generate(args.out, args.rows)
+        GENERATORS.get(args.format, generate)(args.out, args.rows)
         print(f"wrote {args.out} in {time.perf_counter() - tick:.0f} s")
         return
     if args.mode == "_train":
@@ -198,11 +292,11 @@ def main() -> None:
     bench(args)
 
 
-def _data(work: Path, rows: int) -> Path:
-    raw = work / f"raw-{rows}"
+def _data(work: Path, rows: int, name: str = "taobao") -> Path:
+    raw = work / (f"raw-{rows}" if name == "taobao" else f"{name}-{rows}")
     if not (raw / "rows.json").exists():
         tick = time.perf_counter()
-        generate(raw, rows)
+        GENERATORS.get(name, generate)(raw, rows)
         print(f"generated {raw} in {time.perf_counter() - tick:.0f} s", flush=True)
     return raw
 
@@ -215,20 +309,20 @@ def bench(args) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
     python = sys.executable
     me = [python, str(Path(__file__).resolve())]
-    results = []
-    for scale in [1] + ([args.scale] if args.scale else []):
+    formats = args.formats.split(",")
+    results, others = [], []
+    for name in (f for f in GENERATORS if f in formats):
+        raw = _data(work, getattr(args, f"{name}_rows"), name)
+        rows = json.loads((raw / "rows.json").read_text())["rows"]
+        others.append({"format": name, "rows": rows, **prepare_measured(python, name, raw, work / f"prepared-{name}",
+                                                                        args.memory_limit, env)})
+        print(json.dumps(others[-1]), flush=True)
+    for scale in ([1] + ([args.scale] if args.scale else [])) if "taobao" in formats else []:
         raw = _data(work, args.rows * scale)
         rows = json.loads((raw / "rows.json").read_text())["behaviours"]
         prepared = work / f"prepared-{rows}"
-        if prepared.exists():
-            subprocess.run(["rm", "-rf", str(prepared)], check=True)
-        seconds, rss, _ = run_measured([python, "-m", "din_ext", "prepare", "--data", "taobao", "--path", str(raw),
-                                        "--out", str(prepared), "--memory-limit", args.memory_limit], env=env)
-        info = json.loads((prepared / "schema.json").read_text())
-        row = {"scale": scale, "behaviours": rows, "impressions": info["rows"]["train"] + info["rows"]["test"],
-               "shards": len(info["shards"]), "prepare_s": seconds, "prepare_rss": rss,
-               "csv_bytes": sum(p.stat().st_size for p in raw.glob("*.csv")),
-               "prepared_bytes": sum(p.stat().st_size for p in prepared.rglob("*") if p.is_file())}
+        row = {"scale": scale, "behaviours": rows,
+               **prepare_measured(python, "taobao", raw, prepared, args.memory_limit, env)}
         print(json.dumps(row), flush=True)
         if scale == 1:
             _, _, output = run_measured([*me, "_speeds", "--path", str(prepared), "--threads", str(args.threads),
@@ -241,17 +335,43 @@ def bench(args) -> None:
                                                       json.loads(output.strip().splitlines()[-1]).items()})
         print(json.dumps(row), flush=True)
         results.append(row)
-    text = report(results, args, machine_description(torch.device("cpu")), git_commit())
+    machine = (f"{machine_description(torch.device('cpu'))}; {time.strftime('%Y-%m-%d')}; commit {git_commit()}; "
+               f"torch threads {args.threads}; --memory-limit {args.memory_limit}")
+    text = "\n\n".join([machine] + ([report(results, args)] if results else []) + (
+        [report_others(others)] if others else []))
     print(text)
     write_table(text + "\n", args.table)
 
 
-def report(results, args, machine: str, commit: str) -> str:
+def prepare_measured(python, name: str, raw: Path, prepared: Path, memory_limit: str, env) -> dict:
+    """``din-ext prepare --data name`` of ``raw`` into ``prepared`` (replaced) in a measured subprocess."""
+    if prepared.exists():
+        subprocess.run(["rm", "-rf", str(prepared)], check=True)
+    seconds, rss, _ = run_measured([python, "-m", "din_ext", "prepare", "--data", name, "--path", str(raw),
+                                    "--out", str(prepared), "--memory-limit", memory_limit], env=env)
+    info = json.loads((prepared / "schema.json").read_text())
+    return {"impressions": info["rows"]["train"] + info["rows"]["test"], "shards": len(info["shards"]),
+            "prepare_s": seconds, "prepare_rss": rss,
+            "csv_bytes": sum(p.stat().st_size for p in raw.iterdir() if p.name != "rows.json"),
+            "prepared_bytes": sum(p.stat().st_size for p in prepared.rglob("*") if p.is_file())}
+
+
+def report_others(others) -> str:
+    gib = 1 << 30
+    lines = ["| format | raw rows | impressions | shards | raw files | prepared | prepare s | rows/s "
+             "| prepare peak RSS |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in others:
+        lines.append(f"| {r['format']} | {r['rows']:,} | {r['impressions']:,} | {r['shards']} | "
+                     f"{r['csv_bytes'] / gib:.2f} GiB | {r['prepared_bytes'] / gib:.2f} GiB | {r['prepare_s']:.0f} | "
+                     f"{r['rows'] / r['prepare_s']:,.0f} | {r['prepare_rss'] / gib:.2f} GiB |")
+    return "\n".join(lines)
+
+
+def report(results, args) -> str:
     gib = 1 << 30
     one = results[0]
-    lines = [f"{machine}; {time.strftime('%Y-%m-%d')}; commit {commit}; torch threads {args.threads}; "
-             f"--memory-limit {args.memory_limit}", "",
-             ("| data | behaviour rows | impressions | shards | CSV | prepared | prepare s | rows/s | prepare peak RSS "
+    lines = [("| data | behaviour rows | impressions | shards | CSV | prepared | prepare s | rows/s | prepare peak RSS "
               "| training peak RSS |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         lines.append(f"| {r['scale']}x | {r['behaviours']:,} | {r['impressions']:,} | {r['shards']} | "

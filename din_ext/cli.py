@@ -1,7 +1,7 @@
 """The ``din-ext`` command: train, evaluate and compare DIN on a click log, predict with a checkpoint, self-check.
 
     din-ext train [--data synthetic|amazon|taobao|recbole|prepared] [--path P] [--model din|base] [--epochs N] ...
-    din-ext prepare --data taobao --path RAW --out DIR [--memory-limit 2G]   # parquet shards that train streams
+    din-ext prepare --data taobao|amazon|recbole --path RAW --out DIR [--memory-limit 2G]  # shards train streams
     din-ext evaluate --checkpoint DIR/best.pt [--data ...]
     din-ext predict --checkpoint DIR/best.pt [--data ...] --output preds.csv
     din-ext compare [--epochs N] ...           # BaseModel and DIN on the same data, with RelaImpr
@@ -429,15 +429,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("prepare", help="turn raw click logs into parquet shards that train streams "
                                        "(memory-bounded; needs din_ext[data])")
-    p.add_argument("--data", required=True, help="raw format: taobao")
-    p.add_argument("--path", required=True, help="folder of the raw files")
+    p.add_argument("--data", required=True,
+                   help="raw format: taobao, amazon or recbole (other options: the loader's defaults)")
+    p.add_argument("--path", required=True, help="folder of the raw files (amazon: or the reviews file; recbole: "
+                                                 "or the .inter file)")
     p.add_argument("--out", required=True, help="new folder for schema.json, vocab/ and shards/")
     p.add_argument("--memory-limit", default="2G", help="peak memory to stay within, e.g. 2G, 1500M (default 2G)")
     p.add_argument("--max-history", type=int, default=50,
                    help="most recent behaviours per impression, 0 keeps all (default 50; the vocabularies count them)")
     p.add_argument("--shard-rows", type=int, default=None,
-                   help="at most about that many behaviour rows per shard (default: what the memory limit allows, "
-                        "at most 4M)")
+                   help="at most about that many behaviour rows (reviews, interactions) per shard (default: what "
+                        "the memory limit allows, at most 4M)")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("export", help="a checkpoint as an AOTInductor package (.pt2) for serving")
     p.add_argument("--checkpoint", required=True, help="a .pt written by din-ext train")

@@ -12,8 +12,9 @@ import torch
 pytest.importorskip("polars", reason="din_ext[data] (polars) is not installed")
 
 from din_ext import cli  # noqa: E402
-from din_ext.data import Interactions, concat, load_taobao, write_sample  # noqa: E402
+from din_ext.data import Interactions, concat, load_amazon, load_recbole, load_taobao, write_sample  # noqa: E402
 from din_ext.data.prepare import parse_memory, prepare, require_polars  # noqa: E402
+from din_ext.data.prepare_core import NegativeSampler  # noqa: E402
 from din_ext.data.stream import load_prepared, open_prepared, prefetched  # noqa: E402
 
 
@@ -78,6 +79,102 @@ def test_taobao_prepared_equals_the_loader(raw, tmp_path, options, shard_rows):
     assert info["rows"]["sequences"] <= int(train.hist_offsets[-1]) + int(test.hist_offsets[-1])
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_sampler_drawing_piece_by_piece_is_sample_negatives(seed):
+    from din_ext.data.build import sample_negatives
+
+    rng = np.random.default_rng(seed)
+    pair_users, pair_items = rng.integers(0, 40, 800), rng.integers(0, 60, 800)  # dense: many first draws hit
+    users = np.sort(rng.integers(0, 40, 5000))
+    pool = np.unique(rng.integers(0, 60, 50))
+    expected = sample_negatives(users, pool, pair_users, pair_items, np.random.default_rng(seed + 10))
+    sampler, out, done = NegativeSampler(pool, seed + 10), [], 0
+    for size in (1, 0, 999, 2500, 1500):  # pieces of the sequence, in order, as buckets draw them
+        drawn = sampler.draw(size)
+        bad = sampler.forbidden(users[done:done + size], drawn, pair_users, pair_items)
+        sampler.reject(done + np.flatnonzero(bad), users[done:done + size][bad])
+        out.append(drawn)
+        done += size
+    out = np.concatenate(out)
+    fixed = sampler.resolve(lambda wanted: (pair_users[np.isin(pair_users, wanted)],
+                                            pair_items[np.isin(pair_users, wanted)]))
+    assert len(fixed) > 100
+    out[list(fixed)] = list(fixed.values())
+    assert np.array_equal(out, expected)
+
+
+def drawn_again(monkeypatch) -> list:
+    """The number of negatives each preparation had to draw again (their first draw hit an item of their user)."""
+    counts, resolve = [], NegativeSampler.resolve
+
+    def counted(self, pairs_of):
+        fixed = resolve(self, pairs_of)
+        counts.append(len(fixed))
+        return fixed
+
+    monkeypatch.setattr(NegativeSampler, "resolve", counted)
+    return counts
+
+
+def prepared_equals_loaded(loader, raw, out, options, shard_rows) -> dict:
+    expected_train, expected_test, expected_schema = loader(raw, **options)
+    info = prepare(loader.__name__.removeprefix("load_"), raw, out, shard_rows=shard_rows, log=lambda _: None,
+                   **options)
+    train, test, schema = load_prepared(out)
+    same_schema(expected_schema, schema)
+    same(expected_train, train)
+    same(expected_test, test)
+    assert info["rows"]["train"] == len(train) and info["rows"]["test"] == len(test)
+    return info
+
+
+# negatives: the preparers draw them in the loaders' order from the same seeded Generator, so equality is exact
+@pytest.mark.parametrize("options", [{}, {"max_history": 3, "seed": 5, "user_feature": False},
+                                     {"max_history": None}], ids=["defaults", "history-seed-nouser", "all-history"])
+@pytest.mark.parametrize("shard_rows", [None, 200])
+def test_amazon_prepared_equals_the_loader(tmp_path_factory, tmp_path, monkeypatch, options, shard_rows):
+    raw = write_sample("amazon", tmp_path_factory.mktemp("amazon"), seed=3, users=150, compress=True)
+    again = drawn_again(monkeypatch)
+    info = prepared_equals_loaded(load_amazon, raw, tmp_path / "prep", options, shard_rows)
+    assert (len(info["shards"]) > 3) == (shard_rows is not None)
+    assert again and again[0] > 0  # the later rounds of the sampling ran, and agree
+
+
+RECBOLE = [{}, {"label": "implicit", "negatives": 2, "seed": 4},
+           {"split_by": "leave_last_out", "history": "all", "max_history": 5},
+           {"label": "implicit", "split_by": "leave_last_out", "time_field": "none", "max_history": None,
+            "user_feature": False, "item_features": ["release_year", "class"], "user_features": ["age", "gender"]}]
+
+
+@pytest.mark.parametrize("options", RECBOLE, ids=["rating-time", "implicit-2", "last-out-all", "implicit-no-time"])
+def test_recbole_prepared_equals_the_loader(tmp_path_factory, tmp_path, monkeypatch, options):
+    raw = write_sample("recbole", tmp_path_factory.mktemp("raw") / "ml", seed=3, users=120)
+    again = drawn_again(monkeypatch)
+    info = prepared_equals_loaded(load_recbole, raw, tmp_path / "prep", options, 300)
+    assert len(info["shards"]) > 3
+    if options.get("label") == "implicit":
+        assert again and again[0] > 0
+
+
+def test_malformed_amazon_and_recbole_files_name_the_file(tmp_path):
+    amazon = write_sample("amazon", tmp_path / "amazon", seed=1, users=20)
+    with open(amazon / "reviews_Electronics_5.json", "a") as f:
+        f.write("{'reviewerID': 'A1', 'asin': 'B1', 'unixReviewTime': 5}\n")
+    with pytest.raises(ValueError, match="reviews_Electronics_5.json"):
+        prepare("amazon", amazon, tmp_path / "p1", log=lambda _: None)
+    (amazon / "reviews_Electronics_5.json").write_text('{"reviewerID": "A1", "asin": "B1", "unixReviewTime": 5}\n'
+                                                       '{"reviewerID": "A1", "unixReviewTime": 6}\n')
+    with pytest.raises(ValueError, match=r"reviews_Electronics_5.json, line 2: missing field 'asin'"):
+        prepare("amazon", amazon, tmp_path / "p2", log=lambda _: None)
+    recbole = write_sample("recbole", tmp_path / "ml", seed=1, users=20)
+    with open(recbole / "ml.inter", "a") as f:
+        f.write("7\t3\t\t880000000\n")
+    with pytest.raises(ValueError, match=r"ml.inter, line \d+: column 'rating': missing or not a number"):
+        prepare("recbole", recbole, tmp_path / "p3", log=lambda _: None)
+    with pytest.raises(ValueError, match="split_by must be"):
+        prepare("recbole", recbole, tmp_path / "p4", split_by="random", log=lambda _: None)
+
+
 @pytest.fixture(scope="module")
 def prepared(raw, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "p"
@@ -105,20 +202,34 @@ def test_stream_yields_the_loaders_rows_shuffled_across_shards_and_seeded(raw, p
                        .tolist())) > 1
 
 
-def test_stream_cuts_histories_and_shards_by_rank(raw, prepared):
+def test_stream_cuts_histories(raw, prepared):
     expected_train, _, _ = load_taobao(raw)
     train, _, _ = open_prepared(prepared, max_history=3, prefetch=0)
     assert rows(concat(train.batches(50))) == rows(expected_train.truncate_history(3))
-    shards = len(json.loads((prepared / "schema.json").read_text())["shards"])
-    for world in (2, shards + 3):  # whole shards per rank; more ranks than shards: rows strided within shards
-        parts = [concat(open_prepared(prepared, rank=r, world_size=world)[0].batches(80, shuffle=True, seed=1))
-                 for r in range(world)]
-        assert sum(len(p) for p in parts) == len(expected_train)
-        assert [len(p) for p in parts] == [len(open_prepared(prepared, rank=r, world_size=world)[0])
-                                           for r in range(world)]
-        assert sorted(r for p in parts for r in rows(p)) == rows(expected_train)
+
+
+@pytest.mark.parametrize("world", [2, 3, 7])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_each_rank_streams_its_slice_of_every_global_batch(prepared, world, drop_last):
+    whole = list(open_prepared(prepared, prefetch=0)[0].batches(40 * world, shuffle=True, seed=7,
+                                                                 drop_last=drop_last))
+    splits = [open_prepared(prepared, rank=r, world_size=world)[0] for r in range(world)]
+    ranks = [list(s.batches(40, shuffle=True, seed=7, drop_last=drop_last)) for s in splits]
+    assert {len(r) for r in ranks} == {len(whole)}  # every rank takes as many steps (DDP would hang otherwise)
+    for step, batch in enumerate(whole):
+        parts = [r[step] for r in ranks]
+        assert len({len(p) for p in parts}) == 1  # equal batch sizes at each step
+        glued = concat(parts)
+        if step < len(whole) - 1 or len(batch) == 40 * world:
+            same(batch, glued)  # the ranks' slices, in rank order, are the global batch: disjoint, same order
+        else:  # the last, short global batch: padded to a multiple of world_size with its own first rows
+            assert len(glued) == -(-len(batch) // world) * world
+            same(batch, glued.take(torch.arange(len(batch))))
+            same(batch.take(torch.arange(len(glued) - len(batch))), glued.take(torch.arange(len(batch), len(glued))))
+    if not drop_last:
+        assert [sum(len(b) for b in r) for r in ranks] == [len(s) for s in splits]
     with pytest.raises(ValueError, match="rank"):
-        open_prepared(prepared, rank=2, world_size=2)
+        open_prepared(prepared, rank=world, world_size=world)
 
 
 def test_the_first_batch_reads_one_window_of_shards(prepared, monkeypatch):
@@ -174,6 +285,17 @@ def test_cli_prepare_train_evaluate_predict(raw, tmp_path, capsys):
     assert cli.main(["prepare", "--data", "taobao", "--path", str(raw), "--out", str(out)]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
     assert cli.main(["prepare", "--data", "amazon", "--path", str(raw), "--out", str(tmp_path / "x")]) == 2
+    assert "amazon reviews" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["amazon", "recbole"])
+def test_cli_prepares_amazon_and_recbole(tmp_path, capsys, name):
+    raw = write_sample(name, tmp_path / "ml", seed=2, users=30)
+    out = tmp_path / "prep"
+    assert cli.main(["prepare", "--data", name, "--path", str(raw), "--out", str(out), "--max-history", "4"]) == 0
+    assert "din-ext train --data prepared" in capsys.readouterr().out
+    expected_train, _, _ = (load_amazon if name == "amazon" else load_recbole)(raw, max_history=4)
+    same(expected_train, load_prepared(out)[0])
 
 
 def test_memory_sizes_and_the_missing_extra(monkeypatch):

@@ -8,10 +8,13 @@ A split streams its shards: in a seeded random order per epoch (``shuffle``), ``
 loaded and their rows shuffled together (the shuffle buffer: it mixes rows across shards; rows left over at the end
 of one window open the next batch), with a background thread that reads, shuffles and gathers up to ``prefetch``
 batches ahead of the consumer. Memory holds one window of shards (their impressions and behaviour sequences), never
-the dataset. ``rank`` / ``world_size`` give each process of a distributed run its part: whole shards
-(``shards[rank::world_size]``) when there are at least as many shards as processes, else every ``world_size``-th
-row of each shard. ``load_prepared`` reads everything back into memory, in the raw files' order (for tests and
-small data).
+the dataset. ``rank`` / ``world_size`` give each process of a distributed run its part: a disjoint slice of each
+global batch, the global batches in the same shuffled order on every rank (``PreparedSplit``):
+
+    train, test, schema = open_prepared("prepared/", rank=rank, world_size=world_size)
+    for batch in train.batches(1024, shuffle=True, seed=epoch):    # 1024 rows per rank, 1024 * world_size a step
+
+``load_prepared`` reads everything back into memory, in the raw files' order (for tests and small data).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from din_ext.data.build import jagged
 from din_ext.data.core import Interactions, Schema, concat
-from din_ext.data.prepare import FORMAT, require_polars
+from din_ext.data.prepare_core import FORMAT, item_column, require_polars, user_column
 
 SPLITS = ("train", "test")
 
@@ -64,11 +67,9 @@ class _Block:
         return self.columns["row"].size
 
     @classmethod
-    def read(cls, folder: Path, split: str, stride: Tuple[int, int] = (0, 1)) -> "_Block":
+    def read(cls, folder: Path, split: str) -> "_Block":
         pl = require_polars()
         frame = pl.read_parquet(folder / f"{split}.parquet")
-        if stride[1] > 1:
-            frame = frame.gather_every(stride[1], offset=stride[0])
         sequences = pl.read_parquet(folder / "sequences.parquet")
         return cls({c: frame[c].to_numpy() for c in frame.columns},
                    {c: sequences[c].to_numpy() for c in sequences.columns})
@@ -96,11 +97,11 @@ class _Block:
         offsets, positions = jagged(start, end - start)
         dense = None
         if info["dense"]:
-            dense = torch.from_numpy(np.stack([col[c][index] for c in info["dense"]], 1).astype(np.float32))
+            dense = torch.from_numpy(np.stack([col[f"dense.{c}"][index] for c in info["dense"]], 1).astype(np.float32))
         return Interactions(
             user_id=long(col["user_id"][index]),
-            user={f: long(col[f][index]) for f in info["user_fields"]},
-            item={f: long(col[f][index]) for f in info["item_fields"]},
+            user={f: long(col[user_column(f)][index]) for f in info["user_fields"]},
+            item={f: long(col[item_column(f)][index]) for f in info["item_fields"]},
             hist_offsets=long(offsets),
             hist={f: long(self.sequences[f][positions]) for f in info["history_fields"]},
             labels={t: torch.from_numpy(col[info["label_columns"][t]][index].astype(np.float32))
@@ -111,8 +112,13 @@ class _Block:
 class PreparedSplit:
     """The train or test split of a prepared folder, streamed in mini-batches (see the module docstring).
 
-    ``len()`` is the number of rows this rank reads. batches(batch_size, shuffle=, seed=) is the per-epoch
-    iterable factory that din_ext.training.fit takes in place of in-memory ``Interactions``.
+    batches(batch_size, shuffle=, seed=, drop_last=) is the per-epoch iterable factory that din_ext.training.fit
+    takes in place of in-memory ``Interactions``. Under data parallelism (``world_size`` > 1) every rank streams
+    the same global batches of ``batch_size * world_size`` rows (same shard order, same shuffle: the seed is
+    shared) and yields its slice ``[rank * batch_size, (rank + 1) * batch_size)`` of each; the last global batch is
+    padded to a multiple of ``world_size`` with its own first rows, so every rank yields as many batches, of equal
+    sizes step by step (``drop_last`` drops it instead). ``len()`` is the rows one rank yields per epoch without
+    drop_last: ``ceil(rows / world_size)``.
     """
 
     def __init__(self, path, split: str, info: dict, *, max_history: Optional[int] = None, rank: int = 0,
@@ -130,49 +136,56 @@ class PreparedSplit:
             max_history if prepared is None else min(max_history, prepared))
         self.rank, self.world_size = rank, world_size
         self.shuffle_shards, self.prefetch = shuffle_shards, prefetch
-        shards = [s for s in info["shards"] if s[split]]
-        if len(shards) >= world_size:
-            self.shards, self.stride = shards[rank::world_size], (0, 1)
-        else:  # fewer shards than processes: each takes every world_size-th row of every shard
-            self.shards, self.stride = shards, (rank, world_size)
-        self.rows = sum(-(-max(s[split] - self.stride[0], 0) // self.stride[1]) for s in self.shards)
+        self.shards = [s for s in info["shards"] if s[split]]
+        self.rows = sum(s[split] for s in self.shards)
 
     def __len__(self) -> int:
-        return self.rows
+        return -(-self.rows // self.world_size)
 
     def _windows(self, rng: Optional[np.random.Generator]) -> Iterator[_Block]:
         order = list(range(len(self.shards)))
         if rng is not None:
             order = rng.permutation(len(order)).tolist()
         for i in range(0, len(order), self.shuffle_shards):
-            yield _Block.join([_Block.read(self.path / "shards" / self.shards[j]["name"], self.split, self.stride)
+            yield _Block.join([_Block.read(self.path / "shards" / self.shards[j]["name"], self.split)
                                for j in order[i:i + self.shuffle_shards]])
+
+    def _global_batches(self, size: int, rng: Optional[np.random.Generator]) -> Iterator[List[tuple]]:
+        """Each global batch of ``size`` rows (the last may be smaller) as its pieces ``(block, rows)``, in order:
+        a batch that straddles two windows of shards has a piece in each."""
+        pending, count = [], 0
+        for block in self._windows(rng):
+            index = rng.permutation(len(block)) if rng is not None else np.arange(len(block))
+            at = 0
+            while at < index.size:
+                piece = index[at:at + size - count]
+                pending.append((block, piece))
+                count, at = count + piece.size, at + piece.size
+                if count == size:
+                    yield pending
+                    pending, count = [], 0
+        if count:
+            yield pending
 
     def _produce(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> Iterator[Interactions]:
         rng = np.random.default_rng(seed) if shuffle else None
-        carry: Optional[Interactions] = None
-        for block in self._windows(rng):
-            index = rng.permutation(len(block)) if shuffle else np.arange(len(block))
-            at = 0
-            if carry is not None:
-                at = batch_size - len(carry)
-                carry = concat([carry, block.take(index[:at], self.info, self.max_history)])
-                if len(carry) < batch_size:
-                    continue
-                yield carry
-                carry = None
-            for begin in range(at, len(block), batch_size):
-                part = block.take(index[begin:begin + batch_size], self.info, self.max_history)
-                if len(part) < batch_size:
-                    carry = part
-                else:
-                    yield part
-        if carry is not None and len(carry) and not drop_last:
-            yield carry
+        world = self.world_size
+        for pieces in self._global_batches(batch_size * world, rng):
+            rows = np.concatenate([p for _, p in pieces])
+            if rows.size < batch_size * world and drop_last:
+                return
+            share = -(-rows.size // world)
+            mine = np.arange(self.rank * share, (self.rank + 1) * share) % rows.size  # padded: wraps to the start
+            piece_of = np.repeat(np.arange(len(pieces)), [p.size for _, p in pieces])[mine]
+            runs = np.flatnonzero(np.diff(piece_of)) + 1  # consecutive positions of one piece: one gather each
+            parts = [pieces[int(part[0])][0].take(rows[at], self.info, self.max_history)
+                     for part, at in zip(np.split(piece_of, runs), np.split(mine, runs))]
+            yield parts[0] if len(parts) == 1 else concat(parts)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 drop_last: bool = False) -> Iterator[Interactions]:
-        """Mini-batches of ``batch_size`` rows (the last may be smaller unless drop_last), read ahead in a thread."""
+        """This rank's mini-batches of ``batch_size`` rows (the last may be smaller unless drop_last), read ahead
+        in a thread."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         produce = lambda: self._produce(batch_size, shuffle, seed, drop_last)  # noqa: E731
