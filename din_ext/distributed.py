@@ -271,8 +271,8 @@ class ProcessGroupWorld(World):
         self.broadcast_tables(model)
         # No buffer broadcast at each forward: training uses batch statistics; sync_buffers aligns the running ones
         # when they are used (torch 2.13 renamed the option).
-        quiet = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                 else "broadcast_buffers")
+        options = inspect.signature(DistributedDataParallel).parameters
+        quiet = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
         return DistributedDataParallel(model, process_group=self.group, **{quiet: False})
 
     def broadcast_tables(self, model: nn.Module) -> None:
