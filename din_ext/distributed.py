@@ -65,6 +65,17 @@ def check_tables(model: nn.Module) -> None:
                              f"under DDP; build it with sparse=True")
 
 
+def shard_rows(batch: Interactions, rank: int, size: int) -> Optional[Interactions]:
+    """Process ``rank``'s rows of the global ``batch`` among ``size`` processes: a contiguous slice, disjoint from
+    the others' (together they are the batch); None when the batch has fewer rows than there are processes."""
+    rows = len(batch)
+    if rows < size:
+        return None
+    if size == 1:
+        return batch
+    return batch.take(torch.arange(rank * rows // size, (rank + 1) * rows // size))
+
+
 class World:
     """One process: rank 0 of 1. Every collective is the identity; ``ProcessGroupWorld`` is the distributed one."""
 
@@ -76,14 +87,8 @@ class World:
         return self.rank == 0
 
     def shard(self, batch: Interactions) -> Optional[Interactions]:
-        """This process's rows of the global ``batch`` (a contiguous slice, disjoint from the others'; together they
-        are the batch); None when the batch has fewer rows than there are processes."""
-        if len(batch) < self.size:
-            return None
-        if self.size == 1:
-            return batch
-        rows = len(batch)
-        return batch.take(torch.arange(self.rank * rows // self.size, (self.rank + 1) * rows // self.size))
+        """This process's rows of the global ``batch`` (shard_rows)."""
+        return shard_rows(batch, self.rank, self.size)
 
     def share(self, rows: int, total: int) -> float:
         """The weight of the mean loss of ``rows`` rows of a global batch of ``total``: with the average over the

@@ -290,18 +290,25 @@ class _Progress:
             self.bar.close()
 
 
+def batch_loss(model: DIN, batch: Interactions, loss_fn: torch.nn.Module = _BCE) -> torch.Tensor:
+    """The training loss of ``batch``: the sum over the tasks of the mean binary cross-entropy of each. ``model``: a
+    DIN or a wrapper of one with ``.module`` (DistributedDataParallel)."""
+    tasks = getattr(model, "module", model).tasks
+    logits = model(batch)
+    return loss_fn(logits, _labels(batch, tasks).to(logits.dtype)) * len(tasks)
+
+
 def train_step(model: DIN, optimizer, batch: Interactions, loss_fn: torch.nn.Module = _BCE, *,
                world: Optional[World] = None, rows: Optional[int] = None) -> torch.Tensor:
-    """One optimizer step on ``batch`` (on the model's device); returns the loss, a 0-d tensor not yet read back.
+    """One optimizer step on ``batch`` (on the model's device); returns the loss (batch_loss), a 0-d tensor not yet
+    read back.
 
-    The loss is the sum over the tasks of the mean binary cross-entropy of each. world (din_ext.distributed): the
+    world (din_ext.distributed): the
     processes of the run; ``model`` is then ``world.wrap(din)`` and ``batch`` this process's slice of a global batch
     of ``rows`` rows, whose loss is weighted by its share so that the gradient is the global batch's.
     """
     world = world or World()
-    tasks = getattr(model, "module", model).tasks
-    logits = model(batch)
-    loss = loss_fn(logits, _labels(batch, tasks).to(logits.dtype)) * len(tasks)
+    loss = batch_loss(model, batch, loss_fn)
     optimizer.zero_grad(set_to_none=True)
     (loss * world.share(len(batch), rows or len(batch))).backward()
     world.reduce_gradients(model)
