@@ -241,10 +241,10 @@ class ProcessGroupWorld(World):
     """The processes of a torch.distributed process group (``init`` makes it).
 
     dice: "rank" (per-process Dice statistics, as BatchNorm under DDP) or "sync" (statistics over the global batch,
-    on the composite path; a process group of its own carries them).
+    on the composite path; a process group of its own carries them, with ``timeout`` seconds, default torch's).
     """
 
-    def __init__(self, dice: str = "rank", group=None):
+    def __init__(self, dice: str = "rank", group=None, timeout: Optional[float] = None):
         if dice not in DICE_MODES:
             raise ValueError(f"dice must be one of {DICE_MODES}, got {dice!r}")
         dist = torch.distributed
@@ -256,7 +256,10 @@ class ProcessGroupWorld(World):
         self.dice = dice
         # Dice's all-reduces run inside forward and backward, between DDP's bucket all-reduces: a group of their own
         # keeps the two streams of collectives apart.
-        self.stats_group = dist.new_group(backend=backend) if dice == "sync" else None
+        self.stats_group = None
+        if dice == "sync":
+            wait = None if timeout is None else datetime.timedelta(seconds=timeout)
+            self.stats_group = dist.new_group(backend=backend, timeout=wait)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel over ``model``'s dense parameters (``model`` on its device); the sparse tables
@@ -395,7 +398,7 @@ def init(timeout: float = DEFAULT_TIMEOUT, dice: str = "rank", device: Optional[
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     backend = "nccl" if device.type == "cuda" else "gloo"
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
-    return ProcessGroupWorld(dice)
+    return ProcessGroupWorld(dice, timeout=timeout)
 
 
 def process_device(device: torch.device) -> torch.device:
