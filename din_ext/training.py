@@ -303,9 +303,9 @@ def train_step(model: DIN, optimizer, batch: Interactions, loss_fn: torch.nn.Mod
     """One optimizer step on ``batch`` (on the model's device); returns the loss (batch_loss), a 0-d tensor not yet
     read back.
 
-    world (din_ext.distributed): the
-    processes of the run; ``model`` is then ``world.wrap(din)`` and ``batch`` this process's slice of a global batch
-    of ``rows`` rows, whose loss is weighted by its share so that the gradient is the global batch's.
+    world (din_ext.distributed): the processes of the run; ``model`` is then ``world.wrap(din)`` and ``batch`` this
+    process's slice of a global batch of ``rows`` rows, whose loss is weighted by its share so that the gradient is
+    the global batch's.
     """
     world = world or World()
     loss = batch_loss(model, batch, loss_fn)
