@@ -1,6 +1,7 @@
 """The ``din-ext`` command: train, evaluate and compare DIN on a click log, predict with a checkpoint, self-check.
 
     din-ext train [--data synthetic|amazon|taobao|recbole|prepared] [--path P] [--model din|base] [--epochs N] ...
+    din-ext train --nproc 2 [--sync-dice] ...  # DDP on 2 local processes (torchrun --nproc-per-node 2 -m din_ext train)
     din-ext prepare --data taobao|amazon|recbole --path RAW --out DIR [--memory-limit 2G]  # shards train streams
     din-ext evaluate --checkpoint DIR/best.pt [--data ...]
     din-ext predict --checkpoint DIR/best.pt [--data ...] --output preds.csv
@@ -19,13 +20,14 @@ import csv
 import json
 import math
 import os
+import subprocess
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 import din_ext.data as datasets
-from din_ext import _backend, _validate, metrics, training
+from din_ext import _backend, _validate, distributed, metrics, training
 from din_ext.contract import ACTIVATIONS, NORMALIZATIONS
 from din_ext.data import LOADERS, Interactions, Schema
 from din_ext.data.loaders import SOURCES
@@ -170,16 +172,18 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def train(args: argparse.Namespace, data=None, out=None) -> Dict[str, Any]:
-    """Trains per ``args`` (see ``din-ext train --help``); returns the final metrics (also in OUT/metrics.json)."""
+def train(args: argparse.Namespace, data=None, out=None, world: Optional[distributed.World] = None) -> Dict[str, Any]:
+    """Trains per ``args`` (see ``din-ext train --help``); returns the final metrics (also in OUT/metrics.json).
+
+    world: the processes of a distributed run (default one process)."""
     out = out or args.out
     last_path = os.path.join(out, "last.pt")
     with _flags(resume_from=f"--resume: {last_path}"):
-        return _train(args, data, out, last_path)
+        return _train(args, data, out, last_path, world or distributed.World())
 
 
-def _train(args: argparse.Namespace, data, out: str, last_path: str) -> Dict[str, Any]:
-    device = training.resolve_device(args.device)
+def _train(args: argparse.Namespace, data, out: str, last_path: str, world: distributed.World) -> Dict[str, Any]:
+    device = distributed.process_device(training.resolve_device(args.device))
     _check_backend(args.backend, device)
     checkpoint = None
     if args.resume:
@@ -202,7 +206,8 @@ def _train(args: argparse.Namespace, data, out: str, last_path: str) -> Dict[str
         model = _new_model(args, schema)
     model.backend = args.backend
     return training.fit(model, train_set, test_set, **fit_arguments, device=device, seed=spec["seed"],
-                        data_options=spec, data_name=spec["data"], progress=not args.no_progress, log=_say)
+                        data_options=spec, data_name=spec["data"], progress=not args.no_progress, log=_say,
+                        world=world)
 
 
 def _load_model(args: argparse.Namespace) -> Tuple[DIN, Dict[str, Any], torch.device]:
@@ -225,11 +230,40 @@ def _split(args: argparse.Namespace, model: DIN, checkpoint: Dict[str, Any]) -> 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    final = train(args)
+    if args.nproc is not None:
+        return _launch(args)
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be positive seconds, got {args.dist_timeout}")
+    if args.sync_dice and not distributed.launched():
+        raise UsageError("--sync-dice applies to a distributed run (--nproc N, or under torchrun)")
+    world = distributed.init(args.dist_timeout, "sync" if args.sync_dice else "rank",
+                             training.resolve_device(args.device))
+    try:
+        final = train(args, world=world)
+    finally:
+        world.close()
+    if not world.is_main:
+        return 0
     name = "DIN" if final["model"] == "din" else "BaseModel"
     print(f"{name} final (epoch {final['epoch']}): {training.format_metrics(final)}  "
           f"eval {final['samples_per_second']:,.0f} samples/s; checkpoints and metrics.json in {args.out}")
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """din-ext train --nproc N: the same command on N local processes under torchrun (a failed process ends the
+    others); its exit status."""
+    processes = training.check_positive("nproc", args.nproc)
+    argv, rest = list(args.argv), []
+    while argv:
+        item = argv.pop(0)
+        if item == "--nproc":
+            argv.pop(0)
+        elif not item.startswith("--nproc="):
+            rest.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "din_ext", *rest]
+    return subprocess.call(command)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -310,6 +344,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    if distributed.launched():
+        raise UsageError("compare runs in one process; run din-ext train under torchrun (or with --nproc)")
     spec = data_spec(args)
     data = load_data(spec)
     results = {}
@@ -405,12 +441,25 @@ def _train_options(parser: argparse.ArgumentParser, with_model: bool) -> None:
     _runtime_options(parser)
 
 
+def _distributed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="train with DistributedDataParallel on N local processes (runs torchrun --standalone "
+                             "--nproc-per-node N -m din_ext train ...); --batch-size stays the global batch")
+    parser.add_argument("--sync-dice", action="store_true",
+                        help="distributed: Dice statistics over the global batch (as SyncBatchNorm; the composite "
+                             "path, slower than the fused kernels) instead of per process")
+    parser.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT,
+                        help=f"distributed: seconds a collective waits for the other processes before the run "
+                             f"fails (default {distributed.DEFAULT_TIMEOUT:g})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="din-ext", description="Train and evaluate DIN (din_ext) on click logs.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("train", help="train DIN (or BaseModel) and evaluate every epoch")
     _train_options(p, with_model=True)
+    _distributed_options(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("compare", help="train BaseModel and DIN on the same data; report RelaImpr")
     _train_options(p, with_model=False)
@@ -454,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for train --nproc, which runs it again
     if args.command is None:
         parser.print_help()
         return 2

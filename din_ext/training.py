@@ -19,11 +19,12 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
 from din_ext import _backend, metrics
+from din_ext.distributed import World
 from din_ext.mba import MBAEmbedding
 from din_ext.data.core import Interactions, Schema, iterate_batches
 from din_ext.model import DIN, save_checkpoint
@@ -185,26 +186,31 @@ def _model_device(model: DIN) -> torch.device:
 
 
 @torch.no_grad()
-def predict_rows(model: DIN, data: Data, batch_size: int = 4096, device: Optional[torch.device] = None
-                 ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor], float]:
+def predict_rows(model: DIN, data: Data, batch_size: int = 4096, device: Optional[torch.device] = None,
+                 world: Optional[World] = None) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor], float]:
     """(probabilities (S, T), user_id (S,), labels task -> (S,), rows per second) of every row, in the data's order.
 
     device: where the batches go (default: the model's). A batch source is read once, unshuffled, so the user ids
-    and labels come from its batches.
+    and labels come from its batches. world (din_ext.distributed): each process predicts the batches it owns (with
+    rank 0's running statistics), and every process gets all the rows, each predicted in the same batch as in one
+    process.
     """
     batch_size = check_positive("batch_size", batch_size)
     device = _model_device(model) if device is None else device
+    world = world or World()
+    world.sync_buffers(model)
     model.eval()
     outputs, users, labels = [], [], {t: [] for t in model.tasks}
     start = time.perf_counter()
-    for batch in _batches(data, batch_size):
-        outputs.append(torch.sigmoid(model(batch.to(device)).float()).cpu())
+    for index, batch in enumerate(_batches(data, batch_size)):
+        if world.owns(index):
+            outputs.append(torch.sigmoid(model(batch.to(device)).float()).cpu())
         if not isinstance(data, Interactions):
             users.append(batch.user_id)
             for t in labels:
                 labels[t].append(batch.labels[t])
+    probabilities = world.gather_batches(outputs, torch.zeros(0, len(model.tasks)))
     seconds = time.perf_counter() - start
-    probabilities = torch.cat(outputs) if outputs else torch.zeros(0, len(model.tasks))
     if isinstance(data, Interactions):
         return probabilities, data.user_id, {t: data.labels[t] for t in model.tasks}, len(data) / max(seconds, 1e-9)
     return (probabilities, torch.cat(users), {t: torch.cat(v) for t, v in labels.items()},
@@ -221,18 +227,25 @@ def predict(model: DIN, data: Data, batch_size: int = 4096,
     return probabilities, speed
 
 
-def evaluate(model: DIN, data: Data, batch_size: int = 4096,
-             device: Optional[torch.device] = None) -> Dict[str, Any]:
-    """auc, gauc, logloss of the first task (and of every task under "tasks"), samples_per_second of the pass."""
-    probabilities, user_id, all_labels, speed = predict_rows(model, data, batch_size, device)
+def evaluate(model: DIN, data: Data, batch_size: int = 4096, device: Optional[torch.device] = None,
+             world: Optional[World] = None) -> Dict[str, Any]:
+    """auc, gauc, logloss of the first task (and of every task under "tasks"), samples_per_second of the pass.
+
+    world: the processes share the prediction (predict_rows) and each computes the metrics of all the rows."""
+    probabilities, user_id, all_labels, speed = predict_rows(model, data, batch_size, device, world)
+    return {**score(model.tasks, probabilities, user_id, all_labels), "samples_per_second": speed}
+
+
+def score(tasks: Sequence[str], probabilities: torch.Tensor, user_id: torch.Tensor,
+          labels: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """auc, gauc, logloss of the first task (and of every task under "tasks") and the rows, of probabilities
+    (S, T), one column per task, with user_id (S,) and labels task -> (S,)."""
     per_task = {}
-    for column, task in enumerate(model.tasks):
-        labels, p = all_labels[task], probabilities[:, column]
-        per_task[task] = {"auc": _defined(metrics.auc, labels, p), "gauc": _defined(metrics.gauc, labels, p,
-                                                                                      user_id),
-                          "logloss": metrics.logloss(labels, p)}
-    return {**per_task[model.tasks[0]], "samples_per_second": speed, "rows": probabilities.shape[0],
-            "tasks": per_task}
+    for column, task in enumerate(tasks):
+        truth, p = labels[task], probabilities[:, column]
+        per_task[task] = {"auc": _defined(metrics.auc, truth, p), "gauc": _defined(metrics.gauc, truth, p, user_id),
+                          "logloss": metrics.logloss(truth, p)}
+    return {**per_task[tasks[0]], "rows": probabilities.shape[0], "tasks": per_task}
 
 
 def _defined(fn, *args) -> float:
@@ -277,14 +290,28 @@ class _Progress:
             self.bar.close()
 
 
-def train_step(model: DIN, optimizer, batch: Interactions, loss_fn: torch.nn.Module = _BCE) -> torch.Tensor:
-    """One optimizer step on ``batch`` (on the model's device); returns the loss, a 0-d tensor not yet read back.
+def batch_loss(model: DIN, batch: Interactions, loss_fn: torch.nn.Module = _BCE) -> torch.Tensor:
+    """The training loss of ``batch``: the sum over the tasks of the mean binary cross-entropy of each. ``model``: a
+    DIN or a wrapper of one with ``.module`` (DistributedDataParallel)."""
+    tasks = getattr(model, "module", model).tasks
+    logits = model(batch)
+    return loss_fn(logits, _labels(batch, tasks).to(logits.dtype)) * len(tasks)
 
-    The loss is the sum over the tasks of the mean binary cross-entropy of each.
+
+def train_step(model: DIN, optimizer, batch: Interactions, loss_fn: torch.nn.Module = _BCE, *,
+               world: Optional[World] = None, rows: Optional[int] = None) -> torch.Tensor:
+    """One optimizer step on ``batch`` (on the model's device); returns the loss (batch_loss), a 0-d tensor not yet
+    read back.
+
+    world (din_ext.distributed): the processes of the run; ``model`` is then ``world.wrap(din)`` and ``batch`` this
+    process's slice of a global batch of ``rows`` rows, whose loss is weighted by its share so that the gradient is
+    the global batch's.
     """
-    loss = loss_fn(model(batch), _labels(batch, model.tasks)) * len(model.tasks)
+    world = world or World()
+    loss = batch_loss(model, batch, loss_fn)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * world.share(len(batch), rows or len(batch))).backward()
+    world.reduce_gradients(model)
     optimizer.step()
     return loss
 
@@ -293,8 +320,8 @@ def fit(model: DIN, train: Data, test: Data, *, epochs: int, out: Union[str, os.
         batch_size: Optional[int] = None, lr: Optional[float] = None, eval_batch_size: int = 4096,
         device: Union[str, torch.device, None] = None, seed: int = 0,
         resume_from: Optional[Mapping[str, Any]] = None, data_options: Optional[Mapping[str, Any]] = None,
-        data_name: Optional[str] = None, progress: bool = False,
-        log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+        data_name: Optional[str] = None, progress: bool = False, log: Optional[Callable[[str], None]] = None,
+        world: Optional[World] = None) -> Dict[str, Any]:
     """Trains ``model`` on ``train`` up to ``epochs`` epochs, evaluating on ``test`` after each; returns the final
     metrics with the history (also written to OUT/metrics.json).
 
@@ -310,10 +337,15 @@ def fit(model: DIN, train: Data, test: Data, *, epochs: int, out: Union[str, os.
     exactly as a run that had not stopped. data_options: recorded in each checkpoint under "data" (the command line
     records the options that made train and test, to check them on resume). data_name: names the data in the log.
     progress: a tqdm bar per epoch. log: called with one line per epoch (default: the din_ext logger).
+    world: the processes of a distributed run (``din_ext.distributed.init``; default one process): each trains on
+    its slice of every global batch of ``batch_size`` rows (a global batch of fewer rows than processes is skipped,
+    with a warning) under DistributedDataParallel, the test set is predicted in shares and gathered, and only rank 0
+    writes OUT and logs; every process returns the same metrics.
     Raises ArgumentError for a bad argument, TrainingDiverged when the loss or the test predictions stop being
     finite (the checkpoints of the earlier epochs stay; no metrics.json is written).
     """
-    log = log or logger.info
+    world = world or World()
+    log = (log or logger.info) if world.is_main else _quiet
     device = resolve_device(device)
     checked = check_fit_arguments(epochs=epochs, out=out, batch_size=batch_size, lr=lr,
                                   eval_batch_size=eval_batch_size, resume_from=resume_from)
@@ -323,6 +355,7 @@ def fit(model: DIN, train: Data, test: Data, *, epochs: int, out: Union[str, os.
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
 
     model.to(device)
+    trainee = world.wrap(model)
     optimizer = make_optimizer(model, lr)
     history: List[Dict[str, Any]] = []
     start_epoch, best = 0, -math.inf
@@ -336,33 +369,39 @@ def fit(model: DIN, train: Data, test: Data, *, epochs: int, out: Union[str, os.
         best = resume_from["best"]
         if start_epoch >= epochs:
             log(f"the checkpoint has already trained {start_epoch} epochs (epochs {epochs}): nothing to do")
-            return _finish(out, history[-1], history, model)
+            return _finish(out, history[-1], history, model, world)
 
     name = "DIN" if model.pooling == "attention" else "BaseModel"
     log(f"{name}{f' on {data_name}' if data_name else ''}: {len(train):,} train / {len(test):,} test impressions, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}, backend "
-        f"{_backend.resolve(model.backend, device)}, torch threads {torch.get_num_threads()}")
+        f"{_backend.resolve(model.backend, device)}, torch threads {torch.get_num_threads()}"
+        f"{f', {world.size} processes' if world.size > 1 else ''}")
     for epoch in range(start_epoch, epochs):
-        model.train()
-        bar = _Progress(len(train), f"epoch {epoch + 1}/{epochs}", progress)
+        trainee.train()
+        bar = _Progress(len(train), f"epoch {epoch + 1}/{epochs}", progress and world.is_main)
         total_loss, total_reg, seen, tick = 0.0, 0.0, 0, time.perf_counter()
         for step, batch in enumerate(_batches(train, batch_size, shuffle=True, seed=seed * 1000 + epoch)):
-            batch = batch.to(device)
-            value = train_step(model, optimizer, batch).item()
+            part = world.shard(batch)
+            if part is None:
+                logger.warning(f"epoch {epoch + 1}, step {step + 1}: a global batch of {len(batch)} rows, fewer than "
+                               f"the {world.size} processes: skipped")
+                continue
+            value = train_step(trainee, optimizer, part.to(device), world=world, rows=len(batch)).item()
             if not math.isfinite(value):
                 bar.close()
                 raise TrainingDiverged(_diverged(f"epoch {epoch + 1}, step {step + 1}: the training loss is {value}",
                                                  epoch, last_path, best_path))
             reg = model.regularization()
             total_reg += 0.0 if reg is None else float(reg) * len(batch)
-            total_loss += value * len(batch)
+            total_loss += value * len(part)
             seen += len(batch)
             bar.update(len(batch), value)
         bar.close()
         if not seen:
             raise TrainingError(f"epoch {epoch + 1}: the training data yielded no batches")
+        total_loss = world.sum(total_loss)
         train_seconds = time.perf_counter() - tick
-        result = evaluate(model, test, eval_batch_size, device)
+        result = evaluate(model, test, eval_batch_size, device, world)
         if not math.isfinite(result["logloss"]):
             raise TrainingDiverged(_diverged(f"epoch {epoch + 1}: the test predictions are not finite (logloss "
                                              f"{result['logloss']})", epoch, last_path, best_path))
@@ -374,15 +413,16 @@ def fit(model: DIN, train: Data, test: Data, *, epochs: int, out: Union[str, os.
         score = result["gauc"] if not math.isnan(result["gauc"]) else result["auc"]
         is_best = score > best
         best = max(best, score)
-        state = model.checkpoint(optimizer, epoch + 1, data=None if data_options is None else dict(data_options),
-                                 options=options, history=history, best=best)
-        save_checkpoint(last_path, state)
-        if is_best:
-            save_checkpoint(best_path, state)
+        if world.is_main:
+            state = model.checkpoint(optimizer, epoch + 1, data=None if data_options is None else dict(data_options),
+                                     options=options, history=history, best=best)
+            save_checkpoint(last_path, state)
+            if is_best:
+                save_checkpoint(best_path, state)
         reg_text = f" (+ MBA R {result['train_mba_regularization']:.4f})" if model.mba_lambda else ""
         log(f"epoch {epoch + 1}/{epochs}  train loss {result['train_loss']:.4f}{reg_text}  "
             f"{seen / train_seconds:,.0f} samples/s  |  test {format_metrics(result)}{'  (best)' if is_best else ''}")
-    return _finish(out, history[-1], history, model)
+    return _finish(out, history[-1], history, model, world)
 
 
 def check_fit_arguments(*, epochs: int, out: Union[str, os.PathLike], batch_size: Optional[int] = None,
@@ -421,8 +461,14 @@ def _diverged(what: str, epoch: int, last_path: str, best_path: str) -> str:
     return f"{what}; stopped ({kept}; no metrics.json written). Try a smaller learning rate (--lr)"
 
 
-def _finish(out: str, final: Dict[str, Any], history: List[Dict[str, Any]], model: DIN) -> Dict[str, Any]:
+def _finish(out: str, final: Dict[str, Any], history: List[Dict[str, Any]], model: DIN, world: World
+            ) -> Dict[str, Any]:
     summary = {**final, "model": "din" if model.pooling == POOLING["din"] else "base", "history": history}
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=2, allow_nan=True)
+    if world.is_main:
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(summary, f, indent=2, allow_nan=True)
     return summary
+
+
+def _quiet(line: str) -> None:
+    """The log of the processes but rank 0."""
