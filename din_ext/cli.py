@@ -252,7 +252,8 @@ def _load_model(args: argparse.Namespace) -> Tuple[DIN, Dict[str, Any], torch.de
     checkpoint = _read_checkpoint(args.checkpoint, "--checkpoint")
     device = training.resolve_device(args.device)
     _check_backend(args.backend, device)
-    training.check_positive("batch_size", args.batch_size)
+    if hasattr(args, "batch_size"):  # explain has none: it scores one user
+        training.check_positive("batch_size", args.batch_size)
     model = _model_of(checkpoint, f"--checkpoint {args.checkpoint}")
     model.backend = args.backend
     return model.to(device), checkpoint, device

@@ -127,18 +127,18 @@ def explain_user(model: DIN, data: Interactions, user: Any, candidate: Any = Non
 def format_explanation(result: Dict[str, Any], top: Optional[int] = None) -> str:
     """The table of ``explain_user``'s result: rank, position, the behaviour's ids, weight (``top`` rows)."""
     candidate = ", ".join(f"{f} {v}" for f, v in result["candidate"].items())
-    lines = [f"user {result['user']}, candidate {candidate}: {result['history_length']} behaviours by attention "
-             f"weight ({'softmax' if result['normalization'] == 'softmax' else 'unnormalized, as in the paper'}), "
-             f"top first"]
+    kind = "softmax" if result["normalization"] == "softmax" else "unnormalized, as in the paper"
+    title = (f"user {result['user']}, candidate {candidate}: {result['history_length']} behaviours by attention "
+             f"weight ({kind}), top first")
     rows = result["rows"][:top]
     if not rows:
-        return lines[0] + "\n(the user has no behaviours: the interest vector is zero)"
+        return title + "\n(the user has no behaviours: the interest vector is zero)"
     fields = list(rows[0]["ids"])
-    lines.append("  ".join(["rank", "position", *fields, "weight"]))
-    for r in rows:
-        lines.append("  ".join([f"{r['rank']:>4}", f"{r['position']:>8}", *(str(r["ids"][f]) for f in fields),
-                                f"{r['weight']:+.4f}"]))
-    return "\n".join(lines)
+    table = [["rank", "position", *fields, "weight"]] + [
+        [str(r["rank"]), str(r["position"]), *(str(r["ids"][f]) for f in fields), f"{r['weight']:+.4f}"]
+        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join([title] + ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in table])
 
 
 def plot_explanation(result: Dict[str, Any], path: str, top: int = 20) -> str:
@@ -154,5 +154,6 @@ def plot_explanation(result: Dict[str, Any], path: str, top: int = 20) -> str:
     candidate = ", ".join(f"{f} {v}" for f, v in result["candidate"].items())
     return plots.attention_bars(labels, [r["weight"] for r in rows], path, highlight=highlight,
                                 highlight_label=f"same {same} as the candidate" if same else "",
+                                ylabel="behaviour (#position in the history, 0 = oldest)",
                                 title=f"user {result['user']}: top {len(rows)} of {result['history_length']} "
-                                      f"behaviours for candidate {candidate}")
+                                      f"behaviours\nfor candidate {candidate}")

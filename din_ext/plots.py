@@ -59,7 +59,7 @@ def training_curves(history: Sequence[Mapping[str, float]], path: str, title: st
 
 def attention_bars(labels: Sequence[str], weights: Sequence[float], path: str, title: str = "",
                    highlight: Optional[Sequence[bool]] = None, highlight_label: str = "",
-                   xlabel: str = "attention weight") -> str:
+                   xlabel: str = "attention weight", ylabel: str = "") -> str:
     """Horizontal bars of ``weights``, the first on top (callers pass them top first); bars where ``highlight`` is
     true get a second colour, named ``highlight_label`` in the legend. Returns ``path``."""
     plt = _pyplot()
@@ -71,7 +71,8 @@ def attention_bars(labels: Sequence[str], weights: Sequence[float], path: str, t
     ax.set_yticks(range(count), labels)
     ax.invert_yaxis()
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set(xlabel=xlabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize="medium")
     ax.grid(axis="x", alpha=0.3)
     if highlight_label and any(marked):
         from matplotlib.patches import Patch
@@ -86,6 +87,8 @@ def line_panels(panels: Mapping[str, Mapping[str, Sequence[Tuple[float, float]]]
     """One chart per panel (panel title -> series name -> (x, y) points), side by side in rows of at most three,
     one line per series with the same colour for a series name in every panel. Returns ``path``."""
     plt = _pyplot()
+    from matplotlib.ticker import NullLocator
+
     names = list(panels)
     if not names:
         raise ValueError("line_panels: no panel to draw")
@@ -99,8 +102,11 @@ def line_panels(panels: Mapping[str, Mapping[str, Sequence[Tuple[float, float]]]
             points = sorted(points)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colors[label])
         ax.set(xlabel=xlabel, ylabel=ylabel, title=name)
-        if logx:
+        if logx:  # ticks at the measured x values, not only at the powers of ten
             ax.set_xscale("log")
+            xs = sorted({p[0] for points in panels[name].values() for p in points})
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.xaxis.set_minor_locator(NullLocator())
         if logy:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)

@@ -43,6 +43,7 @@ def _optuna():
         import optuna
     except ImportError:
         raise ImportError(f"din-ext tune needs Optuna: {INSTALL}") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the search logs its own line per trial
     return optuna
 
 
@@ -86,7 +87,6 @@ def _optimize(train_fn: TrainFn, base: Mapping[str, Any], names: Sequence[str], 
               study_name: str, log: Callable[[str], None], trials: int, seed: int, catch: Tuple[type, ...]) -> None:
     """One worker: ``trials`` trials of the study in OUT/study.db."""
     optuna = _optuna()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from the objective
     study = optuna.load_study(study_name=study_name, storage=_storage(out),
                               sampler=optuna.samplers.TPESampler(seed=seed))
     study.optimize(_objective(train_fn, base, names, out, metric, log), n_trials=trials, catch=catch)
