@@ -441,6 +441,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     base = resolved_options(args)
     if base["resume"]:
         raise UsageError("--resume does not apply to tune: run the same tune command again to resume its study")
+    try:
+        tune.require_optuna()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
     searched = [name for name in tune.SPACE if name in base]
     missing = [name for name in tune.SPACE if name not in base]
     if missing:
@@ -453,8 +457,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         summary = tune.search(tune_trial, trials=args.trials, out=args.out, base=base, jobs=args.jobs,
                               metric=args.metric, study_name=args.study, seed=data_spec(args)["seed"],
                               searched=searched, catch=(training.TrainingDiverged,), log=_say)
-    except ImportError as exc:
-        raise UsageError(str(exc)) from None
+    except RuntimeError as exc:  # failed workers, or no finished trial: the study keeps what was done
+        raise training.TrainingError(str(exc)) from None
     print(tune.format_report(summary))
     print(f"the best trial's options: {summary['best_out']}/config.yaml; every trial in {args.out}/best.json")
     return 0

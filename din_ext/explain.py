@@ -53,10 +53,10 @@ def _user_row(data: Interactions, user: Any) -> int:
     try:
         key = int(user)
     except (TypeError, ValueError):
-        raise ValueError(f"user {user!r}: user ids are integers in this data") from None
+        raise ValueError(f"user {user}: user ids are integers in this data") from None
     rows = torch.nonzero(data.user_id == key).flatten()
     if rows.numel() == 0:
-        raise ValueError(f"user {user!r} has no impression in the data")
+        raise ValueError(f"user {user} has no impression in the data")
     if data.time is not None:
         return int(rows[torch.argmax(data.time[rows])])
     return int(rows[-1])

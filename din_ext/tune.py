@@ -38,7 +38,8 @@ SPACE: Dict[str, Tuple[str, Tuple[Any, ...]]] = {
 TrainFn = Callable[[Dict[str, Any], str], Mapping[str, Any]]
 
 
-def _optuna():
+def require_optuna():
+    """The optuna module; ImportError with the install command when it is missing."""
     try:
         import optuna
     except ImportError:
@@ -86,7 +87,7 @@ def _short(value: Any) -> str:
 def _optimize(train_fn: TrainFn, base: Mapping[str, Any], names: Sequence[str], out: str, metric: str,
               study_name: str, log: Callable[[str], None], trials: int, seed: int, catch: Tuple[type, ...]) -> None:
     """One worker: ``trials`` trials of the study in OUT/study.db."""
-    optuna = _optuna()
+    optuna = require_optuna()
     study = optuna.load_study(study_name=study_name, storage=_storage(out),
                               sampler=optuna.samplers.TPESampler(seed=seed))
     study.optimize(_objective(train_fn, base, names, out, metric, log), n_trials=trials, catch=catch)
@@ -99,7 +100,7 @@ def _storage(out: str) -> str:
 def _requeue_killed(study) -> int:
     """Fails the trials a killed search left running (marked "killed", so they do not count as finished) and
     enqueues their options again; returns how many. Optuna has no public call to fail another process's trial."""
-    optuna = _optuna()
+    optuna = require_optuna()
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for trial in running:
         study._storage.set_trial_user_attr(trial._trial_id, "killed", True)
@@ -119,7 +120,7 @@ def search(train_fn: TrainFn, *, trials: int, out: str, base: Optional[Mapping[s
     (default all); catch: exceptions of train_fn that fail one trial instead of the search (e.g. a diverged run);
     log: called with one line per trial (picklable with jobs > 1, e.g. print).
     """
-    optuna = _optuna()
+    optuna = require_optuna()
     if trials < 1 or jobs < 1:
         raise ValueError(f"trials and jobs must be positive, got trials {trials}, jobs {jobs}")
     names = list(SPACE if searched is None else searched)
@@ -157,7 +158,7 @@ def search(train_fn: TrainFn, *, trials: int, out: str, base: Optional[Mapping[s
 
 
 def _report(study, out: str, metric: str) -> Dict[str, Any]:
-    optuna = _optuna()
+    optuna = require_optuna()
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise RuntimeError(f"no trial of the study in {out} finished with a finite {metric}")
