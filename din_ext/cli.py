@@ -210,7 +210,8 @@ def resolved_options(args: argparse.Namespace, spec: Optional[Dict[str, Any]] = 
     values = {key: getattr(args, key) for key in config.options(_train_parser()) if hasattr(args, key)}
     values.update(spec or data_spec(args))
     for key, default in training.TRAIN_DEFAULTS.items():
-        values[key] = (fit or {}).get(key, default) if values.get(key) is None else values[key]
+        if values.get(key) is None:
+            values[key] = (fit or {}).get(key, default)
     return values
 
 
@@ -467,8 +468,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from din_ext import explain
 
-    model, checkpoint, _ = _load_model(args)
     training.check_positive("top", args.top)
+    path = args.plot or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                     f"attention-user{args.user}.png")
+    if plots.available():
+        _check_output(path, "--plot", "a PNG file")
+    model, checkpoint, _ = _load_model(args)
     data = _split(args, model, checkpoint)
     try:
         result = explain.explain_user(model, data, args.user, args.candidate)
@@ -479,9 +484,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if not plots.available():
         print(f"no picture: matplotlib is not installed ({plots.INSTALL})")
         return 0
-    path = args.plot or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                     f"attention-user{args.user}.png")
-    _check_output(path, "--plot", "a PNG file")
     print(f"wrote {explain.plot_explanation(result, path, args.top)}")
     return 0
 
