@@ -555,30 +555,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved options (defaults, --config, flags) as a config file; train nothing")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("config", help="print din-ext train's defaults as a config file (din-ext train --config)")
-    p.add_argument("--format", choices=("yaml", "json"), default="yaml")
-    p.set_defaults(func=cmd_config)
-    p = sub.add_parser("tune", help="search the learning rate, widths and MBA lambda with Optuna (din_ext[tune])")
-    _train_options(p, with_model=True)
-    p.add_argument("--trials", type=int, required=True, help="trials in all (a resumed search counts its done ones)")
-    p.add_argument("--jobs", type=int, default=1, help="trials run in parallel, one process each (default 1)")
-    p.add_argument("--metric", choices=("gauc", "auc"), default="gauc", help="the final test metric to maximize")
-    p.add_argument("--study", default="din-ext-tune", help="the study's name in OUT/study.db")
-    p.set_defaults(func=cmd_tune, out="din-ext-tune")
-    p = sub.add_parser("explain", help="one user's behaviours ranked by attention weight for a candidate (printed "
-                                       "and plotted)")
-    p.add_argument("--checkpoint", required=True, help="a .pt written by din-ext train (best.pt or last.pt)")
-    _data_options(p, evaluation=True)
-    p.add_argument("--split", choices=("test", "train"), default="test")
-    p.add_argument("--user", required=True, help="the user's id (the data's user_id); their latest impression's "
-                                                 "history is explained")
-    p.add_argument("--candidate", default=None, help="raw id of the candidate's first item field (default: the "
-                                                     "impression's own candidate)")
-    p.add_argument("--top", type=int, default=20, help="behaviours printed and plotted (default 20)")
-    p.add_argument("--plot", default=None, help="the picture to write (default: attention-user<U>.png next to the "
-                                                "checkpoint; needs din_ext[plots])")
-    _runtime_options(p)
-    p.set_defaults(func=cmd_explain)
     p = sub.add_parser("compare", help="train BaseModel and DIN on the same data; report RelaImpr")
     _train_options(p, with_model=False)
     p.set_defaults(func=cmd_compare, out="din-ext-compare")
@@ -613,6 +589,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("selfcheck", aliases=["check"], help="check every built backend against the reference")
     p.set_defaults(func=cmd_selfcheck)
+    p = sub.add_parser("config", help="print din-ext train's defaults as a config file (din-ext train --config)")
+    p.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    p.set_defaults(func=cmd_config)
+    p = sub.add_parser("tune", help="search the learning rate, widths and MBA lambda with Optuna (din_ext[tune])")
+    _train_options(p, with_model=True)
+    p.add_argument("--trials", type=int, required=True, help="trials in all (a resumed search counts its done ones)")
+    p.add_argument("--jobs", type=int, default=1, help="trials run in parallel, one process each (default 1)")
+    p.add_argument("--metric", choices=("gauc", "auc"), default="gauc", help="the final test metric to maximize")
+    p.add_argument("--study", default="din-ext-tune", help="the study's name in OUT/study.db")
+    p.set_defaults(func=cmd_tune, out="din-ext-tune")
+    p = sub.add_parser("explain", help="one user's behaviours ranked by attention weight for a candidate (printed "
+                                       "and plotted)")
+    p.add_argument("--checkpoint", required=True, help="a .pt written by din-ext train (best.pt or last.pt)")
+    _data_options(p, evaluation=True)
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--user", required=True, help="the user's id (the data's user_id); their latest impression's "
+                                                 "history is explained")
+    p.add_argument("--candidate", default=None, help="raw id of the candidate's first item field (default: the "
+                                                     "impression's own candidate)")
+    p.add_argument("--top", type=int, default=20, help="behaviours printed and plotted (default 20)")
+    p.add_argument("--plot", default=None, help="the picture to write (default: attention-user<U>.png next to the "
+                                                "checkpoint; needs din_ext[plots])")
+    _runtime_options(p)
+    p.set_defaults(func=cmd_explain)
     return parser
 
 
