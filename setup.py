@@ -77,7 +77,9 @@ setup(
                     # din_ext.compat: deepctr-torch 0.3.0 imports requests without requiring it; recbole 1.2.1's
                     # ray needs numpy < 2 and pkg_resources, its data code pandas < 3
                     "deepctr": ["deepctr-torch", "requests"],
-                    "recbole": ["recbole>=1.2,<1.3", "numpy<2", "pandas<3", "setuptools<81"]},
+                    "recbole": ["recbole>=1.2,<1.3", "numpy<2", "pandas<3", "setuptools<81"],
+                    # din-ext train --config FILE.yaml (.json needs nothing), din-ext tune, the pictures
+                    "config": ["pyyaml>=5.1"], "tune": ["optuna>=3.0"], "plots": ["matplotlib>=3.5"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},

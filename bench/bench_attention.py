@@ -33,7 +33,8 @@ from typing import Dict, List
 import torch
 
 import din_ext
-from common import ROOT, copy_gbs, git_commit, machine_description, matmul_gflops, peak_memory, time_fn, write_table
+from common import (ROOT, copy_gbs, git_commit, machine_description, matmul_gflops, peak_memory, plot_table, time_fn,
+                    write_table)
 
 
 
@@ -236,10 +237,28 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5, help="minimum repetitions per measurement")
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum seconds per measurement")
     parser.add_argument("--out", help="markdown output (default bench/results/<device>.md; none with --quick)")
+    parser.add_argument("--plot", help="also draw the table: time against history length per implementation, one "
+                                       "chart per width, activation and mode (PNG; needs din_ext[plots])")
+    parser.add_argument("--from-table", help="draw --plot from this results table instead of measuring")
     args = parser.parse_args(argv)
+    if args.from_table:
+        with open(args.from_table) as f:
+            plot(f.read(), args.plot or os.path.splitext(args.from_table)[0] + ".png")
+        return
     table = run(args)
     name = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().replace(" ", "_")
     write_table(table, args.out or (None if args.quick else os.path.join(ROOT, "bench", "results", f"{name}.md")))
+    if args.plot:
+        plot(table, args.plot)
+
+
+def plot(table: str, out: str) -> None:
+    """The attention table as time against history length L per implementation."""
+    shape = lambda row: dict(part.split("=") for part in row["shape"].split())  # noqa: E731
+    plot_table(table, out, x=lambda row: int(shape(row)["L"]), y="median ms", series="impl",
+               panel=lambda row: f"D={shape(row)['D']} B={shape(row)['B']}, {row['act']}, {row['mode']}",
+               xlabel="history length L", ylabel="median ms (lower is faster)", logx=True, logy=True,
+               title=table.splitlines()[0].lstrip("# "))
 
 
 if __name__ == "__main__":

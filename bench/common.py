@@ -1,5 +1,5 @@
-"""Helpers shared by every benchmark in bench/: timing, peak memory, the machine's measured ceilings, and the
-machine/commit lines and output of the results tables."""
+"""Helpers shared by every benchmark in bench/: timing, peak memory, the machine's measured ceilings, the
+machine/commit lines and output of the results tables, and the tables as pictures (``plot_table``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -109,3 +109,41 @@ def write_table(text: str, out: Optional[str]) -> None:
         with open(out, "w") as f:
             f.write(text)
         print(f"\nwrote {out}")
+
+
+def table_rows(text: str) -> List[Dict[str, str]]:
+    """The rows of the first markdown table in ``text`` as header -> cell text (rows of another width, such as a
+    "skipped" note, are left out)."""
+    lines = [line.strip() for line in text.splitlines()]
+    start = next((i for i, line in enumerate(lines[:-1]) if line.startswith("|") and lines[i + 1].startswith("|---")),
+                 None)
+    if start is None:
+        return []
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    header, rows = cells(lines[start]), []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        row = cells(line)
+        if len(row) == len(header):
+            rows.append(dict(zip(header, row)))
+    return rows
+
+
+def plot_table(text: str, out: str, *, x: Callable[[Dict[str, str]], float], y: str, series: str,
+               panel: Callable[[Dict[str, str]], str], xlabel: str, ylabel: str, title: str = "",
+               logx: bool = False, logy: bool = False) -> None:
+    """A results table (markdown ``text``) as line charts in ``out`` (PNG, needs matplotlib: din_ext[plots]): one
+    chart per ``panel(row)``, one line per value of the column ``series``, points (``x(row)``, column ``y``). Rows
+    whose ``y`` is not a number (OOM, "-") are left out."""
+    from din_ext.plots import line_panels
+
+    panels: Dict[str, Dict[str, list]] = {}
+    for row in table_rows(text):
+        try:
+            value = float(row[y])
+        except ValueError:
+            continue
+        panels.setdefault(panel(row), {}).setdefault(row[series], []).append((x(row), value))
+    line_panels(panels, out, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx, logy=logy)
+    print(f"wrote {out}")

@@ -6,6 +6,9 @@
     din-ext evaluate --checkpoint DIR/best.pt [--data ...]
     din-ext predict --checkpoint DIR/best.pt [--data ...] --output preds.csv
     din-ext compare [--epochs N] ...           # BaseModel and DIN on the same data, with RelaImpr
+    din-ext config > run.yaml                  # train's defaults as a config file; din-ext train --config run.yaml
+    din-ext tune --trials N [--jobs J] ...     # Optuna search of the learning rate, widths and MBA lambda
+    din-ext explain --checkpoint DIR/best.pt --user U [--candidate ITEM]   # one user's attention weights
     din-ext selfcheck                          # every built backend against the reference
 
 Argument parsing and the command handlers only: each handler turns its flags into calls of din_ext.training (and of
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
@@ -27,7 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 import din_ext.data as datasets
-from din_ext import _backend, _validate, distributed, metrics, training
+from din_ext import _backend, _validate, config, distributed, metrics, plots, training
 from din_ext.contract import ACTIVATIONS, NORMALIZATIONS
 from din_ext.data import LOADERS, Interactions, Schema
 from din_ext.data.loaders import SOURCES
@@ -172,17 +176,53 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def train(args: argparse.Namespace, data=None, out=None, world: Optional[distributed.World] = None) -> Dict[str, Any]:
+def train(args: argparse.Namespace, data=None, out=None, log=None,
+          world: Optional[distributed.World] = None) -> Dict[str, Any]:
     """Trains per ``args`` (see ``din-ext train --help``); returns the final metrics (also in OUT/metrics.json).
 
-    world: the processes of a distributed run (default one process)."""
+    OUT also gets config.yaml (the resolved options: ``din-ext train --config OUT/config.yaml`` runs it again) and,
+    with matplotlib installed, curves.png. log: called with each progress line (default: print). world: the
+    processes of a distributed run (default one process); rank 0 alone writes OUT's files."""
     out = out or args.out
     last_path = os.path.join(out, "last.pt")
+    world = world or distributed.World()
     with _flags(resume_from=f"--resume: {last_path}"):
-        return _train(args, data, out, last_path, world or distributed.World())
+        final = _train(args, data, out, last_path, log or _say, world)
+    if world.is_main:
+        _write_curves(final, out, log or _say)
+    return final
 
 
-def _train(args: argparse.Namespace, data, out: str, last_path: str, world: distributed.World) -> Dict[str, Any]:
+def _write_curves(final: Dict[str, Any], out: str, log) -> None:
+    """OUT/curves.png from the run's history, or a line saying why there is none."""
+    if not plots.available():
+        log(f"no curves.png: matplotlib is not installed ({plots.INSTALL})")
+        return
+    name = "DIN" if final["model"] == "din" else "BaseModel"
+    plots.training_curves(final["history"], os.path.join(out, "curves.png"), title=f"{name}: {out}")
+
+
+@functools.lru_cache(maxsize=None)
+def _train_parser() -> argparse.ArgumentParser:
+    """din-ext train's parser: its options are the keys of a run's config file."""
+    return config.command_parser(build_parser(), "train")
+
+
+def resolved_options(args: argparse.Namespace, spec: Optional[Dict[str, Any]] = None,
+                     fit: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The train options of ``args`` (config-file keys) with what a run resolves in place of each unset one: the
+    data options of ``spec`` (default: ``data_spec(args)``), batch size and learning rate of ``fit`` (default:
+    training.TRAIN_DEFAULTS)."""
+    values = {key: getattr(args, key) for key in config.options(_train_parser()) if hasattr(args, key)}
+    values.update(spec or data_spec(args))
+    for key, default in training.TRAIN_DEFAULTS.items():
+        if values.get(key) is None:
+            values[key] = (fit or {}).get(key, default)
+    return values
+
+
+def _train(args: argparse.Namespace, data, out: str, last_path: str, log,
+           world: distributed.World) -> Dict[str, Any]:
     device = distributed.process_device(training.resolve_device(args.device))
     _check_backend(args.backend, device)
     checkpoint = None
@@ -192,10 +232,16 @@ def _train(args: argparse.Namespace, data, out: str, last_path: str, world: dist
         checkpoint = _read_checkpoint(last_path, "--resume")
     fit_arguments = {"epochs": args.epochs, "out": out, "batch_size": args.batch_size, "lr": args.lr,
                      "eval_batch_size": args.eval_batch_size, "resume_from": checkpoint}
-    training.check_fit_arguments(**fit_arguments)  # before the data is loaded, which may take long
+    checked = training.check_fit_arguments(**fit_arguments)  # before the data is loaded, which may take long
     spec = data_spec(args, None if checkpoint is None else checkpoint["data"])
     if checkpoint is not None and spec != checkpoint["data"]:
         raise UsageError(f"--resume: the data options {spec} differ from the checkpoint's {checkpoint['data']}")
+    record = resolved_options(args, spec, checked)
+    record.update(out=out, threads=torch.get_num_threads())
+    if world.is_main:
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            f.write(config.dump(record, _train_parser(), header="the options of this run: din-ext train --config "
+                                                                "config.yaml runs it again"))
     train_set, test_set, schema = data if data is not None else load_data(spec)
 
     torch.manual_seed(spec["seed"])  # the initialization of a new model
@@ -206,7 +252,7 @@ def _train(args: argparse.Namespace, data, out: str, last_path: str, world: dist
         model = _new_model(args, schema)
     model.backend = args.backend
     return training.fit(model, train_set, test_set, **fit_arguments, device=device, seed=spec["seed"],
-                        data_options=spec, data_name=spec["data"], progress=not args.no_progress, log=_say,
+                        data_options=spec, data_name=spec["data"], progress=not args.no_progress, log=log,
                         world=world)
 
 
@@ -216,7 +262,8 @@ def _load_model(args: argparse.Namespace) -> Tuple[DIN, Dict[str, Any], torch.de
     checkpoint = _read_checkpoint(args.checkpoint, "--checkpoint")
     device = training.resolve_device(args.device)
     _check_backend(args.backend, device)
-    training.check_positive("batch_size", args.batch_size)
+    if hasattr(args, "batch_size"):  # explain has none: it scores one user
+        training.check_positive("batch_size", args.batch_size)
     model = _model_of(checkpoint, f"--checkpoint {args.checkpoint}")
     model.backend = args.backend
     return model.to(device), checkpoint, device
@@ -230,6 +277,9 @@ def _split(args: argparse.Namespace, model: DIN, checkpoint: Dict[str, Any]) -> 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.print_config:
+        print(config.dump(resolved_options(args), _train_parser()), end="")
+        return 0
     if args.nproc is not None:
         return _launch(args)
     if not args.dist_timeout > 0:
@@ -274,10 +324,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(path: str) -> None:
+def _check_output(path: str, option: str = "--output", what: str = "a CSV file") -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path) or not os.path.isdir(folder):
-        raise UsageError(f"--output {path!r}: " + ("is a folder; name a CSV file" if os.path.isdir(path)
+        raise UsageError(f"{option} {path!r}: " + (f"is a folder; name {what}" if os.path.isdir(path)
                                                    else f"the folder {folder} does not exist"))
 
 
@@ -386,6 +436,98 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_config(parser: argparse.ArgumentParser, argv: Optional[List[str]], args: argparse.Namespace
+                 ) -> argparse.Namespace:
+    """``argv`` parsed again with the values of ``--config`` as the command's defaults: flags override them."""
+    command = config.command_parser(parser, args.command)
+    try:
+        command.set_defaults(**config.load(args.config, command))
+    except config.ConfigError as exc:
+        raise UsageError(f"--config {exc}") from None
+    return parser.parse_args(argv)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    defaults = _train_parser().parse_args([])
+    print(config.dump(resolved_options(defaults), _train_parser(), fmt=args.format,
+                      header="din-ext train's defaults: din-ext train --config FILE (flags override the file)"
+                      if args.format == "yaml" else None), end="")
+    return 0
+
+
+@functools.lru_cache(maxsize=1)
+def _data_of(spec: Tuple[Tuple[str, Any], ...]):
+    """load_data of a spec, once per process (the trials of a tuning worker share it)."""
+    return load_data(dict(spec))
+
+
+def tune_trial(options: Dict[str, Any], out: str) -> Dict[str, Any]:
+    """One tuning trial: din-ext train with ``options`` (config-file keys) into ``out``; its final metrics."""
+    values = config.convert(options, _train_parser(), f"the options of trial {out}")
+    args = _train_parser().parse_args([])
+    for key, value in values.items():
+        setattr(args, key, value)
+    torch.set_num_threads(args.threads)
+    name = os.path.basename(out)
+    with _flags():
+        return train(args, data=_data_of(tuple(data_spec(args).items())), out=out,
+                     log=lambda line: _say(f"[{name}] {line}"))
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from din_ext import tune
+
+    training.check_positive("trials", args.trials)
+    training.check_positive("jobs", args.jobs)
+    base = resolved_options(args)
+    if base["resume"]:
+        raise UsageError("--resume does not apply to tune: run the same tune command again to resume its study")
+    try:
+        tune.require_optuna()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    searched = [name for name in tune.SPACE if name in base]
+    missing = [name for name in tune.SPACE if name not in base]
+    if missing:
+        _say(f"not searched: {', '.join(missing)} (din-ext train has no such option)")
+    # each worker's trials take an equal share of the threads (one at least), unless --threads says
+    base["threads"] = args.threads or max(1, training.default_threads() // args.jobs)
+    base["no_progress"] = True
+    load_data(data_spec(args))  # a bad data option fails here, once, not in every trial
+    try:
+        summary = tune.search(tune_trial, trials=args.trials, out=args.out, base=base, jobs=args.jobs,
+                              metric=args.metric, study_name=args.study, seed=data_spec(args)["seed"],
+                              searched=searched, catch=(training.TrainingDiverged,), log=_say)
+    except RuntimeError as exc:  # failed workers, or no finished trial: the study keeps what was done
+        raise training.TrainingError(str(exc)) from None
+    print(tune.format_report(summary))
+    print(f"the best trial's options: {summary['best_out']}/config.yaml; every trial in {args.out}/best.json")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from din_ext import explain
+
+    training.check_positive("top", args.top)
+    path = args.plot or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                     f"attention-user{args.user}.png")
+    if plots.available():
+        _check_output(path, "--plot", "a PNG file")
+    model, checkpoint, _ = _load_model(args)
+    data = _split(args, model, checkpoint)
+    try:
+        result = explain.explain_user(model, data, args.user, args.candidate)
+    except ValueError as exc:
+        raise UsageError(f"--user {args.user}{f' --candidate {args.candidate}' if args.candidate else ''}: "
+                         f"{exc}") from None
+    print(explain.format_explanation(result, args.top))
+    if not plots.available():
+        print(f"no picture: matplotlib is not installed ({plots.INSTALL})")
+        return 0
+    print(f"wrote {explain.plot_explanation(result, path, args.top)}")
+    return 0
+
+
 def cmd_selfcheck(args: argparse.Namespace) -> int:
     return self_check(_say)
 
@@ -439,6 +581,9 @@ def _train_options(parser: argparse.ArgumentParser, with_model: bool) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt up to --epochs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _runtime_options(parser)
+    parser.add_argument("--config", default=None,
+                        help="a .yaml/.yml (din_ext[config]) or .json file of these options, keys as the flags' "
+                             "names with _ (din-ext config prints them); flags given here override it")
 
 
 def _distributed_options(parser: argparse.ArgumentParser) -> None:
@@ -460,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train DIN (or BaseModel) and evaluate every epoch")
     _train_options(p, with_model=True)
     _distributed_options(p)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved options (defaults, --config, flags) as a config file; train nothing")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("compare", help="train BaseModel and DIN on the same data; report RelaImpr")
     _train_options(p, with_model=False)
@@ -497,6 +644,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("selfcheck", aliases=["check"], help="check every built backend against the reference")
     p.set_defaults(func=cmd_selfcheck)
+    p = sub.add_parser("config", help="print din-ext train's defaults as a config file (din-ext train --config)")
+    p.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    p.set_defaults(func=cmd_config)
+    p = sub.add_parser("tune", help="search the learning rate, widths and MBA lambda with Optuna (din_ext[tune])")
+    _train_options(p, with_model=True)
+    p.add_argument("--trials", type=int, required=True, help="trials in all (a resumed search counts its done ones)")
+    p.add_argument("--jobs", type=int, default=1, help="trials run in parallel, one process each (default 1)")
+    p.add_argument("--metric", choices=("gauc", "auc"), default="gauc", help="the final test metric to maximize")
+    p.add_argument("--study", default="din-ext-tune", help="the study's name in OUT/study.db")
+    p.set_defaults(func=cmd_tune, out="din-ext-tune")
+    p = sub.add_parser("explain", help="one user's behaviours ranked by attention weight for a candidate (printed "
+                                       "and plotted)")
+    p.add_argument("--checkpoint", required=True, help="a .pt written by din-ext train (best.pt or last.pt)")
+    _data_options(p, evaluation=True)
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--user", required=True, help="the user's id (the data's user_id); their latest impression's "
+                                                 "history is explained")
+    p.add_argument("--candidate", default=None, help="raw id of the candidate's first item field (default: the "
+                                                     "impression's own candidate)")
+    p.add_argument("--top", type=int, default=20, help="behaviours printed and plotted (default 20)")
+    p.add_argument("--plot", default=None, help="the picture to write (default: attention-user<U>.png next to the "
+                                                "checkpoint; needs din_ext[plots])")
+    _runtime_options(p)
+    p.set_defaults(func=cmd_explain)
     return parser
 
 
@@ -509,6 +680,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         with _flags():
+            if getattr(args, "config", None):
+                args = _with_config(parser, argv, args)
             if getattr(args, "threads", None) is not None:
                 torch.set_num_threads(training.check_positive("threads", args.threads))
             elif hasattr(args, "threads"):

@@ -169,10 +169,14 @@ def test_equal_weights_give_deepctr_torchs_forward(activation, normalization, ex
 
 @requires_deepctr
 def test_auc_close_to_deepctr_torch_on_the_same_data_and_seed():
-    columns, x, y = make_data(deepctr_torch.inputs, rows=4000)
+    """Both trained until they have learned the label (the count of behaviours in the candidate's category): on 4,000
+    rows for 6 epochs neither had (both near 0.81 on 1,000 validation rows), so the gap was noise and the epoch at
+    which each model found the interaction. With Dice, DeepCTR-Torch finds it in 4-6 epochs and din_ext (the paper's
+    Dice, see README) in 6-9 (with sigmoid attention neither does in 12); after 15 both are on the same plateau."""
+    columns, x, y = make_data(deepctr_torch.inputs, rows=16000)
     best = {}
     for name, cls in (("deepctr", DeepCTRDIN), ("din_ext", DIN)):
         model = compiled(cls(columns, ["item_id", "cate_id"], dnn_hidden_units=(32, 16), att_hidden_size=(32, 16)))
-        history = model.fit(dict(x), y, batch_size=256, epochs=6, verbose=0, validation_split=0.25)
+        history = model.fit(dict(x), y, batch_size=256, epochs=15, verbose=0, validation_split=0.25)
         best[name] = max(history.history["val_auc"])
-    assert best["din_ext"] > 0.78 and abs(best["din_ext"] - best["deepctr"]) < 0.02, best
+    assert best["din_ext"] > 0.93 and abs(best["din_ext"] - best["deepctr"]) < 0.01, best
