@@ -322,7 +322,7 @@ class Case:
     all_configs: bool = True  # compile every autotuning config (else the first, DIN_EXT_TRITON_AUTOTUNE=0's)
 
 
-ATTENTION_SCALARS = {"D", "DV", "N0", "N1", "N2", "N3", "NS", "N", "H"}  # upper-case names that are not pointers
+ATTENTION_SCALARS = {"D", "DV", "N0", "N1", "N2", "N3", "NS", "NC", "N", "H"}  # upper-case names that are not pointers
 ATTENTION_ACC = {"CONSTS", "LSE", "PART", "GQ", "DC", "COUNT", "MEAN", "M2", "C", "SUMS"}  # accumulation dtype
 INDEX = {"STARTS": "*i64", "LENGTHS": "*i64", "MASK": "*i1"}
 
@@ -351,11 +351,13 @@ def signature(fn, case: Case, constexprs: dict) -> dict:
 def triton_cases() -> List[Case]:
     from din_ext.kernels import attention as A, dice as Dk
 
-    def mlp(dim, stop=-1, hidden=HIDDEN, softmax=False):
+    def mlp(dim, stop=-1, hidden=HIDDEN, softmax=False, block_c=0):
+        """block_c = 0: a [B, D] query; else a multi-candidate one, block_c candidates per tile (the launcher's
+        choice for C >= A.MAX_BLOCK_C is A.MAX_BLOCK_C)."""
         p = [A._pad(h) for h in hidden] + [16] * (A.MAX_HIDDEN - len(hidden))
         return dict(NUM_HIDDEN=len(hidden), ACT=A.DICE, SOFTMAX=softmax, STOP=stop, DP=A._pad(dim), DVP=A._pad(dim),
                     P0=p[0], P1=p[1], P2=p[2], P3=p[3], PS=p[max(stop, 0)] if stop >= 0 else 16, HMAXP=max(p),
-                    TF32=False, HAS_V=False)
+                    TF32=False, HAS_V=False, MULTI=block_c > 0, BLOCK_C=max(block_c, 1))
 
     h = "x".join(map(str, HIDDEN))
     cases = []
@@ -368,6 +370,8 @@ def triton_cases() -> List[Case]:
         cases.append(Case(kernel, f"fp32 D=64 H={h} dice, {what}", "fp32", mlp(64), all_configs=False))
         cases.append(Case(kernel, f"bf16 D=64 H={h} dice softmax, {what}", "bf16", mlp(64, softmax=True),
                           all_configs=False))
+        cases.append(Case(kernel, f"bf16 D=48 H={h} dice, C>={A.MAX_BLOCK_C} candidates, {what}", "bf16",
+                          mlp(48, block_c=A.MAX_BLOCK_C)))
     dice = dict(HAS_MASK=True, BLOCK_N=Dk.BLOCK_N, BLOCK_H=Dk._block_h(200))
     cases += [Case("dice._dice_moments_kernel", "bf16 H=200, masked", "bf16", dice),
               Case("dice._dice_forward_kernel", "bf16 H=200, masked", "bf16", dice),
