@@ -382,8 +382,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const acc_t* __restri
 
 // Softmax backward, one block per work item: score[c * N + row] = score_scale * s_t and gw[c * N + row] = g_bc . v_t
 // per (candidate, key row), a key tile serving the item's candidates in order.
-template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads) scores_kernel(const Net<acc_t> net, const Batch<T, acc_t> bt,
+template <typename T, typename acc_t>  // (kThreads, 1): as backward_kernel's; fp64 spilled without it
+__global__ void __launch_bounds__(kThreads, 1) scores_kernel(const Net<acc_t> net, const Batch<T, acc_t> bt,
                                                           const T* __restrict__ grad_out,  // [B, C, Dv]
                                                           const plan::SmemLayout L, int64_t tile,
                                                           acc_t* __restrict__ score,       // [C, N]
@@ -528,8 +528,10 @@ __device__ void act_backward(const Net<acc_t>& net, int j, int64_t rows, const a
 //     candidate's query-gradient accumulator is carried from tile to tile in its gq_partial row.
 // kSoftmax: the pooling weights and score gradients come from softmax_grad_kernel (weight, gs per candidate and key
 // row); otherwise they are w_t = score_scale * s_t and score_scale * g . v_t, derived per tile.
+// Launch bounds (kThreads, 1): shared memory allows one block of the backward per SM at the plan's tiles anyway, and
+// without the hint ptxas capped some instantiations at 64-80 registers and spilled (bench/results/gpu_static.md).
 template <typename T, typename acc_t, bool kFull, bool kSoftmax>
-__global__ void __launch_bounds__(kThreads) backward_kernel(
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(
     const Net<acc_t> net, const Batch<T, acc_t> bt,
     const T* __restrict__ grad_out,        // [B, C, Dv]
     const acc_t* __restrict__ weight,      // [C, N] softmax pooling weights (kSoftmax)
