@@ -13,9 +13,10 @@ Structure (the cpu backend's, csrc/cpu/attention.cpp, on a GPU grid):
 - backward: two kernels by default (GRADS_INPUTS, then GRADS_PARAMS; one fused kernel with
   DIN_EXT_TRITON_SPLIT_BACKWARD=0), each recomputing the forward of every tile: one program per user back-propagates
   to the inputs; a fixed number of programs (NUM_BLOCKS), each owning a contiguous range of users, accumulates the
-  parameter gradients of its users in registers, and the per-program partials are added up in program order. Each user's dc_b = sum_t d/dz_0 goes out instead of the
-  (Wq + Wd) terms (grad_query += (Wq + Wd)^T dc_b, grad(Wq + Wd) = sum_b dc_b q_b^T), which the host finishes with
-  two small float64 products: two fewer [H1, D] tiles held in registers. Training-mode Dice first runs one pass per
+  parameter gradients of its users in registers, and the per-program partials are added up in program order. Each
+  user's dc_b = sum_t d/dz_0 goes out instead of the (Wq + Wd) terms (grad_query += (Wq + Wd)^T dc_b,
+  grad(Wq + Wd) = sum_b dc_b q_b^T), which the host finishes with two small float64 products: two fewer [H1, D]
+  tiles held in registers. Training-mode Dice first runs one pass per
   hidden layer (top down) gathering sum(g_xhat) and sum(g_xhat * xhat), the terms of the exact gradient through the
   batch statistics.
   Softmax uses delta_b = grad_out_b . out_b (flash-attention's trick) instead of a separate scoring sweep.
