@@ -241,7 +241,7 @@ def block_sizes(src: str) -> Dict[str, int]:
         return int(eval(expr, {"__builtins__": {}})) if re.fullmatch(r"[\d\s*+]+", expr) else None
 
     sizes = {}
-    for bound, name in re.findall(r"__launch_bounds__\((\w+)\)\s+(\w+)\s*\(", text):
+    for bound, name in re.findall(r"__launch_bounds__\((\w+)(?:,\s*\w+)?\)\s+(\w+)\s*\(", text):
         sizes[name] = value(bound)
     for name, threads in re.findall(r"(\w+)(?:<[^<>]*>)?<<<[^,]+,\s*([^,]+),", text):
         sizes.setdefault(name, value(threads))
@@ -322,7 +322,7 @@ class Case:
     all_configs: bool = True  # compile every autotuning config (else the first, DIN_EXT_TRITON_AUTOTUNE=0's)
 
 
-ATTENTION_SCALARS = {"D", "DV", "N0", "N1", "N2", "N3", "NS", "N", "H"}  # upper-case names that are not pointers
+ATTENTION_SCALARS = {"D", "DV", "N0", "N1", "N2", "N3", "NS", "NC", "N", "H"}  # upper-case names that are not pointers
 ATTENTION_ACC = {"CONSTS", "LSE", "PART", "GQ", "DC", "COUNT", "MEAN", "M2", "C", "SUMS"}  # accumulation dtype
 INDEX = {"STARTS": "*i64", "LENGTHS": "*i64", "MASK": "*i1"}
 
@@ -351,23 +351,38 @@ def signature(fn, case: Case, constexprs: dict) -> dict:
 def triton_cases() -> List[Case]:
     from din_ext.kernels import attention as A, dice as Dk
 
-    def mlp(dim, stop=-1, hidden=HIDDEN, softmax=False):
+    def mlp(dim, stop=-1, hidden=HIDDEN, softmax=False, block_c=0):
+        """block_c = 0: a [B, D] query; else a multi-candidate one, block_c candidates per tile (the launcher's
+        choice for C >= A.MAX_BLOCK_C is A.MAX_BLOCK_C)."""
         p = [A._pad(h) for h in hidden] + [16] * (A.MAX_HIDDEN - len(hidden))
         return dict(NUM_HIDDEN=len(hidden), ACT=A.DICE, SOFTMAX=softmax, STOP=stop, DP=A._pad(dim), DVP=A._pad(dim),
                     P0=p[0], P1=p[1], P2=p[2], P3=p[3], PS=p[max(stop, 0)] if stop >= 0 else 16, HMAXP=max(p),
-                    TF32=False, HAS_V=False)
+                    TF32=False, HAS_V=False, MULTI=block_c > 0, BLOCK_C=max(block_c, 1))
 
     h = "x".join(map(str, HIDDEN))
     cases = []
-    for kernel, what in (("attention._forward_kernel", "pooling pass"), ("attention._backward_kernel",
-                                                                           "gradient pass")):
-        for dim in DIMS:
-            cases.append(Case(kernel, f"bf16 D={dim} H={h} dice, {what}", "bf16", mlp(dim)))
-        cases.append(Case(kernel, f"bf16 D=64 H={h} dice training, layer-0 statistics/sums pass", "bf16",
-                          mlp(64, stop=0), all_configs=False))
-        cases.append(Case(kernel, f"fp32 D=64 H={h} dice, {what}", "fp32", mlp(64), all_configs=False))
-        cases.append(Case(kernel, f"bf16 D=64 H={h} dice softmax, {what}", "bf16", mlp(64, softmax=True),
-                          all_configs=False))
+    # The backward's gradient pass runs as two kernels by default (A.split_backward()): input gradients, then
+    # parameter gradients; the fused one (DIN_EXT_TRITON_SPLIT_BACKWARD=0) is listed at its default config.
+    backward_passes = (("input-gradient pass", dict(GRADS=A.GRADS_INPUTS), True),
+                       ("parameter-gradient pass", dict(GRADS=A.GRADS_PARAMS), True),
+                       ("fused gradient pass", dict(GRADS=A.GRADS_ALL), False))
+    for kernel, passes in (("attention._forward_kernel", (("pooling pass", {}, True),)),
+                           ("attention._backward_kernel", backward_passes)):
+        for what, extra, every in passes:
+            for dim in DIMS:
+                cases.append(Case(kernel, f"bf16 D={dim} H={h} dice, {what}", "bf16", dict(mlp(dim), **extra),
+                                  all_configs=every))
+            if not every:
+                continue
+            cases.append(Case(kernel, f"fp32 D=64 H={h} dice, {what}", "fp32", dict(mlp(64), **extra),
+                              all_configs=False))
+            cases.append(Case(kernel, f"bf16 D=64 H={h} dice softmax, {what}", "bf16",
+                              dict(mlp(64, softmax=True), **extra), all_configs=False))
+            cases.append(Case(kernel, f"bf16 D=48 H={h} dice, C>={A.MAX_BLOCK_C} candidates, {what}", "bf16",
+                              dict(mlp(48, block_c=A.MAX_BLOCK_C), **extra)))
+        what = "statistics pass" if kernel.endswith("_forward_kernel") else "sums pass"
+        cases.append(Case(kernel, f"bf16 D=64 H={h} dice training, layer-0 {what}", "bf16",
+                          dict(mlp(64, stop=0), GRADS=A.GRADS_ALL), all_configs=False))
     dice = dict(HAS_MASK=True, BLOCK_N=Dk.BLOCK_N, BLOCK_H=Dk._block_h(200))
     cases += [Case("dice._dice_moments_kernel", "bf16 H=200, masked", "bf16", dice),
               Case("dice._dice_forward_kernel", "bf16 H=200, masked", "bf16", dice),

@@ -10,11 +10,13 @@ Structure (the cpu backend's, csrc/cpu/attention.cpp, on a GPU grid):
   nothing of size [N, H] is written. Training-mode Dice first runs one statistics pass per hidden layer (each program
   writes the shifted sums of its user; they are added up in a fixed order), then the pooling pass. Softmax pooling is
   an online softmax over the tiles; the forward keeps each user's log-sum-exp for the backward.
-- backward: a fixed number of programs (NUM_BLOCKS) each owns a contiguous range of users, recomputes the forward of
-  every tile, back-propagates to the inputs, and accumulates the parameter gradients of its users in registers; the
-  per-program partials are added up in program order. Each user's dc_b = sum_t d/dz_0 goes out instead of the
-  (Wq + Wd) terms (grad_query += (Wq + Wd)^T dc_b, grad(Wq + Wd) = sum_b dc_b q_b^T), which the host finishes with
-  two small float64 products: two fewer [H1, D] tiles held in registers. Training-mode Dice first runs one pass per
+- backward: two kernels by default (GRADS_INPUTS, then GRADS_PARAMS; one fused kernel with
+  DIN_EXT_TRITON_SPLIT_BACKWARD=0), each recomputing the forward of every tile: one program per user back-propagates
+  to the inputs; a fixed number of programs (NUM_BLOCKS), each owning a contiguous range of users, accumulates the
+  parameter gradients of its users in registers, and the per-program partials are added up in program order. Each
+  user's dc_b = sum_t d/dz_0 goes out instead of the (Wq + Wd) terms (grad_query += (Wq + Wd)^T dc_b,
+  grad(Wq + Wd) = sum_b dc_b q_b^T), which the host finishes with two small float64 products: two fewer [H1, D]
+  tiles held in registers. Training-mode Dice first runs one pass per
   hidden layer (top down) gathering sum(g_xhat) and sum(g_xhat * xhat), the terms of the exact gradient through the
   batch statistics.
   Softmax uses delta_b = grad_out_b . out_b (flash-attention's trick) instead of a separate scoring sweep.
@@ -49,6 +51,14 @@ from din_ext.kernels.common import interpreting, sigmoid
 
 MAX_HIDDEN = 4
 NUM_BLOCKS = 128  # programs of the backward: fixes the summation order of the parameter gradients
+# What a backward gradient pass computes: everything in one kernel, or the input gradients (GQ, DC, GK, GV; one
+# program per user) and the parameter gradients (the per-program partial sums) in two kernels that each recompute
+# the forward. Split is the default: the fused kernel holds the recomputation, the input gradients and every
+# parameter accumulator live at once and spills at every config on sm_90 (bench/results/gpu_static.md), whereas
+# each half fits in fewer registers. DIN_EXT_TRITON_SPLIT_BACKWARD=0 selects the fused kernel (to compare on a GPU).
+GRADS_ALL = tl.constexpr(0)
+GRADS_INPUTS = tl.constexpr(1)
+GRADS_PARAMS = tl.constexpr(2)
 MAX_BLOCK_C = 4  # candidates per pair tile (BLOCK_L // BLOCK_C behaviours each) of a multi-candidate query
 # The activation ids of the ACT constexpr (din_ext.contract's).
 DICE, SIGMOID, PRELU, RELU = (tl.constexpr(ACTIVATION_IDS[name]) for name in ("dice", "sigmoid", "prelu", "relu"))
@@ -72,8 +82,9 @@ def const_row(j, row):
 
 
 def _configs(configs):
-    """Autotuning configs (BLOCK_L, num_warps); one when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0 (the first,
-    a config that compiles without register spills for D = 32, H = (80, 40) on sm_90)."""
+    """Autotuning configs (BLOCK_L, num_warps); one when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first,
+    which for H = (80, 40) on sm_90 compiles without register spills at D <= 64 (the forward, and the backward's
+    input-gradient kernel at D = 32 and with several candidates; bench/results/gpu_static.md lists the rest)."""
     if interpreting():  # nothing to tune, and large tiles keep the interpreter fast
         return [triton.Config({"BLOCK_L": 32}, num_warps=4)]
     if os.environ.get("DIN_EXT_TRITON_AUTOTUNE", "1") == "0":
@@ -328,7 +339,7 @@ def _load_mlp(W1, B1, W2, B2, W3, B3, WS, BS, N0, N1, N2, N3, NUM_HIDDEN: tl.con
 # Forward
 
 
-@triton.autotune(configs=_configs([(32, 4), (16, 4), (64, 8), (32, 8)]), key=_KEY)
+@triton.autotune(configs=_configs([(32, 8), (32, 4), (16, 4), (64, 8)]), key=_KEY)
 @triton.jit
 def _forward_kernel(
     Q,  # [B, D] queries, or [B, NC, D] (MULTI)
@@ -476,10 +487,10 @@ def _forward_kernel(
 @triton.jit
 def _hidden_bwd(gz, h_prev, z_prev, valid, w, dw, db, CONSTS, J: tl.constexpr, P: tl.constexpr,
                 HMAXP: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr, TF32: tl.constexpr,
-                FULL: tl.constexpr):
+                PARAMS: tl.constexpr):
     """Back through hidden-to-hidden linear J + 1 (z_{J+1} = W h_J + b, w = W [P_{J+1}, P]) and activation J:
-    gz = d/dz_{J+1} -> d/dz_J; adds the tile's dW, db (FULL) and returns activation J's sums."""
-    if FULL:
+    gz = d/dz_{J+1} -> d/dz_J; adds the tile's dW, db (PARAMS) and returns activation J's sums."""
+    if PARAMS:
         dw += _mm_tn(gz, h_prev, ACC, IN, TF32)
         db += tl.sum(gz, 0)
     gh = _mm(gz, w, ACC, TF32)
@@ -497,7 +508,7 @@ def _store_sums(PART, s0, s1, s2, s3, s4, P: tl.constexpr):
     tl.store(PART + 4 * P + offs, s4)
 
 
-@triton.autotune(configs=_configs([(16, 8), (16, 4), (32, 8)]), key=_KEY)
+@triton.autotune(configs=_configs([(16, 8), (16, 4), (32, 8)]), key=[*_KEY, "GRADS"])
 @triton.jit
 def _backward_kernel(
     GOUT,  # [B, DV] gradient of the pooled output ([B, NC, DV]: MULTI, and so on below)
@@ -520,6 +531,7 @@ def _backward_kernel(
     b_bucket, l_bucket,  # autotuning keys
     NUM_HIDDEN: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr,
     STOP: tl.constexpr,  # -1: gradient pass; j >= 0: Dice sums pass of hidden layer j (sum g_xhat, g_xhat * xhat)
+    GRADS: tl.constexpr,  # gradient pass: GRADS_ALL, GRADS_INPUTS (GQ, DC, GK, GV) or GRADS_PARAMS (PART)
     HAS_V: tl.constexpr,  # values are separate from the keys
     MULTI: tl.constexpr,  # NC candidates per user: each key tile meets them BLOCK_C at a time
     DP: tl.constexpr, DVP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
@@ -530,6 +542,8 @@ def _backward_kernel(
     ACC = CONSTS.dtype.element_ty  # accumulation dtype
     IN = K.dtype.element_ty  # input dtype (the tl.dot operands)
     FULL = STOP < 0
+    INPUTS = FULL and GRADS != GRADS_PARAMS
+    PARAMS = FULL and GRADS != GRADS_INPUTS
     pid = tl.program_id(0).to(tl.int64)
     first = pid * users_per_program
     last = tl.minimum(first + users_per_program, batch)
@@ -610,7 +624,7 @@ def _backward_kernel(
             k = tl.load(K + r[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
             if MULTI:  # the tile's keys and values, read once; their gradients summed over the candidates
                 v = tl.load(V + r[:, None] * DV + offs_v[None, :], mask=vmask, other=0.0).to(ACC)
-                gk_sum = tl.zeros([BLOCK_L // BLOCK_C, DP], dtype=ACC)
+                gk_sum = tl.zeros([BLOCK_L // BLOCK_C, DP], dtype=ACC)  # (dead code in a GRADS_PARAMS pass)
                 gv_sum = tl.zeros([BLOCK_L // BLOCK_C, DVP], dtype=ACC)
             for first_c in range(0, NC, BLOCK_C):
                 if MULTI:
@@ -664,7 +678,7 @@ def _backward_kernel(
                         h_last, z_last = h2, z2
                     if NUM_HIDDEN == 4:
                         h_last, z_last = h3, z3
-                    if FULL:
+                    if PARAMS:
                         dws += tl.sum(gs[:, None] * h_last, 0)
                         dbs += tl.sum(gs, 0)
                     gz, s0, s1, s2, s3, s4 = _act_bwd(gs[:, None] * ws[None, :], z_last, valid, CONSTS, NUM_HIDDEN - 1,
@@ -677,7 +691,7 @@ def _backward_kernel(
                         a3_4 += s4
                         if STOP <= 2:
                             gz, dw3, db3, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h2, z2, valid, w3, dw3, db3, CONSTS,
-                                                                           2, P2, HMAXP, ACT, ACC, IN, TF32, FULL)
+                                                                           2, P2, HMAXP, ACT, ACC, IN, TF32, PARAMS)
                     if NUM_HIDDEN >= 3 and STOP <= 2:
                         a2_0 += s0
                         a2_1 += s1
@@ -686,7 +700,7 @@ def _backward_kernel(
                         a2_4 += s4
                         if STOP <= 1:
                             gz, dw2, db2, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h1, z1, valid, w2, dw2, db2, CONSTS,
-                                                                           1, P1, HMAXP, ACT, ACC, IN, TF32, FULL)
+                                                                           1, P1, HMAXP, ACT, ACC, IN, TF32, PARAMS)
                     if NUM_HIDDEN >= 2 and STOP <= 1:
                         a1_0 += s0
                         a1_1 += s1
@@ -695,14 +709,14 @@ def _backward_kernel(
                         a1_4 += s4
                         if STOP <= 0:
                             gz, dw1, db1, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h0, z0, valid, w1, dw1, db1, CONSTS,
-                                                                           0, P0, HMAXP, ACT, ACC, IN, TF32, FULL)
+                                                                           0, P0, HMAXP, ACT, ACC, IN, TF32, PARAMS)
                     if STOP <= 0:
                         a0_0 += s0
                         a0_1 += s1
                         a0_2 += s2
                         a0_3 += s3
                         a0_4 += s4
-                if FULL:
+                if INPUTS:
                     if MULTI:  # layer 1: z_0 = c_{b,c} + Kc k + Pc (q_{b,c} * k)
                         gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
                         gy3 = tl.reshape(gy, [BLOCK_C, BLOCK_L // BLOCK_C, DP])
@@ -713,8 +727,6 @@ def _backward_kernel(
                             gv_sum += gv
                         else:
                             gk_sum += gv
-                        d_k += _mm_tn(gz, km, ACC, IN, TF32)
-                        d_p += _mm_tn(gz, qk, ACC, IN, TF32)
                         # The candidates' gq and dc, summed over the tiles in GQ and DC: only this program touches
                         # user b's rows, and the barrier orders each tile's update before the next one reads them.
                         qmask = cmask[:, None] & (offs_d < D)[None, :]
@@ -731,27 +743,31 @@ def _backward_kernel(
                         gk = _mm(gz, kc, ACC, TF32)
                         gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
                         gk += gy * q[None, :]
-                        kf = k.to(ACC)
-                        gq += tl.sum(gy * kf, 0)
-                        d_k += _mm_tn(gz, k, ACC, IN, TF32)
-                        d_p += _mm_tn(gz, kf * q[None, :], ACC, IN, TF32)
+                        gq += tl.sum(gy * k.to(ACC), 0)
                         if HAS_V:
                             tl.store(GV + r[:, None] * DV + offs_v[None, :], w[:, None] * g_out[None, :], mask=vmask)
                         else:
                             gk += w[:, None] * g_out[None, :]
                         tl.store(GK + r[:, None] * D + offs_d[None, :], gk, mask=kmask)
+                if PARAMS:  # layer 1's weight gradients: dKc = sum gz k^T, dPc = sum gz (q * k)^T
+                    if MULTI:
+                        d_k += _mm_tn(gz, km, ACC, IN, TF32)
+                        d_p += _mm_tn(gz, qk, ACC, IN, TF32)
+                    else:
+                        d_k += _mm_tn(gz, k, ACC, IN, TF32)
+                        d_p += _mm_tn(gz, k.to(ACC) * q[None, :], ACC, IN, TF32)
             if MULTI:
-                if FULL:
+                if INPUTS:
                     tl.store(GK + r[:, None] * D + offs_d[None, :], gk_sum, mask=kmask)
                     if HAS_V:
                         tl.store(GV + r[:, None] * DV + offs_v[None, :], gv_sum, mask=vmask)
         if not MULTI:
-            if FULL:
+            if INPUTS:
                 tl.store(GQ + b * D + offs_d, gq, mask=offs_d < D)
                 tl.store(DC + b * P0 + tl.arange(0, P0), dc)
 
     base = PART + pid * part_size
-    if FULL:  # the layout of _backward_layout
+    if PARAMS:  # the layout of _backward_layout
         _store_mat(base, d_k, P0, DP)
         _store_mat(base + P0 * DP, d_p, P0, DP)
         base += 2 * P0 * DP
@@ -781,7 +797,7 @@ def _backward_kernel(
             base += 5 * P2
         if NUM_HIDDEN >= 4:
             _store_sums(base, a3_0, a3_1, a3_2, a3_3, a3_4, P3)
-    else:  # sums pass: sum g_xhat and sum g_xhat * xhat of layer STOP
+    if not FULL:  # sums pass: sum g_xhat and sum g_xhat * xhat of layer STOP
         offs_s = tl.arange(0, PS)
         if STOP == 0:
             tl.store(base + offs_s, a0_3)
@@ -974,13 +990,23 @@ def _backward_layout(plan: _Plan) -> List[Tuple[str, int, Tuple[int, ...]]]:
     return pieces
 
 
+def split_backward() -> bool:
+    """Whether the gradient pass runs as two kernels (input gradients, then parameter gradients): see GRADS_ALL."""
+    return os.environ.get("DIN_EXT_TRITON_SPLIT_BACKWARD", "1") != "0"
+
+
 def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, stop,
-                   grad_query, dc, grad_keys, grad_values, part, programs):
+                   grad_query, dc, grad_keys, grad_values, part, programs, grads=GRADS_ALL):
+    """One launch of _backward_kernel: a sums pass (stop >= 0) or a gradient pass computing ``grads``. The input
+    gradients have no cross-user sums, so GRADS_INPUTS runs one program per user."""
+    grads = int(grads)
+    if stop < 0 and grads == int(GRADS_INPUTS):
+        programs = plan.batch
     wrap_triton(_backward_kernel)[(programs,)](
         grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts, terms,
         grad_query, dc, grad_keys, grad_keys if grad_values is None else grad_values, part, plan.batch,
-        triton.cdiv(plan.batch, programs), part_size=part.shape[1], STOP=stop, HAS_V=values is not None,
-        PS=plan.p[max(stop, 0)], **plan.common)
+        triton.cdiv(plan.batch, programs), part_size=part.shape[1], STOP=stop, GRADS=grads,
+        HAS_V=values is not None, PS=plan.p[max(stop, 0)], **plan.common)
 
 
 def backward(
@@ -1024,8 +1050,9 @@ def backward(
     layout = _backward_layout(plan)
     size = sum(math.prod(shape) for _, _, shape in layout)
     part = torch.empty(programs, size, dtype=plan.acc, device=query.device)
-    _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, -1,
-                   grad_query, dc, grad_keys, grad_values, part, programs)
+    for grads in (GRADS_INPUTS, GRADS_PARAMS) if split_backward() else (GRADS_ALL,):
+        _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, -1,
+                       grad_query, dc, grad_keys, grad_values, part, programs, grads)
     total = part.sum(0, dtype=torch.float64)
     pieces, offset = {}, 0
     for name, layer, shape in layout:

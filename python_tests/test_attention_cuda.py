@@ -72,6 +72,40 @@ def test_low_precision(dtype, normalization):
         assert err <= bound, (err, bound)
 
 
+# Rounding of one tensor-core operand: bf16 keeps 8 mantissa bits, fp16 and TF32 11.
+TENSOR_CORE_UNIT = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -11}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+def test_tensor_cores_switch(monkeypatch, dtype, training):
+    """DIN_EXT_CUDA_TENSOR_CORES=1 runs the forward tiles' layer products on mma.sync (bf16 / fp16 inputs, TF32 for
+    float32 with torch's TF32 switch on): output and every gradient within a few operand roundings of the float64
+    reference, on widths and row counts that are not multiples of the 16 x 8 x 16 instruction tile. (First run on a
+    GPU pending: this is the check that decides whether the switch may become the default.)"""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("tensor-core path needs sm_80 or newer")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", dtype == torch.float32)
+    unit = make_unit("dice", "softmax", hidden=(20, 12), dim=13, dtype=dtype, device="cuda", training=training,
+                     score_scale=0.2)
+    exact = copy.deepcopy(unit).double()
+    unit.backend, exact.backend = "cuda", "reference"
+    batch = make_batch("jagged", batch=5, max_len=45, dim=13, dtype=dtype, device="cuda", seed=17,
+                       lengths=[45, 0, 1, 17, 33], garbage=0.0)
+    wide = make_batch("jagged", batch=5, max_len=45, dim=13, dtype=torch.float64, device="cuda", seed=17,
+                      lengths=[45, 0, 1, 17, 33], garbage=0.0)
+    wide.query, wide.keys = batch.query.double(), batch.keys.double()
+    ref_out, ref_grads = run_unit(exact, wide.fresh())
+    fma_out, fma_grads = run_unit(unit, batch.fresh())
+    monkeypatch.setenv("DIN_EXT_CUDA_TENSOR_CORES", "1")
+    out, grads = run_unit(unit, batch.fresh())
+    assert not torch.equal(out, fma_out) or dtype == torch.float64  # the switch changed the arithmetic
+    for a, f, ref in zip((out, *grads), (fma_out, *fma_grads), (ref_out, *ref_grads)):
+        err = (a.double() - ref).abs().max().item()
+        bound = 4 * (f.double() - ref).abs().max().item() + 16 * TENSOR_CORE_UNIT[dtype] * ref.abs().max().item()
+        assert err <= bound, (err, bound)
+
+
 @pytest.mark.parametrize("activation", ["dice", "sigmoid", "prelu", "relu"])
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck(activation, training):

@@ -55,12 +55,20 @@ SCRIPT = textwrap.dedent("""
     compile_kernel(A._forward_kernel, "bf16", mlp((80, 40), A.DICE, True, -1, 32))
     compile_kernel(A._forward_kernel, "fp64", mlp((80, 40), A.DICE, False, 1, 16))
     compile_kernel(A._forward_kernel, "fp32", mlp((), A.SIGMOID, False, -1, 16))
-    compile_kernel(A._backward_kernel, "fp32", mlp((33, 9, 5, 7), A.PRELU, True, -1, 16, HAS_V=True))
+    # the gradient pass as two kernels (the default: input gradients, then parameter gradients) and fused
+    compile_kernel(A._backward_kernel, "fp32", mlp((33, 9, 5, 7), A.PRELU, True, -1, 16, HAS_V=True,
+                                                   GRADS=A.GRADS_INPUTS))
+    compile_kernel(A._backward_kernel, "bf16", mlp((80, 40), A.DICE, False, -1, 16, HAS_V=False,
+                                                   GRADS=A.GRADS_PARAMS))
     # multi-candidate queries [B, C, D]: pair tiles of BLOCK_C candidates x BLOCK_L // BLOCK_C behaviours
     compile_kernel(A._forward_kernel, "bf16", mlp((80, 40), A.DICE, True, -1, 32, block_c=4))
     compile_kernel(A._forward_kernel, "fp64", mlp((80, 40), A.DICE, False, 0, 16, block_c=2))
-    compile_kernel(A._backward_kernel, "bf16", mlp((80, 40), A.DICE, True, -1, 16, block_c=4, HAS_V=False))
-    compile_kernel(A._backward_kernel, "fp32", mlp((33, 9, 5, 7), A.PRELU, False, -1, 16, block_c=4, HAS_V=True))
+    compile_kernel(A._backward_kernel, "bf16", mlp((80, 40), A.DICE, True, -1, 16, block_c=4, HAS_V=False,
+                                                   GRADS=A.GRADS_INPUTS))
+    compile_kernel(A._backward_kernel, "fp32", mlp((33, 9, 5, 7), A.PRELU, False, -1, 16, block_c=4, HAS_V=True,
+                                                   GRADS=A.GRADS_ALL))
+    compile_kernel(A._backward_kernel, "bf16", mlp((80, 40), A.DICE, True, 0, 16, block_c=4, HAS_V=False,
+                                                   GRADS=A.GRADS_ALL))  # a Dice sums pass
     dice = dict(HAS_MASK=True, BLOCK_N=Dk.BLOCK_N, BLOCK_H=64)
     compile_kernel(Dk._dice_moments_kernel, "bf16", dice)
     compile_kernel(Dk._dice_forward_kernel, "bf16", dice)
@@ -82,4 +90,4 @@ def test_triton_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 11, result.stdout
+    assert result.stdout.count("compiled") == 13, result.stdout

@@ -35,11 +35,15 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
 #include "cuda/device.cuh"
 #include "cuda/attention_plan.h"
+#include "cuda/mma.cuh"
 
 namespace din_ext::cuda {
 namespace {
@@ -56,6 +60,7 @@ template <typename acc_t>
 struct Net {
   int n;                      // hidden layers; linears 0 .. n
   int act;                    // Activation
+  int mma;                    // Mma: the layer products on tensor cores (float compute only), or kMmaOff (FMA)
   int64_t D, Dv, htot;
   int64_t w[kMaxLinears];     // output width of linear i (w[n] == 1)
   int64_t col[kMaxLinears];   // first column of hidden layer j in act_c
@@ -190,13 +195,20 @@ __device__ __forceinline__ acc_t act_forward(const Net<acc_t>& net, int j, int64
 // Forward of the tile in s.keys ([rows, D]): z_0 .. z_upto and h_0 .. h_{upto-1}. Ends synchronized.
 template <typename acc_t>
 __device__ void forward_tile(const Net<acc_t>& net, Smem<acc_t>& s, int64_t rows, int upto) {
-  tile_linear(rows, net.D, net.w[0], s.keys, s.weff, s.c, s.z[0]);
+  // out = in WT + bias, on tensor cores when the call selected them (net.mma; float compute only).
+  auto linear = [&](int64_t K, int64_t O, const acc_t* in, const acc_t* WT, const acc_t* bias, acc_t* out) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (net.mma != kMmaOff) return tile_linear_mma(net.mma, rows, K, O, in, WT, bias, out);
+    }
+    tile_linear(rows, K, O, in, WT, bias, out);
+  };
+  linear(net.D, net.w[0], s.keys, s.weff, s.c, s.z[0]);
   __syncthreads();
   for (int i = 1; i <= upto; ++i) {
     const int64_t wp = net.w[i - 1];
     for (int64_t k = threadIdx.x; k < rows * wp; k += blockDim.x) s.h[i - 1][k] = act_forward(net, i - 1, k % wp, s.z[i - 1][k]);
     __syncthreads();
-    tile_linear(rows, wp, net.w[i], s.h[i - 1], net.WT[i], net.bias[i], s.z[i]);
+    linear(wp, net.w[i], s.h[i - 1], net.WT[i], net.bias[i], s.z[i]);
     __syncthreads();
   }
 }
@@ -245,7 +257,7 @@ __device__ __forceinline__ void grad_dot_values(int64_t Dv, const T* values, int
 // Dice training, hidden layer j: per block, sum and sum of squares of z_j - b_j (shifted: the bias is a cheap guess
 // of the mean) over the valid (candidate, row) pairs of the block's items, tile by tile, candidate by candidate.
 template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads) stats_kernel(const Net<acc_t> net, const Batch<T, acc_t> bt,
+__global__ void __launch_bounds__(kThreads, 2) stats_kernel(const Net<acc_t> net, const Batch<T, acc_t> bt,
                                                          const plan::SmemLayout L, int64_t tile, int j,
                                                          double* __restrict__ partial) {  // [grid, 2, w_j]
   Smem<acc_t> s(dynamic_smem<acc_t>(), L, bt.shared_values);
@@ -286,7 +298,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const Net<acc_t> net, c
 // candidate's running triple is carried from tile to tile in its partial row (one candidate: in registers and
 // s.acc, written after the last tile). Empty items write nothing (the combine skips them).
 template <typename T, typename acc_t, bool kSoftmax>
-__global__ void __launch_bounds__(kThreads) pool_kernel(const Net<acc_t> net, const Batch<T, acc_t> bt,
+__global__ void __launch_bounds__(kThreads, 2) pool_kernel(const Net<acc_t> net, const Batch<T, acc_t> bt,
                                                         const plan::SmemLayout L, int64_t tile,
                                                         acc_t* __restrict__ partial) {  // [B * S * C, Dv + 2]
   Smem<acc_t> s(dynamic_smem<acc_t>(), L, bt.shared_values);
@@ -382,8 +394,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const acc_t* __restri
 
 // Softmax backward, one block per work item: score[c * N + row] = score_scale * s_t and gw[c * N + row] = g_bc . v_t
 // per (candidate, key row), a key tile serving the item's candidates in order.
-template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kThreads) scores_kernel(const Net<acc_t> net, const Batch<T, acc_t> bt,
+template <typename T, typename acc_t>  // (kThreads, 1): as backward_kernel's; fp64 spilled without it
+__global__ void __launch_bounds__(kThreads, 1) scores_kernel(const Net<acc_t> net, const Batch<T, acc_t> bt,
                                                           const T* __restrict__ grad_out,  // [B, C, Dv]
                                                           const plan::SmemLayout L, int64_t tile,
                                                           acc_t* __restrict__ score,       // [C, N]
@@ -528,8 +540,10 @@ __device__ void act_backward(const Net<acc_t>& net, int j, int64_t rows, const a
 //     candidate's query-gradient accumulator is carried from tile to tile in its gq_partial row.
 // kSoftmax: the pooling weights and score gradients come from softmax_grad_kernel (weight, gs per candidate and key
 // row); otherwise they are w_t = score_scale * s_t and score_scale * g . v_t, derived per tile.
+// Launch bounds (kThreads, 1): shared memory allows one block of the backward per SM at the plan's tiles anyway, and
+// without the hint ptxas capped some instantiations at 64-80 registers and spilled (bench/results/gpu_static.md).
 template <typename T, typename acc_t, bool kFull, bool kSoftmax>
-__global__ void __launch_bounds__(kThreads) backward_kernel(
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(
     const Net<acc_t> net, const Batch<T, acc_t> bt,
     const T* __restrict__ grad_out,        // [B, C, Dv]
     const acc_t* __restrict__ weight,      // [C, N] softmax pooling weights (kSoftmax)
@@ -769,11 +783,24 @@ Packed pack(int64_t D, at::TensorList weights, at::TensorList biases, const at::
   return p;
 }
 
+// The tensor-core mode of a call with inputs of `dtype`: off unless DIN_EXT_CUDA_TENSOR_CORES=1 (read per call) and
+// the device is sm_80 or newer; then bf16 / fp16 products for bf16 / fp16 inputs, TF32 for float inputs when torch
+// allows TF32 matmuls (torch.backends.cuda.matmul.allow_tf32), and off for double.
+int tensor_core_mode(at::ScalarType dtype) {
+  const char* flag = std::getenv("DIN_EXT_CUDA_TENSOR_CORES");
+  if (flag == nullptr || std::string(flag) != "1" || at::cuda::getCurrentDeviceProperties()->major < 8) return kMmaOff;
+  if (dtype == at::kBFloat16) return kMmaBf16;
+  if (dtype == at::kHalf) return kMmaFp16;
+  if (dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()) return kMmaTf32;
+  return kMmaOff;
+}
+
 template <typename acc_t>
-Net<acc_t> make_net(const Packed& p, const AttentionShape& shape, Activation act) {
+Net<acc_t> make_net(const Packed& p, const AttentionShape& shape, Activation act, at::ScalarType dtype) {
   Net<acc_t> net{};
   net.n = static_cast<int>(shape.hidden.size());
   net.act = static_cast<int>(act);
+  net.mma = tensor_core_mode(dtype);
   net.D = shape.dim;
   net.Dv = shape.value_dim;
   net.htot = shape.hidden_total;
@@ -862,7 +889,7 @@ void forward_impl(const AttentionForwardArgs& args, int64_t max_len) {
   const at::Tensor &query = args.query, &lengths = args.lengths, &out = args.out, &stats = args.stats;
   const double eps = args.eps;
   Packed packed = pack(shape.dim, args.weights, args.biases, args.act_params, args.act, args.training, eps, stats, acc);
-  const Net<acc_t> net = make_net<acc_t>(packed, shape, args.act);
+  const Net<acc_t> net = make_net<acc_t>(packed, shape, args.act, query.scalar_type());
   const plan::Widths widths = widths_of(net);
   const int64_t C = shape.candidates;
   const Launch launch = plan_launch(widths, shape.dim, shape.value_dim, false, sizeof(acc_t), C);
@@ -951,7 +978,7 @@ void backward_impl(const AttentionBackwardArgs& args, int64_t max_len, BackwardR
   const bool training = args.training;
   const double score_scale = args.score_scale;
   Packed packed = pack(shape.dim, args.weights, args.biases, args.act_params, act, training, args.eps, args.stats, acc);
-  const Net<acc_t> net = make_net<acc_t>(packed, shape, act);
+  const Net<acc_t> net = make_net<acc_t>(packed, shape, act, query.scalar_type());
   const plan::Widths widths = widths_of(net);
   const int64_t D = shape.dim, Dv = shape.value_dim, B = shape.batch, N = shape.num_keys;
   const int64_t C = shape.candidates;

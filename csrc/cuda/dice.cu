@@ -94,8 +94,8 @@ __global__ void __launch_bounds__(kElementwise) forward_kernel(const T* __restri
 
 // dx = g (alpha + (1 - alpha) p) + gamma rstd t on valid rows (0 elsewhere); per block of rows and feature the
 // sums d alpha, d gamma, d beta (double, [blocks, 3, H]).
-template <typename T, typename acc_t>
-__global__ void __launch_bounds__(kColumns) backward_kernel(const T* __restrict__ g, const T* __restrict__ x,
+template <typename T, typename acc_t>  // min blocks 1: ptxas spilled the fp32 instantiation at 47 registers without it
+__global__ void __launch_bounds__(kColumns, 1) backward_kernel(const T* __restrict__ g, const T* __restrict__ x,
                                                              const bool* __restrict__ valid,
                                                              const acc_t* __restrict__ c,  // [5, H]
                                                              int64_t N, int64_t H, T* __restrict__ dx,
