@@ -3,8 +3,8 @@
 The din_ext custom ops have no ONNX form, so the export runs on a translated copy of the eval model
 (``translate``): the attention pooling becomes ``SegmentPooling``, a segment form in plain torch ops (the owner of
 every behaviour by a scatter and a cumulative sum, the candidate of each (candidate, behaviour) pair gathered by
-owner, the scores summed back per user by index_add, softmax through a per-user max), and every Dice runs on the
-reference backend (eval: the running statistics). The result equals ``din_ext.reference`` (tested); it exports with
+owner, the scores summed back per user by index_add, softmax through a per-user max), and every Dice becomes
+``dice_eval`` (the running statistics). The result equals ``din_ext.reference`` (tested); it exports with
 ``torch.onnx.export(dynamo=True)`` to opset ``OPSET`` with a dynamic batch, candidates and history total. The graph
 takes ``din_ext.export.ServingDIN``'s five inputs and gives its probabilities; the serving metadata (schema,
 vocabularies, data options) is JSON in the model's ``metadata_props`` under ``METADATA_KEY``.
@@ -22,10 +22,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from din_ext import _validate, reference
+from din_ext import _validate
 from din_ext import export as _export
 from din_ext.model import DIN
-from din_ext.modules import LocalActivationUnit
+from din_ext.modules import Dice, LocalActivationUnit
 
 OPSET = 18
 METADATA_KEY = "din_ext"  # metadata_props key of the serving metadata (export.serving_metadata, as JSON)
@@ -71,27 +71,66 @@ def segment_pooling(unit: Optional[LocalActivationUnit], query: torch.Tensor, ke
     if unit is None:
         weights = valid.to(keys.dtype).expand(total, count)
     else:
-        weights = _scores(unit, q[owner], keys)  # (N, C)
+        weights = _scores(unit, q, owner, keys)  # (N, C)
         if unit.normalization == "softmax":
             weights = _segment_softmax(weights, owner, valid, rows)
-        weights = torch.where(valid, weights, torch.zeros_like(weights))
+        weights = weights.masked_fill(~valid, 0.0)
     pooled = q.new_zeros(rows, count, keys.shape[1]).index_add(0, owner, weights[..., None] * keys[:, None, :])
     return pooled[:, 0] if single else pooled
 
 
-def _scores(unit: LocalActivationUnit, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """score_scale * MLP([q, k, q - k, q * k]) of every pair: q (N, C, D), keys (N, D) -> (N, C); the hidden
-    activations are the reference's (Dice with the running statistics)."""
-    k = keys[:, None, :].expand(q.shape)
-    h = torch.cat([q, k, q - k, q * k], dim=-1)
-    params = unit.act_params()
-    column, eps = 0, unit.activations[0].eps if unit.activation == "dice" and len(unit.activations) else 1e-8
-    for linear in unit.linears:
-        width = linear.out_features
-        layer = None if params is None else params[:, column:column + width]
-        h = reference._hidden_activation(linear(h), None, unit.activation, layer, False, eps)[0]
-        column += width
-    return unit.out(h)[..., 0] * unit.score_scale
+def _scores(unit: LocalActivationUnit, query: torch.Tensor, owner: torch.Tensor, keys: torch.Tensor
+            ) -> torch.Tensor:
+    """score_scale * MLP([q, k, q - k, q * k]) of every (candidate, behaviour) pair: query (B, C, D), owner (N,),
+    keys (N, D) -> (N, C). The first layer is split by its four column blocks, W [q, k, q-k, q*k] =
+    (Wq + Wd) q + (Wk - Wd) k + Wp (q * k): the q and k terms once per candidate and per behaviour, only the
+    product term per pair (a quarter of the pair work, no (N, C, 4D) concatenation)."""
+    first, dim = unit.linears[0], query.shape[-1]
+    wq, wk, wd, wp = first.weight.split(dim, dim=1)
+    per_query = nn.functional.linear(query, wq + wd, first.bias)  # (B, C, H1)
+    per_key = nn.functional.linear(keys, wk - wd)  # (N, H1)
+    h = per_query[owner] + per_key[:, None] + nn.functional.linear(query[owner] * keys[:, None], wp)
+    pairs = h.shape[:2]
+    h = h.reshape(-1, h.shape[-1])  # 2-D, so that each layer is one Gemm with its bias
+    for index, linear in enumerate(unit.linears):
+        if index:
+            h = linear(h)
+        h = _activation(unit, index, h)
+    return (unit.out(h) * unit.score_scale).view(pairs)
+
+
+def _activation(unit: LocalActivationUnit, index: int, z: torch.Tensor) -> torch.Tensor:
+    """The eval activation of hidden layer ``index`` of ``unit`` on z (..., H)."""
+    if unit.activation == "dice":
+        return dice_eval(unit.activations[index], z)
+    if unit.activation == "prelu":
+        return torch.where(z > 0, z, unit.activations[index].weight * z)
+    return torch.sigmoid(z) if unit.activation == "sigmoid" else torch.relu(z)
+
+
+def dice_eval(dice: Dice, x: torch.Tensor) -> torch.Tensor:
+    """Dice in eval mode (running statistics) on x (..., H), as one affine map, a sigmoid and a blend:
+    ``p = sigmoid(x * scale + shift)``, ``y = x * (alpha + (1 - alpha) * p)``, which is the reference's
+    ``p * x + (1 - p) * alpha * x`` with ``p = sigmoid(gamma * (x - mean) / sqrt(var + eps) + beta)``; scale and
+    shift depend on the parameters only (onnxruntime folds them into constants)."""
+    scale = torch.rsqrt(dice.running_var + dice.eps)
+    if dice.weight is not None:
+        scale = dice.weight * scale
+    shift = -dice.running_mean * scale
+    if dice.bias is not None:
+        shift = shift + dice.bias
+    return x * (dice.alpha + (1 - dice.alpha) * torch.sigmoid(x * scale + shift))
+
+
+class EvalDice(nn.Module):
+    """A Dice module in eval mode through ``dice_eval`` (plain torch ops): forward(x (N, H)) -> (N, H)."""
+
+    def __init__(self, dice: Dice):
+        super().__init__()
+        self.dice = dice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dice_eval(self.dice, x)
 
 
 def _segment_softmax(scores: torch.Tensor, owner: torch.Tensor, valid: torch.Tensor, rows: int) -> torch.Tensor:
@@ -123,10 +162,10 @@ class SegmentPooling(nn.Module):
 
 def translate(model: DIN) -> DIN:
     """A copy of ``model`` in eval mode on the CPU whose forward uses plain torch ops only: SegmentPooling for the
-    pooling (attention or sum) and the reference backend for every Dice."""
+    pooling (attention or sum) and EvalDice for the tower's Dice."""
     twin = copy.deepcopy(model).cpu().eval()
     twin.attention = SegmentPooling(twin.attention)  # DIN.pool calls a non-None attention
-    twin.backend = "reference"
+    twin.tower_activations = nn.ModuleList(EvalDice(a) if isinstance(a, Dice) else a for a in twin.tower_activations)
     return twin
 
 

@@ -14,8 +14,8 @@ import torch
 
 from din_ext import reference
 from din_ext.export import ServingDIN
-from din_ext.modules import LocalActivationUnit
-from din_ext.onnx_export import segment_pooling, translate
+from din_ext.modules import Dice, LocalActivationUnit
+from din_ext.onnx_export import dice_eval, segment_pooling, translate
 from conftest import requires_cpp
 
 from test_model import one_thread, tiny  # noqa: F401  (fixtures)
@@ -56,6 +56,19 @@ def test_segment_pooling_equals_reference(activation, normalization, candidates)
             normalization=normalization, score_scale=0.7, training=False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert torch.equal(got[offsets[1:] == offsets[:-1]], torch.zeros_like(got[offsets[1:] == offsets[:-1]]))
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_dice_eval_equals_reference(affine):
+    torch.manual_seed(2)
+    dice = Dice(7, affine=affine).eval()
+    for t in (dice.alpha, dice.running_mean, *((dice.weight, dice.bias) if affine else ())):
+        t.data.uniform_(-1, 1)
+    dice.running_var.uniform_(0.2, 3)
+    x = torch.randn(5, 4, 7) * 2
+    want, _, _ = reference.dice(x, dice.alpha, dice.running_mean, dice.running_var, gamma=dice.weight,
+                                beta=dice.bias, training=False, eps=dice.eps)
+    torch.testing.assert_close(dice_eval(dice, x), want, rtol=1e-5, atol=1e-6)
 
 
 def test_segment_sum_pooling_equals_sum():
