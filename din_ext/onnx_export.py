@@ -85,18 +85,19 @@ def _scores(unit: LocalActivationUnit, query: torch.Tensor, owner: torch.Tensor,
     keys (N, D) -> (N, C). The first layer is split by its four column blocks, W [q, k, q-k, q*k] =
     (Wq + Wd) q + (Wk - Wd) k + Wp (q * k): the q and k terms once per candidate and per behaviour, only the
     product term per pair (a quarter of the pair work, no (N, C, 4D) concatenation)."""
-    first, dim = unit.linears[0], query.shape[-1]
-    wq, wk, wd, wp = first.weight.split(dim, dim=1)
-    per_query = nn.functional.linear(query, wq + wd, first.bias)  # (B, C, H1)
+    layers, dim = [*unit.linears, unit.out], query.shape[-1]
+    wq, wk, wd, wp = layers[0].weight.split(dim, dim=1)
+    per_query = nn.functional.linear(query, wq + wd, layers[0].bias)  # (B, C, H1)
     per_key = nn.functional.linear(keys, wk - wd)  # (N, H1)
     h = per_query[owner] + per_key[:, None] + nn.functional.linear(query[owner] * keys[:, None], wp)
     pairs = h.shape[:2]
     h = h.reshape(-1, h.shape[-1])  # 2-D, so that each layer is one Gemm with its bias
-    for index, linear in enumerate(unit.linears):
+    for index, linear in enumerate(layers):
         if index:
             h = linear(h)
-        h = _activation(unit, index, h)
-    return (unit.out(h) * unit.score_scale).view(pairs)
+        if index < len(unit.linears):
+            h = _activation(unit, index, h)
+    return (h * unit.score_scale).view(pairs)
 
 
 def _activation(unit: LocalActivationUnit, index: int, z: torch.Tensor) -> torch.Tensor:
@@ -231,7 +232,7 @@ def load_onnx(path: str, threads: Optional[int] = None) -> Tuple[Callable[..., t
                          f"{_export.PACKAGE_FORMAT}")
 
     def run(*inputs: torch.Tensor) -> torch.Tensor:
-        feed = {name: x.numpy() for name, x in zip(INPUT_NAMES, inputs)}
+        feed = {name: x.contiguous().numpy() for name, x in zip(INPUT_NAMES, inputs)}
         return torch.from_numpy(session.run([OUTPUT_NAME], feed)[0])
 
     return run, meta

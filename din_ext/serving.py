@@ -121,7 +121,7 @@ class DINPredictor:
     def predict_interactions(self, batch: Interactions, batch_size: int = 4096) -> torch.Tensor:
         """Probabilities (S, T) of an Interactions table with one candidate per row, in batches of ``batch_size``
         rows."""
-        return self.predict_batches(iterate_batches(batch, batch_size))[0]
+        return torch.cat([self.predict_batch(part) for part in iterate_batches(batch, batch_size)])
 
     # -- raw ids ------------------------------------------------------------------------------------------------
 

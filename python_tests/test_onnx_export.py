@@ -19,8 +19,8 @@ from din_ext.onnx_export import dice_eval, segment_pooling, translate
 from conftest import requires_cpp
 
 from test_model import one_thread, tiny  # noqa: F401  (fixtures)
-from test_serving import (SPEC, edge_batch, edge_batches, eager_probabilities, multi_candidate_of, raw_requests,
-                          serving_columns, small_model, warm_statistics, with_vocabularies)
+from test_serving import (edge_batch, edge_batches, eager_probabilities, exported_by_cli, multi_candidate_of,
+                          raw_requests, serving_columns, small_model, warm_statistics)
 
 
 def jagged_edges(rows: int = 6, dim: int = 12, seed: int = 0):
@@ -35,10 +35,11 @@ def jagged_edges(rows: int = 6, dim: int = 12, seed: int = 0):
 @pytest.mark.parametrize("activation", ["dice", "prelu", "sigmoid", "relu"])
 @pytest.mark.parametrize("normalization", ["none", "softmax"])
 @pytest.mark.parametrize("candidates", [None, 4])
-def test_segment_pooling_equals_reference(activation, normalization, candidates):
+@pytest.mark.parametrize("hidden", [(10, 6), ()])
+def test_segment_pooling_equals_reference(activation, normalization, candidates, hidden):
     torch.manual_seed(1)
     offsets, keys = jagged_edges()
-    unit = LocalActivationUnit(12, (10, 6), activation=activation, normalization=normalization,
+    unit = LocalActivationUnit(12, hidden, activation=activation, normalization=normalization,
                                score_scale=0.7).eval()
     if activation == "dice":  # running statistics that are not the initial ones
         for act in unit.activations:
@@ -52,7 +53,7 @@ def test_segment_pooling_equals_reference(activation, normalization, candidates)
         want, _ = reference.local_activation_attention(
             query, keys, [lin.weight for lin in unit.linears] + [unit.out.weight],
             [lin.bias for lin in unit.linears] + [unit.out.bias], unit.act_params() if activation in
-            ("dice", "prelu") else query.new_empty(0, 16), offsets=offsets, activation=activation,
+            ("dice", "prelu") else query.new_empty(0, sum(hidden)), offsets=offsets, activation=activation,
             normalization=normalization, score_scale=0.7, training=False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert torch.equal(got[offsets[1:] == offsets[:-1]], torch.zeros_like(got[offsets[1:] == offsets[:-1]]))
@@ -121,15 +122,7 @@ def exported(tiny, tmp_path_factory):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
-    from din_ext import cli
-
-    train, _, schema = tiny
-    model = warm_statistics(small_model(with_vocabularies(schema)), train)
-    folder = tmp_path_factory.mktemp("onnx")
-    checkpoint, path = str(folder / "best.pt"), str(folder / "model.onnx")
-    torch.save(model.checkpoint(data=SPEC), checkpoint)
-    assert cli.main(["export", "--checkpoint", checkpoint, "--format", "onnx", "--out", path]) == 0
-    return model, checkpoint, path
+    return exported_by_cli(tiny, tmp_path_factory.mktemp("onnx"), "onnx")
 
 
 def test_graph_has_standard_ops_only_and_dynamic_inputs(exported):
