@@ -102,15 +102,24 @@ def test_translated_model_equals_eager(tiny, options):
     assert model.attention is None or isinstance(model.attention, LocalActivationUnit)
 
 
-def test_missing_extra_says_how_to_install(monkeypatch, tiny, tmp_path):
+def test_missing_extra_says_how_to_install(monkeypatch, tiny, tmp_path, capsys):
+    from din_ext import cli
     from din_ext.onnx_export import export_onnx, load_onnx
 
     for name in ("onnx", "onnxscript", "onnxruntime"):
         monkeypatch.setitem(sys.modules, name, None)
+    model, path = small_model(tiny[2]), tmp_path / "m.onnx"
     with pytest.raises(ImportError, match=r"din_ext\[onnx\]"):
-        export_onnx(small_model(tiny[2]), str(tmp_path / "m.onnx"))
+        export_onnx(model, str(path))
     with pytest.raises(ImportError, match=r"din_ext\[onnx\]"):
-        load_onnx(str(tmp_path / "m.onnx"))
+        load_onnx(str(path))
+    torch.save(model.checkpoint(), tmp_path / "best.pt")
+    path.write_bytes(b"")  # exists, so that predict gets as far as loading it
+    for argv in (["export", "--checkpoint", str(tmp_path / "best.pt"), "--format", "onnx", "--out", str(path)],
+                 ["predict", "--checkpoint", str(path), "--output", str(tmp_path / "p.csv")]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "din_ext[onnx]" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 # -- the exported file (din_ext[onnx]) ----------------------------------------------------------------------------
