@@ -3,7 +3,8 @@
     din-ext train [--data synthetic|amazon|taobao|recbole|prepared] [--path P] [--model din|base] [--epochs N] ...
     din-ext prepare --data taobao --path RAW --out DIR [--memory-limit 2G]   # parquet shards that train streams
     din-ext evaluate --checkpoint DIR/best.pt [--data ...]
-    din-ext predict --checkpoint DIR/best.pt [--data ...] --output preds.csv
+    din-ext predict --checkpoint DIR/best.pt [--data ...] --output preds.csv   # or a .pt2/.onnx export
+    din-ext export --checkpoint DIR/best.pt --format pt2|onnx --out din.pt2|din.onnx
     din-ext compare [--epochs N] ...           # BaseModel and DIN on the same data, with RelaImpr
     din-ext selfcheck                          # every built backend against the reference
 

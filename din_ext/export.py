@@ -3,7 +3,8 @@
 The serving form of a batch is five tensors (``ServingDIN.forward``): the profile ids of B users, C candidates per
 user, their jagged histories and the dense features, all already mapped to table rows. Batch, candidates and history
 total are dynamic dimensions of the exported graph. The values (offsets, id ranges) are not checked inside the graph:
-``check_serving_inputs`` checks them before it (the predictor calls it on every batch).
+``check_serving_inputs`` checks them before it (the predictor calls it on every batch). The ONNX form of the same
+graph, in standard ops only, is ``din_ext.onnx_export``.
 """
 
 from __future__ import annotations

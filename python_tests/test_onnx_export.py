@@ -153,6 +153,34 @@ def test_graph_has_standard_ops_only_and_dynamic_inputs(exported):
     assert meta["vocabularies"] == {f: list(v) for f, v in model.schema.vocabularies.items()}
 
 
+OTHER_MODELS = {"softmax-prelu-two-tasks-no-dense": ({"activation": "prelu", "normalization": "softmax",
+                                                     "use_dense": False}, True),
+                "base-mba": ({"pooling": "sum", "mba_lambda": 1e-3}, False)}
+
+
+@pytest.mark.parametrize("options, conversion", list(OTHER_MODELS.values()), ids=list(OTHER_MODELS))
+def test_other_models_export_and_match_eager(options, conversion, tmp_path):
+    """The segment softmax, PReLU, two tasks, no dense features, sum pooling and MBA tables through onnxruntime."""
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from din_ext.data.synthetic import SyntheticConfig, generate
+    from din_ext.onnx_export import export_onnx, foreign_ops, load_onnx
+    from test_model import TINY
+
+    train, _, schema = generate(SyntheticConfig(**{**TINY.__dict__, "conversion": conversion}), seed=3)
+    model = warm_statistics(small_model(schema, **options), train)
+    path = export_onnx(model, str(tmp_path / "m.onnx"))
+    assert foreign_ops(onnx.load(path)) == {}
+    run, meta = load_onnx(path, threads=1)
+    assert meta["tasks"] == list(schema.tasks) and len(schema.tasks) == (2 if conversion else 1)
+    for batch in edge_batches(train):
+        user, items, offsets, hist, dense = serving_columns(batch, schema)
+        dense = dense if model.use_dense else dense[:, :0]  # (B, 0): the graph of a model without dense features
+        torch.testing.assert_close(run(user, items, offsets, hist, dense), eager_probabilities(model, batch),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_foreign_ops_finds_a_custom_domain_node(exported):
     import onnx
 
