@@ -8,9 +8,9 @@ side in one run, on the same serving tensors (din_ext.export.ServingDIN's five i
 Workloads (the synthetic default's schema and trained-size model: embed 16, attention (80, 40), tower (200, 80),
 Dice): per-request latency of one user with C in {1, 100} candidates and a history of 50 behaviours (p50, p99 over
 repeated calls), and throughput of batches of 256 one-candidate requests drawn from the synthetic test split
-(their real histories: 7,510 behaviours in all, about 29 a request). Each at 1 and 2 threads (torch's for the torch contenders,
-onnxruntime's intra-op threads for its session). onnxruntime needs the extra din_ext[onnx]; without it its rows
-say so.
+(their real histories: 7,510 behaviours in all, about 29 a request). Each at 1 and 2 threads (torch's for the
+torch contenders, onnxruntime's intra-op threads for its session). onnxruntime needs the extra din_ext[onnx];
+without it, the header says it was not measured.
 """
 
 from __future__ import annotations
