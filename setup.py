@@ -73,6 +73,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={"test": ["pytest", "numpy"], "triton": ["triton"], "data": ["polars>=2.1"],
+                    "onnx": ["onnx", "onnxscript", "onnxruntime"],  # din-ext export --format onnx, serving .onnx
                     "bench": ["pytest-benchmark", "deepctr-torch"], "lightning": ["lightning>=2.0"],
                     # din_ext.compat: deepctr-torch 0.3.0 imports requests without requiring it; recbole 1.2.1's
                     # ray needs numpy < 2 and pkg_resources, its data code pandas < 3

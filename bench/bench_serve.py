@@ -1,5 +1,6 @@
-"""Serving DIN on the CPU: the eager model, the torch.compile'd model and the AOTInductor package (din-ext export),
-side by side in one run, on the same serving tensors (din_ext.export.ServingDIN's five inputs).
+"""Serving DIN on the CPU: the eager model (din_ext's fused CPU kernels, and the textbook reference backend), the
+torch.compile'd model, the AOTInductor package and the ONNX file on onnxruntime (both from din-ext export), side by
+side in one run, on the same serving tensors (din_ext.export.ServingDIN's five inputs).
 
     python bench/bench_serve.py                      # -> bench/results/serve_cpu.md
     python bench/bench_serve.py --quick              # smoke run: one thread, few repetitions, nothing written
@@ -7,13 +8,15 @@ side by side in one run, on the same serving tensors (din_ext.export.ServingDIN'
 Workloads (the synthetic default's schema and trained-size model: embed 16, attention (80, 40), tower (200, 80),
 Dice): per-request latency of one user with C in {1, 100} candidates and a history of 50 behaviours (p50, p99 over
 repeated calls), and throughput of batches of 256 one-candidate requests drawn from the synthetic test split
-(their real histories, mean length about 12). Each at 1 and 2 torch threads. onnxruntime is listed when the model
-has an ONNX export (not yet: din-ext export --format onnx is not built), so its row says so.
+(their real histories: 7,510 behaviours in all, about 29 a request). Each at 1 and 2 threads (torch's for the
+torch contenders, onnxruntime's intra-op threads for its session). onnxruntime needs the extra din_ext[onnx];
+without it, the header says it was not measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import statistics
@@ -28,6 +31,8 @@ from din_ext.data import iterate_batches
 from din_ext.data.synthetic import SyntheticConfig, generate
 from din_ext.export import ServingDIN, export_package, load_package
 from din_ext.model import DIN
+
+EAGER, REFERENCE, ONNXRUNTIME = "eager", "eager textbook reference", "onnxruntime (CPU provider)"
 
 
 def percentile(times, q):
@@ -60,6 +65,13 @@ def batch_inputs(batch, schema):
     return user, items, batch.hist_offsets, hist, batch.dense.float()
 
 
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2")
@@ -74,11 +86,22 @@ def main(argv=None):
     torch.manual_seed(0)
     model = DIN(schema, embed_dim=16, attention_hidden=(80, 40), tower_hidden=(200, 80), activation="dice").eval()
     serving = ServingDIN(model)
+    textbook = copy.deepcopy(model)
+    textbook.backend = "reference"
     compiled = torch.compile(serving, dynamic=False)
-    package = os.path.join(tempfile.mkdtemp(), "din.pt2")
+    folder = tempfile.mkdtemp()
+    package = os.path.join(folder, "din.pt2")
     export_package(model, package)
     runner, _ = load_package(package)
-    contenders = {"eager": serving, "torch.compile": compiled, "pt2 (AOTInductor)": lambda *x: runner(*x)}
+    onnx_file, onnx_missing = os.path.join(folder, "din.onnx"), None
+    try:
+        from din_ext.onnx_export import export_onnx, load_onnx
+
+        export_onnx(model, onnx_file)
+    except ImportError as exc:
+        onnx_missing = str(exc)
+    contenders = {EAGER: serving, REFERENCE: ServingDIN(textbook), "torch.compile": compiled,
+                  "pt2 (AOTInductor)": lambda *x: runner(*x), ONNXRUNTIME: None}  # a session per thread count
     workloads = [(f"latency, 1 user, C={c}, L=50", one_user(schema, c, 50), 1) for c in (1, 100)]
     batch = next(iter(iterate_batches(test, 256)))
     workloads.append(("throughput, batch of 256 requests (C=1, real histories)", batch_inputs(batch, schema), 256))
@@ -86,26 +109,34 @@ def main(argv=None):
     load = os.getloadavg()
     lines = ["# Serving DIN on the CPU (bench/bench_serve.py)", "",
              f"- machine: {machine_description(cpu)}; load average at start {load[0]:.2f} / {load[1]:.2f} (the "
-             f"machine is shared: compare within a row group)",
-             f"- torch {torch.__version__}, commit {git_commit()}, "
+             f"machine is shared and noisy: compare within a row group, read the 1-thread rows first)",
+             f"- torch {torch.__version__}, onnxruntime {_version('onnxruntime')}, commit {git_commit()}, "
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
              f"- command: `python bench/bench_serve.py {' '.join(sys.argv[1:])}`",
              "- model: synthetic default schema, embed 16, attention (80, 40) Dice, tower (200, 80) Dice, eval, "
-             "float32; every contender gets the same five serving tensors; onnxruntime: not measured (no ONNX "
-             "export yet)", "",
-             "| threads | workload | contender | p50 ms | p99 ms | requests/s | vs eager (p50) |",
-             "|---:|---|---|---:|---:|---:|---:|"]
+             "float32; every contender gets the same five serving tensors; eager = din_ext's fused CPU kernels "
+             "(backend auto), eager textbook reference = the same model on the reference backend (padded "
+             "[q, k, q-k, q*k] MLP); onnxruntime runs the file of din-ext export --format onnx (standard ops: "
+             "the attention in segment form)" + (f"; onnxruntime: not measured ({onnx_missing})" if onnx_missing
+                                                 else ""), "",
+             "| threads | workload | contender | p50 ms | p99 ms | requests/s | vs eager (p50) | vs reference (p50) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
+        if not onnx_missing:
+            session, _ = load_onnx(onnx_file, threads=threads)
+            contenders[ONNXRUNTIME] = session
         for name, inputs, requests in workloads:
-            base = None
+            measured = {}  # contender -> (p50, p99)
             for contender, fn in contenders.items():
-                with torch.no_grad():
-                    times = time_fn(lambda: fn(*inputs), cpu, args.reps, args.seconds)
-                p50, p99 = statistics.median(times), percentile(times, 99)
-                base = base or p50
+                if fn is not None:
+                    with torch.no_grad():
+                        times = time_fn(lambda: fn(*inputs), cpu, args.reps, args.seconds)
+                    measured[contender] = statistics.median(times), percentile(times, 99)
+            for contender, (p50, p99) in measured.items():
                 lines.append(f"| {threads} | {name} | {contender} | {p50:.3f} | {p99:.3f} | "
-                             f"{requests / (p50 / 1e3):,.0f} | {base / p50:.2f}x |")
+                             f"{requests / (p50 / 1e3):,.0f} | {measured[EAGER][0] / p50:.2f}x | "
+                             f"{measured[REFERENCE][0] / p50:.2f}x |")
                 print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     write_table(text, args.out or (None if args.quick else os.path.join(ROOT, "bench", "results", "serve_cpu.md")))

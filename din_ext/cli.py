@@ -4,7 +4,8 @@
     din-ext train --nproc 2 [--sync-dice] ...  # DDP on 2 local processes (torchrun --nproc-per-node 2 -m din_ext train)
     din-ext prepare --data taobao|amazon|recbole --path RAW --out DIR [--memory-limit 2G]  # shards train streams
     din-ext evaluate --checkpoint DIR/best.pt [--data ...]
-    din-ext predict --checkpoint DIR/best.pt [--data ...] --output preds.csv
+    din-ext predict --checkpoint DIR/best.pt [--data ...] --output preds.csv   # or a .pt2/.onnx export
+    din-ext export --checkpoint DIR/best.pt --format pt2|onnx --out din.pt2|din.onnx
     din-ext compare [--epochs N] ...           # BaseModel and DIN on the same data, with RelaImpr
     din-ext config > run.yaml                  # train's defaults as a config file; din-ext train --config run.yaml
     din-ext tune --trials N [--jobs J] ...     # Optuna search of the learning rate, widths and MBA lambda
@@ -343,51 +344,56 @@ def _write_predictions(path: str, tasks, probabilities: torch.Tensor, user_id: t
     print(f"wrote {len(user_id):,} predictions to {path}")
 
 
+EXPORTS = {"pt2": ".pt2", "onnx": ".onnx"}  # din-ext export's formats and their file endings
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    _check_output(args.output)
-    model, checkpoint, device = _load_model(args)
-    data = _split(args, model, checkpoint)
-    probabilities, user_id, labels, _ = training.predict_rows(model, data, args.batch_size, device)
-    _write_predictions(args.output, model.tasks, probabilities, user_id, labels)
-    return 0
-
-
-def cmd_predict_any(args: argparse.Namespace) -> int:
-    """predict for a checkpoint (.pt) or, through din_ext.serving.DINPredictor, a .pt2 package."""
-    if not args.checkpoint.endswith(".pt2"):
-        return cmd_predict(args)
+    """predict through din_ext.serving.DINPredictor: a checkpoint (.pt, eager on --device with --backend), an
+    AOTInductor package (.pt2) or an ONNX file (.onnx), both from din-ext export, on the CPU."""
     from din_ext.serving import DINPredictor
 
     _check_output(args.output)
     if not os.path.exists(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist")
     training.check_positive("batch_size", args.batch_size)
+    exported = args.checkpoint.endswith(tuple(EXPORTS.values()))
+    if exported and args.device not in ("auto", "cpu"):
+        raise UsageError(f"--device {args.device}: a {os.path.splitext(args.checkpoint)[1]} export runs on the cpu")
+    device = training.resolve_device(args.device)
+    _check_backend(args.backend, device)
     try:
-        predictor = DINPredictor.load(args.checkpoint)
-    except (ValueError, RuntimeError) as exc:
+        predictor = DINPredictor.load(args.checkpoint, backend=args.backend, threads=torch.get_num_threads(),
+                                      device=None if exported else device)
+    except (ValueError, RuntimeError, ImportError) as exc:
         raise UsageError(f"--checkpoint {args.checkpoint}: {_validate.first_line(exc)}") from None
     spec = data_spec(args, predictor.data)
     train_set, test_set, schema = load_data(spec)
-    want = (predictor.schema.user_fields, predictor.schema.item_fields, predictor.schema.history_fields)
-    if (schema.user_fields, schema.item_fields, schema.history_fields) != want:
-        raise UsageError(f"the {spec['data']} data does not fit the package's fields and table sizes {want}")
+    training.check_fits(predictor, schema, f"the {spec['data']} data")
     data = train_set if args.split == "train" else test_set
-    _write_predictions(args.output, predictor.tasks, predictor.predict_interactions(data, args.batch_size),
-                       data.user_id, data.labels)
+    batches = datasets.iterate_batches(data, args.batch_size) if isinstance(data, Interactions) else \
+        data.batches(args.batch_size, shuffle=False)
+    probabilities, user_id, labels = predictor.predict_batches(batches)
+    _write_predictions(args.output, predictor.tasks, probabilities, user_id, labels)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """din-ext export: a checkpoint as an AOTInductor package (.pt2) for the CPU."""
-    from din_ext.export import export_package
-
-    if not args.out.endswith(".pt2"):
-        raise UsageError(f"--out {args.out!r}: a pt2 package's name ends in .pt2")
+    """din-ext export: a checkpoint as an AOTInductor package (.pt2) or an ONNX file (.onnx) for the CPU."""
+    ending = EXPORTS[args.format]
+    if not args.out.endswith(ending):
+        raise UsageError(f"--out {args.out!r}: a {args.format} file's name ends in {ending}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise UsageError(f"--out {args.out!r}: its folder does not exist")
     checkpoint = _read_checkpoint(args.checkpoint, "--checkpoint")
     model = _model_of(checkpoint, f"--checkpoint {args.checkpoint}")
-    export_package(model, args.out, data=checkpoint.get("data"))
+    if args.format == "onnx":
+        from din_ext.onnx_export import export_onnx as write
+    else:
+        from din_ext.export import export_package as write
+    try:
+        write(model, args.out, data=checkpoint.get("data"))
+    except ImportError as exc:  # the onnx extra is not installed
+        raise UsageError(f"--format {args.format}: {_validate.first_line(exc)}") from None
     note = "" if model.schema.vocabularies else " (the checkpoint has no vocabularies: row-id requests only)"
     print(f"wrote {args.out}{note}")
     return 0
@@ -612,10 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     _train_options(p, with_model=False)
     p.set_defaults(func=cmd_compare, out="din-ext-compare")
     for name, func, help_text in (("evaluate", cmd_evaluate, "auc, gauc, logloss of a checkpoint"),
-                                  ("predict", cmd_predict_any, "write a checkpoint's (.pt or .pt2) click "
-                                                               "probabilities to CSV")):
+                                  ("predict", cmd_predict, ("write the click probabilities of a checkpoint (.pt) or "
+                                                            "an export (.pt2, .onnx) to CSV"))):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--checkpoint", required=True, help="a .pt written by din-ext train (best.pt or last.pt)")
+        p.add_argument("--checkpoint", required=True, help="a .pt written by din-ext train (best.pt or last.pt)"
+                       + ("; or a .pt2/.onnx written by din-ext export" if name == "predict" else ""))
         _data_options(p, evaluation=True)
         p.add_argument("--split", choices=("test", "train"), default="test")
         p.add_argument("--batch-size", type=int, default=4096)
@@ -637,10 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most about that many behaviour rows (reviews, interactions) per shard (default: what "
                         "the memory limit allows, at most 4M)")
     p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("export", help="a checkpoint as an AOTInductor package (.pt2) for serving")
+    p = sub.add_parser("export", help="a checkpoint as an AOTInductor package (.pt2) or an ONNX file (.onnx, "
+                                      "standard ops; needs din_ext[onnx]) for serving")
     p.add_argument("--checkpoint", required=True, help="a .pt written by din-ext train")
-    p.add_argument("--format", choices=("pt2",), default="pt2")
-    p.add_argument("--out", required=True, help="the package to write (NAME.pt2)")
+    p.add_argument("--format", choices=tuple(EXPORTS), default="pt2")
+    p.add_argument("--out", required=True, help="the file to write (NAME.pt2 or NAME.onnx)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("selfcheck", aliases=["check"], help="check every built backend against the reference")
     p.set_defaults(func=cmd_selfcheck)

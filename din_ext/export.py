@@ -3,7 +3,8 @@
 The serving form of a batch is five tensors (``ServingDIN.forward``): the profile ids of B users, C candidates per
 user, their jagged histories and the dense features, all already mapped to table rows. Batch, candidates and history
 total are dynamic dimensions of the exported graph. The values (offsets, id ranges) are not checked inside the graph:
-``check_serving_inputs`` checks them before it (the predictor calls it on every batch).
+``check_serving_inputs`` checks them before it (the predictor calls it on every batch). The ONNX form of the same
+graph, in standard ops only, is ``din_ext.onnx_export``.
 """
 
 from __future__ import annotations
@@ -106,15 +107,20 @@ def example_inputs(schema: Schema, use_dense: bool, rows: int = 3, candidates: i
     return user, items, offsets, hist, dense
 
 
-def export(model: DIN) -> torch.export.ExportedProgram:
-    """``torch.export`` of the eval model (ServingDIN) with a dynamic batch, candidates and history total."""
+def dynamic_shapes() -> Tuple[Dict[int, Any], ...]:
+    """The dynamic dimensions of ServingDIN's five inputs: batch, candidates and history total."""
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     candidates = torch.export.Dim("candidates", min=1, max=1 << 16)
     total = torch.export.Dim("history", min=0, max=1 << 30)
-    dynamic = ({0: batch}, {0: batch, 1: candidates}, {0: batch + 1}, {0: total}, {0: batch})
+    return {0: batch}, {0: batch, 1: candidates}, {0: batch + 1}, {0: total}, {0: batch}
+
+
+def export(model: DIN) -> torch.export.ExportedProgram:
+    """``torch.export`` of the eval model (ServingDIN) with a dynamic batch, candidates and history total."""
     serving = ServingDIN(model)
     with torch.no_grad():
-        return torch.export.export(serving, example_inputs(model.schema, model.use_dense), dynamic_shapes=dynamic)
+        return torch.export.export(serving, example_inputs(model.schema, model.use_dense),
+                                   dynamic_shapes=dynamic_shapes())
 
 
 def serving_metadata(model: DIN, data: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:

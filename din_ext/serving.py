@@ -9,20 +9,22 @@ A request is a dict::
 
 Raw ids map to table rows through ``Schema.vocabularies`` (ids unseen in training, and None, map to row 0, OOV).
 ``predict(requests)`` returns, per request, ``{task: [probability of each candidate]}``. The model runs as the
-eager checkpoint (``.pt``, the fastest backend of the machine) or as an AOTInductor package (``.pt2``, from
-``din-ext export``); both take the same five tensors (``din_ext.export.ServingDIN``), checked before the graph.
+eager checkpoint (``.pt``, the fastest backend of the machine), as an AOTInductor package (``.pt2``) or as an ONNX
+file on onnxruntime (``.onnx``; the extra ``din_ext[onnx]``), the last two from ``din-ext export``; all three take
+the same five tensors (``din_ext.export.ServingDIN``), checked before the graph, and give the same probabilities.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from din_ext import export as _export
-from din_ext.data.core import OOV, Interactions, Schema
+from din_ext.data.core import OOV, Interactions, Schema, iterate_batches
 from din_ext.model import DIN, load_checkpoint
 
 Runner = Callable[..., torch.Tensor]
@@ -35,35 +37,52 @@ def _encoder(field: str, vocabulary: Sequence[Any]) -> Tuple[Dict[Any, int], boo
 
 
 class DINPredictor:
-    """Scores candidates for requests with raw ids; safe to call from several threads (one call runs at a time).
+    """Scores candidates for requests with raw ids; safe to call from several threads.
 
     runner: the model over the five serving tensors -> probabilities (B, C, T); schema: its fields, vocabularies
-    and tasks; use_dense: whether the model reads dense features; data: the data options it was trained on.
+    and tasks; use_dense: whether the model reads dense features; data: the data options it was trained on;
+    serial: the runner is not reentrant (an AOTInductor runner), so one call runs at a time.
     """
 
     def __init__(self, runner: Runner, schema: Schema, use_dense: bool, data: Optional[Dict[str, Any]] = None,
-                 source: str = "model"):
+                 source: str = "model", serial: bool = True):
         self.runner, self.schema, self.use_dense, self.data, self.source = runner, schema, use_dense, data, source
         self.tasks = tuple(schema.tasks)
         self._encoders = {f: _encoder(f, v) for f, v in schema.vocabularies.items()}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock() if serial else contextlib.nullcontext()
 
     @classmethod
-    def load(cls, path: str, backend: str = "auto") -> "DINPredictor":
-        """The predictor of a checkpoint (``.pt``, run eagerly with ``backend``) or a ``.pt2`` package."""
+    def load(cls, path: str, backend: str = "auto", threads: Optional[int] = None,
+             device: Optional[torch.device] = None) -> "DINPredictor":
+        """The predictor of a checkpoint (``.pt``, run eagerly with ``backend`` on ``device``, default the CPU), a
+        ``.pt2`` package (CPU) or an ``.onnx`` file (onnxruntime's CPU provider). threads: onnxruntime's intra-op
+        threads for ``.onnx``; for ``.pt``/``.pt2``, torch's (``torch.set_num_threads``, process-wide); None
+        leaves the default. Raises ValueError (a CheckpointError for ``.pt``) naming the file when it cannot be
+        served."""
         source = os.fsdecode(path)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        if source.endswith(".onnx"):
+            from din_ext.onnx_export import load_onnx
+
+            runner, meta = load_onnx(source, threads)
+            return cls(runner, _export.schema_of_metadata(meta), bool(meta["use_dense"]), meta.get("data"), source,
+                       serial=False)  # an onnxruntime session runs concurrent calls
+        if threads is not None:
+            torch.set_num_threads(threads)
         if source.endswith(".pt2"):
             runner, meta = _export.load_package(source)
             return cls(runner, _export.schema_of_metadata(meta), bool(meta["use_dense"]), meta.get("data"), source)
         checkpoint = load_checkpoint(source)
-        model = DIN.from_checkpoint(checkpoint, backend=backend).eval()
+        device = torch.device("cpu") if device is None else torch.device(device)
+        model = DIN.from_checkpoint(checkpoint, backend=backend).eval().to(device)
         serving = _export.ServingDIN(model)
 
         def run(*inputs: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return serving(*inputs)
+                return serving(*(x.to(device) for x in inputs)).cpu()
 
-        return cls(run, model.schema, model.use_dense, checkpoint.get("data"), source)
+        return cls(run, model.schema, model.use_dense, checkpoint.get("data"), source, serial=False)
 
     # -- row ids ------------------------------------------------------------------------------------------------
 
@@ -72,23 +91,37 @@ class DINPredictor:
         """Probabilities (B, C, T) of inputs already mapped to table rows (``din_ext.export.ServingDIN``'s form);
         raises ValueError naming the input unless they fit the schema."""
         _export.check_serving_inputs(self.schema, self.use_dense, user, items, hist_offsets, hist, dense)
-        with self._lock:  # an AOTInductor runner is not reentrant
+        with self._lock:
             return self.runner(user, items, hist_offsets, hist, dense.float())
 
+    def predict_batch(self, batch: Interactions) -> torch.Tensor:
+        """Probabilities (S, T) of an Interactions batch with one candidate per row (row ids, as the loaders give;
+        history storage past hist_offsets[-1] is ignored)."""
+        schema, rows = self.schema, len(batch)
+        user = torch.stack([batch.user[f] for f in schema.user_fields], -1) if schema.user_fields else \
+            torch.zeros(rows, 0, dtype=torch.long)
+        items = torch.stack([batch.item[f] for f in schema.item_fields], -1)[:, None]
+        total = int(batch.hist_offsets[-1])
+        hist = torch.stack([batch.hist[f][:total] for f in schema.history_fields], -1)
+        dense = batch.dense if self.use_dense else torch.zeros(rows, 0)
+        return self.predict_rows(user, items, batch.hist_offsets, hist, dense)[:, 0]
+
+    def predict_batches(self, batches: Iterable[Interactions]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """(probabilities (S, T), user_id (S,), labels task -> (S,)) of every row of ``batches`` (at least one, with
+        labels of every task) in order: what ``din-ext predict`` writes."""
+        outputs, users, labels = [], [], {t: [] for t in self.tasks}
+        for batch in batches:
+            outputs.append(self.predict_batch(batch))
+            users.append(batch.user_id)
+            for task, parts in labels.items():
+                parts.append(batch.labels[task])
+        return torch.cat(outputs), torch.cat(users), {t: torch.cat(v) for t, v in labels.items()}
+
     def predict_interactions(self, batch: Interactions, batch_size: int = 4096) -> torch.Tensor:
-        """Probabilities (S, T) of an Interactions table with one candidate per row (what ``din-ext predict``
-        scores), in batches of ``batch_size`` rows."""
-        schema, out = self.schema, []
-        for start in range(0, len(batch), batch_size):
-            part = batch.take(torch.arange(start, min(start + batch_size, len(batch))))
-            rows = len(part)
-            user = torch.stack([part.user[f] for f in schema.user_fields], -1) if schema.user_fields else \
-                torch.zeros(rows, 0, dtype=torch.long)
-            items = torch.stack([part.item[f] for f in schema.item_fields], -1)[:, None]
-            hist = torch.stack([part.hist[f] for f in schema.history_fields], -1)
-            dense = part.dense if self.use_dense else torch.zeros(rows, 0)
-            out.append(self.predict_rows(user, items, part.hist_offsets, hist, dense)[:, 0])
-        return torch.cat(out)
+        """Probabilities (S, T) of an Interactions table with one candidate per row, in batches of ``batch_size``
+        rows."""
+        return torch.cat([self.predict_batch(part) for part in iterate_batches(batch, batch_size)])
 
     # -- raw ids ------------------------------------------------------------------------------------------------
 

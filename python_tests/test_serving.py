@@ -171,19 +171,24 @@ def with_vocabularies(schema):
     return schema
 
 
+def exported_by_cli(data, folder, fmt: str):
+    """(model, checkpoint path, export path): a warmed model with vocabularies saved as best.pt in ``folder`` and
+    exported by ``din-ext export --format fmt``."""
+    from din_ext import cli
+
+    train, _, schema = data
+    model = warm_statistics(small_model(with_vocabularies(schema)), train)
+    checkpoint, path = str(folder / "best.pt"), str(folder / f"model.{fmt}")
+    torch.save(model.checkpoint(data=SPEC), checkpoint)
+    assert cli.main(["export", "--checkpoint", checkpoint, "--format", fmt, "--out", path]) == 0
+    return model, checkpoint, path
+
+
 @pytest.fixture(scope="module")
 def served(tiny, tmp_path_factory):
     """(model, checkpoint path, package path): the package written by ``din-ext export`` (the one AOTInductor
     compile of this module)."""
-    from din_ext import cli
-
-    train, _, schema = tiny
-    model = warm_statistics(small_model(with_vocabularies(schema)), train)
-    folder = tmp_path_factory.mktemp("serve")
-    checkpoint, package = str(folder / "best.pt"), str(folder / "model.pt2")
-    torch.save(model.checkpoint(data=SPEC), checkpoint)
-    assert cli.main(["export", "--checkpoint", checkpoint, "--format", "pt2", "--out", package]) == 0
-    return model, checkpoint, package
+    return exported_by_cli(tiny, tmp_path_factory.mktemp("serve"), "pt2")
 
 
 @requires_cpp
@@ -285,12 +290,13 @@ def test_predictor_without_vocabularies_says_reexport(tiny, tmp_path):
 
 
 @requires_cpp
-def test_predictor_threads(served, tiny):
+@pytest.mark.parametrize("kind", ["pt", "pt2"])
+def test_predictor_threads(served, tiny, kind):
     from concurrent.futures import ThreadPoolExecutor
     from din_ext.serving import DINPredictor
 
-    model, _, package = served
-    predictor = DINPredictor.load(package)
+    model, checkpoint, package = served
+    predictor = DINPredictor.load(checkpoint if kind == "pt" else package)
     requests = raw_requests(edge_batch(tiny[0]), model.schema, candidates=2)
     alone = [predictor.predict(requests[i:i + 3]) for i in range(0, 18, 3)]
     with ThreadPoolExecutor(4) as pool:
