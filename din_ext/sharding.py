@@ -27,16 +27,20 @@ call ``train`` there. TorchRec 1.9.2 needs torch 2.14 and fbgemm-gpu (CUDA) or f
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import re
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+import time
+from datetime import timedelta
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from din_ext import _validate
-from din_ext.data.core import OOV, Interactions
+from din_ext.data.core import OOV, Interactions, iterate_batches
 from din_ext.model import DIN
 
 logger = logging.getLogger("din_ext")
@@ -364,3 +368,138 @@ def to_din(sharded, dst: int = 0) -> Optional[DIN]:
             if not key.startswith("tables."):
                 target[key].copy_(value)
     return din
+
+
+# -- training ---------------------------------------------------------------------------------------------------------
+
+
+def _my_rows(batch: Interactions) -> Tuple[Interactions, torch.Tensor]:
+    """This rank's slice of a global batch (the ranks take disjoint, consecutive slices of near-equal size) and the
+    mask of its real rows: a batch of fewer rows than ranks is padded with copies of its row 0, so that every rank
+    looks up (the lookup is collective), and the copies are masked out."""
+    rows, world = len(batch), dist.get_world_size()
+    index = torch.cat([torch.arange(rows), torch.zeros(max(world - rows, 0), dtype=torch.long)])
+    position = torch.arange(index.numel()).tensor_split(world)[dist.get_rank()]
+    return batch.take(index[position]), position < rows
+
+
+@torch.no_grad()
+def evaluate(sharded, data: Interactions, batch_size: int = 4096) -> Dict[str, Any]:
+    """auc, gauc, logloss of the first task (every task's under "tasks"), samples_per_second and rows, over the WHOLE of ``data``,
+    as din_ext.training.evaluate gives in one process: each rank predicts its slice of every batch, and the
+    predictions are all-gathered. Collective; every rank gets the result."""
+    from din_ext import metrics
+    from din_ext.training import _defined, check_positive
+
+    batch_size = check_positive("batch_size", batch_size)
+    module = sharded.module
+    was_training = module.training
+    sharded.eval()
+    local_p, local_users, local_labels = [], [], []
+    start = time.perf_counter()
+    try:
+        for batch in iterate_batches(data, batch_size):
+            part, real = _my_rows(batch)
+            local_p.append(torch.sigmoid(sharded(part).float())[real])
+            local_users.append(part.user_id[real])
+            local_labels.append(torch.stack([part.labels[t] for t in module.tasks], 1)[real])
+    finally:
+        sharded.train(was_training)
+    seconds = time.perf_counter() - start
+    tasks = len(module.tasks)
+    p = torch.cat(_all_gather_variable(torch.cat(local_p).reshape(-1))).view(-1, tasks)
+    labels = torch.cat(_all_gather_variable(torch.cat(local_labels).reshape(-1))).view(-1, tasks)
+    users = torch.cat(_all_gather_variable(torch.cat(local_users)))
+    per_task = {task: {"auc": _defined(metrics.auc, labels[:, k], p[:, k]),
+                       "gauc": _defined(metrics.gauc, labels[:, k], p[:, k], users),
+                       "logloss": metrics.logloss(labels[:, k], p[:, k])} for k, task in enumerate(module.tasks)}
+    return {**per_task[module.tasks[0]], "samples_per_second": p.shape[0] / max(seconds, 1e-9), "rows": p.shape[0],
+            "tasks": per_task}
+
+
+def fit(sharded, train: Interactions, test: Optional[Interactions] = None, *, epochs: int, batch_size: int,
+        lr: float = 1e-3, dense_optimizer: Optional[torch.optim.Optimizer] = None, seed: int = 0,
+        eval_batch_size: int = 4096, out: Optional[str] = None, gather: bool = True,
+        checkpoint_extra: Optional[Mapping[str, Any]] = None, log: Optional[Callable[[str], None]] = None
+        ) -> Dict[str, Any]:
+    """Trains a ``shard`` result for ``epochs`` epochs on global batches of ``batch_size`` rows; returns the last
+    epoch's metrics (on ``test``, if given) with the history. Collective: every rank calls it with the same data.
+
+    Epoch e visits the rows in the order seeded with ``seed * 1000 + e`` (as din_ext.training.fit), every rank
+    the same; each rank trains on its slice of every global batch (a global batch of fewer rows than ranks is
+    skipped). The loss is the sum over tasks of each task's mean binary cross-entropy on the rank's rows. The tables
+    step with the fused optimizer given to ``shard``; the dense part with ``dense_optimizer`` (default Adam, lr).
+    out: rank 0 writes OUT/metrics.json and, with ``gather`` (rank 0 must hold every table whole), OUT/last.pt, a
+    din_ext DIN checkpoint of the gathered model (with ``checkpoint_extra``'s keys; ``din-ext evaluate/predict``
+    need "data", the data options) that din_ext.DIN.from_checkpoint reads.
+    """
+    from din_ext.model import save_checkpoint
+    from din_ext.training import check_positive
+
+    epochs, batch_size = check_positive("epochs", epochs), check_positive("batch_size", batch_size)
+    log = log or logger.info
+    module = sharded.module
+    optimizer = dense_optimizer or torch.optim.Adam(dense_parameters(sharded), lr=lr)
+    bce = nn.BCEWithLogitsLoss()
+    history = []
+    for epoch in range(epochs):
+        sharded.train()
+        start, seen, total = time.perf_counter(), 0, torch.zeros(())
+        for batch in iterate_batches(train, batch_size, shuffle=True, seed=seed * 1000 + epoch):
+            if len(batch) < dist.get_world_size():
+                continue
+            part, _ = _my_rows(batch)
+            logits = sharded(part)
+            loss = sum(bce(logits[:, k], part.labels[t]) for k, t in enumerate(module.tasks))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            seen += len(batch)
+        speed = seen / max(time.perf_counter() - start, 1e-9)
+        result = {"epoch": epoch + 1, "train_samples_per_second": speed}
+        if test is not None:
+            result.update(evaluate(sharded, test, eval_batch_size))
+        history.append(result)
+        shown = "  ".join(f"{k} {result[k]:.4f}" for k in ("auc", "gauc", "logloss") if k in result)
+        if dist.get_rank() == 0:
+            log(f"epoch {epoch + 1}/{epochs}: {shown}  train {speed:,.0f} samples/s ({dist.get_world_size()} ranks)")
+    final = {**history[-1], "model": "din" if module.pooling == "attention" else "base", "history": history}
+    if out is not None:
+        din = to_din(sharded) if gather else None
+        if dist.get_rank() == 0:
+            os.makedirs(out, exist_ok=True)
+            if din is not None:
+                save_checkpoint(os.path.join(out, "last.pt"), din.checkpoint(epoch=epochs, **dict(checkpoint_extra or {})))
+            with open(os.path.join(out, "metrics.json"), "w") as f:
+                json.dump(final, f, indent=2, allow_nan=True)
+    return final
+
+
+def run(model: ShardedDIN, plan: str, train: Interactions, test: Optional[Interactions] = None, *,
+        device: Optional[torch.device] = None, timeout: timedelta = timedelta(minutes=10),
+        table_optimizer: Optional[type] = None, table_lr: Optional[float] = None, **fit_arguments: Any
+        ) -> Dict[str, Any]:
+    """``fit`` of ``model`` sharded with ``plan``, in a process that torchrun started (``din-ext train
+    --sharding``): joins the process group of torchrun's environment (gloo on the CPU, NCCL on CUDA; collectives
+    time out after ``timeout``) unless one exists, then shard and fit.
+
+    The tables' fused optimizer: by default Adam at fit's lr on CUDA (FBGEMM's Adam steps only the rows of the
+    step, like the SparseAdam of one-process MBA tables), and Adagrad at lr 0.01 on the CPU, where FBGEMM has no
+    Adam (its CPU kernels: SGD, Adagrad, row-wise Adagrad); table_optimizer/table_lr choose another.
+    """
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise RuntimeError("sharded training runs one process per rank under torchrun, e.g. torchrun "
+                               "--nproc-per-node 2 -m din_ext train --sharding rowwise ...")
+        cuda = device is not None and torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    lr = fit_arguments.setdefault("lr", 1e-3)
+    on_cuda = dist.get_backend() == "nccl"
+    table_optimizer = table_optimizer or (torch.optim.Adam if on_cuda else torch.optim.Adagrad)
+    table_lr = table_lr or (lr if table_optimizer is torch.optim.Adam else 0.01)
+    sharded = shard(model, plan, table_optimizer=table_optimizer, table_optimizer_kwargs={"lr": table_lr},
+                    device=device)
+    return fit(sharded, train, test, **fit_arguments)

@@ -11,6 +11,8 @@ import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from din_ext import sharding
 from din_ext.data.core import iterate_batches
@@ -22,8 +24,6 @@ try:
 except ImportError as exc:
     pytest.skip(str(exc), allow_module_level=True)
 
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 WORLD = 2
 LR = 0.5
@@ -142,7 +142,7 @@ def test_sharded_dice_eval_forward_equals_unsharded():
 
 
 def test_errors_are_one_line():
-    train, schema = _data()
+    _, schema = _data()
     with pytest.raises(TypeError, match="ShardedDIN"):
         sharding.shard(DIN(schema), "rowwise")
     with pytest.raises(RuntimeError, match="init_process_group"):
