@@ -384,15 +384,26 @@ def _my_rows(batch: Interactions) -> Tuple[Interactions, torch.Tensor]:
 
 
 @torch.no_grad()
+def _broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's dense buffers (Dice's running statistics) to every rank. DDP broadcasts them before a training
+    forward only, and a rank's own forward then updates them with its rows; evaluation and to_din use rank 0's."""
+    for name, buffer in module.named_buffers():
+        if not name.startswith("tables."):
+            dist.broadcast(buffer, 0)
+
+
+@torch.no_grad()
 def evaluate(sharded, data: Interactions, batch_size: int = 4096) -> Dict[str, Any]:
     """auc, gauc, logloss of the first task (every task's under "tasks"), samples_per_second and rows, over the WHOLE of ``data``,
     as din_ext.training.evaluate gives in one process: each rank predicts its slice of every batch, and the
-    predictions are all-gathered. Collective; every rank gets the result."""
+    predictions are all-gathered, with rank 0's Dice running statistics on every rank (as to_din's DIN has them).
+    Collective; every rank gets the result."""
     from din_ext import metrics
     from din_ext.training import _defined, check_positive
 
     batch_size = check_positive("batch_size", batch_size)
     module = sharded.module
+    _broadcast_buffers(module)
     was_training = module.training
     sharded.eval()
     local_p, local_users, local_labels = [], [], []

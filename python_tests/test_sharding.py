@@ -114,6 +114,24 @@ def _check_dice_eval(rank, plan):
         torch.testing.assert_close(dmp(batch.take(mine)), din(batch)[mine], rtol=1e-5, atol=1e-6)
 
 
+def _check_fit_evaluate(rank, plan, activation, out):
+    from din_ext import training
+    from din_ext.model import load_checkpoint
+
+    train, schema = _data()
+    test = train.take(torch.arange(len(train) - 37, len(train)))  # a size that does not split evenly
+    torch.manual_seed(0)
+    model = sharding.ShardedDIN(schema, embed_dim=8, attention_hidden=(8,), tower_hidden=(16,), activation=activation)
+    dmp = sharding.shard(model, plan, table_optimizer=torch.optim.Adagrad, table_optimizer_kwargs={"lr": 0.05})
+    final = sharding.fit(dmp, train, test, epochs=2, batch_size=GLOBAL_BATCH, lr=0.01, out=out)
+    assert len(final["history"]) == 2 and final["rows"] == len(test)
+    if rank == 0:  # the gathered model, evaluated in one process, gives the sharded evaluation's metrics
+        din = DIN.from_checkpoint(load_checkpoint(os.path.join(out, "last.pt")))
+        alone = training.evaluate(din, test)
+        for key in ("auc", "gauc", "logloss"):
+            assert abs(alone[key] - final[key]) < 1e-6, (key, alone[key], final[key])
+
+
 def _worker(rank, port, check, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -139,6 +157,11 @@ def test_sharded_train_steps_equal_unsharded(plan, mba):
 
 def test_sharded_dice_eval_forward_equals_unsharded():
     _spawn(_check_dice_eval, "rowwise")
+
+
+@pytest.mark.parametrize("activation", ["prelu", "dice"])
+def test_fit_evaluates_the_whole_test_set(tmp_path, activation):
+    _spawn(_check_fit_evaluate, "rowwise", activation, str(tmp_path))
 
 
 def test_errors_are_one_line():
