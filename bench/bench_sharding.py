@@ -15,13 +15,11 @@ import time
 
 import torch
 import torch.distributed as dist
+from common import git_commit, machine_description, write_table
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import git_commit, machine_description, write_table  # noqa: E402
-from din_ext import sharding  # noqa: E402
-from din_ext.data.core import Schema, iterate_batches  # noqa: E402
-from din_ext.data.synthetic import generate  # noqa: E402
+from din_ext import sharding
+from din_ext.data.core import Schema, iterate_batches
+from din_ext.data.synthetic import generate
 
 MB = 2 ** 20
 
@@ -86,18 +84,21 @@ def main() -> None:
     results = [_run(plan, schema, train, args) for plan in args.plans]
     if dist.get_rank() == 0:
         table_mb = items["item"] * args.embed_dim * 4 / MB
-        lines = [f"# TorchRec-sharded DIN training (cpu, {dist.get_world_size()} gloo ranks, 1 thread each)", "",
+        lines = [f"# TorchRec-sharded DIN training (cpu, {dist.get_world_size()} gloo ranks, 1 thread each)",
+                 "",
                  f"- machine: {machine_description(torch.device('cpu'))}",
-                 f"- torch {torch.__version__}, torchrec {__import__('torchrec').__version__}, date "
-                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {git_commit()}",
-                 f"- command: `torchrun --nproc-per-node {dist.get_world_size()} bench/bench_sharding.py "
-                 f"{' '.join(sys.argv[1:])}`",
-                 f"- data: din-ext's synthetic default ({len(train):,} training impressions, histories cut to 50); "
-                 f"item table {items['item']:,} rows x {args.embed_dim} = {table_mb:,.0f} MB fp32 (Adagrad's state "
-                 f"as much again), the other tables small; global batch {args.batch_size}, median of {args.steps} "
-                 f"steps after {args.warmup}", "",
-                 "| plan | rank | item rows held | RSS before shard MB | after shard MB | after training MB | "
-                 "peak RSS MB | samples/s (global) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 (f"- torch {torch.__version__}, torchrec {__import__('torchrec').__version__}, date "
+                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {git_commit()}"),
+                 (f"- command: `torchrun --nproc-per-node {dist.get_world_size()} bench/bench_sharding.py "
+                  f"{' '.join(sys.argv[1:])}`"),
+                 (f"- data: din-ext's synthetic default ({len(train):,} training impressions, histories cut to 50); "
+                  f"item table {items['item']:,} rows x {args.embed_dim} = {table_mb:,.0f} MB fp32 (Adagrad's state "
+                  f"as much again), the other tables small; global batch {args.batch_size}, median of {args.steps} "
+                  f"steps after {args.warmup}"),
+                 "",
+                 ("| plan | rank | item rows held | RSS before shard MB | after shard MB | after training MB | "
+                  "peak RSS MB | samples/s (global) |"),
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for result in results:
             for rank, (rows, before, shard_mb, end_mb, peak) in enumerate(result["per_rank"]):
                 lines.append(f"| {result['plan']} | {rank} | {int(rows):,} | {before:,.0f} | {shard_mb:,.0f} | "

@@ -18,7 +18,7 @@ in the same lookup as its data ids and adds ``mba_lambda / 2 * sum ||w_j||^2 / n
 TorchRec's gradient division undoes) to the backward of the logits, not to their value. So each j in U gets
 ``mba_lambda * w_j / n_j`` once, inside the one fused-optimizer update of row j. FBGEMM's optimizer weight decay is
 not used for it: that decays every batch row once per rank that looked it up, without 1/n_j. The frequencies n_j
-are replicated (8 bytes a row, the schema's), not sharded.
+are the schema's tensors, which every rank holds (8 bytes a row), not sharded.
 
 Launch one process per rank (``torchrun --nproc-per-node N``) after ``torch.distributed.init_process_group``, or
 call ``train`` there. TorchRec 1.9.2 needs torch 2.14 and fbgemm-gpu (CUDA) or fbgemm-gpu-cpu 1.9.0.
@@ -119,10 +119,8 @@ class ShardedDIN(DIN):
             feature_names=[f"{self.table_names[f]}.{part}" for part in self._parts(f)],
             init_fn=functools.partial(nn.init.normal_, mean=0.0, std=self.embedding_std)) for f in fields]
         self.tables = torchrec.EmbeddingCollection(tables=configs, device=torch.device("meta"))
-        # The MBA frequencies n_j of every table (the schema's, clamped to >= 1), as DIN's MBAEmbedding keeps them.
-        for f in fields if self.mba_lambda else ():
-            self.register_buffer(f"_frequencies_{self.table_names[f]}",
-                                 schema.frequencies[f].detach().to(torch.float64).clamp_min(1), persistent=False)
+        # The MBA frequencies n_j: the schema's own tensors, not buffers, which DDP would broadcast at every step.
+        self._frequencies = {self.table_names[f]: schema.frequencies[f] for f in fields} if self.mba_lambda else {}
         self._checked_total: Optional[int] = None
 
     def _parts(self, field: str) -> Tuple[str, ...]:
@@ -134,8 +132,14 @@ class ShardedDIN(DIN):
         """A parameter-free stand-in for the table of ``field`` (the rows are in ``self.tables``)."""
         if num_embeddings < 1:
             raise ValueError(f"field {field!r}: table size must be >= 1 (row 0 is padding/OOV), got {num_embeddings}")
-        if self.mba_lambda and field not in self.schema.frequencies:
-            raise ValueError(f"mba_lambda > 0 needs schema.frequencies[{field!r}] (training counts per row)")
+        if self.mba_lambda:
+            if field not in self.schema.frequencies:
+                raise ValueError(f"mba_lambda > 0 needs schema.frequencies[{field!r}] (training counts per row)")
+            counts = self.schema.frequencies[field]
+            _validate.tensor(counts, f"schema.frequencies[{field!r}]", dims=1)
+            if counts.shape[0] != num_embeddings:
+                raise ValueError(f"schema.frequencies[{field!r}] must have shape [{num_embeddings}], got "
+                                 f"{tuple(counts.shape)}")
         return _Looked()
 
     def _check_batch(self, batch: Interactions) -> Optional[int]:
@@ -237,7 +241,9 @@ class ShardedDIN(DIN):
             if regularize:
                 share = embedded[f"{name}.mba"]
                 ids = columns[f"{name}.mba"][0]
-                n = getattr(self, f"_frequencies_{name}")[ids].to(share.dtype)
+                if self._frequencies[name].device != ids.device:
+                    self._frequencies[name] = self._frequencies[name].to(ids.device)
+                n = self._frequencies[name][ids].clamp_min(1).to(share.dtype)  # below 1 counts as 1, as MBAEmbedding
                 value = 0.5 * self.mba_lambda * (share.pow(2).sum(-1) / n).sum()
                 table.last_regularization = value.detach()
                 regularization.append(value)

@@ -170,4 +170,36 @@ def test_errors_are_one_line():
         sharding.shard(DIN(schema), "rowwise")
     with pytest.raises(RuntimeError, match="init_process_group"):
         sharding.shard(sharding.ShardedDIN(schema), "rowwise")
+    with pytest.raises(RuntimeError, match="torchrun"):
+        sharding.run(sharding.ShardedDIN(schema), "rowwise", None)
+    bad = copy.copy(schema)
+    bad.frequencies = {**schema.frequencies, "brand": torch.ones(3)}
+    with pytest.raises(ValueError, match=r"schema.frequencies\['brand'\] must have shape \[21\]"):
+        sharding.ShardedDIN(bad, mba_lambda=0.1)
     assert sharding.table_name(0, "items") == "t0_items" and sharding.table_name(3, "a.b c") == "t3_a_b_c"
+
+
+def test_cli_trains_under_torchrun(tmp_path):
+    """din-ext train --sharding under torchrun writes metrics.json and a DIN checkpoint that loads."""
+    import json
+    import subprocess
+    import sys
+
+    from din_ext.model import load_checkpoint
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(sharding.__file__)),
+                                          os.environ.get("PYTHONPATH", "")])}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port",
+               str(port), "-m", "din_ext", "train", "--sharding", "tablewise", "--epochs", "1", "--synthetic-users",
+               "150", "--batch-size", "64", "--mba-lambda", "0.01", "--device", "cpu", "--no-progress", "--out",
+               str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = json.loads((tmp_path / "metrics.json").read_text())
+    assert final["epoch"] == 1 and 0 < final["auc"] < 1
+    din = DIN.from_checkpoint(load_checkpoint(str(tmp_path / "last.pt")))
+    assert din.mba_lambda == 0.01 and float(din.embeddings["item"].weight[0].abs().sum()) == 0
