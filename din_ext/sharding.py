@@ -289,8 +289,9 @@ def shard(model: ShardedDIN, plan: Any = "rowwise", *, table_optimizer: type = t
     Collective: every rank calls it, after ``torch.distributed.init_process_group`` (gloo on the CPU, NCCL on CUDA).
     plan: "rowwise" or "tablewise" (TorchRec's planner places every table with that sharding type and the fused
     kernel) or a ``torchrec.distributed.types.ShardingPlan`` of your own. table_optimizer(_kwargs): the tables'
-    optimizer, fused into the backward by FBGEMM (torch.optim.SGD, Adagrad, Adam; TorchRec maps each to its FBGEMM
-    kind; default SGD with lr 0.01); the dense parameters (``dense_parameters``) take any optimizer of yours.
+    optimizer, fused into the backward by FBGEMM (default SGD with lr 0.01; torch.optim.SGD, Adagrad or
+    torchrec.optim.RowWiseAdagrad, and on CUDA also Adam); the dense parameters (``dense_parameters``) take any
+    optimizer of yours.
     topology: a ``torchrec.distributed.planner.Topology`` (its per-rank memory bounds what a rank may hold);
     default: every rank of the world on ``device``. device: default cuda:<local rank> under NCCL, else cpu.
     """
@@ -305,16 +306,21 @@ def shard(model: ShardedDIN, plan: Any = "rowwise", *, table_optimizer: type = t
         raise TypeError(f"model must be a din_ext.sharding.ShardedDIN, got {type(model).__name__}")
     if not dist.is_initialized():
         raise RuntimeError("shard needs torch.distributed: call init_process_group first (e.g. under torchrun)")
+    if isinstance(plan, str) and plan not in PLANS:
+        raise ValueError(f"plan must be one of {sorted(PLANS)} or a torchrec ShardingPlan, got {plan!r}")
     if device is None:
         nccl = dist.get_backend() == "nccl"
         device = torch.device(f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
     device = torch.device(device)
+    from torchrec.optim import RowWiseAdagrad
+
+    if device.type == "cpu" and table_optimizer not in (torch.optim.SGD, torch.optim.Adagrad, RowWiseAdagrad):
+        raise ValueError(f"table_optimizer {getattr(table_optimizer, '__name__', table_optimizer)} has no FBGEMM CPU "
+                         "kernel: use torch.optim.SGD, torch.optim.Adagrad or torchrec.optim.RowWiseAdagrad")
     kwargs = dict(table_optimizer_kwargs or {"lr": 0.01})
     apply_optimizer_in_backward(table_optimizer, model.tables.parameters(), kwargs)
     sharder = EmbeddingCollectionSharder()
     if isinstance(plan, str):
-        if plan not in PLANS:
-            raise ValueError(f"plan must be one of {sorted(PLANS)} or a torchrec ShardingPlan, got {plan!r}")
         constraints = {name: ParameterConstraints(sharding_types=[PLANS[plan]],
                                                   compute_kernels=[EmbeddingComputeKernel.FUSED.value])
                        for name in model.table_names.values()}

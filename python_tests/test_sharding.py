@@ -143,10 +143,14 @@ def _worker(rank, port, check, args):
         dist.destroy_process_group()
 
 
-def _spawn(check, *args):
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _spawn(check, *args):
+    port = _free_port()
     mp.spawn(_worker, args=(port, check, args), nprocs=WORLD)
 
 
@@ -179,6 +183,18 @@ def test_errors_are_one_line():
     assert sharding.table_name(0, "items") == "t0_items" and sharding.table_name(3, "a.b c") == "t3_a_b_c"
 
 
+def test_bad_shard_arguments():
+    _, schema = _data()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="table_optimizer Adam has no FBGEMM CPU kernel"):
+            sharding.shard(sharding.ShardedDIN(schema), "rowwise", table_optimizer=torch.optim.Adam)
+        with pytest.raises(ValueError, match="plan must be one of"):
+            sharding.shard(sharding.ShardedDIN(schema), "columnwise")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_cli_trains_under_torchrun(tmp_path):
     """din-ext train --sharding under torchrun writes metrics.json and a DIN checkpoint that loads."""
     import json
@@ -190,9 +206,7 @@ def test_cli_trains_under_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(sharding.__file__)),
                                           os.environ.get("PYTHONPATH", "")])}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port",
                str(port), "-m", "din_ext", "train", "--sharding", "tablewise", "--epochs", "1", "--synthetic-users",
                "150", "--batch-size", "64", "--mba-lambda", "0.01", "--device", "cpu", "--no-progress", "--out",
