@@ -80,7 +80,10 @@ setup(
                     "deepctr": ["deepctr-torch", "requests"],
                     "recbole": ["recbole>=1.2,<1.3", "numpy<2", "pandas<3", "setuptools<81"],
                     # din-ext train --config FILE.yaml (.json needs nothing), din-ext tune, the pictures
-                    "config": ["pyyaml>=5.1"], "tune": ["optuna>=3.0"], "plots": ["matplotlib>=3.5"]},
+                    "config": ["pyyaml>=5.1"], "tune": ["optuna>=3.0"], "plots": ["matplotlib>=3.5"],
+                    # din_ext.sharding: torchrec 1.9.2 loads with torch 2.14 only; it requires fbgemm-gpu (CUDA),
+                    # which a CPU-only machine replaces with fbgemm-gpu-cpu==1.9.0 (README, TorchRec section)
+                    "torchrec": ["torch>=2.14,<2.15", "torchrec==1.9.2"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},

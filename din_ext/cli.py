@@ -160,13 +160,13 @@ def _widths(text: str) -> Tuple[int, ...]:
     return widths
 
 
-def _new_model(args: argparse.Namespace, schema: Schema) -> DIN:
-    """The DIN of the model flags; the flags DIN would refuse are named as flags."""
+def _new_model(args: argparse.Namespace, schema: Schema, model_class=DIN) -> DIN:
+    """The DIN (or ``model_class``, a subclass) of the model flags; the flags DIN would refuse are named as flags."""
     training.check_positive("embed_dim", args.embed_dim)
     if not (math.isfinite(args.mba_lambda) and args.mba_lambda >= 0):
         raise UsageError(f"--mba-lambda must be finite and >= 0, got {args.mba_lambda}")
     try:
-        return DIN(schema, embed_dim=args.embed_dim, attention_hidden=args.attention_hidden,
+        return model_class(schema, embed_dim=args.embed_dim, attention_hidden=args.attention_hidden,
                    tower_hidden=args.tower_hidden, activation=args.activation, pooling=training.POOLING[args.model],
                    normalization=args.normalization, mba_lambda=args.mba_lambda)
     except (ValueError, TypeError, RuntimeError, MemoryError) as exc:  # e.g. a width too large to allocate
@@ -227,6 +227,8 @@ def _train(args: argparse.Namespace, data, out: str, last_path: str, log,
     device = distributed.process_device(training.resolve_device(args.device))
     _check_backend(args.backend, device)
     checkpoint = None
+    if args.resume and getattr(args, "sharding", None):
+        raise UsageError("--resume does not work with --sharding (din_ext.sharding writes no optimizer state)")
     if args.resume:
         if not os.path.exists(last_path):
             raise UsageError(f"--resume: no checkpoint {last_path} to resume from")
@@ -249,12 +251,32 @@ def _train(args: argparse.Namespace, data, out: str, last_path: str, log,
     if checkpoint is not None:
         model = _model_of(checkpoint, f"--resume: {last_path}")
         training.check_fits(model, schema, "--resume: the data")
+    elif getattr(args, "sharding", None):
+        return _train_sharded(args, schema, train_set, test_set, fit_arguments, spec, device)
     else:
         model = _new_model(args, schema)
     model.backend = args.backend
     return training.fit(model, train_set, test_set, **fit_arguments, device=device, seed=spec["seed"],
                         data_options=spec, data_name=spec["data"], progress=not args.no_progress, log=log,
                         world=world)
+
+
+def _train_sharded(args, schema, train_set, test_set, fit_arguments, spec, device) -> Dict[str, Any]:
+    """--sharding: din_ext.sharding.run in this torchrun process (one per rank)."""
+    try:
+        from din_ext import sharding
+        model = _new_model(args, schema, sharding.ShardedDIN)
+    except ImportError as exc:
+        raise UsageError(f"--sharding: {_validate.first_line(exc)}") from None
+    model.backend = args.backend
+    options = {**training.TRAIN_DEFAULTS, **{k: fit_arguments[k] for k in ("batch_size", "lr")
+                                             if fit_arguments[k] is not None}}
+    try:
+        return sharding.run(model, args.sharding, train_set, test_set, device=device, epochs=args.epochs,
+                            eval_batch_size=args.eval_batch_size, out=fit_arguments["out"], seed=spec["seed"],
+                            checkpoint_extra={"data": spec, "options": options}, log=_say, **options)
+    except RuntimeError as exc:
+        raise UsageError(f"--sharding: {_validate.first_line(exc)}") from None
 
 
 def _load_model(args: argparse.Namespace) -> Tuple[DIN, Dict[str, Any], torch.device]:
@@ -287,6 +309,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--dist-timeout must be positive seconds, got {args.dist_timeout}")
     if args.sync_dice and not distributed.launched():
         raise UsageError("--sync-dice applies to a distributed run (--nproc N, or under torchrun)")
+    if args.sync_dice and args.sharding:
+        raise UsageError("--sync-dice applies to DDP training; --sharding keeps per-rank Dice statistics")
     world = distributed.init(args.dist_timeout, "sync" if args.sync_dice else "rank",
                              training.resolve_device(args.device))
     try:
@@ -613,6 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
     _distributed_options(p)
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved options (defaults, --config, flags) as a config file; train nothing")
+    p.add_argument("--sharding", choices=("rowwise", "tablewise"), default=None,
+                   help="TorchRec-sharded tables, one process per rank under torchrun (din_ext[torchrec]); the tables "
+                        "step with FBGEMM's fused Adam at --lr on CUDA, Adagrad at lr 0.01 on the CPU")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("compare", help="train BaseModel and DIN on the same data; report RelaImpr")
     _train_options(p, with_model=False)
