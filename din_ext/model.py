@@ -23,6 +23,7 @@ from din_ext.contract import check_activation, check_normalization
 from din_ext.data.core import Interactions, Schema
 from din_ext.mba import MBAEmbedding
 from din_ext.modules import Dice, LocalActivationUnit, make_activation
+from din_ext.ops import mba as mba_ops
 
 logger = logging.getLogger("din_ext")
 
@@ -59,11 +60,37 @@ def schema_from_dict(data: Mapping[str, Any]) -> Schema:
 class SharedEmbedding(nn.Embedding):
     """nn.Embedding whose forward looks up several id tensors in one table: ``forward(ids, ...) -> (emb, ...)``.
 
-    The same call signature as ``din_ext.MBAEmbedding``, so the model treats both alike (``checked`` changes
-    nothing: nn.Embedding checks the ids in its kernel, without a synchronization).
+    The same call signature as ``din_ext.MBAEmbedding``, so the model treats both alike (``checked``: the caller has
+    validated the ids; nn.Embedding checks them in its kernel anyway, without a synchronization).
+    sparse: when a gradient is recorded, weight's gradient is a coalesced sparse COO tensor with one row per distinct
+    non-padding id of the call (``din_ext.ops.mba_embedding`` without regularization), so that a row-wise optimizer
+    (``din_ext.training.RowAdam``) steps O(ids x D) whatever the table size; False: nn.Embedding's dense gradient,
+    O(V x D) per step. Without a gradient (eval, serving) both are nn.Embedding's plain lookup.
     """
 
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
+                 sparse: bool = False):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        self.sparse = sparse
+
+    @property
+    def sparse(self) -> bool:
+        return self._sparse_grad
+
+    @sparse.setter
+    def sparse(self, value: bool) -> None:
+        # nn.Embedding's own sparse gradient is uncoalesced and does not trace for torch.compile; the MBA op's is
+        # coalesced, deterministic and traces. Its n_j (unused without regularization) are a buffer that exists only
+        # while sparse, not persistent: the state_dict is the same either way.
+        self._sparse_grad = bool(value)
+        ones = torch.ones(self.num_embeddings, dtype=torch.long, device=self.weight.device) if value else None
+        self.register_buffer("unit_frequencies", ones, persistent=False)
+
     def forward(self, *ids: torch.Tensor, checked: bool = False) -> Tuple[torch.Tensor, ...]:
+        if self._sparse_grad and torch.is_grad_enabled() and self.weight.requires_grad:
+            out, _ = mba_ops.mba_embedding(self.weight, list(ids), self.unit_frequencies, 0.0,
+                                           padding_idx=self.padding_idx, sparse=True, checked=checked)
+            return out
         if len(ids) == 1:
             return (super().forward(ids[0]),)
         flat = super().forward(torch.cat([i.reshape(-1) for i in ids]))
@@ -199,6 +226,18 @@ class DIN(nn.Module):
         for module in self.modules():
             if isinstance(module, (Dice, LocalActivationUnit)):
                 module.backend = name
+
+    @property
+    def sparse_gradients(self) -> bool:
+        """Whether every embedding table's gradient is sparse (one row per distinct id of the step, for a row-wise
+        optimizer: ``din_ext.training.make_optimizer`` sets it); False (the default of a new model, except that MBA
+        tables start sparse): dense gradients, which any torch.optim optimizer takes. Not part of the config."""
+        return all(table.sparse for table in self.embeddings.values())
+
+    @sparse_gradients.setter
+    def sparse_gradients(self, value: bool) -> None:
+        for table in self.embeddings.values():
+            table.sparse = bool(value)
 
     @property
     def config(self) -> Dict[str, Any]:
