@@ -9,15 +9,14 @@ import threading
 
 import pytest
 import torch
+from conftest import requires_cpp
+from test_model import first_batch, one_thread, tiny  # noqa: F401  (the tiny data and the one-thread fixture)
 
 import din_ext
 from din_ext import training
 from din_ext.data.core import iterate_batches
 from din_ext.model import DIN, SharedEmbedding
 from din_ext.training import RowAdam, make_optimizer, train_step
-from conftest import requires_cpp
-
-from test_model import first_batch, one_thread, tiny  # noqa: F401  (the tiny data and the one-thread fixture)
 
 
 def model_of(schema, seed=0, **options) -> DIN:
