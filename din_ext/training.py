@@ -124,7 +124,7 @@ class RowAdam(torch.optim.Optimizer):
     ``din_ext.MBAEmbedding``); an uncoalesced gradient is coalesced first. For the rows j of the gradient g, with t
     the parameter's step count: ``m_j = b1 m_j + (1 - b1) g_j``, ``v_j = b2 v_j + (1 - b2) g_j^2``,
     ``w_j -= lr sqrt(1 - b2^t) / (1 - b1^t) * m_j / (sqrt(v_j) + eps)``; other rows and their moments stay.
-    SparseAdam computes the same through sparse tensors (sparse_mask, sparse adds), several times slower per DIN step
+    SparseAdam computes the same through sparse tensors (sparse_mask, sparse adds), ~1.7x slower on DIN's tables
     (docs/design.md, training); here the gathered rows of every table are updated with foreach ops at once. The state
     (step, exp_avg, exp_avg_sq per parameter) is SparseAdam's, so either loads the other's state_dict.
     """
@@ -175,7 +175,10 @@ class RowAdam(torch.optim.Optimizer):
             torch._foreach_div_(avgs, avg_sqs)  # the update direction m / (sqrt(v) + eps)
             for p, index, direction in zip(params, rows, avgs):
                 t = self.state[p]["step"]
-                p.index_add_(0, index, direction, alpha=-group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t))
+                # gather, add, scatter: the rows are distinct, and index_add_ with alpha is several times slower
+                weight = p.index_select(0, index)
+                weight.add_(direction, alpha=-group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t))
+                p.index_copy_(0, index, weight)
         return loss
 
 
