@@ -192,6 +192,7 @@ def measure(step: Callable, batches: List[torch.Tensor], warmup: int) -> List[fl
 def auc_comparison(args) -> str:
     """Test AUC / GAUC per epoch of din_ext.DIN trained with make_optimizer's row-wise step and with dense Adam, from
     the same initialization and batches (fit's loop: epoch e shuffled with seed e; synthetic default)."""
+    torch.set_num_threads(1)  # the metrics do not depend on it; one thread is the steadiest on a shared machine
     train, test, schema = generate(SyntheticConfig(num_users=args.users), seed=0)
     train, test = train.truncate_history(args.max_history), test.truncate_history(args.max_history)
     results = {}
