@@ -50,7 +50,7 @@ from din_ext.data.synthetic import SyntheticConfig, generate
 from din_ext.training import PREFETCH, evaluate, format_metrics, make_optimizer, train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, git_commit, machine_description, matmul_gflops, write_table
+from common import ROOT, git_commit, machine_description, write_table
 
 ATTENTION, TOWER = (80, 40), (200, 80)
 ADAM_FLOPS = 12  # per updated element: two moments, bias corrections, sqrt, divide, update
@@ -176,17 +176,31 @@ def deepctr_step(schema: Schema, train: Interactions, args) -> Callable[[torch.T
     return step
 
 
-def measure(step: Callable, batches: List[torch.Tensor], warmup: int) -> List[float]:
-    """samples/s of each step after the first ``warmup`` ones; a step's time includes getting its input from
-    ``step.inputs(batches)`` (a wait for din_ext's prefetch thread, DeepCTR-Torch's row gather)."""
-    speeds = []
+def measure(step: Callable, batches: List[torch.Tensor], warmup: int) -> Tuple[List[float], List[float]]:
+    """(samples/s, process CPU seconds) of each step after the first ``warmup`` ones; a step's time includes getting
+    its input from ``step.inputs(batches)`` (a wait for din_ext's prefetch thread, DeepCTR-Torch's row gather)."""
+    speeds, cpu = [], []
     inputs: Iterator = step.inputs(batches)
     for i, index in enumerate(batches):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step(next(inputs))
         if i >= warmup:
             speeds.append(index.numel() / (time.perf_counter() - start))
-    return speeds
+            cpu.append(time.process_time() - start_cpu)
+    return speeds, cpu
+
+
+def matmul_rate(threads: int, n: int = 1024) -> Tuple[float, float]:
+    """float32 torch.mm GFLOP/s on (n, n) matrices: (by wall time, by process CPU time per thread)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    walls, cpus = [], []
+    for _ in range(10):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        torch.mm(a, b)
+        walls.append(time.perf_counter() - start)
+        cpus.append((time.process_time() - start_cpu) / threads)
+    return 2 * n ** 3 / statistics.median(walls) / 1e9, 2 * n ** 3 / statistics.median(cpus) / 1e9
 
 
 def auc_comparison(args) -> str:
@@ -252,14 +266,16 @@ def run(args) -> str:
     header += (f"- load average before the run: {load:.1f} on {os.cpu_count()} cores (the machine is shared; a thread "
                f"count above the idle cores makes every OpenMP barrier wait for a descheduled thread, so compare models "
                f"within a row group)\n\n")
-    table = ("| threads | batch | model | median samples/s | IQR samples/s | median step ms | FLOP floor ms | x floor "
-             "| vs DeepCTR-Torch |\n|---:|---:|---|---:|---:|---:|---:|---:|---:|\n")
+    table = ("| threads | batch | model | median samples/s | IQR samples/s | median step ms | CPU ms / thread "
+             "| FLOP floor ms | x floor (wall / CPU) | vs DeepCTR-Torch (wall / CPU) |\n"
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
     print(header + table, end="", flush=True)
     lines, notes = [], []
     for thread_count in threads:
         torch.set_num_threads(thread_count)
-        gflops = matmul_gflops(torch.device("cpu"))
-        notes.append(f"- {thread_count} thread(s): float32 matmul (2048^2 torch.mm) {gflops:,.1f} GFLOP/s")
+        gflops, cpu_gflops = matmul_rate(thread_count)
+        notes.append(f"- {thread_count} thread(s): float32 matmul (1024^2 torch.mm) {gflops:,.1f} GFLOP/s by wall time, "
+                     f"{cpu_gflops:,.1f} by CPU time per thread (the floor's rate: the steadier one on a busy machine)")
         for batch_size in args.batch_size:
             g = torch.Generator().manual_seed(1)
             order = torch.randperm(len(train), generator=g)
@@ -282,28 +298,32 @@ def run(args) -> str:
             rows = []
             for name, build in subjects.items():
                 step = build()
-                speeds = measure(step, batches, args.warmup)
+                speeds, cpu = measure(step, batches, args.warmup)
                 med = statistics.median(speeds)
                 q = statistics.quantiles(speeds, n=4, method="inclusive") if len(speeds) > 1 else [med] * 3
+                cpu_ms = statistics.median(cpu) / thread_count * 1e3
                 floor = None
                 if hasattr(step, "dense_parameters"):
                     flops = statistics.mean(step_flops(schema, train.take(index), args, step.dense_parameters)
                                             for index in batches[args.warmup:])
-                    floor = flops / (gflops * 1e9) * 1e3
-                rows.append((name, med, q, batch_size / med * 1e3, floor))
+                    floor = flops / (cpu_gflops * 1e9) * 1e3
+                rows.append((name, med, q, batch_size / med * 1e3, cpu_ms, floor))
                 print(f"| {thread_count} | {batch_size} | {name} | {med:,.0f} | {q[0]:,.0f} - {q[2]:,.0f} | "
-                      f"{batch_size / med * 1e3:.2f} | {'-' if floor is None else f'{floor:.2f}'} | |", flush=True)
-            reference = {r[0]: r[1] for r in rows}.get("DeepCTR-Torch DIN")
+                      f"{batch_size / med * 1e3:.2f} | {cpu_ms:.2f} | {'-' if floor is None else f'{floor:.2f}'} | | |",
+                      flush=True)
+            reference = {r[0]: r[3:5] for r in rows}.get("DeepCTR-Torch DIN")
             lines += [f"| {thread_count} | {batch_size} | {name} | {med:,.0f} | {q[0]:,.0f} - {q[2]:,.0f} | "
-                      f"{ms:.2f} | {'-' if floor is None else f'{floor:.2f}'} | "
-                      f"{'-' if floor is None else f'{ms / floor:.1f}x'} | "
-                      f"{f'{med / reference:.2f}x' if reference else '-'} |"
-                      for name, med, q, ms, floor in rows]
-            step_ms = {r[0]: r[3] for r in rows}
+                      f"{ms:.2f} | {cpu_ms:.2f} | {'-' if floor is None else f'{floor:.2f}'} | "
+                      f"{'-' if floor is None else f'{ms / floor:.1f}x / {cpu_ms / floor:.1f}x'} | "
+                      f"{f'{reference[0] / ms:.2f}x / {reference[1] / cpu_ms:.2f}x' if reference else '-'} |"
+                      for name, med, q, ms, cpu_ms, floor in rows]
+            step_ms = {r[0]: r[3:5] for r in rows}
             vocabs = [f"din_ext.DIN, item V={vocab_name(v)}" for v in args.item_vocab]
             if len(vocabs) > 1:
-                notes.append(f"- {thread_count} thread(s), batch {batch_size}: median step at V={vocab_name(max(spread))}"
-                             f" / at V={vocab_name(min(spread))}: {step_ms[vocabs[-1]] / step_ms[vocabs[0]]:.2f}")
+                big, small = step_ms[vocabs[-1]], step_ms[vocabs[0]]
+                notes.append(f"- {thread_count} thread(s), batch {batch_size}: step at V={vocab_name(max(spread))} / "
+                             f"at V={vocab_name(min(spread))}: {big[0] / small[0]:.2f} (wall), "
+                             f"{big[1] / small[1]:.2f} (CPU)")
     return header + table + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
