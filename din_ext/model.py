@@ -62,10 +62,11 @@ class SharedEmbedding(nn.Embedding):
 
     The same call signature as ``din_ext.MBAEmbedding``, so the model treats both alike (``checked``: the caller has
     validated the ids; nn.Embedding checks them in its kernel anyway, without a synchronization).
-    sparse: when a gradient is recorded, weight's gradient is a coalesced sparse COO tensor with one row per distinct
-    non-padding id of the call (``din_ext.ops.mba_embedding`` without regularization), so that a row-wise optimizer
-    (``din_ext.training.RowAdam``) steps O(ids x D) whatever the table size; False: nn.Embedding's dense gradient,
-    O(V x D) per step. Without a gradient (eval, serving) both are nn.Embedding's plain lookup.
+    sparse: in training mode with a gradient recorded, weight's gradient is a coalesced sparse COO tensor with one row
+    per distinct non-padding id of the call (``din_ext.ops.mba_embedding`` without regularization), so that a
+    row-wise optimizer (``din_ext.training.RowAdam``) steps O(ids x D) whatever the table size; False: nn.Embedding's
+    dense gradient, O(V x D) per step. In eval mode or without a gradient (serving, export) both are nn.Embedding's
+    plain lookup.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
@@ -79,15 +80,29 @@ class SharedEmbedding(nn.Embedding):
 
     @sparse.setter
     def sparse(self, value: bool) -> None:
-        # nn.Embedding's own sparse gradient is uncoalesced and does not trace for torch.compile; the MBA op's is
-        # coalesced, deterministic and traces. Its n_j (unused without regularization) are a buffer that exists only
-        # while sparse, not persistent: the state_dict is the same either way.
         self._sparse_grad = bool(value)
-        ones = torch.ones(self.num_embeddings, dtype=torch.long, device=self.weight.device) if value else None
-        self.register_buffer("unit_frequencies", ones, persistent=False)
+        self._sync_frequencies()
+
+    def train(self, mode: bool = True) -> "SharedEmbedding":
+        super().train(mode)
+        self._sync_frequencies()
+        return self
+
+    def _sync_frequencies(self) -> None:
+        # nn.Embedding's own sparse gradient is uncoalesced and does not trace for torch.compile; the MBA op's is
+        # coalesced, deterministic and traces. Its n_j (unused without regularization) are a non-persistent buffer
+        # that exists only while sparse and training: the state_dict is the same either way, and an exported eval
+        # model carries no trace of it.
+        wanted = self._sparse_grad and self.training
+        current = self._buffers.get("unit_frequencies")
+        if wanted and current is None:
+            ones = torch.ones(self.num_embeddings, dtype=torch.long, device=self.weight.device)
+            self.register_buffer("unit_frequencies", ones, persistent=False)
+        elif not wanted:
+            self.register_buffer("unit_frequencies", None, persistent=False)
 
     def forward(self, *ids: torch.Tensor, checked: bool = False) -> Tuple[torch.Tensor, ...]:
-        if self._sparse_grad and torch.is_grad_enabled() and self.weight.requires_grad:
+        if self.unit_frequencies is not None and torch.is_grad_enabled() and self.weight.requires_grad:
             out, _ = mba_ops.mba_embedding(self.weight, list(ids), self.unit_frequencies, 0.0,
                                            padding_idx=self.padding_idx, sparse=True, checked=checked)
             return out

@@ -111,7 +111,11 @@ def test_shared_embedding_sparse_without_gradient_is_a_plain_lookup():
     with torch.no_grad():
         (out,) = table(ids)
     torch.testing.assert_close(out, torch.nn.functional.embedding(ids, table.weight))
-    assert "unit_frequencies" not in table.state_dict()
+    assert "unit_frequencies" not in table.state_dict() and table.unit_frequencies is not None
+    table.eval()  # eval mode: the plain lookup, and nothing extra for torch.export to carry
+    assert table.unit_frequencies is None
+    table.train()
+    assert table.unit_frequencies is not None
     table.sparse = False
     assert table.unit_frequencies is None
 
