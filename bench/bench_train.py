@@ -2,13 +2,26 @@
 
     python bench/bench_train.py                    # -> bench/results/train_cpu.md
     python bench/bench_train.py --quick            # smoke run: a few small batches, nothing written
+    python bench/bench_train.py --auc-epochs 4     # also: test AUC of row-wise (RowAdam) against dense Adam
 
 Both models get the same data (din-ext's synthetic default, histories cut to the most recent --max-history
 behaviours), the same fields and embedding width, local activation unit (80, 40) with Dice, tower (200, 80) with
-Dice, Adam (lr 1e-3), batch size and batch order. A step is what a training loop does per batch: gather the batch
-from the training set (din_ext: a jagged ``Interactions.take``; DeepCTR-Torch: rows of its padded input matrix),
-forward, loss, backward and optimizer step. Reported: samples/s of each timed step (after warm-up steps), median
-and interquartile range.
+Dice, Adam (lr 1e-3), batch size and batch order. A step is what a training loop does per batch: get the batch,
+forward, loss, backward and optimizer step. din_ext's loop is fit's: ``make_optimizer`` (RowAdam on the embedding
+tables, fused Adam on the rest) and batches gathered (a jagged ``Interactions.take``) by a background thread
+(``din_ext.data.stream.prefetched``, as ``din_ext.training._batches`` does), so a step includes any wait for its
+batch; DeepCTR-Torch's gathers rows of its padded input matrix in the step, as its own fit does. Reported:
+samples/s of each timed step (after warm-up steps), median and interquartile range, and the step's FLOP floor.
+
+Item vocabulary rows (--item-vocab V): the same data with the item ids spread over a table of V rows (a seeded
+injection of the 3,000 items into [1, V)), so only the table size changes; "dense Adam" rows (--dense-adam) step
+every parameter with one torch.optim.Adam on dense gradients, O(V) per step.
+
+FLOP floor: the FLOPs of one step, counted from its batch (embedding gathers and their gradient, the attention in
+din_ext's layer-1 split of docs/design.md section 1.1 with Dice, pooling, the tower with Dice and the head, each
+matmul's backward twice its forward, and Adam's ~12 FLOPs per updated element over the dense parameters and the
+table rows the step touched), divided by the machine's measured float32 matmul GFLOP/s (2048^2 torch.mm, per thread
+count): no step can run faster at that rate, and the elementwise parts run below it.
 
 DeepCTR-Torch (``pip install deepctr-torch``) is a benchmark-only dependency; without it only din_ext is timed.
 Its DIN builds the tower's Dice for 3-D inputs, which fails on the tower's 2-D input, so the tower's activations
@@ -25,18 +38,22 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+import dataclasses
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
 import din_ext
-from din_ext.data.core import Interactions, Schema
+from din_ext.data.core import Interactions, Schema, iterate_batches
+from din_ext.data.stream import prefetched
 from din_ext.data.synthetic import SyntheticConfig, generate
-from din_ext.training import make_optimizer, train_step
+from din_ext.training import PREFETCH, evaluate, format_metrics, make_optimizer, train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, git_commit, machine_description, write_table
 
+ATTENTION, TOWER = (80, 40), (200, 80)
+ADAM_FLOPS = 12  # per updated element: two moments, bias corrections, sqrt, divide, update
 
 
 def import_deepctr():
@@ -50,18 +67,60 @@ def import_deepctr():
     return deepctr_torch
 
 
-def din_ext_step(schema: Schema, train: Interactions, args, backend: str) -> Callable[[torch.Tensor], None]:
+def build_din(schema: Schema, args, backend: str) -> din_ext.DIN:
     torch.manual_seed(0)
-    model = din_ext.DIN(schema, embed_dim=args.embed_dim, attention_hidden=(80, 40), tower_hidden=(200, 80),
-                        activation="dice", backend=backend)
-    optimizer = make_optimizer(model, 1e-3)
+    return din_ext.DIN(schema, embed_dim=args.embed_dim, attention_hidden=ATTENTION, tower_hidden=TOWER,
+                       activation="dice", backend=backend)
+
+
+def din_ext_step(schema: Schema, train: Interactions, args, backend: str, sparse: bool = True):
+    """fit's step: make_optimizer (row-wise unless ``sparse`` is False) and batches built ahead by a thread."""
+    model = build_din(schema, args, backend)
+    optimizer = make_optimizer(model, 1e-3, sparse=sparse)
     model.train()
 
-    def step(index: torch.Tensor) -> None:
-        train_step(model, optimizer, train.take(index))
+    def step(batch: Interactions) -> None:
+        train_step(model, optimizer, batch)
 
+    step.inputs = lambda batches: prefetched(lambda: (train.take(index) for index in batches), PREFETCH)
     step.parameters = sum(p.numel() for p in model.parameters())
+    step.dense_parameters = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embeddings."))
     return step
+
+
+def spread_items(train: Interactions, schema: Schema, vocab: int, seed: int = 0) -> Tuple[Interactions, Schema]:
+    """The same data with item ids mapped into a table of ``vocab`` rows by a seeded injection (row 0 stays 0)."""
+    size = schema.item_fields["item"]
+    if vocab < size:
+        raise SystemExit(f"--item-vocab {vocab} is below the data's {size} item rows")
+    rows = torch.cat([torch.zeros(1, dtype=torch.long),
+                      torch.randperm(vocab - 1, generator=torch.Generator().manual_seed(seed))[:size - 1] + 1])
+    item = {**train.item, "item": rows[train.item["item"]]}
+    hist = {**train.hist, "item": rows[train.hist["item"]]}
+    spread = dataclasses.replace(train, item=item, hist=hist)
+    return spread, dataclasses.replace(schema, item_fields={**schema.item_fields, "item": vocab}, frequencies={},
+                                       vocabularies={})
+
+
+def step_flops(schema: Schema, batch: Interactions, args, dense_parameters: int) -> float:
+    """The FLOPs of one training step of din_ext.DIN on ``batch`` (the module docstring's count)."""
+    rows, behaviours = len(batch), int(batch.hist_offsets[-1])
+    dim = args.embed_dim
+    fields = len(schema.user_fields) + len(schema.item_fields)
+    interest = dim * len(schema.history_fields)
+    h1, h2 = ATTENTION
+    dice = 10  # per element, forward: mean, variance, normalize, sigmoid, mix
+    # attention, forward: per behaviour Weff_b k (layer 1), layer 2, score, Dice on both, the weighted sum;
+    # per row c_b and Weff_b
+    per_behaviour = 2 * interest * h1 + 2 * h1 * h2 + 2 * h2 + dice * (h1 + h2) + 2 * interest
+    attention = behaviours * per_behaviour + rows * 4 * interest * h1
+    widths = (fields * dim + interest + schema.dense_dim, *TOWER, 1)
+    tower = rows * sum(2 * a * b for a, b in zip(widths[:-1], widths[1:])) + rows * dice * sum(TOWER)
+    gathered = (rows * fields + behaviours * len(schema.history_fields)) * dim  # copied forward, summed backward
+    touched = sum(torch.unique(ids).numel() for ids in (*batch.user.values(), *[
+        torch.cat([batch.item[f]] + ([batch.hist[f]] if f in batch.hist else [])) for f in schema.item_fields]))
+    optimizer = ADAM_FLOPS * (dense_parameters + touched * dim)
+    return 3 * (attention + tower) + 2 * gathered + optimizer
 
 
 def deepctr_inputs(schema: Schema, train: Interactions, args):
@@ -112,19 +171,72 @@ def deepctr_step(schema: Schema, train: Interactions, args) -> Callable[[torch.T
         loss.backward()
         optimizer.step()
 
+    step.inputs = iter
     step.parameters = sum(p.numel() for p in model.parameters())
     return step
 
 
-def measure(step: Callable[[torch.Tensor], None], batches: List[torch.Tensor], warmup: int) -> List[float]:
-    """samples/s of each step after the first ``warmup`` ones."""
-    speeds = []
+def measure(step: Callable, batches: List[torch.Tensor], warmup: int) -> Tuple[List[float], List[float]]:
+    """(samples/s, process CPU seconds) of each step after the first ``warmup`` ones; a step's time includes getting
+    its input from ``step.inputs(batches)`` (a wait for din_ext's prefetch thread, DeepCTR-Torch's row gather)."""
+    speeds, cpu = [], []
+    inputs: Iterator = step.inputs(batches)
     for i, index in enumerate(batches):
-        start = time.perf_counter()
-        step(index)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step(next(inputs))
         if i >= warmup:
             speeds.append(index.numel() / (time.perf_counter() - start))
-    return speeds
+            cpu.append(time.process_time() - start_cpu)
+    return speeds, cpu
+
+
+def matmul_rate(threads: int, n: int = 1024) -> Tuple[float, float]:
+    """float32 torch.mm GFLOP/s on (n, n) matrices: (by wall time, by process CPU time per thread)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    walls, cpus = [], []
+    for _ in range(10):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        torch.mm(a, b)
+        walls.append(time.perf_counter() - start)
+        cpus.append((time.process_time() - start_cpu) / threads)
+    return 2 * n ** 3 / statistics.median(walls) / 1e9, 2 * n ** 3 / statistics.median(cpus) / 1e9
+
+
+def auc_comparison(args) -> str:
+    """Test AUC / GAUC per epoch of din_ext.DIN trained with make_optimizer's row-wise step and with dense Adam, from
+    the same initialization and batches (fit's loop: epoch e shuffled with seed e; synthetic default)."""
+    torch.set_num_threads(1)  # the metrics do not depend on it; one thread is the steadiest on a shared machine
+    train, test, schema = generate(SyntheticConfig(num_users=args.users), seed=0)
+    train, test = train.truncate_history(args.max_history), test.truncate_history(args.max_history)
+    results = {}
+    for name, sparse in (("RowAdam (tables) + Adam", True), ("dense Adam", False)):
+        model = build_din(schema, args, "auto")
+        optimizer = make_optimizer(model, 1e-3, sparse=sparse)
+        history = []
+        for epoch in range(args.auc_epochs):
+            model.train()
+            start = time.perf_counter()
+            for batch in iterate_batches(train, 256, shuffle=True, seed=epoch):
+                train_step(model, optimizer, batch)
+            speed = len(train) / (time.perf_counter() - start)
+            history.append({**evaluate(model, test), "speed": speed})
+            print(f"{name}: epoch {epoch + 1} {format_metrics(history[-1])}  {speed:,.0f} samples/s", flush=True)
+        results[name] = history
+    lines = ["| epoch | " + " | ".join(f"{n} AUC / GAUC" for n in results) + " |",
+             "|---:|" + "---:|" * len(results)]
+    for e in range(args.auc_epochs):
+        lines.append(f"| {e + 1} | " + " | ".join(f"{h[e]['auc']:.4f} / {h[e]['gauc']:.4f}"
+                                                 for h in results.values()) + " |")
+    speeds = ", ".join(f"{n} {statistics.mean(h['speed'] for h in hist):,.0f}" for n, hist in results.items())
+    return (f"\n## Test AUC: row-wise against dense Adam\n\n`python bench/bench_train.py {' '.join(sys.argv[1:])}`: "
+            f"din_ext.DIN on the synthetic default ({args.users} users, histories cut to {args.max_history}), "
+            f"batch 256, lr 1e-3, the same initialization and batches, {torch.get_num_threads()} torch threads; test "
+            f"metrics after each epoch (mean training samples/s: {speeds}).\n\n" + "\n".join(lines) + "\n")
+
+
+def vocab_name(vocab: int) -> str:
+    return f"{vocab:.0e}".replace("e+0", "e") if vocab >= 10_000 else str(vocab)
 
 
 def run(args) -> str:
@@ -134,31 +246,36 @@ def run(args) -> str:
     mean_len = float(train.hist_lengths.float().mean())
     deepctr_torch = import_deepctr()
     threads = args.threads or [torch.get_num_threads()]
+    spread = {v: spread_items(train, schema, v) for v in args.item_vocab}
     header = (f"# DIN end-to-end training throughput (cpu)\n\n"
               f"- machine: {machine_description(torch.device('cpu'))}\n"
               f"- torch {torch.__version__}, din_ext {din_ext.__version__}, DeepCTR-Torch "
               f"{deepctr_torch.__version__ if deepctr_torch else 'not installed'}, Python {platform.python_version()}\n"
               f"- date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, commit {git_commit()}\n"
               f"- command: `python bench/bench_train.py {' '.join(sys.argv[1:])}`\n"
-              f"- data: din-ext's synthetic default ({args.users} users, {len(train):,} training impressions), "
-              f"histories cut to the most recent {args.max_history} (mean length {mean_len:.1f}); fields "
-              f"{list(schema.user_fields) + list(schema.item_fields)}, history fields {list(schema.history_fields)}, "
-              f"{schema.dense_dim} dense\n"
-              f"- model: embedding width {args.embed_dim}, attention (80, 40) Dice, tower (200, 80) Dice, one "
-              f"logit; Adam lr 1e-3; {args.warmup} warm-up steps, then {args.steps} timed steps (the same batches "
-              f"for every model)\n\n")
+              f"- data: din-ext's synthetic default ({args.users} users, {len(train):,} training impressions, "
+              f"{schema.item_fields['item']:,} item rows), histories cut to the most recent {args.max_history} (mean "
+              f"length {mean_len:.1f}); fields {list(schema.user_fields) + list(schema.item_fields)}, history fields "
+              f"{list(schema.history_fields)}, {schema.dense_dim} dense; rows 'item V=...': the item ids spread over a "
+              f"table of V rows\n"
+              f"- model: embedding width {args.embed_dim}, attention {ATTENTION} Dice, tower {TOWER} Dice, one logit; "
+              f"lr 1e-3 (din_ext: make_optimizer, RowAdam on the tables + fused Adam, unless 'dense Adam'; "
+              f"DeepCTR-Torch: Adam); {args.warmup} warm-up steps, then {args.steps} timed steps (the same batches "
+              f"for every model)\n")
     load = os.getloadavg()[0]
-    if load > (os.cpu_count() or 1) - 0.5:
-        header += (f"The machine was busy with other jobs (load {load:.1f} on {os.cpu_count()} cores): a thread count "
-                   f"above the idle cores makes every OpenMP barrier wait for a descheduled thread, so rows with more "
-                   f"threads than idle cores measure the contention more than the code; compare models within a "
-                   f"row group.\n\n")
-    table = ("| threads | batch | model | parameters | median samples/s | IQR samples/s | mean samples/s "
-             "| vs DeepCTR-Torch |\n|---:|---:|---|---:|---:|---:|---:|---:|\n")
+    header += (f"- load average before the run: {load:.1f} on {os.cpu_count()} cores (the machine is shared; a thread "
+               f"count above the idle cores makes every OpenMP barrier wait for a descheduled thread, so compare models "
+               f"within a row group)\n\n")
+    table = ("| threads | batch | model | median samples/s | IQR samples/s | median step ms | CPU ms / thread "
+             "| FLOP floor ms | x floor (wall / CPU) | vs DeepCTR-Torch (wall / CPU) |\n"
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
     print(header + table, end="", flush=True)
-    lines = []
+    lines, notes = [], []
     for thread_count in threads:
         torch.set_num_threads(thread_count)
+        gflops, cpu_gflops = matmul_rate(thread_count)
+        notes.append(f"- {thread_count} thread(s): float32 matmul (1024^2 torch.mm) {gflops:,.1f} GFLOP/s by wall time, "
+                     f"{cpu_gflops:,.1f} by CPU time per thread (the floor's rate: the steadier one on a busy machine)")
         for batch_size in args.batch_size:
             g = torch.Generator().manual_seed(1)
             order = torch.randperm(len(train), generator=g)
@@ -169,23 +286,45 @@ def run(args) -> str:
             subjects: Dict[str, Callable[[], Callable]] = {
                 f"din_ext.DIN (backend {b})": (lambda b=b: din_ext_step(schema, train, args, b))
                 for b in args.backends}
+            optimizers = [("", True)] + ([(", dense Adam", False)] if args.dense_adam else [])
+            for suffix, sparse in optimizers:
+                if not sparse:
+                    subjects[f"din_ext.DIN{suffix}"] = lambda: din_ext_step(schema, train, args, "auto", False)
+                for vocab, (data, vocab_schema) in spread.items():
+                    subjects[f"din_ext.DIN, item V={vocab_name(vocab)}{suffix}"] = (
+                        lambda d=data, s=vocab_schema, sp=sparse: din_ext_step(s, d, args, "auto", sp))
             if deepctr_torch is not None:
                 subjects["DeepCTR-Torch DIN"] = lambda: deepctr_step(schema, train, args)
             rows = []
             for name, build in subjects.items():
                 step = build()
-                speeds = measure(step, batches, args.warmup)
+                speeds, cpu = measure(step, batches, args.warmup)
                 med = statistics.median(speeds)
                 q = statistics.quantiles(speeds, n=4, method="inclusive") if len(speeds) > 1 else [med] * 3
-                mean = len(speeds) / sum(1 / s for s in speeds)  # total samples / total time
-                rows.append((name, step.parameters, med, q, mean))
-                print(f"| {thread_count} | {batch_size} | {name} | {step.parameters:,} | {med:,.0f} | "
-                      f"{q[0]:,.0f} - {q[2]:,.0f} | {mean:,.0f} | |", flush=True)
-            reference = dict((r[0], r[2]) for r in rows).get("DeepCTR-Torch DIN")
-            lines += [f"| {thread_count} | {batch_size} | {name} | {params:,} | {med:,.0f} | {q[0]:,.0f} - "
-                      f"{q[2]:,.0f} | {mean:,.0f} | {f'{med / reference:.2f}x' if reference else '-'} |"
-                      for name, params, med, q, mean in rows]
-    return header + table + "\n".join(lines) + "\n"
+                cpu_ms = statistics.median(cpu) / thread_count * 1e3
+                floor = None
+                if hasattr(step, "dense_parameters"):
+                    flops = statistics.mean(step_flops(schema, train.take(index), args, step.dense_parameters)
+                                            for index in batches[args.warmup:])
+                    floor = flops / (cpu_gflops * 1e9) * 1e3
+                rows.append((name, med, q, batch_size / med * 1e3, cpu_ms, floor))
+                print(f"| {thread_count} | {batch_size} | {name} | {med:,.0f} | {q[0]:,.0f} - {q[2]:,.0f} | "
+                      f"{batch_size / med * 1e3:.2f} | {cpu_ms:.2f} | {'-' if floor is None else f'{floor:.2f}'} | | |",
+                      flush=True)
+            reference = {r[0]: r[3:5] for r in rows}.get("DeepCTR-Torch DIN")
+            lines += [f"| {thread_count} | {batch_size} | {name} | {med:,.0f} | {q[0]:,.0f} - {q[2]:,.0f} | "
+                      f"{ms:.2f} | {cpu_ms:.2f} | {'-' if floor is None else f'{floor:.2f}'} | "
+                      f"{'-' if floor is None else f'{ms / floor:.1f}x / {cpu_ms / floor:.1f}x'} | "
+                      f"{f'{reference[0] / ms:.2f}x / {reference[1] / cpu_ms:.2f}x' if reference else '-'} |"
+                      for name, med, q, ms, cpu_ms, floor in rows]
+            step_ms = {r[0]: r[3:5] for r in rows}
+            vocabs = [f"din_ext.DIN, item V={vocab_name(v)}" for v in args.item_vocab]
+            if len(vocabs) > 1:
+                big, small = step_ms[vocabs[-1]], step_ms[vocabs[0]]
+                notes.append(f"- {thread_count} thread(s), batch {batch_size}: step at V={vocab_name(max(spread))} / "
+                             f"at V={vocab_name(min(spread))}: {big[0] / small[0]:.2f} (wall), "
+                             f"{big[1] / small[1]:.2f} (CPU)")
+    return header + table + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def main(argv=None) -> None:
@@ -198,12 +337,19 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, nargs="+", help="torch CPU thread counts to run (default: torch's)")
     parser.add_argument("--backends", nargs="+", default=["auto"], help="din_ext backends to time (auto)")
+    parser.add_argument("--item-vocab", type=int, nargs="*", default=[10_000, 1_000_000],
+                        help="item table sizes to add rows for (the items spread over the table)")
+    parser.add_argument("--dense-adam", action="store_true", help="add rows stepped by dense Adam (O(V) a step)")
+    parser.add_argument("--auc-epochs", type=int, default=0,
+                        help="also train row-wise and dense Adam this many epochs and report their test AUC")
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 users, 3 steps, nothing written")
     parser.add_argument("--out", help="markdown output (default bench/results/train_cpu.md; none with --quick)")
     args = parser.parse_args(argv)
     if args.quick:
         args.users, args.warmup, args.steps, args.batch_size = 300, 1, 2, [64]
     text = run(args)
+    if args.auc_epochs:
+        text += auc_comparison(args)
     write_table(text, args.out or (None if args.quick else os.path.join(ROOT, "bench", "results", "train_cpu.md")))
 
 

@@ -23,6 +23,7 @@ from din_ext.contract import check_activation, check_normalization
 from din_ext.data.core import Interactions, Schema
 from din_ext.mba import MBAEmbedding
 from din_ext.modules import Dice, LocalActivationUnit, make_activation
+from din_ext.ops import mba as mba_ops
 
 logger = logging.getLogger("din_ext")
 
@@ -59,11 +60,52 @@ def schema_from_dict(data: Mapping[str, Any]) -> Schema:
 class SharedEmbedding(nn.Embedding):
     """nn.Embedding whose forward looks up several id tensors in one table: ``forward(ids, ...) -> (emb, ...)``.
 
-    The same call signature as ``din_ext.MBAEmbedding``, so the model treats both alike (``checked`` changes
-    nothing: nn.Embedding checks the ids in its kernel, without a synchronization).
+    The same call signature as ``din_ext.MBAEmbedding``, so the model treats both alike (``checked``: the caller has
+    validated the ids; nn.Embedding checks them in its kernel anyway, without a synchronization).
+    sparse: in training mode with a gradient recorded, weight's gradient is a coalesced sparse COO tensor with one row
+    per distinct non-padding id of the call (``din_ext.ops.mba_embedding`` without regularization), so that a
+    row-wise optimizer (``din_ext.training.RowAdam``) steps O(ids x D) whatever the table size; False: nn.Embedding's
+    dense gradient, O(V x D) per step. In eval mode or without a gradient (serving, export) both are nn.Embedding's
+    plain lookup.
     """
 
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
+                 sparse: bool = False):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        self.sparse = sparse
+
+    @property
+    def sparse(self) -> bool:
+        return self._sparse_grad
+
+    @sparse.setter
+    def sparse(self, value: bool) -> None:
+        self._sparse_grad = bool(value)
+        self._sync_frequencies()
+
+    def train(self, mode: bool = True) -> "SharedEmbedding":
+        super().train(mode)
+        self._sync_frequencies()
+        return self
+
+    def _sync_frequencies(self) -> None:
+        # nn.Embedding's own sparse gradient is uncoalesced and does not trace for torch.compile; the MBA op's is
+        # coalesced, deterministic and traces. Its n_j (unused without regularization) are a non-persistent buffer
+        # that exists only while sparse and training: the state_dict is the same either way, and an exported eval
+        # model carries no trace of it.
+        wanted = self._sparse_grad and self.training
+        current = self._buffers.get("unit_frequencies")
+        if wanted and current is None:
+            ones = torch.ones(self.num_embeddings, dtype=torch.long, device=self.weight.device)
+            self.register_buffer("unit_frequencies", ones, persistent=False)
+        elif not wanted:
+            self.register_buffer("unit_frequencies", None, persistent=False)
+
     def forward(self, *ids: torch.Tensor, checked: bool = False) -> Tuple[torch.Tensor, ...]:
+        if self.unit_frequencies is not None and torch.is_grad_enabled() and self.weight.requires_grad:
+            out, _ = mba_ops.mba_embedding(self.weight, list(ids), self.unit_frequencies, 0.0,
+                                           padding_idx=self.padding_idx, sparse=True, checked=checked)
+            return out
         if len(ids) == 1:
             return (super().forward(ids[0]),)
         flat = super().forward(torch.cat([i.reshape(-1) for i in ids]))
@@ -199,6 +241,18 @@ class DIN(nn.Module):
         for module in self.modules():
             if isinstance(module, (Dice, LocalActivationUnit)):
                 module.backend = name
+
+    @property
+    def sparse_gradients(self) -> bool:
+        """Whether every embedding table's gradient is sparse (one row per distinct id of the step, for a row-wise
+        optimizer: ``din_ext.training.make_optimizer`` sets it); False (the default of a new model, except that MBA
+        tables start sparse): dense gradients, which any torch.optim optimizer takes. Not part of the config."""
+        return all(table.sparse for table in self.embeddings.values())
+
+    @sparse_gradients.setter
+    def sparse_gradients(self, value: bool) -> None:
+        for table in self.embeddings.values():
+            table.sparse = bool(value)
 
     @property
     def config(self) -> Dict[str, Any]:

@@ -25,8 +25,8 @@ import torch
 
 from din_ext import _backend, metrics
 from din_ext.distributed import World
-from din_ext.mba import MBAEmbedding
 from din_ext.data.core import Interactions, Schema, iterate_batches
+from din_ext.data.stream import prefetched
 from din_ext.model import DIN, save_checkpoint
 
 logger = logging.getLogger("din_ext")
@@ -117,11 +117,79 @@ def check_resumable(checkpoint: Mapping[str, Any]) -> None:
 # -- optimizers -----------------------------------------------------------------------------------------------------
 
 
-class _Optimizers:
-    """Several optimizers stepped together: SparseAdam for the MBA tables, Adam for the rest."""
+class RowAdam(torch.optim.Optimizer):
+    """Adam over the rows of sparse gradients (lazy Adam: torch.optim.SparseAdam's update and state): a step reads
+    and writes only the rows in the gradient, O(rows x D) whatever the table size.
 
-    def __init__(self, *optimizers: torch.optim.Optimizer):
+    params: tensors whose ``.grad`` is sparse COO over dimension 0 (DIN's tables with ``sparse_gradients``, or
+    ``din_ext.MBAEmbedding``); an uncoalesced gradient is coalesced first. For the rows j of the gradient g, with t
+    the parameter's step count: ``m_j = b1 m_j + (1 - b1) g_j``, ``v_j = b2 v_j + (1 - b2) g_j^2``,
+    ``w_j -= lr sqrt(1 - b2^t) / (1 - b1^t) * m_j / (sqrt(v_j) + eps)``; other rows and their moments stay.
+    SparseAdam computes the same through sparse tensors (sparse_mask, sparse adds), ~1.7x slower on DIN's tables
+    (docs/design.md, training); here the gathered rows of every table are updated with foreach ops at once. The state
+    (step, exp_avg, exp_avg_sq per parameter) is SparseAdam's, so either loads the other's state_dict.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 maximize: bool = False):
+        if not (lr > 0 and eps > 0 and all(0 <= b < 1 for b in betas)):
+            raise ValueError(f"RowAdam needs lr > 0, eps > 0 and betas in [0, 1), got lr {lr}, eps {eps}, betas "
+                             f"{betas}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "maximize": maximize})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            (beta1, beta2), eps = group["betas"], group["eps"]
+            params, rows, grads, avgs, avg_sqs = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("RowAdam needs sparse gradients (DIN: model.sparse_gradients = True); use "
+                                       "torch.optim.Adam for dense ones")
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                grad = p.grad if p.grad.is_coalesced() else p.grad.coalesce()
+                index, values = grad._indices()[0], grad._values()
+                params.append(p)
+                rows.append(index)
+                grads.append(-values if group["maximize"] else values)
+                avgs.append(state["exp_avg"].index_select(0, index))
+                avg_sqs.append(state["exp_avg_sq"].index_select(0, index))
+            if not params:
+                continue
+            torch._foreach_lerp_(avgs, grads, 1 - beta1)
+            torch._foreach_mul_(avg_sqs, beta2)
+            torch._foreach_addcmul_(avg_sqs, grads, grads, 1 - beta2)
+            for p, index, m, v in zip(params, rows, avgs, avg_sqs):
+                self.state[p]["exp_avg"].index_copy_(0, index, m)
+                self.state[p]["exp_avg_sq"].index_copy_(0, index, v)
+            torch._foreach_sqrt_(avg_sqs)
+            torch._foreach_add_(avg_sqs, eps)
+            torch._foreach_div_(avgs, avg_sqs)  # the update direction m / (sqrt(v) + eps)
+            for p, index, direction in zip(params, rows, avgs):
+                t = self.state[p]["step"]
+                # gather, add, scatter: the rows are distinct, and index_add_ with alpha is several times slower
+                weight = p.index_select(0, index)
+                weight.add_(direction, alpha=-group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t))
+                p.index_copy_(0, index, weight)
+        return loss
+
+
+class _Optimizers:
+    """Several optimizers stepped together, each over its part of ``params`` (the model's parameters in order):
+    RowAdam for the embedding tables, Adam for the rest."""
+
+    def __init__(self, params: List[torch.nn.Parameter], *optimizers: torch.optim.Optimizer):
         self.optimizers = optimizers
+        self.params = params
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers:
@@ -135,23 +203,56 @@ class _Optimizers:
         return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Loads a state_dict of these optimizers, or of one Adam over all of ``params`` (what make_optimizer gave for
+        dense gradients, and din_ext before row-wise optimizers): its moments go to the part that owns each
+        parameter."""
+        if isinstance(state, dict) and "param_groups" in state:
+            state = self._split(state)
         states = state.get("optimizers") if isinstance(state, dict) else None
         if not isinstance(states, list) or len(states) != len(self.optimizers):
             raise ValueError("the checkpoint's optimizer state does not match this model's optimizers")
         for optimizer, part in zip(self.optimizers, states):
             optimizer.load_state_dict(part)
 
+    def _split(self, whole: Dict[str, Any]) -> Dict[str, Any]:
+        positions = [i for group in whole["param_groups"] for i in group["params"]]
+        if len(positions) != len(self.params):
+            raise ValueError(f"the checkpoint's optimizer state has {len(positions)} parameters, the model "
+                             f"{len(self.params)}")
+        index = {id(p): position for p, position in zip(self.params, positions)}
+        parts = []
+        for optimizer in self.optimizers:
+            part = optimizer.state_dict()  # this optimizer's own hyperparameters, the checkpoint's moments
+            owned = [index[id(p)] for group in optimizer.param_groups for p in group["params"]]
+            part["state"] = {k: self._converted(whole["state"][position], optimizer)
+                             for k, position in enumerate(owned) if position in whole["state"]}
+            parts.append(part)
+        return {"optimizers": parts}
 
-def make_optimizer(model: DIN, lr: float):
-    """Adam; with MBA tables (sparse gradients: one row per distinct id of the step), SparseAdam for those tables
-    so that a step touches only the rows the batch used, and Adam for every other parameter."""
-    sparse = [p for m in model.modules() if isinstance(m, MBAEmbedding) and m.sparse
-              for p in m.parameters(recurse=False)]
+    @staticmethod
+    def _converted(entry: Dict[str, Any], optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+        """One parameter's Adam state for ``optimizer`` (RowAdam counts steps in an int, Adam in a tensor)."""
+        if isinstance(optimizer, RowAdam):
+            return {**entry, "step": int(entry["step"])}
+        return dict(entry)
+
+
+def make_optimizer(model: DIN, lr: float, sparse: bool = True):
+    """The optimizer of ``fit``: Adam-like, stepped with ``.zero_grad()``, ``.step()``, ``.state_dict()``.
+
+    sparse (the default): sets ``model.sparse_gradients`` (every embedding table's gradient holds one row per
+    distinct id of the step) and returns RowAdam over the tables and Adam (fused where torch has it) over every
+    other parameter, so a step costs O(batch ids x D) however large the tables. sparse=False: dense gradients and one
+    Adam over every parameter, O(table size) per step (the baseline of docs/design.md's training section).
+    """
+    model.sparse_gradients = sparse
+    params = list(model.parameters())
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) else {}
     if not sparse:
-        return torch.optim.Adam(model.parameters(), lr=lr)
-    ids = {id(p) for p in sparse}
-    dense = [p for p in model.parameters() if id(p) not in ids]
-    return _Optimizers(torch.optim.SparseAdam(sparse, lr=lr), torch.optim.Adam(dense, lr=lr))
+        return torch.optim.Adam(params, lr=lr, **fused)
+    tables = {id(p) for table in model.embeddings.values() for p in table.parameters()}
+    return _Optimizers(params, RowAdam([p for p in params if id(p) in tables], lr=lr),
+                       torch.optim.Adam([p for p in params if id(p) not in tables], lr=lr, **fused))
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------
@@ -169,12 +270,18 @@ class BatchSource(Protocol):
 Data = Union[Interactions, BatchSource]
 
 
+PREFETCH = 2  # batches built ahead of the step by _batches' background thread
+
+
 def _batches(data: Data, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterable[Interactions]:
+    """The batches of one pass over ``data``, in its order, built (gathered and collated) by a background thread up
+    to PREFETCH ahead of the consumer, so that a step never waits for its batch; an error of the data re-raises in
+    the consumer's thread, its type and message unchanged."""
     if isinstance(data, Interactions):
-        return iterate_batches(data, batch_size, shuffle=shuffle, seed=seed)
+        return prefetched(lambda: iterate_batches(data, batch_size, shuffle=shuffle, seed=seed), PREFETCH)
     if not callable(getattr(data, "batches", None)):
         raise TrainingError(f"data must be Interactions or have a batches() method, got {type(data).__name__}")
-    return data.batches(batch_size, shuffle=shuffle, seed=seed)
+    return prefetched(lambda: iter(data.batches(batch_size, shuffle=shuffle, seed=seed)), PREFETCH)
 
 
 def _labels(batch: Interactions, tasks) -> torch.Tensor:

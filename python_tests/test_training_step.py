@@ -1,0 +1,258 @@
+"""The training step: sparse gradients of every embedding table, RowAdam against torch.optim.SparseAdam and Adam,
+make_optimizer's split and its resumable state (old single-Adam states included), torch.compile of a sparse step,
+and the background prefetch of _batches (order, errors, thread)."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from conftest import requires_cpp
+from test_model import first_batch, one_thread, tiny  # noqa: F401  (the tiny data and the one-thread fixture)
+
+import din_ext
+from din_ext import training
+from din_ext.data.core import iterate_batches
+from din_ext.model import DIN, SharedEmbedding
+from din_ext.training import RowAdam, make_optimizer, train_step
+
+
+def model_of(schema, seed=0, **options) -> DIN:
+    torch.manual_seed(seed)
+    return DIN(schema, embed_dim=6, attention_hidden=(8, 4), tower_hidden=(8,), **options)
+
+
+# -- RowAdam ---------------------------------------------------------------------------------------------------------
+
+
+def random_sparse_grad(shape, rows, generator, coalesced: bool) -> torch.Tensor:
+    """A sparse COO gradient over ``rows`` random rows of a (V, D) table; uncoalesced: every row given twice."""
+    index = torch.randperm(shape[0], generator=generator)[:rows]
+    values = torch.randn(rows, shape[1], generator=generator, dtype=torch.float64)
+    if not coalesced:
+        index, values = torch.cat([index, index]), torch.cat([values, 0.5 * values])
+    grad = torch.sparse_coo_tensor(index[None], values, shape, check_invariants=True)
+    return grad.coalesce() if coalesced else grad
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_row_adam_is_sparse_adam(maximize):
+    """The same update as torch.optim.SparseAdam over several steps, rows absent from a step unmoved, coalesced or
+    not, two tables in one group; and each loads the other's state_dict."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(37, 5), (11, 3)]
+    ours = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    theirs = [p.clone() for p in ours]
+    opt_ours = RowAdam(ours, lr=0.05, betas=(0.8, 0.95), eps=1e-6, maximize=maximize)
+    opt_theirs = torch.optim.SparseAdam(theirs, lr=0.05, betas=(0.8, 0.95), eps=1e-6, maximize=maximize)
+    for step in range(6):
+        for p, q, shape in zip(ours, theirs, shapes):
+            grad = random_sparse_grad(shape, rows=4, generator=g, coalesced=step % 2 == 0)
+            p.grad, q.grad = grad, grad.clone()
+        before = [p.clone() for p in ours]
+        opt_ours.step()
+        opt_theirs.step()
+        for p, q, old in zip(ours, theirs, before):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+            moved = (p != old).any(1)
+            assert torch.equal(moved, torch.zeros_like(moved).index_fill_(0, p.grad.coalesce()._indices()[0], True))
+    twin = [p.clone() for p in ours]
+    loaded = RowAdam(twin, lr=0.05, betas=(0.8, 0.95), eps=1e-6, maximize=maximize)
+    loaded.load_state_dict(opt_theirs.state_dict())
+    for p, q in zip(twin, ours):
+        p.grad = q.grad = random_sparse_grad(q.shape, rows=4, generator=g, coalesced=True)
+    loaded.step()
+    opt_ours.step()
+    for p, q in zip(twin, ours):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+def test_row_adam_refuses_dense_gradients_and_bad_options():
+    p = torch.zeros(4, 2, requires_grad=True)
+    p.grad = torch.ones(4, 2)
+    with pytest.raises(RuntimeError, match="RowAdam needs sparse gradients"):
+        RowAdam([p]).step()
+    for bad in ({"lr": 0.0}, {"eps": -1.0}, {"betas": (0.9, 1.0)}):
+        with pytest.raises(ValueError, match="RowAdam needs lr > 0"):
+            RowAdam([p], **bad)
+
+
+# -- sparse tables ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mba_lambda", [0.0, 0.5])
+def test_sparse_gradients_equal_dense_ones(tiny, mba_lambda):
+    """sparse_gradients: every table's gradient is coalesced sparse, one row per distinct non-padding id, equal to
+    the dense gradient; the state_dict is the same either way."""
+    train, _, schema = tiny
+    dense = model_of(schema, mba_lambda=mba_lambda)
+    dense.sparse_gradients = False
+    sparse = copy.deepcopy(dense)
+    sparse.sparse_gradients = True
+    assert sparse.sparse_gradients and not dense.sparse_gradients
+    batch = first_batch(train)
+    for model in (dense, sparse):
+        model(batch).square().sum().backward()
+    for name, table in sparse.embeddings.items():
+        grad, want = table.weight.grad, dense.embeddings[name].weight.grad
+        assert grad.is_sparse and grad.is_coalesced() and not want.is_sparse, name
+        ids = torch.cat([batch.user[name]] if name in batch.user else
+                        [batch.item[name]] + ([batch.hist[name]] if name in batch.hist else []))
+        assert torch.equal(grad._indices()[0], torch.unique(ids[ids != 0])), name
+        torch.testing.assert_close(grad.to_dense(), want, rtol=1e-5, atol=1e-7, msg=name)
+    assert list(sparse.state_dict()) == list(dense.state_dict())
+
+
+def test_shared_embedding_sparse_without_gradient_is_a_plain_lookup():
+    table = SharedEmbedding(9, 3, padding_idx=0, sparse=True)
+    ids = torch.tensor([[1, 0], [8, 8]])
+    with torch.no_grad():
+        (out,) = table(ids)
+    torch.testing.assert_close(out, torch.nn.functional.embedding(ids, table.weight))
+    assert "unit_frequencies" not in table.state_dict() and table.unit_frequencies is not None
+    table.eval()  # eval mode: the plain lookup, and nothing extra for torch.export to carry
+    assert table.unit_frequencies is None
+    table.train()
+    assert table.unit_frequencies is not None
+    table.sparse = False
+    assert table.unit_frequencies is None
+
+
+def test_make_optimizer_steps_only_the_batch_rows(tiny):
+    """make_optimizer's steps are SparseAdam's on the tables and Adam's on the rest (a twin stepped by those two);
+    table rows absent from the batch and their moments stay exactly; sparse=False gives one dense Adam."""
+    train, _, schema = tiny
+    model = model_of(schema)
+    twin, start = copy.deepcopy(model), copy.deepcopy(model)
+    opt = make_optimizer(model, 1e-2)
+    twin.sparse_gradients = True
+    tables = [t.weight for t in twin.embeddings.values()]
+    rest = [p for p in twin.parameters() if all(p is not t for t in tables)]
+    oracle = [torch.optim.SparseAdam(tables, lr=1e-2), torch.optim.Adam(rest, lr=1e-2)]
+    for batch in list(iterate_batches(train, 32, shuffle=True))[:3]:
+        train_step(model, opt, batch)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(twin(batch), batch.labels["click"][:, None])
+        for o in oracle:
+            o.zero_grad()
+        loss.backward()
+        for o in oracle:
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    batch = first_batch(train, 32)
+    model, start = copy.deepcopy(start), copy.deepcopy(start)
+    opt = make_optimizer(model, 1e-2)
+    train_step(model, opt, batch)
+    item = model.embeddings["item"].weight
+    used = torch.zeros(item.shape[0], dtype=torch.bool)
+    used[torch.cat([batch.item["item"], batch.hist["item"]])] = True
+    used[0] = False
+    assert torch.equal(item[~used], start.embeddings["item"].weight[~used])
+    assert (item[used] != start.embeddings["item"].weight[used]).any(1).all()
+    assert not opt.optimizers[0].state[item]["exp_avg"][~used].any()
+    dense = make_optimizer(model, 1e-2, sparse=False)
+    assert isinstance(dense, torch.optim.Adam) and not model.sparse_gradients
+
+
+def test_optimizer_state_resumes_and_splits_a_single_adam_state(tiny, tmp_path):
+    """make_optimizer's state survives a weights-only save and load; the state of one Adam over every parameter
+    (dense gradients, or din_ext before row-wise optimizers) loads into it with each parameter's moments."""
+    train, _, schema = tiny
+    batches = list(iterate_batches(train, 32))[:3]
+    dense_model = model_of(schema)
+    dense_opt = make_optimizer(dense_model, 1e-2, sparse=False)
+    for batch in batches[:2]:
+        train_step(dense_model, dense_opt, batch)
+    path = tmp_path / "opt.pt"
+    torch.save(dense_opt.state_dict(), path)
+    model = copy.deepcopy(dense_model)
+    opt = make_optimizer(model, 1e-2)
+    opt.load_state_dict(torch.load(path, weights_only=True))
+    for p, q in zip(model.parameters(), dense_model.parameters()):
+        part = next(o for o in opt.optimizers if p in o.state)
+        assert int(part.state[p]["step"]) == 2
+        torch.testing.assert_close(part.state[p]["exp_avg_sq"], dense_opt.state[q]["exp_avg_sq"])
+    torch.save(opt.state_dict(), path)
+    again = copy.deepcopy(model)
+    again_opt = make_optimizer(again, 1e-2)
+    again_opt.load_state_dict(torch.load(path, weights_only=True))
+    for m, o in ((model, opt), (again, again_opt)):
+        train_step(m, o, batches[2])
+    for p, q in zip(model.parameters(), again.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not match this model's optimizers"):
+        opt.load_state_dict({"optimizers": [dense_opt.state_dict()]})
+
+
+@requires_cpp
+def test_compile_fullgraph_sparse_step(tiny):
+    """torch.compile(fullgraph=True) of a model with sparse tables: the same logits and gradients as eager."""
+    train, _, schema = tiny
+    eager = model_of(schema)
+    eager.sparse_gradients = True
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True)
+    batch = first_batch(train, 24)
+    out_e, out_c = eager(batch), compiled(batch)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    out_e.square().sum().backward()
+    out_c.square().sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
+        assert q.grad.is_sparse == p.grad.is_sparse, name
+        torch.testing.assert_close(q.grad.to_dense(), p.grad.to_dense(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+# -- prefetch --------------------------------------------------------------------------------------------------------
+
+
+class Source:
+    """A batch source whose batches are built in whatever thread iterates them, failing after ``fail_after``."""
+
+    def __init__(self, data, fail_after=None):
+        self.data, self.fail_after, self.threads = data, fail_after, set()
+
+    def __len__(self):
+        return len(self.data)
+
+    def batches(self, batch_size, *, shuffle=False, seed=0):
+        for k, batch in enumerate(iterate_batches(self.data, batch_size, shuffle=shuffle, seed=seed)):
+            self.threads.add(threading.get_ident())
+            if k == self.fail_after:
+                raise ValueError("shard-3.parquet, row 17: hist_offsets are not increasing")
+            yield batch
+
+
+def test_batches_prefetch_in_order_in_another_thread(tiny):
+    train, _, _ = tiny
+    source = Source(train)
+    for data in (train, source):
+        got = list(training._batches(data, 50, shuffle=True, seed=4))
+        want = list(iterate_batches(train, 50, shuffle=True, seed=4))
+        assert len(got) == len(want) > 2
+        for a, b in zip(got, want):
+            assert torch.equal(a.user_id, b.user_id) and torch.equal(a.hist["item"], b.hist["item"])
+    assert source.threads and threading.get_ident() not in source.threads
+
+
+def test_batches_prefetch_reraises_the_data_error(tiny):
+    train, _, _ = tiny
+    batches = training._batches(Source(train, fail_after=2), 50)
+    assert len([next(batches), next(batches)]) == 2
+    with pytest.raises(ValueError, match=r"^shard-3.parquet, row 17: hist_offsets are not increasing$"):
+        next(batches)
+    with pytest.raises(training.TrainingError, match="must be Interactions or have a batches"):
+        training._batches(object(), 50)
+
+
+def test_fit_trains_with_row_wise_steps(tiny, tmp_path):
+    """fit with the default optimizer: sparse tables, a finite loss, and last.pt resumes to a second epoch."""
+    train, test, schema = tiny
+    model = model_of(schema)
+    result = training.fit(model, train, test, epochs=1, out=tmp_path, batch_size=32, lr=1e-2, log=lambda _: None)
+    assert model.sparse_gradients and result["train_loss"] > 0
+    checkpoint = din_ext.model.load_checkpoint(tmp_path / "last.pt")
+    resumed = DIN.from_checkpoint(checkpoint)
+    again = training.fit(resumed, train, test, epochs=2, out=tmp_path, resume_from=checkpoint, log=lambda _: None)
+    assert [h["epoch"] for h in again["history"]] == [1, 2] and resumed.sparse_gradients
