@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles every .cu under csrc/ with nvcc for sm_90 against torch 2.14.1's (CUDA 13.0 build) headers, so a change
+# Compiles every .cu under csrc/ with nvcc for sm_80 and sm_90 against torch 2.14.1's (CUDA 13.0 build) headers, so a change
 # that breaks the CUDA build cannot land on a machine without a GPU, and checks that every .cpp compiles against the
 # same headers (C++20, as a CUDA build with torch 2.14 compiles them). Only the wheels' include trees are unpacked.
 set -euo pipefail
@@ -38,10 +38,11 @@ for src in "${cpp_sources[@]}"; do
     -I "$py_inc" "$src"
 done
 for src in "${sources[@]}"; do
-  echo "nvcc sm_90: $src"
-  # torch 2.14's headers require C++20.
-  "$NVCC" -std=c++20 -O3 -c "$src" -o /dev/null --generate-code arch=compute_90,code=sm_90 \
+  echo "nvcc sm_80 + sm_90: $src"
+  # torch 2.14's headers require C++20. sm_80 too: the tensor-core path (csrc/cuda/mma.cuh) targets both.
+  "$NVCC" -std=c++20 -O3 -c "$src" -o /dev/null --generate-code arch=compute_80,code=sm_80 \
+    --generate-code arch=compute_90,code=sm_90 \
     --expt-relaxed-constexpr -Xcompiler -fPIC -D_GLIBCXX_USE_CXX11_ABI=1 -DDIN_EXT_WITH_CUDA=1 \
     -I csrc -I "$inc" -I "$inc/torch/csrc/api/include" -I "$cache/nvidia/cu13/include" -I "$CUDA_HOME/include"
 done
-echo "checked ${#cpp_sources[@]} C++ source(s); compiled ${#sources[@]} CUDA source(s) for sm_90"
+echo "checked ${#cpp_sources[@]} C++ source(s); compiled ${#sources[@]} CUDA source(s) for sm_80 and sm_90"
