@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compiles every .cu under csrc/ with nvcc for sm_80 and sm_90 against torch 2.14.1's (CUDA 13.0 build) headers, so
 # a change that breaks the CUDA build cannot land on a machine without a GPU, and checks that every .cpp compiles
-# against the same headers (C++20, as a CUDA build with torch 2.14 compiles them). Only the wheels' include trees are unpacked.
+# against the same headers (C++20, as a CUDA build with torch 2.14 compiles them). Only the wheels' include trees
+# are unpacked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
