@@ -168,7 +168,7 @@ def _new_model(args: argparse.Namespace, schema: Schema, model_class=DIN) -> DIN
     try:
         return model_class(schema, embed_dim=args.embed_dim, attention_hidden=args.attention_hidden,
                    tower_hidden=args.tower_hidden, activation=args.activation, pooling=training.POOLING[args.model],
-                   normalization=args.normalization, mba_lambda=args.mba_lambda)
+                   normalization=args.normalization, mba_lambda=args.mba_lambda, dropout=args.dropout)
     except (ValueError, TypeError, RuntimeError, MemoryError) as exc:  # e.g. a width too large to allocate
         raise UsageError(f"the model options: {_validate.first_line(exc)}") from None
 
@@ -607,6 +607,8 @@ def _train_options(parser: argparse.ArgumentParser, with_model: bool) -> None:
     parser.add_argument("--mba-lambda", type=float, default=0.0,
                         help="MBA regularization strength lambda (DIN paper 5.1): embedding tables become "
                              "din_ext.MBAEmbedding, trained with SparseAdam")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout after each tower layer's activation in training (default: 0, none)")
     parser.add_argument("--out", default="din-ext-run", help="checkpoints (last.pt, best.pt) and metrics.json")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt up to --epochs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

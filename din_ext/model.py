@@ -122,7 +122,9 @@ class DIN(nn.Module):
     both ("dice", "prelu", "relu", "sigmoid"); pooling: "attention" (DIN) or "sum" (BaseModel);
     normalization/score_scale: of the attention weights (docs/design.md); use_dense: feed the dense features, if the
     schema has them; mba_lambda > 0 builds the tables as ``din_ext.MBAEmbedding`` with the schema's frequencies;
-    embedding_std: normal init of the tables; backend: din_ext backend of attention and Dice.
+    embedding_std: normal init of the tables; dropout: probability of dropping a tower activation in training (after
+    each hidden layer's activation, as DeepCTR-Torch's DNN; 0, the default and the paper's, adds no module);
+    backend: din_ext backend of attention and Dice.
 
     forward(batch) -> logits (B, T), one column per task in ``schema.tasks``; a batch whose candidate item fields
     are (B, C) (C candidates per row, scored against the row's one history) gives logits (B, C, T).
@@ -142,6 +144,7 @@ class DIN(nn.Module):
         use_dense: bool = True,
         mba_lambda: float = 0.0,
         embedding_std: float = 0.01,
+        dropout: float = 0.0,
         backend: str = "auto",
     ):
         super().__init__()
@@ -158,6 +161,8 @@ class DIN(nn.Module):
             raise ValueError(f"hidden widths must be positive, got tower {tower_hidden}, attention {attention_hidden}")
         if not (math.isfinite(mba_lambda) and mba_lambda >= 0):
             raise ValueError(f"mba_lambda must be finite and >= 0, got {mba_lambda}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.schema = schema
         self.dims = self._field_dims(schema, embed_dim)
         plain_schema = schema_to_dict(schema)
@@ -169,6 +174,8 @@ class DIN(nn.Module):
                         "pooling": pooling, "normalization": normalization, "score_scale": float(score_scale),
                         "use_dense": bool(use_dense), "mba_lambda": float(mba_lambda),
                         "embedding_std": float(embedding_std)}  # not the backend: a choice of the machine that runs it
+        if dropout:  # only when set: the configs of models without it (and of older checkpoints) stay the same
+            self._config["dropout"] = float(dropout)
         self.pooling = pooling
         self.use_dense = bool(use_dense) and schema.dense_dim > 0
         self.mba_lambda = float(mba_lambda)
@@ -188,6 +195,7 @@ class DIN(nn.Module):
         widths = (tower_in, *tower_hidden)
         self.tower = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.tower_activations = nn.ModuleList(make_activation(activation, h) for h in tower_hidden)
+        self.tower_dropout = nn.Dropout(float(dropout)) if dropout else None
         self.heads = nn.Linear(widths[-1], len(self.tasks))  # one logit per task over the shared tower
         self.backend = backend
 
@@ -414,6 +422,8 @@ class DIN(nn.Module):
             x = x.reshape(rows * count, x.shape[-1])
         for linear, activation in zip(self.tower, self.tower_activations):
             x = activation(linear(x))
+            if self.tower_dropout is not None:
+                x = self.tower_dropout(x)
         logits = self.heads(x)
         return logits if query.dim() == 2 else logits.view(*query.shape[:2], logits.shape[-1])
 

@@ -194,6 +194,31 @@ def test_checkpoint_round_trip_weights_only(tiny, tmp_path):
         load_checkpoint(tmp_path / "other.pt")
 
 
+def test_tower_dropout(tiny, tmp_path):
+    """dropout drops tower activations in training only (eval is the dropout-free model's forward, bitwise), it
+    travels in the config, and 0 (the default) leaves the config and the modules as they were."""
+    train, _, schema = tiny
+    batch = first_batch(train, 50)
+    torch.manual_seed(5)
+    plain = DIN(schema, embed_dim=8, tower_hidden=(16, 8))
+    torch.manual_seed(5)
+    model = DIN(schema, embed_dim=8, tower_hidden=(16, 8), dropout=0.5)
+    assert "dropout" not in plain.config and plain.tower_dropout is None and model.config["dropout"] == 0.5
+    model.load_state_dict(plain.state_dict())  # dropout has no state
+    plain.eval(), model.eval()
+    assert torch.equal(model(batch), plain(batch))
+    model.train(), plain.train()
+    torch.manual_seed(0)
+    dropped = model(batch)
+    torch.manual_seed(0)
+    assert not torch.equal(dropped, plain(batch)) and torch.isfinite(dropped).all()
+    save_checkpoint(tmp_path / "m.pt", model.checkpoint())
+    assert DIN.from_checkpoint(tmp_path / "m.pt").tower_dropout.p == 0.5
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout must be in"):
+            DIN(schema, dropout=bad)
+
+
 @requires_cpp
 @pytest.mark.parametrize("pooling", ["attention", "sum"])
 def test_reference_and_cpu_backends_agree(tiny, pooling):
