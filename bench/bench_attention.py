@@ -11,6 +11,10 @@ training forward+backward; on the CPU eval and training forward+backward) it rep
 matmul rate in the benchmark's dtype, achieved GB/s against the measured copy bandwidth, and the peak memory
 allocated during one call (CPU: torch's allocator, traced with the profiler; GPU: torch.cuda.max_memory_allocated).
 
+On the CPU, training Dice also runs as "cpu-recompute": the cpu backend with its stored-activation mode off
+(DIN_EXT_ATTENTION_STORE_MB=0), next to "cpu", which stores each pair's pre-activations where they fit its budget
+(short histories) and recomputes them otherwise; their peak MB columns are the two modes' memory.
+
 FLOPs count only valid behaviours and the textbook work per behaviour: 2 * (4D * H1 + H1 * H2 + H2) for the MLP plus
 2 * Dv for pooling; training counts 3x the forward (the backward 2x). Bytes are the fewest a fused kernel must move:
 the valid keys once (eval and training forward), the keys read and their gradient written (backward), both
@@ -50,7 +54,7 @@ class Shape:
 
 
 def full_shapes() -> List[Shape]:
-    return [Shape(1024, L, D) for D in (32, 64) for L in (50, 200, 1000)]
+    return [Shape(1024, L, D) for D in (32, 64) for L in (20, 50, 200, 1000)]
 
 
 def quick_shapes() -> List[Shape]:
@@ -91,10 +95,29 @@ def make_unit(shape: Shape, activation: str, backend: str, device, dtype, traini
     return unit.to(device=device, dtype=dtype).train(training)
 
 
+CPU_RECOMPUTE = "cpu-recompute"
+STORE_BUDGET_ENV = "DIN_EXT_ATTENTION_STORE_MB"
+
+
 def implementations(device) -> List[str]:
     names = ["eager", "compile"]
     names += [b for b in din_ext.available_backends(device) if b != "reference"]
-    return names
+    return names + ([CPU_RECOMPUTE] if "cpu" in names else [])
+
+
+def recomputing(call):
+    """``call`` with the cpu backend's stored-activation mode off."""
+    def wrapped():
+        before = os.environ.get(STORE_BUDGET_ENV)
+        os.environ[STORE_BUDGET_ENV] = "0"
+        try:
+            return call()
+        finally:
+            if before is None:
+                del os.environ[STORE_BUDGET_ENV]
+            else:
+                os.environ[STORE_BUDGET_ENV] = before
+    return wrapped
 
 
 MODES = {"eval": "eval fwd", "train-fwd": "train fwd", "train-bwd": "train bwd", "train": "train fwd+bwd"}
@@ -103,6 +126,8 @@ MODES = {"eval": "eval fwd", "train-fwd": "train fwd", "train-bwd": "train bwd",
 def build_call(impl: str, shape: Shape, activation: str, device, dtype, mode: str, inputs):
     """The timed call of one mode: "eval" (no grad), "train-fwd" (training forward, graph recorded), "train"
     (training forward and backward)."""
+    if impl == CPU_RECOMPUTE:
+        return recomputing(build_call("cpu", shape, activation, device, dtype, mode, inputs))
     backend = "reference" if impl in ("eager", "compile") else impl
     unit = make_unit(shape, activation, backend, device, dtype, mode != "eval")
     if impl == "compile":
@@ -137,6 +162,8 @@ def run(args) -> str:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     shapes = quick_shapes() if args.quick else (gpu_shapes() if device.type == "cuda" else full_shapes())
+    if args.lengths:
+        shapes = [s for s in shapes if s.max_len in args.lengths]
     impls = args.impls or implementations(device)
     modes = args.modes or (["eval", "train-fwd", "train"] if device.type == "cuda" else ["eval", "train"])
     activations = args.activations or (["dice"] if device.type == "cuda" else ["sigmoid", "dice"])
@@ -189,6 +216,8 @@ def run(args) -> str:
                 nbytes = min_bytes(shape, valid, dtype, mode)
                 results: Dict[str, float] = {}
                 for impl in impls:
+                    if impl == CPU_RECOMPUTE and (mode != "train" or activation != "dice"):
+                        continue  # the stored mode is for training Dice only
                     lead = f"| {shape} | {activation} | {label} | {impl} |"
                     if mode == "train-bwd":
                         if (impl, "train") not in timed or (impl, "train-fwd") not in timed:
@@ -234,6 +263,7 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=0.0,
                         help="seconds; shapes started after this are skipped (and listed as such)")
     parser.add_argument("--impls", nargs="+", help="subset of eager, compile and the din_ext backends")
+    parser.add_argument("--lengths", nargs="+", type=int, help="only the shapes with these L (default: all)")
     parser.add_argument("--reps", type=int, default=5, help="minimum repetitions per measurement")
     parser.add_argument("--seconds", type=float, default=2.0, help="minimum seconds per measurement")
     parser.add_argument("--out", help="markdown output (default bench/results/<device>.md; none with --quick)")

@@ -2,6 +2,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -75,6 +76,38 @@ void check_index(const at::Tensor& t, const char* name, int64_t batch, const at:
               " (the device of query), got ", t.device());
 }
 
+// The values of starts/lengths (CPU, int64), in plain loops over the data: a training step calls this twice (forward
+// and backward), and a dozen small ATen reductions cost more than the loops.
+void check_key_rows(const at::Tensor& starts_, const at::Tensor& lengths_, int64_t num_keys, int64_t max_len) {
+  const at::Tensor starts = starts_.contiguous(), lengths = lengths_.contiguous();
+  const int64_t* st = starts.const_data_ptr<int64_t>();
+  const int64_t* len = lengths.const_data_ptr<int64_t>();
+  const int64_t batch = starts.numel();
+  for (int64_t b = 0; b < batch; ++b) TORCH_CHECK(len[b] >= 0, "din_ext: lengths must be >= 0");
+  for (int64_t b = 0; b < batch; ++b) TORCH_CHECK(st[b] >= 0, "din_ext: starts must be >= 0");
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(st[b] <= num_keys - len[b], "din_ext: starts + lengths exceeds the number of keys (", num_keys, ")");
+  }
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(max_len < 0 || len[b] <= max_len, "din_ext: lengths exceed max_len (", max_len, ")");
+  }
+  // Kernels write each key row's gradient once: the rows of different users must not overlap. Non-empty ranges in
+  // increasing order of start (padded and jagged inputs) are disjoint iff each ends before the next begins;
+  // otherwise sort them by start first.
+  std::vector<std::pair<int64_t, int64_t>> ranges;  // (start, end) of the non-empty rows
+  bool ordered = true;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (len[b] == 0) continue;
+    ordered = ordered && (ranges.empty() || st[b] >= ranges.back().first);
+    ranges.emplace_back(st[b], st[b] + len[b]);
+  }
+  if (!ordered) std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    TORCH_CHECK(ranges[i].first >= ranges[i - 1].second,
+                "din_ext: the key rows of different users (starts, lengths) overlap");
+  }
+}
+
 AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& keys,
                                     const std::optional<at::Tensor>& values, const at::Tensor& starts,
                                     const at::Tensor& lengths, int64_t max_len, at::TensorList weights,
@@ -131,21 +164,7 @@ AttentionShape check_attention_args(const at::Tensor& query, const at::Tensor& k
 
   if (starts.device().is_cpu() && s.batch > 0) {
     // Value checks are cheap on the CPU; GPU callers validate in Python before launching.
-    TORCH_CHECK(lengths.min().item<int64_t>() >= 0, "din_ext: lengths must be >= 0");
-    TORCH_CHECK(starts.min().item<int64_t>() >= 0, "din_ext: starts must be >= 0");
-    TORCH_CHECK((starts + lengths).max().item<int64_t>() <= s.num_keys,
-                "din_ext: starts + lengths exceeds the number of keys (", s.num_keys, ")");
-    TORCH_CHECK(max_len < 0 || lengths.max().item<int64_t>() <= max_len, "din_ext: lengths exceed max_len (",
-                max_len, ")");
-    // Kernels write each key row's gradient once: the rows of different users must not overlap. Sorted by start,
-    // non-empty ranges are disjoint iff each ends before the next begins.
-    const at::Tensor nonempty = (lengths > 0).nonzero().squeeze(1);
-    const at::Tensor used = starts.index_select(0, nonempty), order = used.argsort();
-    const at::Tensor first = used.index_select(0, order);
-    const at::Tensor ends = first + lengths.index_select(0, nonempty).index_select(0, order);
-    const int64_t m = first.size(0);
-    TORCH_CHECK(m < 2 || (first.narrow(0, 1, m - 1) >= ends.narrow(0, 0, m - 1)).all().item<bool>(),
-                "din_ext: the key rows of different users (starts, lengths) overlap");
+    check_key_rows(starts, lengths, s.num_keys, max_len);
   }
   return s;
 }

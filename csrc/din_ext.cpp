@@ -46,7 +46,20 @@ TORCH_LIBRARY(din_ext, m) {
       "mba_embedding_backward(Tensor grad_out, Tensor weight, Tensor frequencies, Tensor unique_ids, "
       "Tensor offsets, Tensor order, float reg_lambda) -> Tensor grad_rows");
 
-  // Private ops, for tests (not public API).
+  // Private ops (not public API).
+  // The cpu attention's stored-activation kernels (training Dice, query [B, D]); the autograd of
+  // local_activation_attention (csrc/attention_autograd.cpp) runs them when their memory fits: saved holds the
+  // pre-activations the backward reads instead of recomputing them.
+  m.def(
+      "_local_activation_attention_stored(Tensor query, Tensor keys, Tensor? values, Tensor starts, Tensor lengths, "
+      "int max_len, Tensor[] weights, Tensor[] biases, Tensor act_params, str activation, str normalization, "
+      "float score_scale, bool training, float eps) -> (Tensor out, Tensor stats, Tensor saved)");
+  m.def(
+      "_local_activation_attention_stored_backward(Tensor grad_out, Tensor query, Tensor keys, Tensor? values, "
+      "Tensor starts, Tensor lengths, int max_len, Tensor[] weights, Tensor[] biases, Tensor act_params, "
+      "Tensor stats, Tensor saved, str activation, str normalization, float score_scale, bool training, float eps) "
+      "-> (Tensor grad_query, Tensor grad_keys, Tensor grad_values, Tensor[] grad_weights, Tensor[] grad_biases, "
+      "Tensor grad_act_params)");
   // The cuda attention kernels' launch planning run on the host (csrc/attention_plan.cpp).
   m.def(
       "_attention_launch_plan(int[] widths, int dim, int value_dim, int elem_bytes, int smem_limit, Tensor lengths, "

@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 import din_ext
 from conftest import clean, make_batch, requires_cpp, run_unit
@@ -176,6 +177,89 @@ def test_cpu_bitwise_reproducible_across_thread_counts():
     (out_a, grads_a), (out_b, grads_b) = results
     assert torch.equal(out_a, out_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+STORE_BUDGET_ENV = "DIN_EXT_ATTENTION_STORE_MB"  # the cpu autograd's budget for stored activations (0: recompute)
+STORED_OP = "din_ext._local_activation_attention_stored.default"
+
+
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the ops that run below autograd inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("layout, value_dim", [("padded", None), ("jagged", 17)], ids=["padded", "jagged-values"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+@pytest.mark.parametrize("hidden", [(80, 40), (33, 9, 5)], ids=["80x40", "33x9x5"])
+def test_cpu_stored_activations_equal_recompute(monkeypatch, hidden, normalization, layout, value_dim, dtype):
+    """Training Dice on the cpu keeps the pre-activations when they fit the budget and recomputes them otherwise
+    (histories past one 64-row tile, an empty row, storage past the end): both give bitwise the same output and
+    statistics, the same gradients to rounding, and the stored mode matches the reference."""
+    results = {}
+    for mode, budget in (("stored", "256"), ("recompute", "0")):
+        monkeypatch.setenv(STORE_BUDGET_ENV, budget)
+        unit = make_unit("dice", normalization, hidden=hidden, dtype=dtype, score_scale=0.37)
+        unit.backend = "cpu"
+        batch = make_batch(layout, batch=7, max_len=70, value_dim=value_dim, dtype=dtype, seed=12)
+        with RecordOps() as record:
+            out, grads = run_unit(unit, batch.fresh())
+        assert (STORED_OP in record.names) == (mode == "stored"), record.names
+        results[mode] = (out, grads, list(unit.buffers()))
+    (out, grads, buffers), (out_r, grads_r, buffers_r) = results["stored"], results["recompute"]
+    assert torch.equal(out, out_r)  # the same products in the same order
+    assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_r))  # the Dice batch statistics
+    for a, b in zip(grads, grads_r):  # vectorized in place on other alignments: equal to rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float64:
+        monkeypatch.setenv(STORE_BUDGET_ENV, "256")
+        unit = make_unit("dice", normalization, hidden=hidden, score_scale=0.37)
+        assert_matches_reference(unit, make_batch(layout, batch=7, max_len=70, value_dim=value_dim, seed=12), "cpu")
+
+
+@requires_cpp
+def test_cpu_stored_activations_only_where_they_pay(monkeypatch):
+    """The stored kernels run for training Dice with gradients; eval, other activations, no_grad and a budget the
+    batch exceeds recompute."""
+    monkeypatch.setenv(STORE_BUDGET_ENV, "1")  # 1 MiB: 300 rows x ~1 KB fit, 3000 do not
+    for activation, training, rows, grad, stored in [("dice", True, 300, True, True), ("dice", False, 300, True, False),
+                                                     ("sigmoid", True, 300, True, False),
+                                                     ("dice", True, 300, False, False),
+                                                     ("dice", True, 3000, True, False)]:
+        unit = make_unit(activation, "none", dtype=torch.float32, training=training)
+        unit.backend = "cpu"
+        lengths = [rows // 4] * 4
+        batch = make_batch("padded", batch=4, max_len=rows // 4, lengths=lengths, dtype=torch.float32)
+        with RecordOps() as record, torch.set_grad_enabled(grad):
+            unit(batch.fresh().query, batch.keys, lengths=batch.index["lengths"])
+        assert (STORED_OP in record.names) == stored, (activation, training, rows, grad)
+
+
+@requires_cpp
+@pytest.mark.parametrize("with_values", [True, False])
+def test_opcheck_stored(with_values):
+    unit = make_unit("dice", "softmax", hidden=(6, 4), dim=5)
+    batch = make_batch("jagged", batch=4, max_len=5, dim=5, value_dim=3 if with_values else None, garbage=0.0)
+    offsets = batch.index["offsets"]
+    total = int(offsets[-1])  # no key row outside the users' ranges: saved has no unspecified rows to compare
+    keys, values = batch.keys[:total], None if batch.values is None else batch.values[:total]
+    weights = [lin.weight.detach().clone() for lin in [*unit.linears, unit.out]]
+    biases = [lin.bias.detach().clone() for lin in [*unit.linears, unit.out]]
+    args = (batch.query, keys, values, offsets[:-1], offsets.diff(), 5, weights, biases,
+            unit.act_params().detach(), "dice", "softmax", 0.5, True, 1e-8)
+    ops = torch.ops.din_ext
+    torch.library.opcheck(ops._local_activation_attention_stored.default, args)
+    out, stats, saved = ops._local_activation_attention_stored(*args)
+    grad_args = (torch.randn_like(out), *args[:9], stats, saved, *args[9:])
+    torch.library.opcheck(ops._local_activation_attention_stored_backward.default, grad_args)
 
 
 def test_running_stats_match_batchnorm(backend):

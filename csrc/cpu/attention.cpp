@@ -14,6 +14,10 @@
 // (MultiWork). The backward sums each key row's gradient over the candidates in a fixed order and writes it
 // once. C = 1 (a query [B, D], or [B, 1, D]) runs the single-candidate kernels unchanged, bitwise.
 //
+// Stored activations (training Dice, a query [B, D], short histories): a second pair of kernels keeps every pair's
+// pre-activations from the forward for the backward instead of recomputing them (see "Stored activations" below);
+// the autograd picks them per call by size.
+//
 // Training-mode Dice needs statistics over all valid rows before its activation, so the forward runs one pass per
 // hidden layer to gather them, then the pooling pass; the backward, for the exact gradient through those
 // statistics (BatchNorm's), runs one pass per hidden layer from the top gathering sum(g_xhat) and
@@ -33,6 +37,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu/attention.h"
 #include "cpu/kernels.h"
 
 namespace din_ext::cpu {
@@ -189,6 +194,11 @@ struct Work {
     kp.assign(kTile * net.Dp, T(0));
     wt.assign(kTile, T(0));
   }
+  // The per-user sums of the single-candidate backward's layer 1 (G, dc).
+  void clear_user_gradients() {
+    std::fill(G.begin(), G.end(), T(0));
+    std::fill(dc.begin(), dc.end(), T(0));
+  }
   // c = (Wq + Wd) q + b_0 and Weff^T = (Wk - Wd)^T + diag(q) Wp^T for user query q.
   void set_user(const Net<T>& net, const T* q, bool backward) {
     const int64_t D = net.D, w0 = net.w[0], wp0 = net.wp[0];
@@ -331,7 +341,8 @@ DIN_EXT_INLINE void activation_backward_body(const Net<T>& net, int64_t j, int64
   }
 }
 
-// The activation tiles in a baseline and an AVX2+FMA build (the sigmoid's exp vectorizes with the latter).
+// The activation tiles in a baseline, an AVX2+FMA and an AVX-512 build (the sigmoid's exp vectorizes with the
+// latter two).
 template <typename T>
 void activation_forward_base(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
   activation_forward_body(net, j, rows, z, h);
@@ -350,11 +361,21 @@ DIN_EXT_AVX2 void activation_backward_avx2(const Net<T>& net, int64_t j, int64_t
                                            double* acc) {
   activation_backward_body(net, j, rows, z, g, acc);
 }
+template <typename T>
+DIN_EXT_AVX512 void activation_forward_avx512(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
+  activation_forward_body(net, j, rows, z, h);
+}
+template <typename T>
+DIN_EXT_AVX512 void activation_backward_avx512(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g,
+                                               double* acc) {
+  activation_backward_body(net, j, rows, z, g, acc);
+}
 #endif
 
 template <typename T>
 void activation_forward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
 #if DIN_EXT_HAVE_AVX2
+  if (has_avx512()) return activation_forward_avx512(net, j, rows, z, h);
   if (has_avx2_fma()) return activation_forward_avx2(net, j, rows, z, h);
 #endif
   activation_forward_base(net, j, rows, z, h);
@@ -363,6 +384,7 @@ void activation_forward_tile(const Net<T>& net, int64_t j, int64_t rows, const T
 template <typename T>
 void activation_backward_tile(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* g, double* acc) {
 #if DIN_EXT_HAVE_AVX2
+  if (has_avx512()) return activation_backward_avx512(net, j, rows, z, g, acc);
   if (has_avx2_fma()) return activation_backward_avx2(net, j, rows, z, g, acc);
 #endif
   activation_backward_base(net, j, rows, z, g, acc);
@@ -541,50 +563,33 @@ std::unique_ptr<MultiWork<T>> make_multi(const Net<T>& net, const Problem<T>& pb
 // ---------------------------------------------------------------------------------------------------------------
 // Forward
 
-// Dice training: mean and biased variance of z_j over all valid pairs, into stats (and net.acts[j]).
+// Shifted sums and sums of squares of a tile's z_j [rows, wp] (the bias is a cheap guess of the mean), taken in T
+// over the tile (at most kTile terms) into `tile` [2 * wp], then added to the double totals sum [2 * wp].
 template <typename T>
-void gather_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, T* stats, int64_t col, int64_t htot,
-                       double eps) {
-  const Blocks blocks(pb.B);
-  const int64_t wp = net.wp[j], wj = net.w[j];
-  std::vector<double> partial(blocks.count * 2 * wp, 0.0);
-  at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
-    Work<T> work(net);
-    const auto multi = make_multi(net, pb, pb.C, false);
-    Vec<T> tile(2 * wp);
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      double* sum = partial.data() + blk * 2 * wp;
-      double* sq = sum + wp;
-      for (int64_t b = blocks.first(blk, pb.B); b < blocks.last(blk, pb.B); ++b) {
-        if (pb.lengths[b] == 0) continue;
-        visit_user(net, pb, work, multi.get(), b, 0, pb.C, j, false, [&](const PairTile& pt) {
-          const int64_t rows = pt.rows();
-          const T* z = work.z[j].data();
-          const T* shift = net.bias[j].data();  // shifted sums: the bias is a cheap guess of the mean
-          // A tile's sums in T (at most kTile terms), then into the double totals.
-          std::fill(tile.begin(), tile.end(), T(0));
-          T* tsum = tile.data();
-          T* tsq = tsum + wp;
-          for (int64_t r = 0; r < rows; ++r) {
-            for (int64_t c = 0; c < wp; ++c) {
-              const T v = z[r * wp + c] - shift[c];
-              tsum[c] += v;
-              tsq[c] += v * v;
-            }
-          }
-          for (int64_t c = 0; c < wp; ++c) {
-            sum[c] += tsum[c];
-            sq[c] += tsq[c];
-          }
-        }, [](const PairTile&) {});
-      }
+void add_moments(const T* z, int64_t rows, int64_t wp, const T* shift, T* tile, double* sum) {
+  std::fill(tile, tile + 2 * wp, T(0));
+  T* tsum = tile;
+  T* tsq = tile + wp;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < wp; ++c) {
+      const T v = z[r * wp + c] - shift[c];
+      tsum[c] += v;
+      tsq[c] += v * v;
     }
-  });
-  const int64_t count = pb.valid;
+  }
+  for (int64_t c = 0; c < 2 * wp; ++c) sum[c] += tile[c];
+}
+
+// Dice training: the mean and biased variance of z_j over the pb.valid pairs from the block partials (2 * wp_j
+// each, in block order), into stats and net.acts[j].
+template <typename T>
+void finish_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, const std::vector<double>& partial,
+                       int64_t blocks, T* stats, int64_t col, int64_t htot, double eps) {
+  const int64_t count = pb.valid, wp = net.wp[j];
   ActLayer<T>& a = net.acts[j];
-  for (int64_t c = 0; c < wj; ++c) {
+  for (int64_t c = 0; c < net.w[j]; ++c) {
     double sum = 0, sq = 0;
-    for (int64_t blk = 0; blk < blocks.count; ++blk) {
+    for (int64_t blk = 0; blk < blocks; ++blk) {
       sum += partial[blk * 2 * wp + c];
       sq += partial[blk * 2 * wp + wp + c];
     }
@@ -599,6 +604,30 @@ void gather_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, T* stats, i
     a.mean[c] = static_cast<T>(mean);
     a.rstd[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(static_cast<T>(var)) + eps));
   }
+}
+
+// Dice training: mean and biased variance of z_j over all valid pairs, into stats (and net.acts[j]).
+template <typename T>
+void gather_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, T* stats, int64_t col, int64_t htot,
+                       double eps) {
+  const Blocks blocks(pb.B);
+  const int64_t wp = net.wp[j];
+  std::vector<double> partial(blocks.count * 2 * wp, 0.0);
+  at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
+    Work<T> work(net);
+    const auto multi = make_multi(net, pb, pb.C, false);
+    Vec<T> tile(2 * wp);
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      double* sum = partial.data() + blk * 2 * wp;
+      for (int64_t b = blocks.first(blk, pb.B); b < blocks.last(blk, pb.B); ++b) {
+        if (pb.lengths[b] == 0) continue;
+        visit_user(net, pb, work, multi.get(), b, 0, pb.C, j, false, [&](const PairTile& pt) {
+          add_moments(work.z[j].data(), pt.rows(), wp, net.bias[j].data(), tile.data(), sum);
+        }, [](const PairTile&) {});
+      }
+    }
+  });
+  finish_statistics(net, pb, j, partial, blocks.count, stats, col, htot, eps);
 }
 
 // Pools `rows` scored behaviours (score r at s[r * stride], values from key row row0 on) into acc [Dv]: plain
@@ -707,6 +736,37 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query_, c
 // ---------------------------------------------------------------------------------------------------------------
 // Backward
 
+// User b's pooling weights and d loss / d score of its valid pairs, at index (key row) * C + candidate, from its
+// scale * scores (in weight on entry; the weights replace them).
+template <typename T>
+void score_gradients_user(const Problem<T>& pb, const T* grad_out, int64_t b, T* weight, T* grad_score) {
+  const int64_t C = pb.C, len = pb.lengths[b], row0 = pb.starts[b];
+  for (int64_t c = 0; c < C; ++c) {
+    const T* g = grad_out + (b * C + c) * pb.Dv;
+    T* w = weight + row0 * C + c;  // w[t * C]: behaviour t
+    T* gs = grad_score + row0 * C + c;
+    double dot = 0;
+    if (pb.norm == Normalization::kSoftmax) {
+      double row_max = -std::numeric_limits<double>::infinity(), denom = 0;
+      for (int64_t t = 0; t < len; ++t) row_max = std::max(row_max, static_cast<double>(w[t * C]));
+      for (int64_t t = 0; t < len; ++t) denom += std::exp(w[t * C] - row_max);
+      for (int64_t t = 0; t < len; ++t) w[t * C] = static_cast<T>(std::exp(w[t * C] - row_max) / denom);
+    }
+    for (int64_t t = 0; t < len; ++t) {
+      const T* v = pb.values + (row0 + t) * pb.Dv;
+      double gw = 0;
+      for (int64_t d = 0; d < pb.Dv; ++d) gw += static_cast<double>(g[d]) * v[d];
+      gs[t * C] = static_cast<T>(gw);
+      dot += w[t * C] * gw;
+    }
+    for (int64_t t = 0; t < len; ++t) {
+      const T gw = gs[t * C];
+      // softmax: d/dt_t = w_t (gw_t - sum_u w_u gw_u); none: d/dt_t = gw_t. Then d/ds = score_scale * d/dt.
+      gs[t * C] = pb.scale * (pb.norm == Normalization::kSoftmax ? w[t * C] * (gw - static_cast<T>(dot)) : gw);
+    }
+  }
+}
+
 // Softmax pooling: d loss / d score of every valid pair and its pooling weight, at index (key row) * C +
 // candidate (one scoring sweep; both need the whole row's scores). Without softmax the backward passes derive
 // them per tile.
@@ -717,38 +777,15 @@ void score_gradients(const Net<T>& net, const Problem<T>& pb, const T* grad_out,
     Work<T> work(net);
     const auto multi = make_multi(net, pb, C, false);
     for (int64_t b = lo; b < hi; ++b) {
-      const int64_t len = pb.lengths[b], row0 = pb.starts[b];
-      if (len == 0) continue;
+      const int64_t row0 = pb.starts[b];
+      if (pb.lengths[b] == 0) continue;
       visit_user(net, pb, work, multi.get(), b, 0, C, net.n, false, [&](const PairTile& pt) {
         for (int64_t p = 0; p < pt.rows(); ++p) {
           const int64_t c = pt.c0 + p / pt.R, t = pt.t0 + p % pt.R;
           weight[(row0 + t) * C + c] = pb.scale * work.z[net.n][p * wpn];
         }
       }, [](const PairTile&) {});
-      for (int64_t c = 0; c < C; ++c) {
-        const T* g = grad_out + (b * C + c) * pb.Dv;
-        T* w = weight + row0 * C + c;  // w[t * C]: behaviour t
-        T* gs = grad_score + row0 * C + c;
-        double dot = 0;
-        if (pb.norm == Normalization::kSoftmax) {
-          double row_max = -std::numeric_limits<double>::infinity(), denom = 0;
-          for (int64_t t = 0; t < len; ++t) row_max = std::max(row_max, static_cast<double>(w[t * C]));
-          for (int64_t t = 0; t < len; ++t) denom += std::exp(w[t * C] - row_max);
-          for (int64_t t = 0; t < len; ++t) w[t * C] = static_cast<T>(std::exp(w[t * C] - row_max) / denom);
-        }
-        for (int64_t t = 0; t < len; ++t) {
-          const T* v = pb.values + (row0 + t) * pb.Dv;
-          double gw = 0;
-          for (int64_t d = 0; d < pb.Dv; ++d) gw += static_cast<double>(g[d]) * v[d];
-          gs[t * C] = static_cast<T>(gw);
-          dot += w[t * C] * gw;
-        }
-        for (int64_t t = 0; t < len; ++t) {
-          const T gw = gs[t * C];
-          // softmax: d/dt_t = w_t (gw_t - sum_u w_u gw_u); none: d/dt_t = gw_t. Then d/ds = score_scale * d/dt.
-          gs[t * C] = pb.scale * (pb.norm == Normalization::kSoftmax ? w[t * C] * (gw - static_cast<T>(dot)) : gw);
-        }
-      }
+      score_gradients_user(pb, grad_out, b, weight, grad_score);
     }
   });
 }
@@ -756,6 +793,83 @@ void score_gradients(const Net<T>& net, const Problem<T>& pb, const T* grad_out,
 struct BackwardOutputs {
   at::Tensor grad_query, grad_keys, grad_values;
 };
+
+// d loss / d score (column 0 of gz [rows, wpn], the rest zero) and the pooling weight wt of a pair tile of user b
+// whose scores are at s[p * wpn]: from score_gradients' arrays with softmax, else from grad_out and the values.
+template <typename T>
+void score_gradient_tile(const Problem<T>& pb, int64_t wpn, int64_t b, const PairTile& pt, const T* s,
+                         const T* weight, const T* grad_score, const T* grad_out, T* gz, T* wt) {
+  const int64_t rows = pt.rows(), R = pt.R, C = pb.C, Dv = pb.Dv, row0 = pb.starts[b];
+  std::fill(gz, gz + rows * wpn, T(0));
+  for (int64_t p = 0; p < rows; ++p) {
+    const int64_t c = pt.c0 + p / R, row = row0 + pt.t0 + p % R;
+    if (pb.norm == Normalization::kSoftmax) {
+      gz[p * wpn] = grad_score[row * C + c];
+      wt[p] = weight[row * C + c];
+    } else {
+      const T* gout = grad_out + (b * C + c) * Dv;
+      const T* v = pb.values + row * Dv;
+      T gw = 0;
+      for (int64_t d = 0; d < Dv; ++d) gw += gout[d] * v[d];
+      gz[p * wpn] = pb.scale * gw;
+      wt[p] = pb.scale * s[p * wpn];
+    }
+  }
+}
+
+// Layer 1 of a single-candidate tile (user b, behaviours [t0, t0 + rows)), z_0 = c + Weff k, from e_0 (gz
+// [rows, wp0]) and the pooling weights in work.wt: adds to the user's sums (work.dc, work.G) and writes the tile's
+// key (and value) gradients.
+template <typename T>
+void layer1_backward_tile(const Net<T>& net, const Problem<T>& pb, Work<T>& work, int64_t b, int64_t t0,
+                          int64_t rows, const T* gz, const T* grad_out, T* gk_all, T* gv_all) {
+  const Gemm<T>& g = gemm<T>();
+  const int64_t D = pb.D, Dv = pb.Dv, Dp = net.Dp, wp0 = net.wp[0], w0 = net.w[0], row0 = pb.starts[b] + t0;
+  const T* keys = pb.keys + row0 * D;
+  const T* gout = grad_out + b * Dv;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(keys + r * D, keys + (r + 1) * D, work.kp.data() + r * Dp);
+    for (int64_t c = 0; c < wp0; ++c) work.dc[c] += gz[r * wp0 + c];
+  }
+  g.tn(rows, wp0, Dp, gz, wp0, work.kp.data(), Dp, work.G.data(), Dp);
+  g.nn(rows, w0, Dp, gz, wp0, work.weff.data(), Dp, nullptr, work.gk.data(), Dp);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = row0 + r;
+    T* gk = gk_all + row * D;
+    const T* src = work.gk.data() + r * Dp;
+    const T wt = work.wt[r];
+    if (gv_all) {
+      for (int64_t d = 0; d < D; ++d) gk[d] = src[d];
+      T* gv = gv_all + row * Dv;
+      for (int64_t d = 0; d < Dv; ++d) gv[d] = wt * gout[d];
+    } else {
+      for (int64_t d = 0; d < D; ++d) gk[d] = src[d] + wt * gout[d];
+    }
+  }
+}
+
+// The end of a single-candidate user (query q) in the backward: d/dq = (Wq + Wd)^T dc + sum_h G[h, :] * Wp[h, :]
+// into gq (zeroed by the caller); d(Wq + Wd) += dc q^T; d(Wk - Wd) += G; dWp += G diag(q); db_0 += dc.
+template <typename T>
+void layer1_backward_user(const Net<T>& net, const Work<T>& work, Partial<T>& part, const T* q, T* gq) {
+  const int64_t D = net.D, Dp = net.Dp;
+  for (int64_t hh = 0; hh < net.w[0]; ++hh) {
+    const T dch = work.dc[hh];
+    const T* a = net.A.data() + hh * D;
+    const T* Gh = work.G.data() + hh * Dp;
+    const T* pc = net.Pc.data() + hh * Dp;
+    T* dA = part.dA.data() + hh * D;
+    T* dKc = part.dKc.data() + hh * Dp;
+    T* dPc = part.dPc.data() + hh * Dp;
+    for (int64_t d = 0; d < D; ++d) {
+      gq[d] += a[d] * dch + Gh[d] * pc[d];
+      dA[d] += dch * q[d];
+      dKc[d] += Gh[d];
+      dPc[d] += Gh[d] * q[d];
+    }
+    part.db[0][hh] += dch;
+  }
+}
 
 // One pass over all pairs: recompute the forward, back-propagate from the scores down to hidden layer `stop`
 // (Dice sums pass: accumulate sum(g_xhat), sum(g_xhat * xhat) of that layer) or, with stop < 0, all the way to
@@ -765,7 +879,7 @@ template <typename T>
 void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, const T* grad_score, const T* grad_out,
                    int64_t stop, std::vector<Partial<T>>& partials, BackwardOutputs* outs) {
   const Blocks blocks(pb.B);
-  const bool full = stop < 0, softmax = pb.norm == Normalization::kSoftmax;
+  const bool full = stop < 0;
   const int64_t C = pb.C, D = pb.D, Dv = pb.Dv, Dp = net.Dp, n = net.n, wp0 = net.wp[0], w0 = net.w[0];
   T* gq_all = full ? outs->grad_query.data_ptr<T>() : nullptr;
   T* gk_all = full ? outs->grad_keys.data_ptr<T>() : nullptr;
@@ -783,31 +897,15 @@ void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, con
         if (full) std::fill(gq_all + b * C * D, gq_all + (b + 1) * C * D, T(0));
         if (len == 0) continue;
         if (full) {
-          std::fill(work.G.begin(), work.G.end(), T(0));
-          std::fill(work.dc.begin(), work.dc.end(), T(0));
+          work.clear_user_gradients();
           if (multi) std::fill(multi->dc.begin(), multi->dc.end(), T(0));
         }
         const auto on_tile = [&](const PairTile& pt) {
           const int64_t rows = pt.rows(), R = pt.R;
-          // d/dz_n: the score gradient in column 0.
           T* gz = work.g0.data();
           T* gh = work.g1.data();
-          const int64_t wpn = net.wp[n];
-          std::fill(gz, gz + rows * wpn, T(0));
-          for (int64_t p = 0; p < rows; ++p) {
-            const int64_t c = pt.c0 + p / R, row = row0 + pt.t0 + p % R;
-            if (softmax) {
-              gz[p * wpn] = grad_score[row * C + c];
-              work.wt[p] = weight[row * C + c];
-            } else {
-              const T* gout = grad_out + (b * C + c) * Dv;
-              const T* v = pb.values + row * Dv;
-              T gw = 0;
-              for (int64_t d = 0; d < Dv; ++d) gw += gout[d] * v[d];
-              gz[p * wpn] = pb.scale * gw;
-              if (full) work.wt[p] = pb.scale * work.z[n][p * wpn];
-            }
-          }
+          score_gradient_tile(pb, net.wp[n], b, pt, work.z[n].data(), weight, grad_score, grad_out, gz,
+                              work.wt.data());
           for (int64_t i = n; i >= 1; --i) {
             const int64_t wpi = net.wp[i], wpp = net.wp[i - 1];
             if (full) {
@@ -823,31 +921,7 @@ void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, con
             if (sums_here) break;
           }
           if (!full) return;
-          const T* keys = pb.keys + (row0 + pt.t0) * D;
-          if (C == 1) {
-            // Layer 1: z_0 = c + Weff k.
-            const T* gout = grad_out + b * Dv;
-            for (int64_t r = 0; r < rows; ++r) {
-              std::copy(keys + r * D, keys + (r + 1) * D, work.kp.data() + r * Dp);
-              for (int64_t c = 0; c < wp0; ++c) work.dc[c] += gz[r * wp0 + c];
-            }
-            g.tn(rows, wp0, Dp, gz, wp0, work.kp.data(), Dp, work.G.data(), Dp);
-            g.nn(rows, w0, Dp, gz, wp0, work.weff.data(), Dp, nullptr, work.gk.data(), Dp);
-            for (int64_t r = 0; r < rows; ++r) {
-              const int64_t row = row0 + pt.t0 + r;
-              T* gk = gk_all + row * D;
-              const T* src = work.gk.data() + r * Dp;
-              const T wt = work.wt[r];
-              if (gv_all) {
-                for (int64_t d = 0; d < D; ++d) gk[d] = src[d];
-                T* gv = gv_all + row * Dv;
-                for (int64_t d = 0; d < Dv; ++d) gv[d] = wt * gout[d];
-              } else {
-                for (int64_t d = 0; d < D; ++d) gk[d] = src[d] + wt * gout[d];
-              }
-            }
-            return;
-          }
+          if (C == 1) return layer1_backward_tile(net, pb, work, b, pt.t0, rows, gz, grad_out, gk_all, gv_all);
           // Layer 1 of the pairs, z_0 = c_{b,c} + k Kc^T + (k * q) Pc^T: dPc += e_0^T (k * q) (X still holds the
           // tile's k * q); P = Pc^T e_0 per pair gives d/dq += k * P and d/dk += q * P; e_0 is summed per
           // candidate (dc: d/dq and dA, db_0 per user) and per behaviour (gzsum: Kc's part, on_keys).
@@ -907,25 +981,7 @@ void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, con
         visit_user(net, pb, work, multi.get(), b, 0, C, full ? n : n - 1, full, on_tile, on_keys);
         if (!full) continue;
         if (C == 1) {
-          // Per user: d/dq = (Wq + Wd)^T dc + sum_h G[h, :] * Wp[h, :]; d(Wq + Wd) += dc q^T;
-          // d(Wk - Wd) += G; dWp += G diag(q).
-          T* gq = gq_all + b * D;
-          for (int64_t hh = 0; hh < w0; ++hh) {
-            const T dch = work.dc[hh];
-            const T* a = net.A.data() + hh * D;
-            const T* Gh = work.G.data() + hh * Dp;
-            const T* pc = net.Pc.data() + hh * Dp;
-            T* dA = part.dA.data() + hh * D;
-            T* dKc = part.dKc.data() + hh * Dp;
-            T* dPc = part.dPc.data() + hh * Dp;
-            for (int64_t d = 0; d < D; ++d) {
-              gq[d] += a[d] * dch + Gh[d] * pc[d];
-              dA[d] += dch * q[d];
-              dKc[d] += Gh[d];
-              dPc[d] += Gh[d] * q[d];
-            }
-            part.db[0][hh] += dch;
-          }
+          layer1_backward_user(net, work, part, q, gq_all + b * D);
           continue;
         }
         // Per candidate: d/dq += (Wq + Wd)^T dc; d(Wq + Wd) += dc q^T; db_0 += dc.
@@ -954,6 +1010,98 @@ void zero_partials(std::vector<Partial<T>>& partials, const Net<T>& net) {
   for (auto& p : partials) p.init(net);
 }
 
+// Dice training backward: the means of g_xhat and of g_xhat * xhat of hidden layer j over the count valid pairs,
+// from the block partials (rows 3 and 4 of act[j]).
+template <typename T>
+void set_backward_sums(Net<T>& net, int64_t j, const std::vector<Partial<T>>& partials, int64_t count) {
+  ActLayer<T>& a = net.acts[j];
+  for (int64_t c = 0; c < net.wp[j]; ++c) {
+    double s1 = 0, s2 = 0;
+    for (const auto& p : partials) {
+      s1 += p.act[j][3 * net.wp[j] + c];
+      s2 += p.act[j][4 * net.wp[j] + c];
+    }
+    a.g_mean[c] = static_cast<T>(s1 / count);
+    a.gx_mean[c] = static_cast<T>(s2 / count);
+  }
+}
+
+// The parameter gradients from the block partials, reduced in block order: grad_weights, grad_biases (allocated
+// here) and the activation parameters' rows of grad_act (zeros on entry).
+template <typename T>
+void write_gradients(const Net<T>& net, const AttentionArgs& args, const std::vector<Partial<T>>& partials,
+                     std::vector<at::Tensor>& grad_weights, std::vector<at::Tensor>& grad_biases,
+                     const at::Tensor& grad_act) {
+  const AttentionShape& shape = args.shape;
+  const at::Tensor& query = args.query;
+  const Activation act = args.act;
+  const bool training = args.training;
+  const int64_t D = shape.dim, Dp = net.Dp, n = net.n;
+  // Reduce the block partials in block order.
+  auto reduce = [&](auto member, size_t size) {
+    Vec<double> total(size, 0.0);
+    for (const auto& p : partials) {
+      const auto& v = member(p);
+      for (size_t k = 0; k < size; ++k) total[k] += v[k];
+    }
+    return total;
+  };
+  const int64_t w0 = net.w[0], wp0 = net.wp[0];
+  const Vec<double> dA = reduce([](const Partial<T>& p) -> const Vec<T>& { return p.dA; }, w0 * D);
+  const Vec<double> dKc = reduce([](const Partial<T>& p) -> const Vec<T>& { return p.dKc; }, wp0 * Dp);
+  const Vec<double> dPc = reduce([](const Partial<T>& p) -> const Vec<T>& { return p.dPc; }, wp0 * Dp);
+  // W_0 = [Wq, Wk, Wd, Wp] with A = Wq + Wd, Kc = Wk - Wd, Pc = Wp.
+  grad_weights[0] = at::empty({w0, 4 * D}, query.options());
+  T* gw0 = grad_weights[0].data_ptr<T>();
+  for (int64_t hh = 0; hh < w0; ++hh) {
+    for (int64_t d = 0; d < D; ++d) {
+      const double a = dA[hh * D + d], kc = dKc[hh * Dp + d];
+      gw0[hh * 4 * D + d] = static_cast<T>(a);
+      gw0[hh * 4 * D + D + d] = static_cast<T>(kc);
+      gw0[hh * 4 * D + 2 * D + d] = static_cast<T>(a - kc);
+      gw0[hh * 4 * D + 3 * D + d] = static_cast<T>(dPc[hh * Dp + d]);
+    }
+  }
+  for (int64_t i = 0; i <= n; ++i) {
+    const int64_t wi = net.w[i], wpi = net.wp[i];
+    const Vec<double> db = reduce([i](const Partial<T>& p) -> const Vec<T>& { return p.db[i]; }, wpi);
+    grad_biases[i] = at::empty({wi}, query.options());
+    for (int64_t c = 0; c < wi; ++c) grad_biases[i].data_ptr<T>()[c] = static_cast<T>(db[c]);
+    if (i == 0) continue;
+    const int64_t in = net.w[i - 1], wpp = net.wp[i - 1];
+    const Vec<double> dW = reduce([i](const Partial<T>& p) -> const Vec<T>& { return p.dW[i]; }, wpi * wpp);
+    grad_weights[i] = at::empty({wi, in}, query.options());
+    T* gw = grad_weights[i].data_ptr<T>();
+    for (int64_t o = 0; o < wi; ++o)
+      for (int64_t k = 0; k < in; ++k) gw[o * in + k] = static_cast<T>(dW[o * wpp + k]);
+  }
+  // Activation parameters: Dice rows (alpha, gamma, beta, running_mean, running_var), PReLU row (slope).
+  if (act == Activation::kDice || act == Activation::kPrelu) {
+    T* ga = grad_act.data_ptr<T>();
+    const int64_t htot = shape.hidden_total;
+    int64_t col = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t wj = net.w[j], wpj = net.wp[j];
+      Vec<double> sums(5 * wpj, 0.0);
+      for (const auto& p : partials)
+        for (int64_t k = 0; k < 5 * wpj; ++k) sums[k] += p.act[j][k];
+      const ActLayer<T>& a = net.acts[j];
+      for (int64_t c = 0; c < wj; ++c) {
+        ga[col + c] = static_cast<T>(sums[c]);  // alpha / slope
+        if (act != Activation::kDice) continue;
+        ga[kDiceGamma * htot + col + c] = static_cast<T>(sums[wpj + c]);
+        ga[kDiceBeta * htot + col + c] = static_cast<T>(sums[2 * wpj + c]);
+        if (!training) {  // eval: the running statistics are inputs of the op
+          const double rstd = a.rstd[c];
+          ga[kDiceRunningMean * htot + col + c] = static_cast<T>(-rstd * sums[3 * wpj + c]);
+          ga[kDiceRunningVar * htot + col + c] = static_cast<T>(-0.5 * rstd * rstd * sums[4 * wpj + c]);
+        }
+      }
+      col += wj;
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
 attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const at::Tensor& keys_,
                    const std::optional<at::Tensor>& values_, const at::Tensor& starts_, const at::Tensor& lengths_,
@@ -963,19 +1111,15 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
   const AttentionBackwardArgs args =
       attention_backward_args(grad_out_, query_, keys_, values_, starts_, lengths_, max_len, weights, biases,
                               act_params, stats_, activation, normalization, score_scale, training, eps);
-  const Activation act = args.act;
   const AttentionShape& shape = args.shape;
   const at::Tensor &query = args.query, &grad_out = args.grad_out;
   BackwardOutputs outs{at::empty_like(query), args.grad_keys, args.grad_values};  // grad_query: zeroed per user
-  const size_t layers = weights.size();
-  std::vector<at::Tensor> grad_weights(layers), grad_biases(layers);
-  const at::Tensor& grad_act = args.grad_act_params;
+  std::vector<at::Tensor> grad_weights(weights.size()), grad_biases(weights.size());
 
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "din_ext_attention_backward", [&] {
     using T = scalar_t;
-    Net<T> net = pack<T>(shape.dim, weights, biases, act_params, act, training, eps, args.stats);
+    Net<T> net = pack<T>(shape.dim, weights, biases, act_params, args.act, training, eps, args.stats);
     const Problem<T> pb = make_problem<T>(args);
-    const int64_t D = shape.dim, Dp = net.Dp, n = net.n;
     Vec<T> weight, grad_score;
     if (args.norm == Normalization::kSoftmax) {
       weight.resize(shape.num_keys * pb.C);
@@ -983,100 +1127,291 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
       score_gradients(net, pb, grad_out.data_ptr<T>(), weight.data(), grad_score.data());
     }
 
-    const Blocks blocks(shape.batch);
-    std::vector<Partial<T>> partials(blocks.count);
-    const int64_t count = pb.valid;
-    if (net.dice_train && count > 0) {
-      for (int64_t j = n - 1; j >= 0; --j) {
+    std::vector<Partial<T>> partials(Blocks(shape.batch).count);
+    if (net.dice_train && pb.valid > 0) {
+      for (int64_t j = net.n - 1; j >= 0; --j) {
         zero_partials(partials, net);
         backward_pass(net, pb, weight.data(), grad_score.data(), grad_out.data_ptr<T>(), j, partials, nullptr);
-        ActLayer<T>& a = net.acts[j];
-        for (int64_t c = 0; c < net.wp[j]; ++c) {
-          double s1 = 0, s2 = 0;
-          for (const auto& p : partials) {
-            s1 += p.act[j][3 * net.wp[j] + c];
-            s2 += p.act[j][4 * net.wp[j] + c];
-          }
-          a.g_mean[c] = static_cast<T>(s1 / count);
-          a.gx_mean[c] = static_cast<T>(s2 / count);
-        }
+        set_backward_sums(net, j, partials, pb.valid);
       }
     }
     zero_partials(partials, net);
     backward_pass(net, pb, weight.data(), grad_score.data(), grad_out.data_ptr<T>(), -1, partials, &outs);
+    write_gradients(net, args, partials, grad_weights, grad_biases, args.grad_act_params);
+  });
+  return {outs.grad_query, outs.grad_keys, outs.grad_values, grad_weights, grad_biases, args.grad_act_params};
+}
 
-    // Reduce the block partials in block order.
-    auto reduce = [&](auto member, size_t size) {
-      Vec<double> total(size, 0.0);
-      for (const auto& p : partials) {
-        const auto& v = member(p);
-        for (size_t k = 0; k < size; ++k) total[k] += v[k];
-      }
-      return total;
-    };
-    const int64_t w0 = net.w[0], wp0 = net.wp[0];
-    const Vec<double> dA = reduce([](const Partial<T>& p) -> const Vec<T>& { return p.dA; }, w0 * D);
-    const Vec<double> dKc = reduce([](const Partial<T>& p) -> const Vec<T>& { return p.dKc; }, wp0 * Dp);
-    const Vec<double> dPc = reduce([](const Partial<T>& p) -> const Vec<T>& { return p.dPc; }, wp0 * Dp);
-    // W_0 = [Wq, Wk, Wd, Wp] with A = Wq + Wd, Kc = Wk - Wd, Pc = Wp.
-    grad_weights[0] = at::empty({w0, 4 * D}, query.options());
-    T* gw0 = grad_weights[0].data_ptr<T>();
-    for (int64_t hh = 0; hh < w0; ++hh) {
-      for (int64_t d = 0; d < D; ++d) {
-        const double a = dA[hh * D + d], kc = dKc[hh * Dp + d];
-        gw0[hh * 4 * D + d] = static_cast<T>(a);
-        gw0[hh * 4 * D + D + d] = static_cast<T>(kc);
-        gw0[hh * 4 * D + 2 * D + d] = static_cast<T>(a - kc);
-        gw0[hh * 4 * D + 3 * D + d] = static_cast<T>(dPc[hh * Dp + d]);
-      }
-    }
-    for (int64_t i = 0; i <= n; ++i) {
-      const int64_t wi = net.w[i], wpi = net.wp[i];
-      const Vec<double> db = reduce([i](const Partial<T>& p) -> const Vec<T>& { return p.db[i]; }, wpi);
-      grad_biases[i] = at::empty({wi}, query.options());
-      for (int64_t c = 0; c < wi; ++c) grad_biases[i].data_ptr<T>()[c] = static_cast<T>(db[c]);
-      if (i == 0) continue;
-      const int64_t in = net.w[i - 1], wpp = net.wp[i - 1];
-      const Vec<double> dW = reduce([i](const Partial<T>& p) -> const Vec<T>& { return p.dW[i]; }, wpi * wpp);
-      grad_weights[i] = at::empty({wi, in}, query.options());
-      T* gw = grad_weights[i].data_ptr<T>();
-      for (int64_t o = 0; o < wi; ++o)
-        for (int64_t k = 0; k < in; ++k) gw[o * in + k] = static_cast<T>(dW[o * wpp + k]);
-    }
-    // Activation parameters: Dice rows (alpha, gamma, beta, running_mean, running_var), PReLU row (slope).
-    if (act == Activation::kDice || act == Activation::kPrelu) {
-      T* ga = grad_act.data_ptr<T>();
-      const int64_t htot = shape.hidden_total;
-      int64_t col = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t wj = net.w[j], wpj = net.wp[j];
-        Vec<double> sums(5 * wpj, 0.0);
-        for (const auto& p : partials)
-          for (int64_t k = 0; k < 5 * wpj; ++k) sums[k] += p.act[j][k];
-        const ActLayer<T>& a = net.acts[j];
-        for (int64_t c = 0; c < wj; ++c) {
-          ga[col + c] = static_cast<T>(sums[c]);  // alpha / slope
-          if (act != Activation::kDice) continue;
-          ga[kDiceGamma * htot + col + c] = static_cast<T>(sums[wpj + c]);
-          ga[kDiceBeta * htot + col + c] = static_cast<T>(sums[2 * wpj + c]);
-          if (!training) {  // eval: the running statistics are inputs of the op
-            const double rstd = a.rstd[c];
-            ga[kDiceRunningMean * htot + col + c] = static_cast<T>(-rstd * sums[3 * wpj + c]);
-            ga[kDiceRunningVar * htot + col + c] = static_cast<T>(-0.5 * rstd * rstd * sums[4 * wpj + c]);
+// ---------------------------------------------------------------------------------------------------------------
+// Stored activations: din_ext::_local_activation_attention_stored and its backward. The autograd
+// (csrc/attention_autograd.cpp) runs them for training Dice with one candidate per user when
+// cpu_attention_stored_row_bytes() x N fits its budget (short histories), the recomputing kernels otherwise.
+//
+// Training Dice's exact statistics make the recomputing kernels run the MLP once per hidden layer and once more in
+// each direction. These store every valid pair's pre-activations z_0 .. z_n in the forward, computed one layer at
+// a time over all the pairs, and the backward reads them: each layer is computed once in each direction, and the
+// backward keeps d/dh_j of all pairs between its two passes over a Dice layer (the statistics' sums, then the
+// gradient). `saved` holds z_j as [N, wp_j] indexed by key row (rows outside every user's range are unused), at
+// offset N * (wp_0 + ... + wp_{j-1}). Every tile runs the same products and activation code, in the same order and
+// over the same tiles, as the recomputing kernels: both modes give bitwise the same output and statistics, and
+// gradients equal to rounding (the backward's elementwise loops run in place on buffers of another alignment).
+
+// z_j of the stored layout: N rows of wp_j.
+template <typename T>
+std::vector<int64_t> stored_offsets(const Net<T>& net, int64_t num_keys) {
+  std::vector<int64_t> offsets(net.n + 2, 0);
+  for (int64_t j = 0; j <= net.n; ++j) offsets[j + 1] = offsets[j] + num_keys * net.wp[j];
+  return offsets;
+}
+
+// Calls fn(b, t0, rows, row) for every tile of kTile behaviours of every user of block blk, in order (row: the key
+// row of the tile's first behaviour).
+template <typename T, typename Fn>
+void for_tiles(const Problem<T>& pb, const Blocks& blocks, int64_t blk, Fn&& fn) {
+  for (int64_t b = blocks.first(blk, pb.B); b < blocks.last(blk, pb.B); ++b) {
+    for (int64_t t0 = 0; t0 < pb.lengths[b]; t0 += kTile) fn(b, t0, std::min(kTile, pb.lengths[b] - t0), pb.starts[b] + t0);
+  }
+}
+
+template <typename T>
+void stored_forward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, T* saved, T* stats, int64_t htot,
+                    double eps, T* out) {
+  const Blocks blocks(pb.B);
+  const std::vector<int64_t> off = stored_offsets(net, num_keys);
+  const int64_t D = pb.D, Dv = pb.Dv, n = net.n, wpn = net.wp[n];
+  int64_t col = 0;
+  for (int64_t j = 0; j <= n; ++j) {
+    const int64_t wp = net.wp[j];
+    T* Z = saved + off[j];
+    std::vector<double> partial(j < n ? blocks.count * 2 * wp : 0, 0.0);
+    at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
+      const Gemm<T>& g = gemm<T>();
+      Work<T> work(net);
+      Vec<T> tile(2 * wp);
+      for (int64_t blk = lo; blk < hi; ++blk) {
+        int64_t user = -1;
+        for_tiles(pb, blocks, blk, [&](int64_t b, int64_t, int64_t rows, int64_t row) {
+          T* z = Z + row * wp;
+          if (j == 0) {
+            if (b != user) work.set_user(net, pb.query + b * D, false);
+            user = b;
+            g.nn(rows, D, wp, pb.keys + row * D, D, work.weffT.data(), wp, work.c.data(), z, wp);
+          } else {
+            const int64_t wpp = net.wp[j - 1];
+            activation_forward_tile(net, j - 1, rows, saved + off[j - 1] + row * wpp, work.h[j - 1].data());
+            g.nn(rows, net.w[j - 1], wp, work.h[j - 1].data(), wpp, net.WT[j].data(), wp, net.bias[j].data(), z, wp);
           }
+          if (j < n) add_moments(z, rows, wp, net.bias[j].data(), tile.data(), partial.data() + blk * 2 * wp);
+        });
+      }
+    });
+    if (j < n) {
+      finish_statistics(net, pb, j, partial, blocks.count, stats, col, htot, eps);
+      col += net.w[j];
+    }
+  }
+  const T* scores = saved + off[n];
+  at::parallel_for(0, pb.B, 1, [&](int64_t lo, int64_t hi) {
+    Vec<T> acc(Dv);
+    for (int64_t b = lo; b < hi; ++b) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      double row_max = -std::numeric_limits<double>::infinity(), denom = 0;
+      const int64_t len = pb.lengths[b], row0 = pb.starts[b];
+      for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+        pool_rows(pb, scores + (row0 + t0) * wpn, wpn, std::min(kTile, len - t0), row0 + t0, acc.data(), row_max,
+                  denom);
+      }
+      const T inv = pb.norm == Normalization::kSoftmax && len > 0 ? static_cast<T>(1.0 / denom) : T(1);
+      for (int64_t d = 0; d < Dv; ++d) out[b * Dv + d] = acc[d] * inv;
+    }
+  });
+}
+
+template <typename T>
+void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const T* saved, const T* weight,
+                     const T* grad_score, const T* grad_out, std::vector<Partial<T>>& partials,
+                     BackwardOutputs& outs) {
+  const Blocks blocks(pb.B);
+  const std::vector<int64_t> off = stored_offsets(net, num_keys);
+  const int64_t D = pb.D, n = net.n, wp0 = net.wp[0], wpn = net.wp[n];
+  const T* scores = saved + off[n];
+  const auto score_tile = [&](Work<T>& work, int64_t b, int64_t t0, int64_t rows, int64_t row, T* gz) {
+    score_gradient_tile(pb, wpn, b, PairTile{t0, rows, 0, 1}, scores + row * wpn, weight, grad_score, grad_out, gz,
+                        work.wt.data());
+  };
+  at::Tensor above;  // e_{j+1} = d/dz_{j+1} of every pair [N, wp_{j+1}] (j + 1 < n; the scores' is per tile)
+  for (int64_t j = n - 1; j >= 0; --j) {
+    const int64_t wj = net.wp[j], wa = net.wp[j + 1];
+    const T* Zj = saved + off[j];
+    at::Tensor here = at::empty({num_keys * wj}, outs.grad_keys.options());  // d/dh_j, then e_j in place
+    T* dh = here.data_ptr<T>();
+    const T* e_above = j + 1 < n ? above.data_ptr<T>() : nullptr;
+    at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
+      const Gemm<T>& g = gemm<T>();
+      Work<T> work(net);
+      work.init_backward(net);
+      for (int64_t blk = lo; blk < hi; ++blk) {
+        Partial<T>& part = partials[blk];
+        for_tiles(pb, blocks, blk, [&](int64_t b, int64_t t0, int64_t rows, int64_t row) {
+          const T* gz = e_above ? e_above + row * wa : work.g0.data();
+          if (!e_above) score_tile(work, b, t0, rows, row, work.g0.data());
+          activation_forward_tile(net, j, rows, Zj + row * wj, work.h[j].data());
+          g.tn(rows, wa, wj, gz, wa, work.h[j].data(), wj, part.dW[j + 1].data(), wj);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < wa; ++c) part.db[j + 1][c] += gz[r * wa + c];
+          T* d = dh + row * wj;
+          g.nn(rows, net.w[j + 1], wj, gz, wa, net.Wn[j + 1].data(), wj, nullptr, d, wj);
+          // The parameter gradients and the statistics' sums of layer j, on a copy (d/dh_j is kept for the
+          // gradient once the sums are complete).
+          std::copy(d, d + rows * wj, work.g1.data());
+          activation_backward_tile(net, j, rows, Zj + row * wj, work.g1.data(), part.act[j].data());
+        });
+      }
+    });
+    set_backward_sums(net, j, partials, pb.valid);
+    at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
+      Vec<double> unused(5 * wj);  // the same tile code as the recomputing gradient pass, whose sums these repeat
+      for (int64_t blk = lo; blk < hi; ++blk) {
+        for_tiles(pb, blocks, blk, [&](int64_t, int64_t, int64_t rows, int64_t row) {
+          activation_backward_tile(net, j, rows, Zj + row * wj, dh + row * wj, unused.data());
+        });
+      }
+    });
+    above = here;
+  }
+  const T* e0 = above.data_ptr<T>();
+  T* gq_all = outs.grad_query.data_ptr<T>();
+  T* gk_all = outs.grad_keys.data_ptr<T>();
+  T* gv_all = outs.grad_values.numel() ? outs.grad_values.data_ptr<T>() : nullptr;
+  at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
+    Work<T> work(net);
+    work.init_backward(net);
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      for (int64_t b = blocks.first(blk, pb.B); b < blocks.last(blk, pb.B); ++b) {
+        const T* q = pb.query + b * D;
+        std::fill(gq_all + b * D, gq_all + (b + 1) * D, T(0));
+        if (pb.lengths[b] == 0) continue;
+        work.set_user(net, q, true);
+        work.clear_user_gradients();
+        for (int64_t t0 = 0; t0 < pb.lengths[b]; t0 += kTile) {
+          const int64_t rows = std::min(kTile, pb.lengths[b] - t0), row = pb.starts[b] + t0;
+          score_tile(work, b, t0, rows, row, work.g1.data());  // the pooling weights (the score gradient unused)
+          layer1_backward_tile(net, pb, work, b, t0, rows, e0 + row * wp0, grad_out, gk_all, gv_all);
         }
-        col += wj;
+        layer1_backward_user(net, work, partials[blk], q, gq_all + b * D);
       }
     }
   });
-  return {outs.grad_query, outs.grad_keys, outs.grad_values, grad_weights, grad_biases, grad_act};
+}
+
+void check_stored(const AttentionArgs& args) {
+  TORCH_CHECK(args.act == Activation::kDice && args.training && !args.shape.multi && !args.shape.hidden.empty(),
+              "din_ext: the stored-activation attention kernels are for training Dice with a query [B, D] and at "
+              "least one hidden layer");
+}
+
+template <typename T>
+int64_t stored_width(at::TensorList weights) {
+  int64_t width = 0;
+  for (const auto& w : weights) width += padded<T>(w.size(0));
+  return width;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_stored_forward(
+    const at::Tensor& query_, const at::Tensor& keys_, const std::optional<at::Tensor>& values_,
+    const at::Tensor& starts_, const at::Tensor& lengths_, int64_t max_len, at::TensorList weights,
+    at::TensorList biases, const at::Tensor& act_params, c10::string_view activation, c10::string_view normalization,
+    double score_scale, bool training, double eps) {
+  const AttentionForwardArgs args = attention_forward_args(query_, keys_, values_, starts_, lengths_, max_len,
+                                                           weights, biases, act_params, activation, normalization,
+                                                           score_scale, training, eps);
+  check_stored(args);
+  at::Tensor saved;
+  AT_DISPATCH_FLOATING_TYPES(args.query.scalar_type(), "din_ext_attention_stored_forward", [&] {
+    saved = at::empty({args.shape.num_keys * stored_width<scalar_t>(weights)}, args.query.options());
+    Net<scalar_t> net = pack<scalar_t>(args.shape.dim, weights, biases, act_params, args.act, training, eps,
+                                       args.stats);
+    stored_forward(net, make_problem<scalar_t>(args), args.shape.num_keys, saved.data_ptr<scalar_t>(),
+                   args.stats.data_ptr<scalar_t>(), args.shape.hidden_total, eps, args.out.data_ptr<scalar_t>());
+  });
+  return {args.out, args.stats, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>
+attention_stored_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const at::Tensor& keys_,
+                          const std::optional<at::Tensor>& values_, const at::Tensor& starts_,
+                          const at::Tensor& lengths_, int64_t max_len, at::TensorList weights, at::TensorList biases,
+                          const at::Tensor& act_params, const at::Tensor& stats_, const at::Tensor& saved_,
+                          c10::string_view activation, c10::string_view normalization, double score_scale,
+                          bool training, double eps) {
+  const AttentionBackwardArgs args =
+      attention_backward_args(grad_out_, query_, keys_, values_, starts_, lengths_, max_len, weights, biases,
+                              act_params, stats_, activation, normalization, score_scale, training, eps);
+  check_stored(args);
+  const AttentionShape& shape = args.shape;
+  const at::Tensor &query = args.query, &grad_out = args.grad_out;
+  BackwardOutputs outs{at::empty_like(query), args.grad_keys, args.grad_values};
+  std::vector<at::Tensor> grad_weights(weights.size()), grad_biases(weights.size());
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "din_ext_attention_stored_backward", [&] {
+    using T = scalar_t;
+    const int64_t numel = shape.num_keys * stored_width<T>(weights);
+    TORCH_CHECK(saved_.dim() == 1 && saved_.numel() == numel && saved_.scalar_type() == query.scalar_type() &&
+                    saved_.device() == query.device(),
+                "din_ext: saved must be the stored forward's [", numel, "] activations, got ", saved_.scalar_type(),
+                " ", saved_.sizes());
+    const at::Tensor saved = saved_.contiguous();
+    Net<T> net = pack<T>(shape.dim, weights, biases, act_params, args.act, training, eps, args.stats);
+    const Problem<T> pb = make_problem<T>(args);
+    Vec<T> weight, grad_score;
+    if (args.norm == Normalization::kSoftmax) {
+      weight.resize(shape.num_keys);
+      grad_score.resize(shape.num_keys);
+      const T* scores = saved.data_ptr<T>() + stored_offsets(net, shape.num_keys)[net.n];
+      const int64_t wpn = net.wp[net.n];
+      at::parallel_for(0, pb.B, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b) {
+          for (int64_t t = 0; t < pb.lengths[b]; ++t) {
+            const int64_t row = pb.starts[b] + t;
+            weight[row] = pb.scale * scores[row * wpn];
+          }
+          if (pb.lengths[b] > 0) score_gradients_user(pb, grad_out.data_ptr<T>(), b, weight.data(), grad_score.data());
+        }
+      });
+    }
+    std::vector<Partial<T>> partials(Blocks(shape.batch).count);
+    zero_partials(partials, net);
+    if (pb.valid > 0) {
+      stored_backward(net, pb, shape.num_keys, saved.data_ptr<T>(), weight.data(), grad_score.data(),
+                      grad_out.data_ptr<T>(), partials, outs);
+    } else {
+      outs.grad_query.zero_();
+    }
+    write_gradients(net, args, partials, grad_weights, grad_biases, args.grad_act_params);
+  });
+  return {outs.grad_query, outs.grad_keys, outs.grad_values, grad_weights, grad_biases, args.grad_act_params};
 }
 
 }  // namespace
 
+int64_t stored_row_bytes(at::TensorList weights, at::ScalarType dtype) {
+  int64_t bytes = 0;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "din_ext_attention_stored_row_bytes", [&] {
+    // saved (every z_j), and the backward's d/dh_j and e_{j+1} of the layer it works on.
+    int64_t buffers = 0;
+    for (size_t j = 0; j + 1 < weights.size(); ++j) {
+      const int64_t above = j + 2 < weights.size() ? padded<scalar_t>(weights[j + 1].size(0)) : 0;
+      buffers = std::max(buffers, padded<scalar_t>(weights[j].size(0)) + above);
+    }
+    bytes = (stored_width<scalar_t>(weights) + buffers) * static_cast<int64_t>(sizeof(scalar_t));
+  });
+  return bytes;
+}
+
 TORCH_LIBRARY_IMPL(din_ext, CPU, m) {
   m.impl("local_activation_attention", &attention_forward);
   m.impl("local_activation_attention_backward", &attention_backward);
+  m.impl("_local_activation_attention_stored", &attention_stored_forward);
+  m.impl("_local_activation_attention_stored_backward", &attention_stored_backward);
 }
 
 }  // namespace din_ext::cpu

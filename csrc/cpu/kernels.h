@@ -35,6 +35,15 @@ inline int64_t padded(int64_t n) {
 // Whether this processor runs the AVX2+FMA builds.
 bool has_avx2_fma();
 
+// Functions marked DIN_EXT_AVX512 are compiled for AVX-512 (F, VL, DQ) with 512-bit vectors, which double the FMA
+// throughput of the AVX2 build where the processor has them; they run only where has_avx512() says so.
+#if DIN_EXT_HAVE_AVX2
+#define DIN_EXT_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
+#else
+#define DIN_EXT_AVX512
+#endif
+bool has_avx512();
+
 // 32-byte vectors in always-inlined code are never passed across a call boundary; GCC's ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -212,6 +221,125 @@ DIN_EXT_INLINE void gemm_tn_body(int64_t rows, int64_t M, int64_t n, const T* A,
   }
 }
 
+// 64-byte vectors: one AVX-512 register in a DIN_EXT_AVX512 function (only those use them).
+template <typename T>
+struct Wide {
+  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
+  static constexpr int64_t lanes = 64 / sizeof(T);
+};
+
+// The register block of the AVX-512 GEMMs: C[r, c0 : c0 + NZ * W + kTail * L] for r < R (W = Wide lanes, L = Simd
+// lanes), R x (NZ + kTail) accumulators over k < K of a(r, k) * B[k, :], with a(r, k) = A[r * ra + k * ka] (a row
+// of A for C = A B, a column for C = A^T B). The accumulators start at bias (or zero when bias is null), or at C
+// itself with kAccumulate. Each element is its start plus the K products in k order, one FMA each: the same
+// arithmetic as gemm_nn_rows and gemm_tn_body, so every build gives bitwise the same results.
+template <typename T, int R, int NZ, bool kTail, bool kAccumulate>
+DIN_EXT_INLINE void wide_block(int64_t K, const T* A, int64_t ra, int64_t ka, const T* B, int64_t ldb,
+                               const T* bias, T* C, int64_t ldc) {
+  using V = typename Wide<T>::type;
+  using H = typename Simd<T>::type;
+  constexpr int64_t W = Wide<T>::lanes;
+  V acc[R][NZ > 0 ? NZ : 1];
+  H tail[R];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NZ; ++v) {
+      if (kAccumulate) {
+        acc[r][v] = *reinterpret_cast<const V*>(C + r * ldc + v * W);
+      } else {
+        acc[r][v] = bias ? *reinterpret_cast<const V*>(bias + v * W) : V{};
+      }
+    }
+    if (kTail) tail[r] = kAccumulate ? load(C + r * ldc + NZ * W) : (bias ? load(bias + NZ * W) : H{});
+  }
+  const T* b = B;
+  const T* a = A;
+  for (int64_t k = 0; k < K; ++k, b += ldb, a += ka) {
+    V bv[NZ > 0 ? NZ : 1];
+#pragma GCC unroll 4
+    for (int v = 0; v < NZ; ++v) bv[v] = *reinterpret_cast<const V*>(b + v * W);
+    const H bt = kTail ? load(b + NZ * W) : H{};
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const T x = a[r * ra];
+#pragma GCC unroll 4
+      for (int v = 0; v < NZ; ++v) acc[r][v] += x * bv[v];
+      if (kTail) tail[r] += x * bt;
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NZ; ++v) *reinterpret_cast<V*>(C + r * ldc + v * W) = acc[r][v];
+    if (kTail) store(C + r * ldc + NZ * W, tail[r]);
+  }
+}
+
+// Rows [0, rows) of one column block of NZ wide vectors (+ a half one): blocks of 6 rows (at most 24 accumulators
+// and 4 vectors of B in the 32 registers), then of 4, then the 1 to 3 left (the row stride of a(r, k) is ra).
+template <typename T, int NZ, bool kTail, bool kAccumulate>
+DIN_EXT_INLINE void wide_rows(int64_t rows, int64_t K, const T* A, int64_t ra, int64_t ka, const T* B, int64_t ldb,
+                              const T* bias, T* C, int64_t ldc) {
+  int64_t r0 = 0;
+  for (; r0 + 6 <= rows; r0 += 6)
+    wide_block<T, 6, NZ, kTail, kAccumulate>(K, A + r0 * ra, ra, ka, B, ldb, bias, C + r0 * ldc, ldc);
+  for (; r0 + 4 <= rows; r0 += 4)
+    wide_block<T, 4, NZ, kTail, kAccumulate>(K, A + r0 * ra, ra, ka, B, ldb, bias, C + r0 * ldc, ldc);
+  switch (rows - r0) {
+    case 3:
+      wide_block<T, 3, NZ, kTail, kAccumulate>(K, A + r0 * ra, ra, ka, B, ldb, bias, C + r0 * ldc, ldc);
+      break;
+    case 2:
+      wide_block<T, 2, NZ, kTail, kAccumulate>(K, A + r0 * ra, ra, ka, B, ldb, bias, C + r0 * ldc, ldc);
+      break;
+    case 1:
+      wide_block<T, 1, NZ, kTail, kAccumulate>(K, A + r0 * ra, ra, ka, B, ldb, bias, C + r0 * ldc, ldc);
+      break;
+    default:
+      break;
+  }
+}
+
+// C[r, :n] over all rows, the n columns (a multiple of kPad<T>, one half vector) cut into blocks of at most 3 wide
+// vectors (enough independent accumulators to hide the FMA latency), the half vector in the last.
+template <typename T, bool kAccumulate>
+DIN_EXT_INLINE void wide_gemm(int64_t rows, int64_t K, int64_t n, const T* A, int64_t ra, int64_t ka, const T* B,
+                              int64_t ldb, const T* bias, T* C, int64_t ldc) {
+  constexpr int64_t W = Wide<T>::lanes;
+  int64_t full = n / W, c0 = 0;
+  const bool tail = n % W != 0;
+  while (full > 0 || (tail && c0 < n)) {
+    // 4 -> 2 + 2 and 5 -> 3 + 2: no lone vector of 4 accumulators while wider blocks are possible.
+    const int64_t nz = full > 4 ? 3 : (full == 4 ? 2 : full);
+    full -= nz;
+    const bool with_tail = tail && full == 0;
+    const T* bb = bias ? bias + c0 : nullptr;
+#define DIN_EXT_WIDE_CASE(NZ)                                                                                   \
+  if (with_tail) {                                                                                              \
+    wide_rows<T, NZ, true, kAccumulate>(rows, K, A, ra, ka, B + c0, ldb, bb, C + c0, ldc);                      \
+  } else {                                                                                                      \
+    wide_rows<T, NZ, false, kAccumulate>(rows, K, A, ra, ka, B + c0, ldb, bb, C + c0, ldc);                     \
+  }
+    switch (nz) {
+      case 3:
+        DIN_EXT_WIDE_CASE(3)
+        break;
+      case 2:
+        DIN_EXT_WIDE_CASE(2)
+        break;
+      case 1:
+        DIN_EXT_WIDE_CASE(1)
+        break;
+      default:
+        wide_rows<T, 0, true, kAccumulate>(rows, K, A, ra, ka, B + c0, ldb, bb, C + c0, ldc);
+        break;
+    }
+#undef DIN_EXT_WIDE_CASE
+    c0 += nz * W + (with_tail ? W / 2 : 0);
+  }
+}
+
 // Function-pointer table of one instruction-set build of the kernels.
 template <typename T>
 struct Gemm {
@@ -219,7 +347,7 @@ struct Gemm {
   void (*tn)(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t);
 };
 
-// The best build this processor runs (AVX2+FMA on x86-64 when available, else the baseline).
+// The best build this processor runs (AVX-512, else AVX2+FMA on x86-64 when available, else the baseline).
 template <typename T>
 const Gemm<T>& gemm();
 

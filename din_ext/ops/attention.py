@@ -1,6 +1,7 @@
 """Local-activation attention: the public function, its validation, and the registration of every backend (the
 compiled op ``din_ext::local_activation_attention`` and its Triton twin ``din_ext::triton_local_activation_attention``
-over kernels/attention.py), with one fake and one autograd for both.
+over kernels/attention.py), with one fake for both. The compiled op's autograd is C++ (csrc/attention_autograd.cpp,
+no Python runs around it in a training step); the Triton op's is registered here.
 
 The ops see one canonical form for padded and jagged inputs: keys as rows ``[N, D]`` plus ``starts``/``lengths``
 per user (padded ``[B, L, D]`` keys are viewed as ``[B * L, D]`` with ``starts = b * L``), so every backend has a
@@ -161,7 +162,7 @@ def _check(query, keys, weights, biases, act_params, lengths, offsets, values, m
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One fake and one autograd for the compiled op and its Triton twin
+# One fake for the compiled op and its Triton twin, and the Triton op's autograd
 
 
 def _fake_forward(query, keys, values, starts, lengths, max_len, weights, biases, act_params, *config):
@@ -181,8 +182,8 @@ def _fake_backward(grad_out, query, keys, values, starts, lengths, max_len, weig
 
 
 def _register_autograd(name: str, backward_op, saved_outputs: Tuple[int, ...]) -> None:
-    """Registers the autograd of the forward op ``name`` (either backend): ``backward_op`` takes the forward's inputs
-    with, after act_params, the forward outputs at ``saved_outputs``."""
+    """Registers the autograd of the forward op ``name``: ``backward_op`` takes the forward's inputs with, after
+    act_params, the forward outputs at ``saved_outputs``."""
     def setup_context(ctx, inputs, output):
         query, keys, values, starts, lengths, max_len, weights, biases, act_params, *config = inputs
         ctx.num_layers = len(weights)
@@ -205,10 +206,22 @@ def _register_autograd(name: str, backward_op, saved_outputs: Tuple[int, ...]) -
     torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 
+def _fake_stored_forward(query, keys, values, starts, lengths, max_len, weights, biases, act_params, *config):
+    """(out, stats, saved) of the cpu stored-activation op: saved holds z_j [N, wp_j] of every layer (wp_j: the
+    width rounded up to one 32-byte vector), as csrc/cpu/attention.cpp lays it out."""
+    pad = 32 // query.element_size()
+    width = sum(-(-w.shape[0] // pad) * pad for w in weights)
+    out, stats = _fake_forward(query, keys, values, starts, lengths, max_len, weights, biases, act_params)[:2]
+    return out, stats, query.new_empty(keys.shape[0] * width)
+
+
 if _ext.has_cpp():
     torch.library.register_fake(OP_NAME)(lambda *args: _fake_forward(*args)[:2])
     torch.library.register_fake(OP_NAME + "_backward")(_fake_backward)
-    _register_autograd(OP_NAME, torch.ops.din_ext.local_activation_attention_backward, saved_outputs=(1,))
+    torch.library.register_fake("din_ext::_local_activation_attention_stored")(_fake_stored_forward)
+    torch.library.register_fake("din_ext::_local_activation_attention_stored_backward")(
+        lambda grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params, stats, saved,
+        *config: _fake_backward(grad_out, query, keys, values, starts, lengths, max_len, weights, biases, act_params))
 
 
 def _register_triton() -> None:
