@@ -113,7 +113,9 @@ class DINLightningModule(pl.LightningModule):
         self.metrics: Optional[Dict[str, Any]] = None
         self._outputs: List[tuple] = []
         self._processes = distributed.World()
-        # the sparse tables are reduced in training_step (union of the global batch), not by DDP
+        # the sparse tables are reduced in training_step (union of the global batch), not by DDP; every table is
+        # sparse (as make_optimizer, in configure_optimizers, makes them) before DDP's parameter list is fixed
+        model.sparse_gradients = True
         distributed.check_tables(model)
         self._ddp_params_and_buffers_to_ignore = [
             f"model.{name}.{n}" for name, table in distributed.sparse_tables(model)
