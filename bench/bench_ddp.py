@@ -41,8 +41,8 @@ def _worker(rank, size, port, args, dice, batch_size, out):
         train = train.truncate_history(50)
         torch.manual_seed(0)
         model = DIN(schema)
+        optimizer = training.make_optimizer(model, 1e-3)  # first: its sparse tables stay out of DDP (world.wrap)
         trainee = world.wrap(model)
-        optimizer = training.make_optimizer(model, 1e-3)
         batches = iterate_batches(train, batch_size, shuffle=True, seed=0)
         seconds = 0.0
         for step in range(args.warmup + args.steps):

@@ -263,7 +263,9 @@ class ProcessGroupWorld(World):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel over ``model``'s dense parameters (``model`` on its device); the sparse tables
-        are broadcast from rank 0 here and reduced by reduce_gradients. With dice="sync", converts the Dice layers
+        are broadcast from rank 0 here and reduced by reduce_gradients. Make the optimizer first
+        (``training.make_optimizer`` turns every table's gradients sparse): a table made sparse after wrapping is
+        inside DDP, whose reducer cannot take its sparse gradient. With dice="sync", converts the Dice layers
         first (convert_sync_dice)."""
         from torch.nn.parallel import DistributedDataParallel
 

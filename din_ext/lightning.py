@@ -96,7 +96,7 @@ class DINDataModule(pl.LightningDataModule):
 class DINLightningModule(pl.LightningModule):
     """DIN (or BaseModel) as a LightningModule, trained as din_ext.training.fit trains it.
 
-    model: a DIN; lr: of the optimizers (din_ext.training.make_optimizer: Adam, with SparseAdam for the MBA tables,
+    model: a DIN; lr: of the optimizers (din_ext.training.make_optimizer: row-wise Adam on the tables, Adam on the rest,
     stepped together: manual optimization); sync_dice: Dice statistics over the global batch under DDP (default:
     per process). After each validation epoch ``metrics`` holds auc, gauc, logloss (and "tasks") over the whole
     validation set, also logged as val_auc, val_gauc, val_logloss.
