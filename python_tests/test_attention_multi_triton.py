@@ -200,18 +200,18 @@ def test_triton_multi_several_users_per_backward_program(monkeypatch, programs):
     assert_grads_close(grads, ref_grads, **TOL[torch.float64])
 
 
+def _flat(grads):
+    """The launcher's gradients (tensors and lists of tensors) as one list of tensors."""
+    return [t for g in grads for t in (g if isinstance(g, (list, tuple)) else [g])]
+
+
 def test_triton_multi_is_deterministic():
     case = make_case([7, 0, 3, 18], 7, "dice", "softmax", dtype=torch.float32, seed=7)
     grad_out = torch.randn(4, 7, 5, dtype=torch.float32, device=DEVICE)
     first = run(case, True, grad_out=grad_out)
     second = run(case, True, grad_out=grad_out)
-    flat = lambda r: [*r[:3], *r[3][:2], *r[3][3], *r[3][4], r[3][5]]
-    for a, b in zip(flat(first), flat(second)):
+    for a, b in zip([*first[:3], *_flat(first[3])], [*second[:3], *_flat(second[3])]):
         assert torch.equal(a, b)
-
-
-def _flat(grads):
-    return [t for g in grads for t in (g if isinstance(g, (list, tuple)) else [g])]
 
 
 @pytest.mark.parametrize("candidates", [0, 3, 6])  # 0: a [B, D] query
