@@ -41,7 +41,7 @@ def _worker(rank, size, port, args, dice, batch_size, out):
         train = train.truncate_history(50)
         torch.manual_seed(0)
         model = DIN(schema)
-        optimizer = training.make_optimizer(model, 1e-3)  # first: its sparse tables stay out of DDP (world.wrap)
+        optimizer = training.make_optimizer(model, 1e-3)
         trainee = world.wrap(model)
         batches = iterate_batches(train, batch_size, shuffle=True, seed=0)
         seconds = 0.0

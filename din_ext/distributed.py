@@ -13,9 +13,10 @@ returns a ``ProcessGroupWorld``. Training under a world (``din_ext.training.fit`
 - every process reads the same global batches in the same seeded order and trains on its slice of each
   (``shard``): ``batch_size`` is the global batch, and each process's loss is weighted by its share of the rows, so
   the averaged gradient is the global batch's mean gradient;
-- the dense parameters go through DistributedDataParallel; the tables with sparse gradients (``sparse_tables``:
-  MBAEmbedding, nn.Embedding(sparse=True)) are left out of it and reduced by ``reduce_gradients``, which all-gathers
-  their rows; an MBA table's regularization then counts each distinct id of the GLOBAL batch once;
+- the dense parameters go through DistributedDataParallel; the embedding tables (``table_modules``: MBAEmbedding,
+  nn.Embedding) are left out of it and reduced by ``reduce_gradients``, which all-gathers the rows of the sparse
+  gradients (an MBA table's regularization then counts each distinct id of the GLOBAL batch once) and all-reduces
+  the dense ones; a table's gradient may turn sparse after wrapping;
 - Dice statistics are per process by default (as BatchNorm's under DDP); ``dice="sync"`` computes them over every
   valid row of the global batch with the exact gradient (as SyncBatchNorm), on the composite path (plain torch ops
   with all-reduced per-feature sums: slower than the fused kernels, which compute their statistics internally);
@@ -52,8 +53,15 @@ COMPOSITE_NOTE = ("sync Dice runs the composite path (plain torch ops with all-r
 def sparse_tables(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """(name, module) of every module of ``model`` whose weight gets a sparse gradient: a truthy ``sparse``
     attribute and a ``weight`` parameter (MBAEmbedding, nn.Embedding(sparse=True), nn.EmbeddingBag(sparse=True))."""
+    return [(name, m) for name, m in table_modules(model) if m.sparse is True]
+
+
+def table_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every embedding table of ``model``, sparse or not: a boolean ``sparse`` attribute and a
+    ``weight`` parameter (MBAEmbedding, nn.Embedding, nn.EmbeddingBag). DDP leaves them all out and
+    ``reduce_gradients`` reduces them, so a table may turn sparse after wrapping (``make_optimizer`` does)."""
     return [(name, m) for name, m in model.named_modules()
-            if getattr(m, "sparse", False) is True and isinstance(getattr(m, "weight", None), nn.Parameter)]
+            if isinstance(getattr(m, "sparse", None), bool) and isinstance(getattr(m, "weight", None), nn.Parameter)]
 
 
 def check_tables(model: nn.Module) -> None:
@@ -63,6 +71,17 @@ def check_tables(model: nn.Module) -> None:
         if isinstance(m, MBAEmbedding) and not m.sparse and m.reg_lambda:
             raise ValueError(f"{name}: an MBAEmbedding with sparse=False cannot be regularized over the global batch "
                              f"under DDP; build it with sparse=True")
+
+
+def ignored_by_ddp(model: nn.Module) -> List[str]:
+    """The names of ``model``'s parameters and buffers that DDP must leave alone: every embedding table's (reduced
+    by ``reduce_gradients``; an MBA table's frequencies are constant)."""
+    names = []
+    for name, table in table_modules(model):
+        prefix = f"{name}." if name else ""
+        names += [prefix + n for n, _ in table.named_parameters(recurse=False)]
+        names += [prefix + n for n in table._buffers]
+    return names
 
 
 def shard_rows(batch: Interactions, rank: int, size: int) -> Optional[Interactions]:
@@ -262,22 +281,16 @@ class ProcessGroupWorld(World):
             self.stats_group = dist.new_group(backend=backend, timeout=wait)
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """DistributedDataParallel over ``model``'s dense parameters (``model`` on its device); the sparse tables
-        are broadcast from rank 0 here and reduced by reduce_gradients. Make the optimizer first
-        (``training.make_optimizer`` turns every table's gradients sparse): a table made sparse after wrapping is
-        inside DDP, whose reducer cannot take its sparse gradient. With dice="sync", converts the Dice layers
-        first (convert_sync_dice)."""
+        """DistributedDataParallel over ``model``'s dense parameters (``model`` on its device); the embedding tables
+        (``table_modules``) are broadcast from rank 0 here and reduced by reduce_gradients, whether their gradients
+        are sparse or dense (``training.make_optimizer`` may come before or after). With dice="sync", converts the
+        Dice layers first (convert_sync_dice)."""
         from torch.nn.parallel import DistributedDataParallel
 
         check_tables(model)
         if self.dice == "sync":
             convert_sync_dice(model, self.stats_group)
-        ignored = []
-        for name, table in sparse_tables(model):
-            prefix = f"{name}." if name else ""
-            ignored += [prefix + n for n, _ in table.named_parameters(recurse=False)]
-            ignored += [prefix + n for n in table._buffers]  # constant (MBA frequencies): never broadcast
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored_by_ddp(model))
         self.broadcast_tables(model)
         # No buffer broadcast at each forward: training uses batch statistics; sync_buffers aligns the running ones
         # when they are used (torch 2.13 renamed the option).
@@ -286,9 +299,9 @@ class ProcessGroupWorld(World):
         return DistributedDataParallel(model, process_group=self.group, **{quiet: False})
 
     def broadcast_tables(self, model: nn.Module) -> None:
-        """Rank 0's sparse tables in every process (DDP broadcasts the other parameters when it wraps)."""
+        """Rank 0's embedding tables in every process (DDP broadcasts the other parameters when it wraps)."""
         with torch.no_grad():
-            for _, table in sparse_tables(model):
+            for _, table in table_modules(model):
                 self._broadcast(table.weight)
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
@@ -299,7 +312,7 @@ class ProcessGroupWorld(World):
 
     def sync_buffers(self, model: nn.Module) -> None:
         model = getattr(model, "module", model)
-        constant = {id(b) for _, t in sparse_tables(model) for b in t.buffers(recurse=False)}
+        constant = {id(b) for _, t in table_modules(model) for b in t.buffers(recurse=False)}
         with torch.no_grad():
             for buffer in model.buffers():
                 if id(buffer) not in constant:
@@ -338,11 +351,20 @@ class ProcessGroupWorld(World):
         return torch.cat([pieces[i % self.size][i // self.size].to(like.device) for i in range(sum(owned))])
 
     def reduce_gradients(self, model: nn.Module) -> None:
-        """The sparse tables' gradients: all-gathered, summed over the processes and divided by their number (as
-        DDP averages the dense ones). An MBA table's regularization gradient ``reg_lambda * w_j / n_j``, in the
-        gradient of every process whose slice holds id j, is counted once per distinct id of the global batch, and
-        its ``last_regularization`` becomes the global batch's R."""
-        tables = sparse_tables(getattr(model, "module", model))
+        """The embedding tables' gradients, summed over the processes and divided by their number (as DDP averages
+        the other parameters'): a dense one all-reduced, a sparse one's rows all-gathered. An MBA table's
+        regularization gradient ``reg_lambda * w_j / n_j``, in the gradient of every process whose slice holds id j,
+        is counted once per distinct id of the global batch, and its ``last_regularization`` becomes the global
+        batch's R."""
+        model = getattr(model, "module", model)
+        for _, table in table_modules(model):
+            if not table.sparse:
+                weight = table.weight
+                if weight.grad is None:
+                    weight.grad = torch.zeros_like(weight)
+                torch.distributed.all_reduce(weight.grad, group=self.group)
+                weight.grad /= self.size
+        tables = sparse_tables(model)
         if not tables:
             return
         grads = []

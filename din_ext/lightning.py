@@ -113,13 +113,11 @@ class DINLightningModule(pl.LightningModule):
         self.metrics: Optional[Dict[str, Any]] = None
         self._outputs: List[tuple] = []
         self._processes = distributed.World()
-        # the sparse tables are reduced in training_step (union of the global batch), not by DDP; every table is
-        # sparse (as make_optimizer, in configure_optimizers, makes them) before DDP's parameter list is fixed
+        # the embedding tables are reduced in training_step (an MBA table's union over the global batch), not by
+        # DDP; every table is sparse, as make_optimizer (in configure_optimizers) makes them
         model.sparse_gradients = True
         distributed.check_tables(model)
-        self._ddp_params_and_buffers_to_ignore = [
-            f"model.{name}.{n}" for name, table in distributed.sparse_tables(model)
-            for n in (*dict(table.named_parameters(recurse=False)), *table._buffers)]
+        self._ddp_params_and_buffers_to_ignore = [f"model.{name}" for name in distributed.ignored_by_ddp(model)]
 
     def forward(self, batch):
         return self.model(batch)

@@ -89,6 +89,8 @@ def _sync_worker(rank, size, port, out):
         for name, model, batch in _sparse_cases():
             part = world.shard(batch)
             wrapped = world.wrap(model)
+            if name == "sparse_after_wrap":
+                model.sparse_gradients = True  # as make_optimizer after world.wrap
             loss = _loss(wrapped, model, part) * world.share(len(part), len(batch))
             loss.backward()
             world.reduce_gradients(wrapped)
@@ -141,7 +143,8 @@ def _sparse_cases():
     batch = next(iterate_batches(train, 41, shuffle=True, seed=3))
     torch.manual_seed(1)
     sparse = _SparseModel(schema.item_fields["item"])
-    return [("mba", _model(schema, mba_lambda=0.5).train(), batch), ("embedding", sparse, batch)]
+    return [("mba", _model(schema, mba_lambda=0.5).train(), batch), ("embedding", sparse, batch),
+            ("dense", _model(schema).train(), batch), ("sparse_after_wrap", _model(schema).train(), batch)]
 
 
 def _loss(model, din, batch):
@@ -193,12 +196,15 @@ def test_sync_dice_training_equals_one_process(tmp_path, synced):
 
 def test_mba_union_and_sparse_gradients_exact(synced):
     """The reduced sparse gradients of 2 processes equal one process's on the whole global batch: MBA regularizes
-    each distinct id of the global batch once (ids shared by the slices included), and a plain nn.Embedding's
-    sparse gradient is summed."""
+    each distinct id of the global batch once (ids shared by the slices included), a plain nn.Embedding's sparse
+    gradient is summed, DIN's dense tables (left out of DDP) are all-reduced, and tables turned sparse after
+    world.wrap (make_optimizer after wrapping) are reduced as sparse ones."""
     _, got = synced
     shared = set(got[0]["mba"]["ids"]) & set(got[1]["mba"]["ids"]) - {0}
     assert shared, "the slices must share ids for the union to matter"
     for name, model, batch in _sparse_cases():
+        if name == "sparse_after_wrap":
+            model.sparse_gradients = True
         _loss(model, model, batch).backward()
         for key, p in model.named_parameters():
             want = p.grad.to_dense() if p.grad.is_sparse else p.grad
