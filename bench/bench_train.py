@@ -235,6 +235,61 @@ def auc_comparison(args) -> str:
             f"metrics after each epoch (mean training samples/s: {speeds}).\n\n" + "\n".join(lines) + "\n")
 
 
+# The phases of a profiled step: (phase, substrings of the names of top-level profiler events), first match wins.
+PHASES = (
+    ("embedding lookups + MBA, forward", ("din_ext::mba_embedding", "aten::embedding")),
+    ("attention, forward", ("din_ext::local_activation_attention",)),
+    ("tower MLP + Dice, forward", ("aten::linear", "aten::addmm", "din_ext::dice")),
+    ("loss, forward and backward", ("binary_cross_entropy_with_logits", "BinaryCrossEntropyWithLogitsBackward")),
+    ("embedding lookups + MBA, backward", ("MbaFunctionBackward", "mba_embedding_default")),
+    ("attention, backward", ("AttentionFunctionBackward", "local_activation_attention_default")),
+    ("tower MLP + Dice, backward", ("AddmmBackward", "TBackward", "MmBackward", "din_ext_dice_default")),
+    ("optimizer step (RowAdam + Adam)", ("Optimizer.step#",)),
+    ("optimizer zero_grad", ("Optimizer.zero_grad#",)),
+    ("backward glue (AccumulateGrad, cat/split/view backward)", ("autograd::engine::evaluate_function",)),
+)
+
+
+def profile_step(schema: Schema, train: Interactions, args, batch_size: int, steps: int = 20) -> str:
+    """CPU ms per step of each phase of din_ext's step (PHASES; torch.profiler with record_shapes, each top-level
+    event's total time), the rest of the forward's small ops, the time no event covers (Python, the profiler's own
+    cost), and the batch collation that the prefetch thread takes off the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = din_ext_step(schema, train, args, "auto")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))
+    batches = [train.take(order[i * batch_size:(i + 1) * batch_size]) for i in range(steps + 5)]
+    for batch in batches[:5]:
+        step(batch)
+    start = time.process_time()
+    for batch in batches[5:]:
+        step(batch)
+    plain = (time.process_time() - start) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.process_time()
+        for batch in batches[5:]:
+            step(batch)
+        profiled = (time.process_time() - start) / steps * 1e3
+    phases = dict.fromkeys([name for name, _ in PHASES] + ["other forward ops (cats, checks, Dice running stats)"],
+                           0.0)
+    for event in prof.events():
+        if event.cpu_parent is not None:
+            continue
+        phase = next((name for name, keys in PHASES if any(k in event.name for k in keys)),
+                     "other forward ops (cats, checks, Dice running stats)")
+        phases[phase] += event.cpu_time_total / 1e3 / steps
+    start = time.process_time()
+    for i in range(steps):
+        train.take(order[i * batch_size:(i + 1) * batch_size])
+    take = (time.process_time() - start) / steps * 1e3
+    lines = [f"| {name} | {ms:.2f} | {100 * ms / profiled:.0f}% |" for name, ms in phases.items()]
+    lines.append(f"| not in any event (Python, the profiler) | {profiled - sum(phases.values()):.2f} | "
+                 f"{100 * (profiled - sum(phases.values())) / profiled:.0f}% |")
+    return (f"\n### Batch {batch_size}, {torch.get_num_threads()} thread(s): {plain:.2f} CPU ms a step ({profiled:.2f} "
+            f"under the profiler); collating a batch (Interactions.take, on the prefetch thread): {take:.2f} ms\n\n"
+            "| phase | CPU ms / step | share |\n|---|---:|---:|\n" + "\n".join(lines) + "\n")
+
+
 def vocab_name(vocab: int) -> str:
     return f"{vocab:.0e}".replace("e+0", "e") if vocab >= 10_000 else str(vocab)
 
@@ -342,11 +397,24 @@ def main(argv=None) -> None:
     parser.add_argument("--dense-adam", action="store_true", help="add rows stepped by dense Adam (O(V) a step)")
     parser.add_argument("--auc-epochs", type=int, default=0,
                         help="also train row-wise and dense Adam this many epochs and report their test AUC")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile din_ext's step (phases, CPU ms) at each --threads and --batch-size")
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 users, 3 steps, nothing written")
     parser.add_argument("--out", help="markdown output (default bench/results/train_cpu.md; none with --quick)")
     args = parser.parse_args(argv)
     if args.quick:
         args.users, args.warmup, args.steps, args.batch_size = 300, 1, 2, [64]
+    if args.profile:
+        train, _, schema = generate(SyntheticConfig(num_users=args.users), seed=0)
+        train = train.truncate_history(args.max_history)
+        text = f"## Where a step's time goes\n\n`python bench/bench_train.py {' '.join(sys.argv[1:])}`\n"
+        for thread_count in args.threads or [torch.get_num_threads()]:
+            torch.set_num_threads(thread_count)
+            for batch_size in args.batch_size:
+                text += profile_step(schema, train, args, batch_size)
+        print(text)
+        write_table(text, args.out)
+        return
     text = run(args)
     if args.auc_epochs:
         text += auc_comparison(args)
