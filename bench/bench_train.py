@@ -241,8 +241,8 @@ PHASES = (
     ("attention, forward", ("din_ext::local_activation_attention",)),
     ("tower MLP + Dice, forward", ("aten::linear", "aten::addmm", "din_ext::dice")),
     ("loss, forward and backward", ("binary_cross_entropy_with_logits", "BinaryCrossEntropyWithLogitsBackward")),
-    ("embedding lookups + MBA, backward", ("MbaFunctionBackward", "mba_embedding_default")),
-    ("attention, backward", ("AttentionFunctionBackward", "local_activation_attention_default")),
+    ("embedding lookups + MBA, backward", ("MbaFunction", "mba_embedding_default")),
+    ("attention, backward", ("AttentionFunction", "local_activation_attention_default")),
     ("tower MLP + Dice, backward", ("AddmmBackward", "TBackward", "MmBackward", "din_ext_dice_default")),
     ("optimizer step (RowAdam + Adam)", ("Optimizer.step#",)),
     ("optimizer zero_grad", ("Optimizer.zero_grad#",)),
@@ -251,9 +251,10 @@ PHASES = (
 
 
 def profile_step(schema: Schema, train: Interactions, args, batch_size: int, steps: int = 20) -> str:
-    """CPU ms per step of each phase of din_ext's step (PHASES; torch.profiler with record_shapes, each top-level
-    event's total time), the rest of the forward's small ops, the time no event covers (Python, the profiler's own
-    cost), and the batch collation that the prefetch thread takes off the step."""
+    """ms per step of each phase of din_ext's step (PHASES; torch.profiler with record_shapes, each top-level event's
+    total time, against the step's wall time under the profiler), the rest of the forward's small ops, the time no
+    event covers (Python, the profiler's own cost), and the batch collation that the prefetch thread takes off the
+    step."""
     from torch.profiler import ProfilerActivity, profile
 
     step = din_ext_step(schema, train, args, "auto")
@@ -266,10 +267,10 @@ def profile_step(schema: Schema, train: Interactions, args, batch_size: int, ste
         step(batch)
     plain = (time.process_time() - start) / steps * 1e3
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        start = time.process_time()
+        start = time.perf_counter()  # wall time, as the events are timed
         for batch in batches[5:]:
             step(batch)
-        profiled = (time.process_time() - start) / steps * 1e3
+        profiled = (time.perf_counter() - start) / steps * 1e3
     phases = dict.fromkeys([name for name, _ in PHASES] + ["other forward ops (cats, checks, Dice running stats)"],
                            0.0)
     for event in prof.events():
@@ -286,8 +287,8 @@ def profile_step(schema: Schema, train: Interactions, args, batch_size: int, ste
     lines.append(f"| not in any event (Python, the profiler) | {profiled - sum(phases.values()):.2f} | "
                  f"{100 * (profiled - sum(phases.values())) / profiled:.0f}% |")
     return (f"\n### Batch {batch_size}, {torch.get_num_threads()} thread(s): {plain:.2f} CPU ms a step ({profiled:.2f} "
-            f"under the profiler); collating a batch (Interactions.take, on the prefetch thread): {take:.2f} ms\n\n"
-            "| phase | CPU ms / step | share |\n|---|---:|---:|\n" + "\n".join(lines) + "\n")
+            f"wall ms under the profiler); collating a batch (Interactions.take, on the prefetch thread): {take:.2f} "
+            f"CPU ms\n\n| phase | ms / step | share |\n|---|---:|---:|\n" + "\n".join(lines) + "\n")
 
 
 def vocab_name(vocab: int) -> str:
