@@ -437,7 +437,8 @@ def batch_loss(model: DIN, batch: Interactions, loss_fn: torch.nn.Module = _BCE)
     DIN or a wrapper of one with ``.module`` (DistributedDataParallel)."""
     tasks = getattr(model, "module", model).tasks
     logits = model(batch)
-    return loss_fn(logits, _labels(batch, tasks).to(logits.dtype)) * len(tasks)
+    loss = loss_fn(logits, _labels(batch, tasks).to(logits.dtype))
+    return loss * len(tasks) if len(tasks) > 1 else loss  # no autograd node for a factor of 1
 
 
 def train_step(model: DIN, optimizer, batch: Interactions, loss_fn: torch.nn.Module = _BCE, *,
@@ -452,7 +453,8 @@ def train_step(model: DIN, optimizer, batch: Interactions, loss_fn: torch.nn.Mod
     world = world or World()
     loss = batch_loss(model, batch, loss_fn)
     optimizer.zero_grad(set_to_none=True)
-    (loss * world.share(len(batch), rows or len(batch))).backward()
+    share = world.share(len(batch), rows or len(batch))
+    (loss * share if share != 1 else loss).backward()
     world.reduce_gradients(model)
     optimizer.step()
     return loss
