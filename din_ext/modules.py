@@ -176,6 +176,8 @@ class LocalActivationUnit(nn.Module):
             score_scale=self.score_scale, training=training, eps=eps, backend=self.backend, checked=checked)
         if training:
             count = lengths.sum() if lengths is not None else offsets[-1]
+            if count.device.type == "cpu" and not _validate.tracing():
+                count = int(count)  # no synchronization on the cpu, and the running stats' short path
             if query.dim() == 3:
                 count = count * query.shape[1]
             column = 0
