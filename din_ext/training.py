@@ -183,6 +183,9 @@ class RowAdam(torch.optim.Optimizer):
             if self.kernel(params + avgs + avg_sqs) == "fused":
                 torch.ops.din_ext._row_adam_(params, avgs, avg_sqs, rows, grads, step_sizes, beta1, beta2, eps,
                                              group["maximize"])
+                # The op writes through data pointers: bump the version counters as in-place torch ops do, so that
+                # autograd refuses a graph that saved a table before the step.
+                torch.autograd.graph.increment_version(params + avgs + avg_sqs)
                 continue
             if not self._logged_foreach:
                 logger.info(f"RowAdam: parameters on {params[0].device}: the foreach step (gathers, torch foreach "

@@ -117,6 +117,7 @@ def test_fused_row_adam_is_sparse_adam_on_any_thread_count(dtype):
         finally:
             torch.set_num_threads(before)
         results.append((p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]))
+    assert results[2][0]._version == len(grads)  # bumped once a step, as by in-place torch ops
     for kind, result in (("foreach", results[1]), ("fused", results[2])):
         for a, b in zip(result, results[0]):
             assert_sparse_adams(a, b, kind)
