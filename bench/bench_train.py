@@ -3,6 +3,7 @@
     python bench/bench_train.py                    # -> bench/results/train_cpu.md
     python bench/bench_train.py --quick            # smoke run: a few small batches, nothing written
     python bench/bench_train.py --auc-epochs 4     # also: test AUC of row-wise (RowAdam) against dense Adam
+    python bench/bench_train.py --profile --threads 1 --batch-size 256 1024   # only: where a step's time goes
 
 Both models get the same data (din-ext's synthetic default, histories cut to the most recent --max-history
 behaviours), the same fields and embedding width, local activation unit (80, 40) with Dice, tower (200, 80) with
