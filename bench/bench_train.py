@@ -3,6 +3,7 @@
     python bench/bench_train.py                    # -> bench/results/train_cpu.md
     python bench/bench_train.py --quick            # smoke run: a few small batches, nothing written
     python bench/bench_train.py --auc-epochs 4     # also: test AUC of row-wise (RowAdam) against dense Adam
+    python bench/bench_train.py --profile --threads 1 --batch-size 256 1024   # only: where a step's time goes
 
 Both models get the same data (din-ext's synthetic default, histories cut to the most recent --max-history
 behaviours), the same fields and embedding width, local activation unit (80, 40) with Dice, tower (200, 80) with
@@ -47,7 +48,7 @@ import din_ext
 from din_ext.data.core import Interactions, Schema, iterate_batches
 from din_ext.data.stream import prefetched
 from din_ext.data.synthetic import SyntheticConfig, generate
-from din_ext.training import PREFETCH, evaluate, format_metrics, make_optimizer, train_step
+from din_ext.training import PREFETCH, batch_loss, evaluate, format_metrics, make_optimizer, train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, git_commit, machine_description, write_table
@@ -81,6 +82,8 @@ def din_ext_step(schema: Schema, train: Interactions, args, backend: str, sparse
 
     def step(batch: Interactions) -> None:
         train_step(model, optimizer, batch)
+
+    step.model, step.optimizer = model, optimizer
 
     step.inputs = lambda batches: prefetched(lambda: (train.take(index) for index in batches), PREFETCH)
     step.parameters = sum(p.numel() for p in model.parameters())
@@ -235,6 +238,75 @@ def auc_comparison(args) -> str:
             f"metrics after each epoch (mean training samples/s: {speeds}).\n\n" + "\n".join(lines) + "\n")
 
 
+# The phases of a profiled step: (phase, substrings of the names of top-level profiler events), first match wins.
+PHASES = (
+    ("embedding lookups + MBA, forward", ("din_ext::mba_embedding", "aten::embedding")),
+    ("attention, forward", ("din_ext::local_activation_attention",)),
+    ("tower MLP + Dice, forward", ("aten::linear", "aten::addmm", "din_ext::dice")),
+    ("loss, forward and backward", ("binary_cross_entropy_with_logits", "BinaryCrossEntropyWithLogitsBackward")),
+    ("embedding lookups + MBA, backward", ("MbaFunction", "mba_embedding_default")),
+    ("attention, backward", ("AttentionFunction", "local_activation_attention_default")),
+    ("tower MLP + Dice, backward", ("AddmmBackward", "TBackward", "MmBackward", "din_ext_dice_default")),
+    ("optimizer step (RowAdam + Adam)", ("Optimizer.step#",)),
+    ("optimizer zero_grad", ("Optimizer.zero_grad#",)),
+    ("backward glue (AccumulateGrad, cat/split/view backward)", ("autograd::engine::evaluate_function",)),
+)
+
+
+def profile_step(schema: Schema, train: Interactions, args, batch_size: int, steps: int = 20) -> str:
+    """ms per step of each phase of din_ext's step (PHASES; torch.profiler with record_shapes, each top-level event's
+    total time, against the step's wall time under the profiler), the rest of the forward's small ops, the time no
+    event covers (Python, the profiler's own cost), and the batch collation that the prefetch thread takes off the
+    step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = din_ext_step(schema, train, args, "auto")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))
+    batches = [train.take(order[i * batch_size:(i + 1) * batch_size]) for i in range(steps + 5)]
+    for batch in batches[:5]:
+        step(batch)
+    coarse = dict.fromkeys(("forward + loss", "backward", "optimizer (zero_grad + step)"), 0.0)
+    for batch in batches[5:]:  # train_step's phases, each timed by process CPU time
+        ticks = [time.process_time()]
+        loss = batch_loss(step.model, batch)
+        ticks.append(time.process_time())
+        loss.backward()
+        ticks.append(time.process_time())
+        step.optimizer.step()
+        step.optimizer.zero_grad(set_to_none=True)
+        ticks.append(time.process_time())
+        for key, t0, t1 in zip(coarse, ticks, ticks[1:]):
+            coarse[key] += (t1 - t0) / steps * 1e3
+    plain = sum(coarse.values())
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()  # wall time, as the events are timed
+        for batch in batches[5:]:
+            step(batch)
+        profiled = (time.perf_counter() - start) / steps * 1e3
+    phases = dict.fromkeys([name for name, _ in PHASES] + ["other forward ops (cats, checks, Dice running stats)"],
+                           0.0)
+    for event in prof.events():
+        if event.cpu_parent is not None:
+            continue
+        phase = next((name for name, keys in PHASES if any(k in event.name for k in keys)),
+                     "other forward ops (cats, checks, Dice running stats)")
+        phases[phase] += event.cpu_time_total / 1e3 / steps
+    start = time.process_time()
+    for i in range(steps):
+        train.take(order[i * batch_size:(i + 1) * batch_size])
+    take = (time.process_time() - start) / steps * 1e3
+    phases["not in any event (Python, the profiler)"] = profiled - sum(phases.values())
+    # The events are timed by the wall clock, which a busy machine inflates: shares of the profiled step, scaled to
+    # the unprofiled step's CPU time.
+    lines = [f"| {name} | {ms:.2f} | {100 * ms / profiled:.0f}% | {plain * ms / profiled:.2f} |"
+             for name, ms in phases.items()]
+    split = ", ".join(f"{name} {ms:.2f}" for name, ms in coarse.items())
+    return (f"\n### Batch {batch_size}, {torch.get_num_threads()} thread(s): {plain:.2f} CPU ms a step ({split}); "
+            f"{profiled:.2f} wall ms under the profiler; collating a batch (Interactions.take, on the prefetch "
+            f"thread): {take:.2f} CPU ms\n\n| phase | profiled wall ms / step | share | CPU ms / step (share x "
+            f"{plain:.2f}) |\n|---|---:|---:|---:|\n" + "\n".join(lines) + "\n")
+
+
 def vocab_name(vocab: int) -> str:
     return f"{vocab:.0e}".replace("e+0", "e") if vocab >= 10_000 else str(vocab)
 
@@ -342,11 +414,24 @@ def main(argv=None) -> None:
     parser.add_argument("--dense-adam", action="store_true", help="add rows stepped by dense Adam (O(V) a step)")
     parser.add_argument("--auc-epochs", type=int, default=0,
                         help="also train row-wise and dense Adam this many epochs and report their test AUC")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile din_ext's step (phases, CPU ms) at each --threads and --batch-size")
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 users, 3 steps, nothing written")
     parser.add_argument("--out", help="markdown output (default bench/results/train_cpu.md; none with --quick)")
     args = parser.parse_args(argv)
     if args.quick:
         args.users, args.warmup, args.steps, args.batch_size = 300, 1, 2, [64]
+    if args.profile:
+        train, _, schema = generate(SyntheticConfig(num_users=args.users), seed=0)
+        train = train.truncate_history(args.max_history)
+        text = f"## Where a step's time goes\n\n`python bench/bench_train.py {' '.join(sys.argv[1:])}`\n"
+        for thread_count in args.threads or [torch.get_num_threads()]:
+            torch.set_num_threads(thread_count)
+            for batch_size in args.batch_size:
+                text += profile_step(schema, train, args, batch_size)
+        print(text)
+        write_table(text, args.out)
+        return
     text = run(args)
     if args.auc_epochs:
         text += auc_comparison(args)

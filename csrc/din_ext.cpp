@@ -60,6 +60,11 @@ TORCH_LIBRARY(din_ext, m) {
       "Tensor stats, Tensor saved, str activation, str normalization, float score_scale, bool training, float eps) "
       "-> (Tensor grad_query, Tensor grad_keys, Tensor grad_values, Tensor[] grad_weights, Tensor[] grad_biases, "
       "Tensor grad_act_params)");
+  // One lazy-Adam step of the rows of several tables' coalesced sparse gradients, in place (cpu only:
+  // din_ext.training.RowAdam's fused step; csrc/cpu/row_adam.cpp has the update).
+  m.def(
+      "_row_adam_(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor[] indices, "
+      "Tensor[] values, float[] step_sizes, float beta1, float beta2, float eps, bool maximize) -> ()");
   // The cuda attention kernels' launch planning run on the host (csrc/attention_plan.cpp).
   m.def(
       "_attention_launch_plan(int[] widths, int dim, int value_dim, int elem_bytes, int smem_limit, Tensor lengths, "

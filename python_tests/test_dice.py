@@ -254,3 +254,19 @@ def test_low_precision(backend, dtype):
         err = (a.double() - ref).abs().max().item()
         bound = 2 * (s.double() - ref).abs().max().item() + 1e-3 * ref.abs().max().item()
         assert err <= bound, (err, bound)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_of_a_host_count_equal_those_of_a_device_count(momentum):
+    """update_running_stats with an int count (Dice without a mask) gives the bits of a 0-d tensor count (with a
+    mask), batches of fewer than two rows skipped by both."""
+    host = din_ext.Dice(5, momentum=momentum)
+    device = copy.deepcopy(host)
+    g = torch.Generator().manual_seed(0)
+    for rows in (7, 1, 12, 0, 3):
+        mean, var = torch.randn(5, generator=g), torch.rand(5, generator=g)
+        host.update_running_stats(mean, var, rows)
+        device.update_running_stats(mean, var, torch.tensor(rows))
+    assert host.num_batches_tracked.item() == 3
+    assert all(torch.equal(a, b) for a, b in zip(host.buffers(), device.buffers()))
+    assert not torch.equal(host.running_var, torch.ones(5))

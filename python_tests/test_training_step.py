@@ -37,10 +37,32 @@ def random_sparse_grad(shape, rows, generator, coalesced: bool) -> torch.Tensor:
     return grad.coalesce() if coalesced else grad
 
 
+KERNELS = [pytest.param("fused", marks=requires_cpp), "foreach"]
+
+
+def assert_sparse_adams(ours, theirs, kernel) -> None:
+    """RowAdam's tensor ``ours`` is SparseAdam's ``theirs``: the same bits from foreach, to a few ulps from fused
+    (its square root is correctly rounded, torch's vectorized one within an ulp)."""
+    if kernel == "foreach":
+        assert torch.equal(ours, theirs)
+    else:
+        tolerance = 1e-13 if ours.dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance)
+
+
+@pytest.fixture
+def row_adam_kernel(request, monkeypatch):
+    """RowAdam made to run the step ``request.param`` ("fused" or "foreach") whatever its tensors."""
+    monkeypatch.setattr(RowAdam, "kernel", staticmethod(lambda tensors: request.param))
+    return request.param
+
+
+@pytest.mark.parametrize("row_adam_kernel", KERNELS, indirect=True)
 @pytest.mark.parametrize("maximize", [False, True])
-def test_row_adam_is_sparse_adam(maximize):
-    """The same update as torch.optim.SparseAdam over several steps, rows absent from a step unmoved, coalesced or
-    not, two tables in one group; and each loads the other's state_dict."""
+def test_row_adam_is_sparse_adam(maximize, row_adam_kernel):
+    """torch.optim.SparseAdam's results over several steps (float64; foreach bit for bit, fused to an ulp of the
+    square root), rows absent from a step unmoved, coalesced or not, two tables in one group; and each loads the
+    other's state_dict."""
     g = torch.Generator().manual_seed(0)
     shapes = [(37, 5), (11, 3)]
     ours = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
@@ -55,7 +77,7 @@ def test_row_adam_is_sparse_adam(maximize):
         opt_ours.step()
         opt_theirs.step()
         for p, q, old in zip(ours, theirs, before):
-            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+            assert_sparse_adams(p, q, row_adam_kernel)
             moved = (p != old).any(1)
             assert torch.equal(moved, torch.zeros_like(moved).index_fill_(0, p.grad.coalesce()._indices()[0], True))
     twin = [p.clone() for p in ours]
@@ -67,6 +89,75 @@ def test_row_adam_is_sparse_adam(maximize):
     opt_ours.step()
     for p, q in zip(twin, ours):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_row_adam_is_sparse_adam_on_any_thread_count(dtype):
+    """The fused step gives SparseAdam's weights and moments (to the ulps of the square root; foreach bit for bit)
+    over several steps of a table with more step rows than one task holds, and the same bits on 1 and 2 threads."""
+    g = torch.Generator().manual_seed(3)
+    shape, rows = (5000, 13), 1500
+    start = torch.randn(shape, generator=g, dtype=dtype)
+    grads = [random_sparse_grad(shape, rows, g, coalesced=True).to(dtype) for _ in range(4)]
+    results = []
+    for kind, threads in (("sparse_adam", 1), ("foreach", 1), ("fused", 1), ("fused", 2)):
+        p = start.clone()
+        if kind == "sparse_adam":
+            opt = torch.optim.SparseAdam([p], lr=0.01, betas=(0.7, 0.9), eps=1e-5)
+        else:
+            opt = RowAdam([p], lr=0.01, betas=(0.7, 0.9), eps=1e-5)
+            opt.kernel = lambda tensors, kind=kind: kind
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for grad in grads:
+                p.grad = grad.clone()
+                opt.step()
+        finally:
+            torch.set_num_threads(before)
+        results.append((p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]))
+    assert results[2][0]._version == len(grads)  # bumped once a step, as by in-place torch ops
+    for kind, result in (("foreach", results[1]), ("fused", results[2])):
+        for a, b in zip(result, results[0]):
+            assert_sparse_adams(a, b, kind)
+    assert all(torch.equal(a, b) for a, b in zip(results[3], results[2]))  # 2 threads
+    assert not torch.equal(results[0][0], start)
+
+
+@requires_cpp
+def test_fused_row_adam_op_rejects_bad_rows():
+    """The op names what is wrong before it writes anything: unsorted, repeated or out-of-range rows, and rows of
+    the wrong width."""
+    p, m, v = torch.zeros(6, 2), torch.zeros(6, 2), torch.zeros(6, 2)
+
+    def step(index, values):
+        torch.ops.din_ext._row_adam_([p], [m], [v], [index], [values], [0.1], 0.9, 0.999, 1e-8, False)
+
+    for index in ([2, 1], [1, 1], [0, 6]):
+        with pytest.raises(RuntimeError, match=r"indices\[0\] must be strictly ascending rows in \[0, 6\)"):
+            step(torch.tensor(index), torch.ones(2, 2))
+    with pytest.raises(RuntimeError, match=r"values\[0\] must be \[2, 2\]"):
+        step(torch.tensor([0, 1]), torch.ones(2, 3))
+    assert not p.any() and not m.any() and not v.any()
+
+
+def test_row_adam_says_which_kernel_it_runs(caplog):
+    """kernel: "fused" for contiguous cpu tensors with the extension built, else "foreach", which a step logs once."""
+    p = torch.zeros(8, 4)
+    assert RowAdam.kernel([p]) == ("fused" if din_ext._ext.has_cpp() else "foreach")
+    strided = torch.zeros(4, 8).t()
+    assert RowAdam.kernel([p, strided]) == "foreach"
+    opt = RowAdam([strided], lr=0.1)
+    with caplog.at_level("INFO", logger="din_ext"):
+        for _ in range(2):
+            grad = torch.sparse_coo_tensor(torch.tensor([[1, 5]]), torch.ones(2, 4), (8, 4), check_invariants=True)
+            strided.grad = grad.coalesce()
+            opt.step()
+    assert [r.message for r in caplog.records].count(
+        "RowAdam: parameters on cpu: the foreach step (gathers, torch foreach ops, scatters); the fused one-pass step "
+        "needs contiguous cpu tensors and the extension") == 1
+    assert strided[[1, 5]].ne(0).all() and strided[[0, 2, 3, 4, 6, 7]].eq(0).all()
 
 
 def test_row_adam_refuses_dense_gradients_and_bad_options():
@@ -139,8 +230,8 @@ def test_make_optimizer_steps_only_the_batch_rows(tiny):
         loss.backward()
         for o in oracle:
             o.step()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):  # float32: fused RowAdam's square root
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     batch = first_batch(train, 32)
     model, start = copy.deepcopy(start), copy.deepcopy(start)
     opt = make_optimizer(model, 1e-2)

@@ -1,6 +1,7 @@
 """Dice: the public function, its validation, and the registration of every backend (the compiled op
-``din_ext::dice`` and its Triton twin ``din_ext::triton_dice`` over kernels/dice.py), with one fake and one autograd
-for both.
+``din_ext::dice`` and its Triton twin ``din_ext::triton_dice`` over kernels/dice.py), with one fake for both; the
+compiled op's autograd is C++ (csrc/dice_autograd.cpp: no Python runs in its forward or backward), the Triton twin's
+is registered here with the same gradient.
 
 Contract of the internal ops: x [N, H] floating, mask [N] bool or None, params [5, H] (contract.DICE_ROWS) of x's
 dtype and device; they return (y [N, H], stats [2, H]) with the batch statistics in training (zeros in eval).
@@ -82,7 +83,7 @@ def pack_params(alpha, gamma, beta, running_mean, running_var) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One fake and one autograd for the compiled op and its Triton twin
+# One fake for the compiled op and its Triton twin; the Triton twin's autograd (the compiled op's is C++)
 
 
 def _fake_forward(x, mask, params, training, eps):
@@ -94,7 +95,8 @@ def _fake_backward(grad_y, x, mask, params, stats, training, eps):
 
 
 def _register_autograd(name: str, backward_op) -> None:
-    """Registers the autograd of the forward op ``name`` (either backend) with its backward op ``backward_op``."""
+    """Registers the autograd of the forward op ``name`` with its backward op ``backward_op``: the Triton twin's; it
+    returns the gradients csrc/dice_autograd.cpp returns for the compiled op."""
     def setup_context(ctx, inputs, output):
         x, mask, params, training, eps = inputs
         ctx.config = (training, eps)
@@ -113,7 +115,6 @@ def _register_autograd(name: str, backward_op) -> None:
 if _ext.has_cpp():
     torch.library.register_fake(OP_NAME)(_fake_forward)
     torch.library.register_fake(OP_NAME + "_backward")(_fake_backward)
-    _register_autograd(OP_NAME, torch.ops.din_ext.dice_backward)
 
 
 def _register_triton() -> None:

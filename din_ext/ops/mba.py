@@ -1,6 +1,7 @@
 """MBA embedding: the public function, its validation, and the registration of every backend (the compiled op
 ``din_ext::mba_embedding`` and its Triton twin ``din_ext::triton_mba_embedding`` over kernels/mba.py), with one fake
-and one autograd for both; the reference backend is din_ext.reference.mba_lookup.
+for both; the compiled op's autograd is C++ (csrc/mba_autograd.cpp: no Python runs in its forward or backward), the
+Triton twin's is registered here with the same gradient; the reference backend is din_ext.reference.mba_lookup.
 
 The op looks up all of a step's id tensors of one table at once, so that an id shared by several lookups (the
 candidate item and the behaviour items) counts once. Its backward returns, for each distinct non-padding id j of the
@@ -111,7 +112,7 @@ def check_inputs(weight, id_list, names, frequencies, reg_lambda, padding_idx, c
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One fake and one autograd for the compiled op and its Triton twin
+# One fake for the compiled op and its Triton twin; the Triton twin's autograd (the compiled op's is C++)
 
 
 def _fake_forward(weight, ids, frequencies, reg_lambda, padding_idx, sparse):
@@ -134,7 +135,8 @@ def weight_grad(rows: torch.Tensor, unique_ids: torch.Tensor, shape, sparse: boo
 
 
 def _register_autograd(name: str, backward_op) -> None:
-    """Registers the autograd of the forward op ``name`` (either backend) with its backward op ``backward_op``."""
+    """Registers the autograd of the forward op ``name`` with its backward op ``backward_op``: the Triton twin's; it
+    returns the gradient csrc/mba_autograd.cpp returns for the compiled op."""
     def setup_context(ctx, inputs, output):
         weight, ids, frequencies, reg_lambda, padding_idx, sparse = inputs
         out, reg, unique_ids, offsets, order = output
@@ -158,7 +160,6 @@ def _register_autograd(name: str, backward_op) -> None:
 if _ext.has_cpp():
     torch.library.register_fake(OP_NAME)(_fake_forward)
     torch.library.register_fake(OP_NAME + "_backward")(_fake_backward)
-    _register_autograd(OP_NAME, torch.ops.din_ext.mba_embedding_backward)
 
 
 def _register_triton() -> None:
