@@ -199,32 +199,63 @@ struct Work {
     std::fill(G.begin(), G.end(), T(0));
     std::fill(dc.begin(), dc.end(), T(0));
   }
-  // c = (Wq + Wd) q + b_0 and Weff^T = (Wk - Wd)^T + diag(q) Wp^T for user query q.
-  void set_user(const Net<T>& net, const T* q, bool backward) {
-    const int64_t D = net.D, w0 = net.w[0], wp0 = net.wp[0];
-    // Row-wise (axpy) forms, which vectorize over the H1 outputs.
-    std::copy(net.bias[0].begin(), net.bias[0].end(), c.begin());
-    for (int64_t d = 0; d < D; ++d) {
-      const T qd = q[d];
-      const T* a = net.AT.data() + d * wp0;
-      const T* kc = net.KcT.data() + d * wp0;
-      const T* pc = net.PcT.data() + d * wp0;
-      T* out = weffT.data() + d * wp0;
-      for (int64_t hh = 0; hh < wp0; ++hh) {
-        c[hh] += a[hh] * qd;
-        out[hh] = kc[hh] + pc[hh] * qd;
-      }
-    }
-    if (backward) {
-      for (int64_t hh = 0; hh < w0; ++hh) {
-        const T* kc = net.Kc.data() + hh * net.Dp;
-        const T* pc = net.Pc.data() + hh * net.Dp;
-        T* out = weff.data() + hh * net.Dp;
-        for (int64_t d = 0; d < D; ++d) out[d] = kc[d] + pc[d] * q[d];
-      }
+  // c = (Wq + Wd) q + b_0 and Weff^T = (Wk - Wd)^T + diag(q) Wp^T for user query q (backward: also Weff).
+  void set_user(const Net<T>& net, const T* q, bool backward);
+};
+
+// The per-user loops of layer 1 (set_user, layer1_backward_user) touch H1 x D elements per user: at short
+// histories (L_b ~ 10) as many as the user's products, so they run vectorized, in an AVX2+FMA and an AVX-512 build
+// like the activations (restrict-qualified: the baseline compiler keeps them scalar otherwise).
+template <typename T>
+DIN_EXT_INLINE void set_user_body(const Net<T>& net, const T* __restrict q, bool backward, T* __restrict c,
+                                  T* __restrict weffT, T* __restrict weff) {
+  const int64_t D = net.D, w0 = net.w[0], wp0 = net.wp[0], Dp = net.Dp;
+  // Row-wise (axpy) forms, which vectorize over the H1 outputs.
+  std::copy(net.bias[0].begin(), net.bias[0].end(), c);
+  for (int64_t d = 0; d < D; ++d) {
+    const T qd = q[d];
+    const T* __restrict a = net.AT.data() + d * wp0;
+    const T* __restrict kc = net.KcT.data() + d * wp0;
+    const T* __restrict pc = net.PcT.data() + d * wp0;
+    T* __restrict out = weffT + d * wp0;
+    for (int64_t hh = 0; hh < wp0; ++hh) {
+      c[hh] += a[hh] * qd;
+      out[hh] = kc[hh] + pc[hh] * qd;
     }
   }
-};
+  if (!backward) return;
+  for (int64_t hh = 0; hh < w0; ++hh) {
+    const T* __restrict kc = net.Kc.data() + hh * Dp;
+    const T* __restrict pc = net.Pc.data() + hh * Dp;
+    T* __restrict out = weff + hh * Dp;
+    for (int64_t d = 0; d < D; ++d) out[d] = kc[d] + pc[d] * q[d];
+  }
+}
+
+template <typename T>
+void set_user_base(const Net<T>& net, const T* q, bool backward, T* c, T* weffT, T* weff) {
+  set_user_body(net, q, backward, c, weffT, weff);
+}
+#if DIN_EXT_HAVE_AVX2
+template <typename T>
+DIN_EXT_AVX2 void set_user_avx2(const Net<T>& net, const T* q, bool backward, T* c, T* weffT, T* weff) {
+  set_user_body(net, q, backward, c, weffT, weff);
+}
+template <typename T>
+DIN_EXT_AVX512 void set_user_avx512(const Net<T>& net, const T* q, bool backward, T* c, T* weffT, T* weff) {
+  set_user_body(net, q, backward, c, weffT, weff);
+}
+#endif
+
+template <typename T>
+void Work<T>::set_user(const Net<T>& net, const T* q, bool backward) {
+  T* w = backward ? weff.data() : nullptr;
+#if DIN_EXT_HAVE_AVX2
+  if (has_avx512()) return set_user_avx512(net, q, backward, c.data(), weffT.data(), w);
+  if (has_avx2_fma()) return set_user_avx2(net, q, backward, c.data(), weffT.data(), w);
+#endif
+  set_user_base(net, q, backward, c.data(), weffT.data(), w);
+}
 
 template <typename T>
 DIN_EXT_INLINE void activation_forward_body(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
@@ -850,25 +881,57 @@ void layer1_backward_tile(const Net<T>& net, const Problem<T>& pb, Work<T>& work
 
 // The end of a single-candidate user (query q) in the backward: d/dq = (Wq + Wd)^T dc + sum_h G[h, :] * Wp[h, :]
 // into gq (zeroed by the caller); d(Wq + Wd) += dc q^T; d(Wk - Wd) += G; dWp += G diag(q); db_0 += dc.
+// Vectorized over d in the AVX2 / AVX-512 builds (see set_user_body).
 template <typename T>
-void layer1_backward_user(const Net<T>& net, const Work<T>& work, Partial<T>& part, const T* q, T* gq) {
+DIN_EXT_INLINE void layer1_backward_user_body(const Net<T>& net, const T* __restrict dc, const T* __restrict G,
+                                              const T* __restrict q, T* __restrict gq, T* __restrict dA_all,
+                                              T* __restrict dKc_all, T* __restrict dPc_all, T* __restrict db0) {
   const int64_t D = net.D, Dp = net.Dp;
   for (int64_t hh = 0; hh < net.w[0]; ++hh) {
-    const T dch = work.dc[hh];
-    const T* a = net.A.data() + hh * D;
-    const T* Gh = work.G.data() + hh * Dp;
-    const T* pc = net.Pc.data() + hh * Dp;
-    T* dA = part.dA.data() + hh * D;
-    T* dKc = part.dKc.data() + hh * Dp;
-    T* dPc = part.dPc.data() + hh * Dp;
+    const T dch = dc[hh];
+    const T* __restrict a = net.A.data() + hh * D;
+    const T* __restrict Gh = G + hh * Dp;
+    const T* __restrict pc = net.Pc.data() + hh * Dp;
+    T* __restrict dA = dA_all + hh * D;
+    T* __restrict dKc = dKc_all + hh * Dp;
+    T* __restrict dPc = dPc_all + hh * Dp;
     for (int64_t d = 0; d < D; ++d) {
       gq[d] += a[d] * dch + Gh[d] * pc[d];
       dA[d] += dch * q[d];
       dKc[d] += Gh[d];
       dPc[d] += Gh[d] * q[d];
     }
-    part.db[0][hh] += dch;
+    db0[hh] += dch;
   }
+}
+
+template <typename T>
+void layer1_backward_user_base(const Net<T>& net, const T* dc, const T* G, const T* q, T* gq, T* dA, T* dKc,
+                               T* dPc, T* db0) {
+  layer1_backward_user_body(net, dc, G, q, gq, dA, dKc, dPc, db0);
+}
+#if DIN_EXT_HAVE_AVX2
+template <typename T>
+DIN_EXT_AVX2 void layer1_backward_user_avx2(const Net<T>& net, const T* dc, const T* G, const T* q, T* gq, T* dA,
+                                            T* dKc, T* dPc, T* db0) {
+  layer1_backward_user_body(net, dc, G, q, gq, dA, dKc, dPc, db0);
+}
+template <typename T>
+DIN_EXT_AVX512 void layer1_backward_user_avx512(const Net<T>& net, const T* dc, const T* G, const T* q, T* gq,
+                                                T* dA, T* dKc, T* dPc, T* db0) {
+  layer1_backward_user_body(net, dc, G, q, gq, dA, dKc, dPc, db0);
+}
+#endif
+
+template <typename T>
+void layer1_backward_user(const Net<T>& net, const Work<T>& work, Partial<T>& part, const T* q, T* gq) {
+  const T *dc = work.dc.data(), *G = work.G.data();
+  T *dA = part.dA.data(), *dKc = part.dKc.data(), *dPc = part.dPc.data(), *db0 = part.db[0].data();
+#if DIN_EXT_HAVE_AVX2
+  if (has_avx512()) return layer1_backward_user_avx512(net, dc, G, q, gq, dA, dKc, dPc, db0);
+  if (has_avx2_fma()) return layer1_backward_user_avx2(net, dc, G, q, gq, dA, dKc, dPc, db0);
+#endif
+  layer1_backward_user_base(net, dc, G, q, gq, dA, dKc, dPc, db0);
 }
 
 // One pass over all pairs: recompute the forward, back-propagate from the scores down to hidden layer `stop`

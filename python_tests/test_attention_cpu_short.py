@@ -1,0 +1,83 @@
+"""The cpu attention kernels at short histories, where the per-user layer-1 loops (each user's effective weight
+Weff_b = Kc + diag(q_b) Pc and the fold of its gradient into d(Wk - Wd), dWp, d(Wq + Wd), db_0 and d/dq) cost as much
+as the user's products and run vectorized: widths that leave every vector tail (D and H1 not multiples of 8 or 16),
+many users of a few behaviours each (empty ones and ones that straddle the 64-row tile), both dtypes, against
+din_ext.reference in float64; bitwise reproducibility run to run and across thread counts; a float64 gradcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import Batch, clean, make_batch, requires_cpp, run_unit
+from test_attention import assert_matches_reference, gradcheck_attention, make_unit
+
+pytestmark = requires_cpp
+
+# Mostly short histories with empty rows, L = 1, and lengths on both sides of the 64-row tile.
+SHORT_LENGTHS = [3, 0, 1, 12, 0, 7, 63, 64, 65, 2, 1, 0, 9, 129, 5, 4, 11, 1]
+
+
+@pytest.mark.parametrize("activation", ["dice", "sigmoid", "prelu", "relu"])
+@pytest.mark.parametrize("dim, hidden", [(1, (1,)), (7, (9, 3)), (17, (19, 5)), (33, (80, 40)), (64, (17,))],
+                         ids=["D1-H1", "D7-H9x3", "D17-H19x5", "D33-H80x40", "D64-H17"])
+@pytest.mark.parametrize("layout", ["padded", "jagged"])
+def test_short_histories_match_reference(activation, dim, hidden, layout):
+    unit = make_unit(activation, "softmax", hidden=hidden, dim=dim, score_scale=0.61)
+    batch = make_batch(layout, batch=len(SHORT_LENGTHS), max_len=max(SHORT_LENGTHS), dim=dim,
+                       lengths=SHORT_LENGTHS, seed=dim)
+    assert_matches_reference(unit, batch, "cpu")
+
+
+def _project(unit, batch, weight):
+    """Output and the gradients of (out * weight).sum() w.r.t. the batch's leaves and the unit's parameters."""
+    out = unit(batch.query, batch.keys, values=batch.values, **batch.index)
+    inputs = [*batch.leaves(), *(p for p in unit.parameters() if p.requires_grad)]
+    return out, torch.autograd.grad((out * weight.to(out.dtype)).sum(), inputs)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_short_histories_float32_match_float64_reference(training, normalization):
+    """float32 (16-lane vectors on AVX-512) against the float64 oracle with the same parameters and inputs."""
+    unit = make_unit("dice", normalization, hidden=(80, 40), dim=36, training=training)
+    oracle = make_unit("dice", normalization, hidden=(80, 40), dim=36, training=training)
+    oracle.backend = "reference"
+    ours = unit.to(torch.float32)
+    ours.backend = "cpu"
+    batch = make_batch("jagged", batch=200, max_len=20, dim=36, seed=21)
+    f32 = Batch(*(None if t is None else t.float() for t in (batch.query, batch.keys, batch.values)),
+                dict(batch.index)).fresh()
+    weight = torch.randn(200, 36, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out, grads = _project(ours, f32, weight)
+    ref_out, ref_grads = _project(oracle, clean(batch), weight)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-4, rtol=2e-4)
+    assert len(grads) == len(ref_grads)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=5e-4, rtol=5e-4)
+
+
+def _short_run(threads, activation):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        unit = make_unit(activation, "softmax", hidden=(80, 40), dim=19, dtype=torch.float32)
+        unit.backend = "cpu"
+        batch = make_batch("padded", batch=300, max_len=20, dim=19, dtype=torch.float32, seed=13).fresh()
+        return run_unit(unit, batch)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("activation", ["dice", "sigmoid"])
+def test_short_histories_bitwise_across_runs_and_thread_counts(activation):
+    (out_a, grads_a), (out_b, grads_b), (out_c, grads_c) = (_short_run(t, activation) for t in (1, 1, 2))
+    for out, grads in ((out_b, grads_b), (out_c, grads_c)):
+        assert torch.equal(out_a, out)
+        assert len(grads) == len(grads_a)
+        assert all(torch.equal(a, b) for a, b in zip(grads_a, grads))
+
+
+@pytest.mark.parametrize("activation", ["dice", "sigmoid"])
+def test_gradcheck_odd_widths(activation):
+    """float64 gradcheck with widths that leave vector tails in the per-user loops (D = 3, H = 9 x 3)."""
+    assert gradcheck_attention(activation, True, "cpu", "cpu", hidden=(9, 3))
