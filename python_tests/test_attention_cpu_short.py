@@ -81,3 +81,60 @@ def test_short_histories_bitwise_across_runs_and_thread_counts(activation):
 def test_gradcheck_odd_widths(activation):
     """float64 gradcheck with widths that leave vector tails in the per-user loops (D = 3, H = 9 x 3)."""
     assert gradcheck_attention(activation, True, "cpu", "cpu", hidden=(9, 3))
+
+
+# The cpu kernels' layer 1 of a [B, D] query: split (z_0 = c_b + [k, k * q_b] [Kc; Pc]^T) below this mean history
+# length, per-user effective weight above it; "0" never splits, "1e9" always does.
+SPLIT_ENV = "DIN_EXT_ATTENTION_SPLIT_BELOW"
+FORMS = [pytest.param("0", id="weff"), pytest.param("1e9", id="split")]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("activation", ["dice", "sigmoid"])
+@pytest.mark.parametrize("dim, hidden, layout", [(1, (1,), "padded"), (17, (19, 5), "jagged"),
+                                                 (64, (80, 40), "padded")], ids=["D1", "D17", "D64"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_both_layer1_forms_match_reference(monkeypatch, form, activation, dim, hidden, layout, training):
+    """Each form, forced at every history length (long rows too), against the oracle: output, every gradient and
+    the running statistics; Dice training runs the stored kernels here (the batch fits their budget)."""
+    monkeypatch.setenv(SPLIT_ENV, form)
+    unit = make_unit(activation, "softmax", hidden=hidden, dim=dim, training=training, score_scale=0.8)
+    batch = make_batch(layout, batch=len(SHORT_LENGTHS), max_len=max(SHORT_LENGTHS), dim=dim,
+                       lengths=SHORT_LENGTHS, value_dim=5, seed=dim + 1)
+    assert_matches_reference(unit, batch, "cpu")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_both_layer1_forms_recompute_match_reference(monkeypatch, form):
+    """Training Dice on the recomputing kernels (no stored activations) with each form."""
+    monkeypatch.setenv(SPLIT_ENV, form)
+    monkeypatch.setenv("DIN_EXT_ATTENTION_STORE_MB", "0")
+    unit = make_unit("dice", "none", hidden=(21, 6), dim=9)
+    batch = make_batch("jagged", batch=len(SHORT_LENGTHS), max_len=max(SHORT_LENGTHS), dim=9,
+                       lengths=SHORT_LENGTHS, seed=4)
+    assert_matches_reference(unit, batch, "cpu")
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_both_layer1_forms_bitwise_across_runs_and_thread_counts(monkeypatch, form):
+    monkeypatch.setenv(SPLIT_ENV, form)
+    (out_a, grads_a), (out_b, grads_b), (out_c, grads_c) = (_short_run(t, "dice") for t in (1, 1, 2))
+    for out, grads in ((out_b, grads_b), (out_c, grads_c)):
+        assert torch.equal(out_a, out)
+        assert all(torch.equal(a, b) for a, b in zip(grads_a, grads))
+
+
+def test_layer1_form_follows_the_threshold(monkeypatch):
+    """The threshold is compared with the call's mean history length: at a mean of ~10 a threshold of 11 splits and
+    one of 10 does not (float32 rounding tells the forms apart), and both forms agree to rounding."""
+    outs = {}
+    for below in ("0", "10", "11", "1e9"):
+        monkeypatch.setenv(SPLIT_ENV, below)
+        unit = make_unit("sigmoid", "none", hidden=(80, 40), dim=36, dtype=torch.float32, training=False)
+        unit.backend = "cpu"
+        batch = make_batch("padded", batch=64, max_len=20, dim=36, dtype=torch.float32, lengths=[10] * 64, seed=3)
+        with torch.no_grad():
+            outs[below] = unit(batch.query, batch.keys, **batch.index)
+    assert torch.equal(outs["0"], outs["10"]) and torch.equal(outs["11"], outs["1e9"])
+    assert not torch.equal(outs["0"], outs["1e9"])
+    torch.testing.assert_close(outs["0"], outs["1e9"], atol=1e-5, rtol=1e-5)

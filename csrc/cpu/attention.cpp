@@ -6,6 +6,12 @@
 // processed in tiles of at most kTile rows whose activations live in per-thread buffers: nothing of size [N, H]
 // is materialized, padded positions are never touched, and the backward recomputes the forward.
 //
+// Short histories (one candidate): the per-user work (Weff_b, and in the backward the fold of the user's dWeff into
+// the parameter gradients) is H1 x D elementwise work per user, as much as a user's products at L_b ~ 10; it runs
+// vectorized (AVX2 / AVX-512 builds). Calls whose mean history length is below kSplitBelow (6.5, measured: see
+// choose_layer1) compute layer 1 in the split form z_0 = c_b + [k, k * q_b] [Kc; Pc]^T instead, one 2D-deep
+// product per behaviour and no Weff_b in the forward; above it the per-user Weff_b is faster.
+//
 // Several candidates per user (query [B, C, D], C > 1; design §6): every (candidate, behaviour) pair is one row of
 // the unit. A user's history is read once per key tile of kTile behaviours, shared by all the candidates (the
 // forward's work items are groups of at most kGroup candidates, each reading the history once): the
@@ -31,6 +37,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -80,6 +87,9 @@ struct Net {
   std::vector<Vec<T>> WT, Wn, bias;  // linear i >= 1: [w_{i-1}, wp_i], [w_i, wp_{i-1}]; bias [wp_i] (i >= 0)
   std::vector<ActLayer<T>> acts;
   int64_t max_wp = 0;
+  // Single-candidate layer 1 of this call (choose_layer1): split (z_0 = c + [k, k * q] KPT) or per-user Weff.
+  bool split = false;
+  Vec<T> KPT;  // split: [2D, wp0], KcT stacked over PcT
 };
 
 template <typename T>
@@ -172,12 +182,18 @@ Net<T> pack(int64_t D, at::TensorList weights, at::TensorList biases, const at::
 template <typename T>
 struct Work {
   Vec<T> c, weffT, weff, G, dc, gq;
+  Vec<T> X;              // split layer 1: [kTile, 2D], the tile's [k, k * q] rows
+  const T* q = nullptr;  // the current user's query
   std::vector<Vec<T>> z, h;  // [kTile, wp_i]
   Vec<T> g0, g1, gk, kp, wt;  // backward: [kTile, max_wp] x 2, [kTile, Dp] x 2, pooling weights [kTile]
   explicit Work(const Net<T>& net) {
     const int64_t wp0 = net.wp[0];
     c.assign(wp0, T(0));
-    weffT.assign(net.D * wp0, T(0));
+    if (net.split) {
+      X.assign(kTile * 2 * net.D, T(0));
+    } else {
+      weffT.assign(net.D * wp0, T(0));
+    }
     z.resize(net.n + 1);
     h.resize(net.n);
     for (int64_t i = 0; i <= net.n; ++i) z[i].assign(kTile * net.wp[i], T(0));
@@ -206,24 +222,27 @@ struct Work {
 // The per-user loops of layer 1 (set_user, layer1_backward_user) touch H1 x D elements per user: at short
 // histories (L_b ~ 10) as many as the user's products, so they run vectorized, in an AVX2+FMA and an AVX-512 build
 // like the activations (restrict-qualified: the baseline compiler keeps them scalar otherwise).
+// c and Weff^T (when weffT is not null), Weff (when weff is not null) of user query q.
 template <typename T>
-DIN_EXT_INLINE void set_user_body(const Net<T>& net, const T* __restrict q, bool backward, T* __restrict c,
-                                  T* __restrict weffT, T* __restrict weff) {
+DIN_EXT_INLINE void set_user_body(const Net<T>& net, const T* __restrict q, T* __restrict c, T* __restrict weffT,
+                                  T* __restrict weff) {
   const int64_t D = net.D, w0 = net.w[0], wp0 = net.wp[0], Dp = net.Dp;
-  // Row-wise (axpy) forms, which vectorize over the H1 outputs.
-  std::copy(net.bias[0].begin(), net.bias[0].end(), c);
-  for (int64_t d = 0; d < D; ++d) {
-    const T qd = q[d];
-    const T* __restrict a = net.AT.data() + d * wp0;
-    const T* __restrict kc = net.KcT.data() + d * wp0;
-    const T* __restrict pc = net.PcT.data() + d * wp0;
-    T* __restrict out = weffT + d * wp0;
-    for (int64_t hh = 0; hh < wp0; ++hh) {
-      c[hh] += a[hh] * qd;
-      out[hh] = kc[hh] + pc[hh] * qd;
+  if (weffT) {
+    // Row-wise (axpy) forms, which vectorize over the H1 outputs.
+    std::copy(net.bias[0].begin(), net.bias[0].end(), c);
+    for (int64_t d = 0; d < D; ++d) {
+      const T qd = q[d];
+      const T* __restrict a = net.AT.data() + d * wp0;
+      const T* __restrict kc = net.KcT.data() + d * wp0;
+      const T* __restrict pc = net.PcT.data() + d * wp0;
+      T* __restrict out = weffT + d * wp0;
+      for (int64_t hh = 0; hh < wp0; ++hh) {
+        c[hh] += a[hh] * qd;
+        out[hh] = kc[hh] + pc[hh] * qd;
+      }
     }
   }
-  if (!backward) return;
+  if (!weff) return;
   for (int64_t hh = 0; hh < w0; ++hh) {
     const T* __restrict kc = net.Kc.data() + hh * Dp;
     const T* __restrict pc = net.Pc.data() + hh * Dp;
@@ -233,28 +252,35 @@ DIN_EXT_INLINE void set_user_body(const Net<T>& net, const T* __restrict q, bool
 }
 
 template <typename T>
-void set_user_base(const Net<T>& net, const T* q, bool backward, T* c, T* weffT, T* weff) {
-  set_user_body(net, q, backward, c, weffT, weff);
+void set_user_base(const Net<T>& net, const T* q, T* c, T* weffT, T* weff) {
+  set_user_body(net, q, c, weffT, weff);
 }
 #if DIN_EXT_HAVE_AVX2
 template <typename T>
-DIN_EXT_AVX2 void set_user_avx2(const Net<T>& net, const T* q, bool backward, T* c, T* weffT, T* weff) {
-  set_user_body(net, q, backward, c, weffT, weff);
+DIN_EXT_AVX2 void set_user_avx2(const Net<T>& net, const T* q, T* c, T* weffT, T* weff) {
+  set_user_body(net, q, c, weffT, weff);
 }
 template <typename T>
-DIN_EXT_AVX512 void set_user_avx512(const Net<T>& net, const T* q, bool backward, T* c, T* weffT, T* weff) {
-  set_user_body(net, q, backward, c, weffT, weff);
+DIN_EXT_AVX512 void set_user_avx512(const Net<T>& net, const T* q, T* c, T* weffT, T* weff) {
+  set_user_body(net, q, c, weffT, weff);
 }
 #endif
 
 template <typename T>
-void Work<T>::set_user(const Net<T>& net, const T* q, bool backward) {
+void Work<T>::set_user(const Net<T>& net, const T* q_, bool backward) {
+  q = q_;
+  // Split: c = (Wq + Wd) q + b_0 as one row of a product, and Weff only for the backward's d/dk.
+  if (net.split) {
+    gemm<T>().nn(1, net.D, net.wp[0], q, net.D, net.AT.data(), net.wp[0], net.bias[0].data(), c.data(), net.wp[0]);
+    if (!backward) return;
+  }
+  T* wt = net.split ? nullptr : weffT.data();
   T* w = backward ? weff.data() : nullptr;
 #if DIN_EXT_HAVE_AVX2
-  if (has_avx512()) return set_user_avx512(net, q, backward, c.data(), weffT.data(), w);
-  if (has_avx2_fma()) return set_user_avx2(net, q, backward, c.data(), weffT.data(), w);
+  if (has_avx512()) return set_user_avx512(net, q, c.data(), wt, w);
+  if (has_avx2_fma()) return set_user_avx2(net, q, c.data(), wt, w);
 #endif
-  set_user_base(net, q, backward, c.data(), weffT.data(), w);
+  set_user_base(net, q, c.data(), wt, w);
 }
 
 template <typename T>
@@ -432,12 +458,53 @@ void forward_layers(const Net<T>& net, Work<T>& work, int64_t rows, int64_t upto
   }
 }
 
+// z_0 [rows, wp0] of `rows` behaviours (keys rows, contiguous) of the current user (set_user): one product with
+// the user's Weff^T, or (split) one with the shared [Kc; Pc]^T over the rows [k, k * q], 2D deep.
+template <typename T>
+void layer1_forward(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, T* z) {
+  const int64_t D = net.D, wp0 = net.wp[0];
+  if (!net.split) {
+    gemm<T>().nn(rows, D, wp0, keys, D, work.weffT.data(), wp0, work.c.data(), z, wp0);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* k = keys + r * D;
+    T* x = work.X.data() + r * 2 * D;
+    for (int64_t d = 0; d < D; ++d) {
+      x[d] = k[d];
+      x[D + d] = k[d] * work.q[d];
+    }
+  }
+  gemm<T>().nn(rows, 2 * D, wp0, work.X.data(), 2 * D, net.KPT.data(), wp0, work.c.data(), z, wp0);
+}
+
 // Forward of `rows` behaviours (keys rows, contiguous) of the current user: z_0 .. z_upto and h_0 .. h_{upto-1}.
 template <typename T>
 void forward_tile(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, int64_t upto) {
-  gemm<T>().nn(rows, net.D, net.wp[0], keys, net.D, work.weffT.data(), net.wp[0], work.c.data(), work.z[0].data(),
-               net.wp[0]);
+  layer1_forward(net, work, keys, rows, work.z[0].data());
   forward_layers(net, work, rows, upto);
+}
+
+// The single-candidate layer 1 of a call. Per user, Weff_b = Kc + diag(q_b) Pc (set_user) is a pass over three
+// [D, H1] arrays, bound by L2 bandwidth (about 1.7 us at D = 64, H1 = 80: as much as ~14 behaviours' D x H1
+// products), and buys one D-deep product per behaviour; the split form z_0 = c_b + [k, k * q_b] [Kc; Pc]^T needs
+// only c_b per user (one row of a product) but a 2D-deep product per behaviour. Timing both (eval, B = 1024, 1
+// thread, D = 32 and 64, every user of length L_b): the split is 2-14% faster for L_b <= 6, 2-8% slower from 7 on,
+// so calls whose mean history length is below kSplitBelow split (docs/design.md §3.2); DIN_EXT_ATTENTION_SPLIT_BELOW
+// overrides the threshold (0: never split). The backward keeps Weff_b for d/dk and the per-user fold of dWeff: the
+// split's two extra products per behaviour there cost about what the fold does at these lengths.
+constexpr double kSplitBelow = 6.5;
+
+template <typename T>
+void choose_layer1(Net<T>& net, int64_t users, int64_t candidates, int64_t valid) {
+  const char* env = std::getenv("DIN_EXT_ATTENTION_SPLIT_BELOW");
+  const double below = env && *env ? std::atof(env) : kSplitBelow;
+  net.split = candidates == 1 && users > 0 && static_cast<double>(valid) < below * static_cast<double>(users);
+  if (!net.split) return;
+  const int64_t D = net.D, wp0 = net.wp[0];
+  net.KPT.resize(2 * D * wp0);
+  std::copy(net.KcT.begin(), net.KcT.begin() + D * wp0, net.KPT.begin());
+  std::copy(net.PcT.begin(), net.PcT.begin() + D * wp0, net.KPT.begin() + D * wp0);
 }
 
 // Per-block accumulators of the backward: parameter gradients and Dice sums (double for the sums over rows).
@@ -752,6 +819,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query_, c
     Net<scalar_t> net = pack<scalar_t>(args.shape.dim, weights, biases, act_params, args.act, training, eps,
                                        args.stats);
     const Problem<scalar_t> pb = make_problem<scalar_t>(args);
+    choose_layer1(net, pb.B, pb.C, pb.valid);
     if (dice_train) {
       int64_t col = 0;
       for (int64_t j = 0; j < net.n; ++j) {
@@ -1183,6 +1251,7 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
     using T = scalar_t;
     Net<T> net = pack<T>(shape.dim, weights, biases, act_params, args.act, training, eps, args.stats);
     const Problem<T> pb = make_problem<T>(args);
+    choose_layer1(net, pb.B, pb.C, pb.valid);
     Vec<T> weight, grad_score;
     if (args.norm == Normalization::kSoftmax) {
       weight.resize(shape.num_keys * pb.C);
@@ -1258,7 +1327,7 @@ void stored_forward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, T* save
           if (j == 0) {
             if (b != user) work.set_user(net, pb.query + b * D, false);
             user = b;
-            g.nn(rows, D, wp, pb.keys + row * D, D, work.weffT.data(), wp, work.c.data(), z, wp);
+            layer1_forward(net, work, pb.keys + row * D, rows, z);
           } else {
             const int64_t wpp = net.wp[j - 1];
             activation_forward_tile(net, j - 1, rows, saved + off[j - 1] + row * wpp, work.h[j - 1].data());
@@ -1394,7 +1463,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_stored_forward(
     saved = at::empty({args.shape.num_keys * stored_width<scalar_t>(weights)}, args.query.options());
     Net<scalar_t> net = pack<scalar_t>(args.shape.dim, weights, biases, act_params, args.act, training, eps,
                                        args.stats);
-    stored_forward(net, make_problem<scalar_t>(args), args.shape.num_keys, saved.data_ptr<scalar_t>(),
+    const Problem<scalar_t> pb = make_problem<scalar_t>(args);
+    choose_layer1(net, pb.B, pb.C, pb.valid);
+    stored_forward(net, pb, args.shape.num_keys, saved.data_ptr<scalar_t>(),
                    args.stats.data_ptr<scalar_t>(), args.shape.hidden_total, eps, args.out.data_ptr<scalar_t>());
   });
   return {args.out, args.stats, saved};
@@ -1425,6 +1496,7 @@ attention_stored_backward(const at::Tensor& grad_out_, const at::Tensor& query_,
     const at::Tensor saved = saved_.contiguous();
     Net<T> net = pack<T>(shape.dim, weights, biases, act_params, args.act, training, eps, args.stats);
     const Problem<T> pb = make_problem<T>(args);
+    choose_layer1(net, pb.B, pb.C, pb.valid);
     Vec<T> weight, grad_score;
     if (args.norm == Normalization::kSoftmax) {
       weight.resize(shape.num_keys);
