@@ -1427,7 +1427,9 @@ void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const 
         work.clear_user_gradients();
         for (int64_t t0 = 0; t0 < pb.lengths[b]; t0 += kTile) {
           const int64_t rows = std::min(kTile, pb.lengths[b] - t0), row = pb.starts[b] + t0;
-          score_tile(work, b, t0, rows, row, work.g1.data());  // the pooling weights (the score gradient unused)
+          for (int64_t r = 0; r < rows; ++r) {  // the pooling weights (score_gradient_tile's, without its dots)
+            work.wt[r] = pb.norm == Normalization::kSoftmax ? weight[row + r] : pb.scale * scores[(row + r) * wpn];
+          }
           layer1_backward_tile(net, pb, work, b, t0, rows, e0 + row * wp0, grad_out, gk_all, gv_all);
         }
         layer1_backward_user(net, work, partials[blk], q, gq_all + b * D);
