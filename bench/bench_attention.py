@@ -14,8 +14,9 @@ allocated during one call (CPU: torch's allocator, traced with the profiler; GPU
 On the CPU, training Dice also runs as "cpu-recompute": the cpu backend with its stored-activation mode off
 (DIN_EXT_ATTENTION_STORE_MB=0), next to "cpu", which stores each pair's pre-activations where they fit its budget
 (short histories) and recomputes them otherwise; their peak MB columns are the two modes' memory. "cpu-split" is
-the cpu backend with layer 1 always in the split form (DIN_EXT_ATTENTION_SPLIT_BELOW=1e9); "cpu" picks the form by
-the mean history length (the split below 6.5 behaviours per user), so the two rows show the other form's cost.
+the cpu backend with layer 1 always in the split form (DIN_EXT_ATTENTION_SPLIT_BELOW=1e9), next to "cpu", which
+keeps the per-user effective weight unless that variable is set (it splits calls whose mean history length is below
+it).
 
 FLOPs count only valid behaviours and the textbook work per behaviour: 2 * (4D * H1 + H1 * H2 + H2) for the MLP plus
 2 * Dv for pooling; training counts 3x the forward (the backward 2x). Bytes are the fewest a fused kernel must move:

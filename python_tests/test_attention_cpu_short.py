@@ -84,7 +84,7 @@ def test_gradcheck_odd_widths(activation):
 
 
 # The cpu kernels' layer 1 of a [B, D] query: split (z_0 = c_b + [k, k * q_b] [Kc; Pc]^T) below this mean history
-# length, per-user effective weight above it; "0" never splits, "1e9" always does.
+# length, per-user effective weight above it (unset, the default: never split); "0" never splits, "1e9" always does.
 SPLIT_ENV = "DIN_EXT_ATTENTION_SPLIT_BELOW"
 FORMS = [pytest.param("0", id="weff"), pytest.param("1e9", id="split")]
 
@@ -122,6 +122,28 @@ def test_both_layer1_forms_bitwise_across_runs_and_thread_counts(monkeypatch, fo
     for out, grads in ((out_b, grads_b), (out_c, grads_c)):
         assert torch.equal(out_a, out)
         assert all(torch.equal(a, b) for a, b in zip(grads_a, grads))
+
+
+def _eval_and_train_outputs(lengths):
+    """Eval and training outputs (float32, Dice) of a batch of the given lengths."""
+    unit = make_unit("dice", "none", hidden=(80, 40), dim=36, dtype=torch.float32)
+    unit.backend = "cpu"
+    batch = make_batch("padded", batch=len(lengths), max_len=max(lengths), dim=36, dtype=torch.float32,
+                       lengths=lengths, seed=6)
+    with torch.no_grad():
+        return [unit.train(training)(batch.query, batch.keys, **batch.index) for training in (False, True)]
+
+
+def test_default_keeps_the_per_user_form(monkeypatch):
+    """Unset, even a mean of 2 behaviours per user runs the per-user form (the bits of "0", not of "1e9")."""
+    monkeypatch.delenv(SPLIT_ENV, raising=False)
+    default = _eval_and_train_outputs([2] * 64)
+    forced = {}
+    for env in ("0", "1e9"):
+        monkeypatch.setenv(SPLIT_ENV, env)
+        forced[env] = _eval_and_train_outputs([2] * 64)
+    assert all(torch.equal(a, b) for a, b in zip(default, forced["0"]))
+    assert not any(torch.equal(a, b) for a, b in zip(default, forced["1e9"]))
 
 
 def test_layer1_form_follows_the_threshold(monkeypatch):

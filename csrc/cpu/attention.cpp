@@ -8,9 +8,9 @@
 //
 // Short histories (one candidate): the per-user work (Weff_b, and in the backward the fold of the user's dWeff into
 // the parameter gradients) is H1 x D elementwise work per user, as much as a user's products at L_b ~ 10; it runs
-// vectorized (AVX2 / AVX-512 builds). Calls whose mean history length is below kSplitBelow (6.5, measured: see
-// choose_layer1) compute layer 1 in the split form z_0 = c_b + [k, k * q_b] [Kc; Pc]^T instead, one 2D-deep
-// product per behaviour and no Weff_b in the forward; above it the per-user Weff_b is faster.
+// vectorized (AVX2 / AVX-512 builds). With DIN_EXT_ATTENTION_SPLIT_BELOW set, calls whose mean history length is
+// below it compute layer 1 in the split form z_0 = c_b + [k, k * q_b] [Kc; Pc]^T instead: one 2D-deep product per
+// behaviour and no Weff_b, measured faster in eval below a mean of 6.5 only (see choose_layer1).
 //
 // Several candidates per user (query [B, C, D], C > 1; design §6): every (candidate, behaviour) pair is one row of
 // the unit. A user's history is read once per key tile of kTile behaviours, shared by all the candidates (the
@@ -486,19 +486,18 @@ void forward_tile(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows,
 }
 
 // The single-candidate layer 1 of a call. Per user, Weff_b = Kc + diag(q_b) Pc (set_user) is a pass over three
-// [D, H1] arrays, bound by L2 bandwidth (about 1.7 us at D = 64, H1 = 80: as much as ~14 behaviours' D x H1
+// [D, H1] arrays, bound by L2 bandwidth (about 1.05 us at D = 64, H1 = 80: as much as ~10 behaviours' D x H1
 // products), and buys one D-deep product per behaviour; the split form z_0 = c_b + [k, k * q_b] [Kc; Pc]^T needs
 // only c_b per user (one row of a product) but a 2D-deep product per behaviour. Timing both (eval, B = 1024, 1
-// thread, D = 32 and 64, every user of length L_b): the split is 2-14% faster for L_b <= 6, 2-8% slower from 7 on,
-// so calls whose mean history length is below kSplitBelow split (docs/design.md §3.2); DIN_EXT_ATTENTION_SPLIT_BELOW
-// overrides the threshold (0: never split). The backward keeps Weff_b for d/dk and the per-user fold of dWeff: the
-// split's two extra products per behaviour there cost about what the fold does at these lengths.
-constexpr double kSplitBelow = 6.5;
-
+// thread, D = 32 and 64, every user of length L_b): the split is 2-14% faster for L_b <= 6, 2-8% slower from 7 on;
+// whole training calls measured -8% to +8% with it (their backward keeps Weff_b for d/dk and the per-user fold of
+// dWeff, which the split would trade for two more products per behaviour). So the per-user form is the default,
+// and DIN_EXT_ATTENTION_SPLIT_BELOW = m splits the calls whose mean history length is below m (6.5 for inference
+// on very short histories; docs/design.md §3.2).
 template <typename T>
 void choose_layer1(Net<T>& net, int64_t users, int64_t candidates, int64_t valid) {
   const char* env = std::getenv("DIN_EXT_ATTENTION_SPLIT_BELOW");
-  const double below = env && *env ? std::atof(env) : kSplitBelow;
+  const double below = env && *env ? std::atof(env) : 0.0;
   net.split = candidates == 1 && users > 0 && static_cast<double>(valid) < below * static_cast<double>(users);
   if (!net.split) return;
   const int64_t D = net.D, wp0 = net.wp[0];
