@@ -217,6 +217,10 @@ struct Work {
   }
   // c = (Wq + Wd) q + b_0 and Weff^T = (Wk - Wd)^T + diag(q) Wp^T for user query q (backward: also Weff).
   void set_user(const Net<T>& net, const T* q, bool backward);
+  // Weff alone, for the stored backward's layer 1 (its z_0 is stored: neither c nor Weff^T is read).
+  void set_user_weff(const Net<T>& net, const T* q) { build_user(net, q, nullptr, weff.data()); }
+  // The vectorized build of c and Weff^T (weffT not null) and of Weff (weff not null), set_user_body.
+  void build_user(const Net<T>& net, const T* q, T* weffT, T* weff);
 };
 
 // The per-user loops of layer 1 (set_user, layer1_backward_user) touch H1 x D elements per user: at short
@@ -274,8 +278,11 @@ void Work<T>::set_user(const Net<T>& net, const T* q_, bool backward) {
     gemm<T>().nn(1, net.D, net.wp[0], q, net.D, net.AT.data(), net.wp[0], net.bias[0].data(), c.data(), net.wp[0]);
     if (!backward) return;
   }
-  T* wt = net.split ? nullptr : weffT.data();
-  T* w = backward ? weff.data() : nullptr;
+  build_user(net, q, net.split ? nullptr : weffT.data(), backward ? weff.data() : nullptr);
+}
+
+template <typename T>
+void Work<T>::build_user(const Net<T>& net, const T* q, T* wt, T* w) {
 #if DIN_EXT_HAVE_AVX2
   if (has_avx512()) return set_user_avx512(net, q, c.data(), wt, w);
   if (has_avx2_fma()) return set_user_avx2(net, q, c.data(), wt, w);
@@ -1422,7 +1429,7 @@ void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const 
         const T* q = pb.query + b * D;
         std::fill(gq_all + b * D, gq_all + (b + 1) * D, T(0));
         if (pb.lengths[b] == 0) continue;
-        work.set_user(net, q, true);
+        work.set_user_weff(net, q);
         work.clear_user_gradients();
         for (int64_t t0 = 0; t0 < pb.lengths[b]; t0 += kTile) {
           const int64_t rows = std::min(kTile, pb.lengths[b] - t0), row = pb.starts[b] + t0;
