@@ -13,7 +13,10 @@ allocated during one call (CPU: torch's allocator, traced with the profiler; GPU
 
 On the CPU, training Dice also runs as "cpu-recompute": the cpu backend with its stored-activation mode off
 (DIN_EXT_ATTENTION_STORE_MB=0), next to "cpu", which stores each pair's pre-activations where they fit its budget
-(short histories) and recomputes them otherwise; their peak MB columns are the two modes' memory.
+(short histories) and recomputes them otherwise; their peak MB columns are the two modes' memory. "cpu-split" is
+the cpu backend with layer 1 always in the split form (DIN_EXT_ATTENTION_SPLIT_BELOW=1e9), next to "cpu", which
+keeps the per-user effective weight unless that variable is set (it splits calls whose mean history length is below
+it).
 
 FLOPs count only valid behaviours and the textbook work per behaviour: 2 * (4D * H1 + H1 * H2 + H2) for the MLP plus
 2 * Dv for pooling; training counts 3x the forward (the backward 2x). Bytes are the fewest a fused kernel must move:
@@ -97,26 +100,28 @@ def make_unit(shape: Shape, activation: str, backend: str, device, dtype, traini
 
 CPU_RECOMPUTE = "cpu-recompute"
 STORE_BUDGET_ENV = "DIN_EXT_ATTENTION_STORE_MB"
+CPU_SPLIT = "cpu-split"
+SPLIT_ENV = "DIN_EXT_ATTENTION_SPLIT_BELOW"
 
 
 def implementations(device) -> List[str]:
     names = ["eager", "compile"]
     names += [b for b in din_ext.available_backends(device) if b != "reference"]
-    return names + ([CPU_RECOMPUTE] if "cpu" in names else [])
+    return names + ([CPU_RECOMPUTE, CPU_SPLIT] if "cpu" in names else [])
 
 
-def recomputing(call):
-    """``call`` with the cpu backend's stored-activation mode off."""
+def with_env(call, name: str, value: str):
+    """``call`` with the environment variable ``name`` set to ``value`` (the cpu backend reads it per call)."""
     def wrapped():
-        before = os.environ.get(STORE_BUDGET_ENV)
-        os.environ[STORE_BUDGET_ENV] = "0"
+        before = os.environ.get(name)
+        os.environ[name] = value
         try:
             return call()
         finally:
             if before is None:
-                del os.environ[STORE_BUDGET_ENV]
+                del os.environ[name]
             else:
-                os.environ[STORE_BUDGET_ENV] = before
+                os.environ[name] = before
     return wrapped
 
 
@@ -126,8 +131,10 @@ MODES = {"eval": "eval fwd", "train-fwd": "train fwd", "train-bwd": "train bwd",
 def build_call(impl: str, shape: Shape, activation: str, device, dtype, mode: str, inputs):
     """The timed call of one mode: "eval" (no grad), "train-fwd" (training forward, graph recorded), "train"
     (training forward and backward)."""
-    if impl == CPU_RECOMPUTE:
-        return recomputing(build_call("cpu", shape, activation, device, dtype, mode, inputs))
+    if impl == CPU_RECOMPUTE:  # the stored-activation mode off
+        return with_env(build_call("cpu", shape, activation, device, dtype, mode, inputs), STORE_BUDGET_ENV, "0")
+    if impl == CPU_SPLIT:  # layer 1 always split
+        return with_env(build_call("cpu", shape, activation, device, dtype, mode, inputs), SPLIT_ENV, "1e9")
     backend = "reference" if impl in ("eager", "compile") else impl
     unit = make_unit(shape, activation, backend, device, dtype, mode != "eval")
     if impl == "compile":

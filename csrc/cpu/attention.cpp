@@ -6,6 +6,12 @@
 // processed in tiles of at most kTile rows whose activations live in per-thread buffers: nothing of size [N, H]
 // is materialized, padded positions are never touched, and the backward recomputes the forward.
 //
+// Short histories (one candidate): the per-user work (Weff_b, and in the backward the fold of the user's dWeff into
+// the parameter gradients) is H1 x D elementwise work per user, as much as a user's products at L_b ~ 10; it runs
+// vectorized (AVX2 / AVX-512 builds). With DIN_EXT_ATTENTION_SPLIT_BELOW set, calls whose mean history length is
+// below it compute layer 1 in the split form z_0 = c_b + [k, k * q_b] [Kc; Pc]^T instead: one 2D-deep product per
+// behaviour and no Weff_b, measured faster in eval below a mean of 6.5 only (see choose_layer1).
+//
 // Several candidates per user (query [B, C, D], C > 1; design §6): every (candidate, behaviour) pair is one row of
 // the unit. A user's history is read once per key tile of kTile behaviours, shared by all the candidates (the
 // forward's work items are groups of at most kGroup candidates, each reading the history once): the
@@ -31,6 +37,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -80,6 +87,9 @@ struct Net {
   std::vector<Vec<T>> WT, Wn, bias;  // linear i >= 1: [w_{i-1}, wp_i], [w_i, wp_{i-1}]; bias [wp_i] (i >= 0)
   std::vector<ActLayer<T>> acts;
   int64_t max_wp = 0;
+  // Single-candidate layer 1 of this call (choose_layer1): split (z_0 = c + [k, k * q] KPT) or per-user Weff.
+  bool split = false;
+  Vec<T> KPT;  // split: [2D, wp0], KcT stacked over PcT
 };
 
 template <typename T>
@@ -172,12 +182,18 @@ Net<T> pack(int64_t D, at::TensorList weights, at::TensorList biases, const at::
 template <typename T>
 struct Work {
   Vec<T> c, weffT, weff, G, dc, gq;
+  Vec<T> X;              // split layer 1: [kTile, 2D], the tile's [k, k * q] rows
+  const T* q = nullptr;  // the current user's query
   std::vector<Vec<T>> z, h;  // [kTile, wp_i]
   Vec<T> g0, g1, gk, kp, wt;  // backward: [kTile, max_wp] x 2, [kTile, Dp] x 2, pooling weights [kTile]
   explicit Work(const Net<T>& net) {
     const int64_t wp0 = net.wp[0];
     c.assign(wp0, T(0));
-    weffT.assign(net.D * wp0, T(0));
+    if (net.split) {
+      X.assign(kTile * 2 * net.D, T(0));
+    } else {
+      weffT.assign(net.D * wp0, T(0));
+    }
     z.resize(net.n + 1);
     h.resize(net.n);
     for (int64_t i = 0; i <= net.n; ++i) z[i].assign(kTile * net.wp[i], T(0));
@@ -199,32 +215,80 @@ struct Work {
     std::fill(G.begin(), G.end(), T(0));
     std::fill(dc.begin(), dc.end(), T(0));
   }
-  // c = (Wq + Wd) q + b_0 and Weff^T = (Wk - Wd)^T + diag(q) Wp^T for user query q.
-  void set_user(const Net<T>& net, const T* q, bool backward) {
-    const int64_t D = net.D, w0 = net.w[0], wp0 = net.wp[0];
+  // c = (Wq + Wd) q + b_0 and Weff^T = (Wk - Wd)^T + diag(q) Wp^T for user query q (backward: also Weff).
+  void set_user(const Net<T>& net, const T* q, bool backward);
+  // Weff alone, for the stored backward's layer 1 (its z_0 is stored: neither c nor Weff^T is read).
+  void set_user_weff(const Net<T>& net, const T* q) { build_user(net, q, nullptr, weff.data()); }
+  // The vectorized build of c and Weff^T (weffT not null) and of Weff (weff not null), set_user_body.
+  void build_user(const Net<T>& net, const T* q, T* weffT, T* weff);
+};
+
+// The per-user loops of layer 1 (set_user, layer1_backward_user) touch H1 x D elements per user: at short
+// histories (L_b ~ 10) as many as the user's products, so they run vectorized, in an AVX2+FMA and an AVX-512 build
+// like the activations (restrict-qualified: the baseline compiler keeps them scalar otherwise).
+// c and Weff^T (when weffT is not null), Weff (when weff is not null) of user query q.
+template <typename T>
+DIN_EXT_INLINE void set_user_body(const Net<T>& net, const T* __restrict q, T* __restrict c, T* __restrict weffT,
+                                  T* __restrict weff) {
+  const int64_t D = net.D, w0 = net.w[0], wp0 = net.wp[0], Dp = net.Dp;
+  if (weffT) {
     // Row-wise (axpy) forms, which vectorize over the H1 outputs.
-    std::copy(net.bias[0].begin(), net.bias[0].end(), c.begin());
+    std::copy(net.bias[0].begin(), net.bias[0].end(), c);
     for (int64_t d = 0; d < D; ++d) {
       const T qd = q[d];
-      const T* a = net.AT.data() + d * wp0;
-      const T* kc = net.KcT.data() + d * wp0;
-      const T* pc = net.PcT.data() + d * wp0;
-      T* out = weffT.data() + d * wp0;
+      const T* __restrict a = net.AT.data() + d * wp0;
+      const T* __restrict kc = net.KcT.data() + d * wp0;
+      const T* __restrict pc = net.PcT.data() + d * wp0;
+      T* __restrict out = weffT + d * wp0;
       for (int64_t hh = 0; hh < wp0; ++hh) {
         c[hh] += a[hh] * qd;
         out[hh] = kc[hh] + pc[hh] * qd;
       }
     }
-    if (backward) {
-      for (int64_t hh = 0; hh < w0; ++hh) {
-        const T* kc = net.Kc.data() + hh * net.Dp;
-        const T* pc = net.Pc.data() + hh * net.Dp;
-        T* out = weff.data() + hh * net.Dp;
-        for (int64_t d = 0; d < D; ++d) out[d] = kc[d] + pc[d] * q[d];
-      }
-    }
   }
-};
+  if (!weff) return;
+  for (int64_t hh = 0; hh < w0; ++hh) {
+    const T* __restrict kc = net.Kc.data() + hh * Dp;
+    const T* __restrict pc = net.Pc.data() + hh * Dp;
+    T* __restrict out = weff + hh * Dp;
+    for (int64_t d = 0; d < D; ++d) out[d] = kc[d] + pc[d] * q[d];
+  }
+}
+
+template <typename T>
+void set_user_base(const Net<T>& net, const T* q, T* c, T* weffT, T* weff) {
+  set_user_body(net, q, c, weffT, weff);
+}
+#if DIN_EXT_HAVE_AVX2
+template <typename T>
+DIN_EXT_AVX2 void set_user_avx2(const Net<T>& net, const T* q, T* c, T* weffT, T* weff) {
+  set_user_body(net, q, c, weffT, weff);
+}
+template <typename T>
+DIN_EXT_AVX512 void set_user_avx512(const Net<T>& net, const T* q, T* c, T* weffT, T* weff) {
+  set_user_body(net, q, c, weffT, weff);
+}
+#endif
+
+template <typename T>
+void Work<T>::set_user(const Net<T>& net, const T* q_, bool backward) {
+  q = q_;
+  // Split: c = (Wq + Wd) q + b_0 as one row of a product, and Weff only for the backward's d/dk.
+  if (net.split) {
+    gemm<T>().nn(1, net.D, net.wp[0], q, net.D, net.AT.data(), net.wp[0], net.bias[0].data(), c.data(), net.wp[0]);
+    if (!backward) return;
+  }
+  build_user(net, q, net.split ? nullptr : weffT.data(), backward ? weff.data() : nullptr);
+}
+
+template <typename T>
+void Work<T>::build_user(const Net<T>& net, const T* q, T* wt, T* w) {
+#if DIN_EXT_HAVE_AVX2
+  if (has_avx512()) return set_user_avx512(net, q, c.data(), wt, w);
+  if (has_avx2_fma()) return set_user_avx2(net, q, c.data(), wt, w);
+#endif
+  set_user_base(net, q, c.data(), wt, w);
+}
 
 template <typename T>
 DIN_EXT_INLINE void activation_forward_body(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
@@ -401,12 +465,52 @@ void forward_layers(const Net<T>& net, Work<T>& work, int64_t rows, int64_t upto
   }
 }
 
+// z_0 [rows, wp0] of `rows` behaviours (keys rows, contiguous) of the current user (set_user): one product with
+// the user's Weff^T, or (split) one with the shared [Kc; Pc]^T over the rows [k, k * q], 2D deep.
+template <typename T>
+void layer1_forward(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, T* z) {
+  const int64_t D = net.D, wp0 = net.wp[0];
+  if (!net.split) {
+    gemm<T>().nn(rows, D, wp0, keys, D, work.weffT.data(), wp0, work.c.data(), z, wp0);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* k = keys + r * D;
+    T* x = work.X.data() + r * 2 * D;
+    for (int64_t d = 0; d < D; ++d) {
+      x[d] = k[d];
+      x[D + d] = k[d] * work.q[d];
+    }
+  }
+  gemm<T>().nn(rows, 2 * D, wp0, work.X.data(), 2 * D, net.KPT.data(), wp0, work.c.data(), z, wp0);
+}
+
 // Forward of `rows` behaviours (keys rows, contiguous) of the current user: z_0 .. z_upto and h_0 .. h_{upto-1}.
 template <typename T>
 void forward_tile(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, int64_t upto) {
-  gemm<T>().nn(rows, net.D, net.wp[0], keys, net.D, work.weffT.data(), net.wp[0], work.c.data(), work.z[0].data(),
-               net.wp[0]);
+  layer1_forward(net, work, keys, rows, work.z[0].data());
   forward_layers(net, work, rows, upto);
+}
+
+// The single-candidate layer 1 of a call. Per user, Weff_b = Kc + diag(q_b) Pc (set_user) is a pass over three
+// [D, H1] arrays, bound by L2 bandwidth (about 1.05 us at D = 64, H1 = 80: as much as ~10 behaviours' D x H1
+// products), and buys one D-deep product per behaviour; the split form z_0 = c_b + [k, k * q_b] [Kc; Pc]^T needs
+// only c_b per user (one row of a product) but a 2D-deep product per behaviour. Timing both (eval, B = 1024, 1
+// thread, D = 32 and 64, every user of length L_b): the split is 2-14% faster for L_b <= 6, 2-8% slower from 7 on;
+// whole training calls measured -8% to +8% with it (their backward keeps Weff_b for d/dk and the per-user fold of
+// dWeff, which the split would trade for two more products per behaviour). So the per-user form is the default,
+// and DIN_EXT_ATTENTION_SPLIT_BELOW = m splits the calls whose mean history length is below m (6.5 for inference
+// on very short histories; docs/design.md §3.2).
+template <typename T>
+void choose_layer1(Net<T>& net, int64_t users, int64_t candidates, int64_t valid) {
+  const char* env = std::getenv("DIN_EXT_ATTENTION_SPLIT_BELOW");
+  const double below = env && *env ? std::atof(env) : 0.0;
+  net.split = candidates == 1 && users > 0 && static_cast<double>(valid) < below * static_cast<double>(users);
+  if (!net.split) return;
+  const int64_t D = net.D, wp0 = net.wp[0];
+  net.KPT.resize(2 * D * wp0);
+  std::copy(net.KcT.begin(), net.KcT.begin() + D * wp0, net.KPT.begin());
+  std::copy(net.PcT.begin(), net.PcT.begin() + D * wp0, net.KPT.begin() + D * wp0);
 }
 
 // Per-block accumulators of the backward: parameter gradients and Dice sums (double for the sums over rows).
@@ -721,6 +825,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query_, c
     Net<scalar_t> net = pack<scalar_t>(args.shape.dim, weights, biases, act_params, args.act, training, eps,
                                        args.stats);
     const Problem<scalar_t> pb = make_problem<scalar_t>(args);
+    choose_layer1(net, pb.B, pb.C, pb.valid);
     if (dice_train) {
       int64_t col = 0;
       for (int64_t j = 0; j < net.n; ++j) {
@@ -850,25 +955,57 @@ void layer1_backward_tile(const Net<T>& net, const Problem<T>& pb, Work<T>& work
 
 // The end of a single-candidate user (query q) in the backward: d/dq = (Wq + Wd)^T dc + sum_h G[h, :] * Wp[h, :]
 // into gq (zeroed by the caller); d(Wq + Wd) += dc q^T; d(Wk - Wd) += G; dWp += G diag(q); db_0 += dc.
+// Vectorized over d in the AVX2 / AVX-512 builds (see set_user_body).
 template <typename T>
-void layer1_backward_user(const Net<T>& net, const Work<T>& work, Partial<T>& part, const T* q, T* gq) {
+DIN_EXT_INLINE void layer1_backward_user_body(const Net<T>& net, const T* __restrict dc, const T* __restrict G,
+                                              const T* __restrict q, T* __restrict gq, T* __restrict dA_all,
+                                              T* __restrict dKc_all, T* __restrict dPc_all, T* __restrict db0) {
   const int64_t D = net.D, Dp = net.Dp;
   for (int64_t hh = 0; hh < net.w[0]; ++hh) {
-    const T dch = work.dc[hh];
-    const T* a = net.A.data() + hh * D;
-    const T* Gh = work.G.data() + hh * Dp;
-    const T* pc = net.Pc.data() + hh * Dp;
-    T* dA = part.dA.data() + hh * D;
-    T* dKc = part.dKc.data() + hh * Dp;
-    T* dPc = part.dPc.data() + hh * Dp;
+    const T dch = dc[hh];
+    const T* __restrict a = net.A.data() + hh * D;
+    const T* __restrict Gh = G + hh * Dp;
+    const T* __restrict pc = net.Pc.data() + hh * Dp;
+    T* __restrict dA = dA_all + hh * D;
+    T* __restrict dKc = dKc_all + hh * Dp;
+    T* __restrict dPc = dPc_all + hh * Dp;
     for (int64_t d = 0; d < D; ++d) {
       gq[d] += a[d] * dch + Gh[d] * pc[d];
       dA[d] += dch * q[d];
       dKc[d] += Gh[d];
       dPc[d] += Gh[d] * q[d];
     }
-    part.db[0][hh] += dch;
+    db0[hh] += dch;
   }
+}
+
+template <typename T>
+void layer1_backward_user_base(const Net<T>& net, const T* dc, const T* G, const T* q, T* gq, T* dA, T* dKc,
+                               T* dPc, T* db0) {
+  layer1_backward_user_body(net, dc, G, q, gq, dA, dKc, dPc, db0);
+}
+#if DIN_EXT_HAVE_AVX2
+template <typename T>
+DIN_EXT_AVX2 void layer1_backward_user_avx2(const Net<T>& net, const T* dc, const T* G, const T* q, T* gq, T* dA,
+                                            T* dKc, T* dPc, T* db0) {
+  layer1_backward_user_body(net, dc, G, q, gq, dA, dKc, dPc, db0);
+}
+template <typename T>
+DIN_EXT_AVX512 void layer1_backward_user_avx512(const Net<T>& net, const T* dc, const T* G, const T* q, T* gq,
+                                                T* dA, T* dKc, T* dPc, T* db0) {
+  layer1_backward_user_body(net, dc, G, q, gq, dA, dKc, dPc, db0);
+}
+#endif
+
+template <typename T>
+void layer1_backward_user(const Net<T>& net, const Work<T>& work, Partial<T>& part, const T* q, T* gq) {
+  const T *dc = work.dc.data(), *G = work.G.data();
+  T *dA = part.dA.data(), *dKc = part.dKc.data(), *dPc = part.dPc.data(), *db0 = part.db[0].data();
+#if DIN_EXT_HAVE_AVX2
+  if (has_avx512()) return layer1_backward_user_avx512(net, dc, G, q, gq, dA, dKc, dPc, db0);
+  if (has_avx2_fma()) return layer1_backward_user_avx2(net, dc, G, q, gq, dA, dKc, dPc, db0);
+#endif
+  layer1_backward_user_base(net, dc, G, q, gq, dA, dKc, dPc, db0);
 }
 
 // One pass over all pairs: recompute the forward, back-propagate from the scores down to hidden layer `stop`
@@ -1120,6 +1257,7 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
     using T = scalar_t;
     Net<T> net = pack<T>(shape.dim, weights, biases, act_params, args.act, training, eps, args.stats);
     const Problem<T> pb = make_problem<T>(args);
+    choose_layer1(net, pb.B, pb.C, pb.valid);
     Vec<T> weight, grad_score;
     if (args.norm == Normalization::kSoftmax) {
       weight.resize(shape.num_keys * pb.C);
@@ -1195,7 +1333,7 @@ void stored_forward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, T* save
           if (j == 0) {
             if (b != user) work.set_user(net, pb.query + b * D, false);
             user = b;
-            g.nn(rows, D, wp, pb.keys + row * D, D, work.weffT.data(), wp, work.c.data(), z, wp);
+            layer1_forward(net, work, pb.keys + row * D, rows, z);
           } else {
             const int64_t wpp = net.wp[j - 1];
             activation_forward_tile(net, j - 1, rows, saved + off[j - 1] + row * wpp, work.h[j - 1].data());
@@ -1291,11 +1429,13 @@ void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const 
         const T* q = pb.query + b * D;
         std::fill(gq_all + b * D, gq_all + (b + 1) * D, T(0));
         if (pb.lengths[b] == 0) continue;
-        work.set_user(net, q, true);
+        work.set_user_weff(net, q);
         work.clear_user_gradients();
         for (int64_t t0 = 0; t0 < pb.lengths[b]; t0 += kTile) {
           const int64_t rows = std::min(kTile, pb.lengths[b] - t0), row = pb.starts[b] + t0;
-          score_tile(work, b, t0, rows, row, work.g1.data());  // the pooling weights (the score gradient unused)
+          for (int64_t r = 0; r < rows; ++r) {  // the pooling weights (score_gradient_tile's, without its dots)
+            work.wt[r] = pb.norm == Normalization::kSoftmax ? weight[row + r] : pb.scale * scores[(row + r) * wpn];
+          }
           layer1_backward_tile(net, pb, work, b, t0, rows, e0 + row * wp0, grad_out, gk_all, gv_all);
         }
         layer1_backward_user(net, work, partials[blk], q, gq_all + b * D);
@@ -1331,7 +1471,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_stored_forward(
     saved = at::empty({args.shape.num_keys * stored_width<scalar_t>(weights)}, args.query.options());
     Net<scalar_t> net = pack<scalar_t>(args.shape.dim, weights, biases, act_params, args.act, training, eps,
                                        args.stats);
-    stored_forward(net, make_problem<scalar_t>(args), args.shape.num_keys, saved.data_ptr<scalar_t>(),
+    const Problem<scalar_t> pb = make_problem<scalar_t>(args);
+    choose_layer1(net, pb.B, pb.C, pb.valid);
+    stored_forward(net, pb, args.shape.num_keys, saved.data_ptr<scalar_t>(),
                    args.stats.data_ptr<scalar_t>(), args.shape.hidden_total, eps, args.out.data_ptr<scalar_t>());
   });
   return {args.out, args.stats, saved};
@@ -1362,6 +1504,7 @@ attention_stored_backward(const at::Tensor& grad_out_, const at::Tensor& query_,
     const at::Tensor saved = saved_.contiguous();
     Net<T> net = pack<T>(shape.dim, weights, biases, act_params, args.act, training, eps, args.stats);
     const Problem<T> pb = make_problem<T>(args);
+    choose_layer1(net, pb.B, pb.C, pb.valid);
     Vec<T> weight, grad_score;
     if (args.norm == Normalization::kSoftmax) {
       weight.resize(shape.num_keys);
