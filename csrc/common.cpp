@@ -260,7 +260,7 @@ AttentionBackwardArgs attention_backward_args(const at::Tensor& grad_out, const 
                                               at::TensorList weights, at::TensorList biases,
                                               const at::Tensor& act_params, const at::Tensor& stats,
                                               c10::string_view activation, c10::string_view normalization,
-                                              double score_scale, bool training, double eps) {
+                                              double score_scale, bool training, double eps, bool zero_keys) {
   AttentionBackwardArgs a{attention_args(query, keys, values, starts, lengths, max_len, weights, biases, act_params,
                                          activation, normalization, score_scale, training, eps)};
   const AttentionShape& s = a.shape;
@@ -269,8 +269,10 @@ AttentionBackwardArgs attention_backward_args(const at::Tensor& grad_out, const 
   check_backward_args(grad_out, "grad_out", out_shape, stats, s.hidden_total, query);
   a.grad_out = grad_out.contiguous();
   a.stats = stats.contiguous();
-  a.grad_keys = at::zeros_like(a.keys);
-  a.grad_values = a.separate_values ? at::zeros_like(a.values) : at::empty({0}, a.keys.options());
+  a.grad_keys = zero_keys ? at::zeros_like(a.keys) : at::empty_like(a.keys);
+  a.grad_values = !a.separate_values ? at::empty({0}, a.keys.options())
+                  : zero_keys        ? at::zeros_like(a.values)
+                                     : at::empty_like(a.values);
   a.grad_act_params = at::zeros_like(act_params);
   return a;
 }

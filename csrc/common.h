@@ -64,9 +64,10 @@ struct AttentionForwardArgs : AttentionArgs {
   at::Tensor out, stats;
 };
 
-// The backward's arguments (grad_out shaped like out, [B, Dv] or [B, C, Dv], and the forward's stats, contiguous) and the outputs every device
-// allocates alike: grad_keys (zeros: rows outside every user's range get exactly zero), grad_values (zeros, or
-// [0] without values), grad_act_params (zeros). grad_query (shaped like query) and the parameter gradients are the
+// The backward's arguments (grad_out shaped like out, [B, Dv] or [B, C, Dv], and the forward's stats, contiguous)
+// and the outputs every device allocates alike: grad_keys (zeros: rows outside every user's range get exactly zero;
+// with zero_keys false uninitialized, for a device that zeroes those rows itself), grad_values (likewise, or [0]
+// without values), grad_act_params (zeros). grad_query (shaped like query) and the parameter gradients are the
 // device's.
 struct AttentionBackwardArgs : AttentionArgs {
   at::Tensor grad_out, stats;
@@ -86,7 +87,7 @@ AttentionBackwardArgs attention_backward_args(const at::Tensor& grad_out, const 
                                               at::TensorList weights, at::TensorList biases,
                                               const at::Tensor& act_params, const at::Tensor& stats,
                                               c10::string_view activation, c10::string_view normalization,
-                                              double score_scale, bool training, double eps);
+                                              double score_scale, bool training, double eps, bool zero_keys = true);
 
 // The arguments of dice and of its backward, checked (x [N, H], mask [N] bool, params [5, H]) and contiguous.
 struct DiceArgs {
