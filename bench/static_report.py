@@ -323,7 +323,7 @@ class Case:
 
 
 ATTENTION_SCALARS = {"D", "DV", "N0", "N1", "N2", "N3", "NS", "NC", "N", "H"}  # upper-case names that are not pointers
-ATTENTION_ACC = {"CONSTS", "LSE", "PART", "GQ", "DC", "COUNT", "MEAN", "M2", "C", "SUMS"}  # accumulation dtype
+ATTENTION_ACC = {"CONSTS", "CB", "KPT", "LSE", "PART", "GQ", "DC", "COUNT", "MEAN", "M2", "C", "SUMS"}  # accumulation dtype
 INDEX = {"STARTS": "*i64", "LENGTHS": "*i64", "MASK": "*i1"}
 
 
@@ -438,7 +438,8 @@ def compile_triton(fn, case: Case, constexprs: dict, warps: int, stages: int) ->
                 smem=int(compiled.metadata.shared), threads=32 * warps)
 
 
-def triton_report() -> Tuple[List[str], List[dict], List[str]]:
+def triton_report(only: Optional[str] = None) -> Tuple[List[str], List[dict], List[str]]:
+    """The Triton table; ``only``: compile just the cases whose "kernel label" contains it (case-insensitive)."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.pop("DIN_EXT_TRITON_AUTOTUNE", None)  # every config of the autotuned kernels
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="din_ext_static_")  # ptxas runs, and logs, every time
@@ -450,6 +451,8 @@ def triton_report() -> Tuple[List[str], List[dict], List[str]]:
     rows = []
     cases = triton_cases()
     for case in cases:
+        if only and only.lower() not in f"{case.kernel} {case.label}".lower():
+            continue
         module, name = case.kernel.split(".")
         obj = getattr(importlib.import_module(f"din_ext.kernels.{module}"), name, None)
         if obj is None:
@@ -517,6 +520,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows as JSON")
     parser.add_argument("--skip-cuda", action="store_true")
     parser.add_argument("--skip-triton", action="store_true")
+    parser.add_argument("--only", help="Triton cases whose 'module.kernel label' contains this (case-insensitive); "
+                        "for iterating on a few kernels (implies --skip-cuda; --out gets only those rows)")
     parser.add_argument("--cache", default=os.path.join("build", "static_report"), help="ptxas logs of the .cu files")
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -537,7 +542,7 @@ def main() -> None:
            "threads and 32 blocks/SM). It is an upper bound: the L1/shared carveout the driver picks can be smaller.",
            ""]
     data = {}
-    if not args.skip_cuda:
+    if not args.skip_cuda and not args.only:
         lines, data["cuda"] = cuda_report(args.cache)
         out += ["## CUDA kernels (`nvcc -Xptxas -v`, sm_90)", "",
                 f"nvcc flags: `{' '.join(CUDA_FLAGS)}` against torch 2.14.1's headers (those of .ci/compile_cuda.sh). "
@@ -546,7 +551,7 @@ def main() -> None:
                 "parentheses). Block sizes: the kernels' __launch_bounds__ (else their launch site); `?`: neither "
                 "names a constant.", ""] + lines + [""]
     if not args.skip_triton:
-        lines, data["triton"], uncovered = triton_report()
+        lines, data["triton"], uncovered = triton_report(args.only)
         out += ["## Triton kernels (`triton.compile(..., target=GPUTarget('cuda', 90, 32))`)", "",
                 "Every autotuning config of the benchmark's workload; `(default)` is the one a run with "
                 "DIN_EXT_TRITON_AUTOTUNE=0 uses (the GPU suite's). Registers, stack and spills: the log of the ptxas "

@@ -59,6 +59,8 @@ NUM_BLOCKS = 128  # programs of the backward: fixes the summation order of the p
 GRADS_ALL = tl.constexpr(0)
 GRADS_INPUTS = tl.constexpr(1)
 GRADS_PARAMS = tl.constexpr(2)
+GRADS_LAYER1 = tl.constexpr(3)  # of the parameter gradients, layer 1's dKc and dPc only
+GRADS_HIDDEN = tl.constexpr(4)  # of the parameter gradients, all but layer 1's (hidden and score linears, activations)
 MAX_BLOCK_C = 4  # candidates per pair tile (BLOCK_L // BLOCK_C behaviours each) of a multi-candidate query
 # The activation ids of the ACT constexpr (din_ext.contract's).
 DICE, SIGMOID, PRELU, RELU = (tl.constexpr(ACTIVATION_IDS[name]) for name in ("dice", "sigmoid", "prelu", "relu"))
@@ -222,25 +224,28 @@ def _act_bwd(g, z, valid, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.co
 
 
 @triton.jit
-def _user_layer0(Q, W0, B0, b, D, N0, DP: tl.constexpr, P0: tl.constexpr, ACC: tl.constexpr):
-    """User b's layer-1 terms: q [DP], c_b = (Wq + Wd) q + b_0 [P0], and the transposed coefficient blocks
-    (Wq + Wd)^T, (Wk - Wd)^T, Wp^T [DP, P0], all in ACC. W_0 [N0, 4D] = [Wq | Wk | Wd | Wp]."""
-    offs_d = tl.arange(0, DP)
-    q = tl.load(Q + b * D + offs_d, mask=offs_d < D, other=0.0).to(ACC)
-    wq = _load_t(W0, N0, D, 4 * D, DP, P0).to(ACC)
-    wk = _load_t(W0 + D, N0, D, 4 * D, DP, P0).to(ACC)
-    wd = _load_t(W0 + 2 * D, N0, D, 4 * D, DP, P0).to(ACC)
-    wp = _load_t(W0 + 3 * D, N0, D, 4 * D, DP, P0).to(ACC)
-    a_t = wq + wd
-    c = tl.sum(a_t * q[:, None], 0) + _load_vec(B0, N0, P0).to(ACC)
-    return q, c, wk - wd, wp
+def _layer0_t(KPT, DP: tl.constexpr, P0: tl.constexpr):
+    """The candidate-independent blocks of layer 1 transposed, Kc^T = (Wk - Wd)^T and Pc^T = Wp^T [DP, P0], from
+    KPT (made by the host: accumulation dtype, zero-padded, contiguous). Compile-time strides and no masks let the
+    addresses be one base plus immediates: nothing of size [DP, P0] but the values is kept for reloading them."""
+    offs = tl.arange(0, DP)[:, None] * P0 + tl.arange(0, P0)[None, :]
+    return tl.load(KPT + offs), tl.load(KPT + DP * P0 + offs)
 
 
 @triton.jit
-def _layer0_t(W0, D, N0, DP: tl.constexpr, P0: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr):
-    """The candidate-independent blocks of layer 1 transposed, (Wk - Wd)^T and Wp^T [DP, P0], in IN."""
-    kc_t = _load_t(W0 + D, N0, D, 4 * D, DP, P0).to(ACC) - _load_t(W0 + 2 * D, N0, D, 4 * D, DP, P0).to(ACC)
-    return kc_t.to(IN), _load_t(W0 + 3 * D, N0, D, 4 * D, DP, P0).to(IN)
+def _user_layer0(Q, CB, KPT, b, length, D, DP: tl.constexpr, P0: tl.constexpr, ACC: tl.constexpr,
+                 IN: tl.constexpr):
+    """User b's layer-1 terms: q [DP] and c_b [P0] in ACC (c_b = (Wq + Wd) q + b_0 is CB's row b, made by the host),
+    and Weff_b^T = Kc^T + diag(q) Pc^T [DP, P0], summed in ACC and rounded once to IN. ``length``: user b's row
+    count (>= 0)."""
+    offs_d = tl.arange(0, DP)
+    q = tl.load(Q + b * D + offs_d, mask=offs_d < D, other=0.0).to(ACC)
+    c = tl.load(CB + b * P0 + tl.arange(0, P0))
+    # min(length, 0) = 0, which the compiler cannot prove: the loads stay in a backward program's loop over its
+    # users, so Kc^T and Pc^T live only until Weff_b is formed. Hoisted out of it (they are loop-invariant), they would
+    # hold 2 DP P0 values in ACC, 64 registers a thread at D = 64 with 8 warps, for the whole kernel and spill.
+    kc_t, pc_t = _layer0_t(KPT + tl.minimum(length, 0), DP, P0)
+    return q, c, (kc_t + pc_t * q[:, None]).to(IN)
 
 
 @triton.jit
@@ -351,7 +356,8 @@ def _forward_kernel(
     W1, B1, W2, B2, W3, B3,  # hidden-to-hidden linears [N_j, N_{j-1}], [N_j] (placeholders when absent)
     WS, BS,  # score linear [1, N_last], [1]
     CONSTS,  # [CONST_ROWS * MAX_HIDDEN + 1, HMAXP] activation constants (accumulation dtype); last: score_scale
-    CB,  # MULTI: [B * NC, P0] c_{b,c} = (Wq + Wd) q_{b,c} + b_0 (accumulation dtype, zero padding); else unused
+    CB,  # [B * NC, P0] c_{b,c} = (Wq + Wd) q_{b,c} + b_0 (accumulation dtype, zero padding; NC = 1 unless MULTI)
+    KPT,  # [2, DP, P0] Kc^T = (Wk - Wd)^T, Pc^T = Wp^T (accumulation dtype, zero padding)
     OUT,  # [B, DV] pooled output (pooling pass); [B, NC, DV] (MULTI)
     LSE,  # [B] log-sum-exp of the scaled scores (softmax pooling pass; accumulation dtype); [B, NC] (MULTI)
     PART,  # [programs, 2, PS] shifted sum and sum of squares of z_STOP over the program's rows (statistics pass)
@@ -383,14 +389,14 @@ def _forward_kernel(
         part_row = b * tl.num_programs(1) + tl.program_id(1)
         first_c = tl.program_id(1).to(tl.int64) * BLOCK_C
         pair, cmask, qb, cb = _candidates(Q, CB, b, first_c, NC, D, DP, P0, BLOCK_C, ACC)
-        kc_t, pc_t = _layer0_t(W0, D, N0, DP, P0, ACC, IN)
+        kc_t, pc_t = _layer0_t(KPT, DP, P0)
+        kc_t, pc_t = kc_t.to(IN), pc_t.to(IN)
         acc = tl.zeros([BLOCK_C, DVP], dtype=ACC)
         row_max = tl.where(cmask, float("-inf"), 0.0).to(ACC)  # 0 on masked candidates: no inf - inf
         denom = tl.zeros([BLOCK_C], dtype=ACC)
     else:
         part_row = b
-        q, c0, kc_t, pc_t = _user_layer0(Q, W0, B0, b, D, N0, DP, P0, ACC)
-        weff_t = (kc_t + pc_t * q[:, None]).to(IN)
+        q, c0, weff_t = _user_layer0(Q, CB, KPT, b, length, D, DP, P0, ACC, IN)
         acc = tl.zeros([DVP], dtype=ACC)
         row_max = tl.full([1], float("-inf"), ACC)
         denom = tl.zeros([1], dtype=ACC)
@@ -517,7 +523,7 @@ def _backward_kernel(
     Q, K, V, STARTS, LENGTHS,  # as in the forward (V is K when the keys are the values)
     W0, B0, W1, B1, W2, B2, W3, B3, WS, BS,  # linears, as in the forward
     CONSTS,  # activation constants, as in the forward, with ROW_G_MEAN and ROW_GX_MEAN (Dice training)
-    CB,  # MULTI: [B * NC, P0] c_{b,c}, as in the forward; else unused
+    CB, KPT,  # c_{b,c} and layer 1's blocks, as in the forward
     GQ,  # [B, D] gradient of the queries through Weff_b (accumulation dtype; the caller adds (Wq + Wd)^T dc_b;
          # MULTI: zero-filled by the caller, accumulated tile by tile)
     DC,  # [B, P0] dc_b = sum over the user's rows of d/dz_0 (accumulation dtype; MULTI: as GQ)
@@ -542,8 +548,9 @@ def _backward_kernel(
     ACC = CONSTS.dtype.element_ty  # accumulation dtype
     IN = K.dtype.element_ty  # input dtype (the tl.dot operands)
     FULL = STOP < 0
-    INPUTS = FULL and GRADS != GRADS_PARAMS
-    PARAMS = FULL and GRADS != GRADS_INPUTS
+    INPUTS = FULL and (GRADS == GRADS_ALL or GRADS == GRADS_INPUTS)
+    LAYER1 = FULL and (GRADS == GRADS_ALL or GRADS == GRADS_PARAMS or GRADS == GRADS_LAYER1)
+    HIDDEN = FULL and (GRADS == GRADS_ALL or GRADS == GRADS_PARAMS or GRADS == GRADS_HIDDEN)
     pid = tl.program_id(0).to(tl.int64)
     first = pid * users_per_program
     last = tl.minimum(first + users_per_program, batch)
@@ -569,7 +576,9 @@ def _backward_kernel(
     offs_v = tl.arange(0, DVP)
     col0 = tl.arange(0, P0) == 0
 
-    # Per-program sums of the parameter gradients.
+    # Per-program sums of the parameter gradients. Layer 1's dKc and dPc: with one candidate per user, dPc_b =
+    # (sum_t gz_t k_t^T) diag(q_b), so a program keeps only the user's m_b = sum_t gz_t k_t^T in registers and adds
+    # m_b and m_b diag(q_b) to its (zero-filled) rows of PART after each user: one [P0, DP] accumulator, not two.
     d_k = tl.zeros([P0, DP], dtype=ACC)
     d_p = tl.zeros([P0, DP], dtype=ACC)
     dw1 = tl.zeros([16, 16], dtype=ACC)
@@ -598,14 +607,14 @@ def _backward_kernel(
     a3_1, a3_2, a3_3, a3_4 = a3_0, a3_0, a3_0, a3_0
 
     if MULTI:  # layer 1's forward blocks, shared by every candidate
-        kc_t, pc_t = _layer0_t(W0, D, N0, DP, P0, ACC, IN)
+        kc_t, pc_t = _layer0_t(KPT, DP, P0)
+        kc_t, pc_t = kc_t.to(IN), pc_t.to(IN)
     offs_k = tl.arange(0, BLOCK_L // BLOCK_C)
     for b in range(first, last):
         length = tl.load(LENGTHS + b)
         start = tl.load(STARTS + b)
         if not MULTI:
-            q, c0, kc_t, pc_t = _user_layer0(Q, W0, B0, b, D, N0, DP, P0, ACC)
-            weff_t = (kc_t + pc_t * q[:, None]).to(IN)
+            q, c0, weff_t = _user_layer0(Q, CB, KPT, b, length, D, DP, P0, ACC, IN)
             g_out = tl.load(GOUT + b * DV + offs_v, mask=offs_v < DV, other=0.0).to(ACC)
             lse = tl.zeros([1], dtype=ACC)
             delta = tl.zeros([1], dtype=ACC)
@@ -615,6 +624,7 @@ def _backward_kernel(
                 delta = tl.zeros([1], dtype=ACC) + tl.sum(g_out * out, 0)
             dc = tl.zeros([P0], dtype=ACC)
             gq = tl.zeros([DP], dtype=ACC)
+            m_b = tl.zeros([P0, DP], dtype=ACC)
         for t0 in range(0, length, BLOCK_L // BLOCK_C):
             rows = t0 + offs_k
             kvalid = rows < length
@@ -678,7 +688,7 @@ def _backward_kernel(
                         h_last, z_last = h2, z2
                     if NUM_HIDDEN == 4:
                         h_last, z_last = h3, z3
-                    if PARAMS:
+                    if HIDDEN:
                         dws += tl.sum(gs[:, None] * h_last, 0)
                         dbs += tl.sum(gs, 0)
                     gz, s0, s1, s2, s3, s4 = _act_bwd(gs[:, None] * ws[None, :], z_last, valid, CONSTS, NUM_HIDDEN - 1,
@@ -691,7 +701,7 @@ def _backward_kernel(
                         a3_4 += s4
                         if STOP <= 2:
                             gz, dw3, db3, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h2, z2, valid, w3, dw3, db3, CONSTS,
-                                                                           2, P2, HMAXP, ACT, ACC, IN, TF32, PARAMS)
+                                                                           2, P2, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if NUM_HIDDEN >= 3 and STOP <= 2:
                         a2_0 += s0
                         a2_1 += s1
@@ -700,7 +710,7 @@ def _backward_kernel(
                         a2_4 += s4
                         if STOP <= 1:
                             gz, dw2, db2, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h1, z1, valid, w2, dw2, db2, CONSTS,
-                                                                           1, P1, HMAXP, ACT, ACC, IN, TF32, PARAMS)
+                                                                           1, P1, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if NUM_HIDDEN >= 2 and STOP <= 1:
                         a1_0 += s0
                         a1_1 += s1
@@ -709,7 +719,7 @@ def _backward_kernel(
                         a1_4 += s4
                         if STOP <= 0:
                             gz, dw1, db1, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h0, z0, valid, w1, dw1, db1, CONSTS,
-                                                                           0, P0, HMAXP, ACT, ACC, IN, TF32, PARAMS)
+                                                                           0, P0, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if STOP <= 0:
                         a0_0 += s0
                         a0_1 += s1
@@ -749,13 +759,12 @@ def _backward_kernel(
                         else:
                             gk += w[:, None] * g_out[None, :]
                         tl.store(GK + r[:, None] * D + offs_d[None, :], gk, mask=kmask)
-                if PARAMS:  # layer 1's weight gradients: dKc = sum gz k^T, dPc = sum gz (q * k)^T
+                if LAYER1:  # layer 1's weight gradients: dKc = sum gz k^T, dPc = sum gz (q * k)^T
                     if MULTI:
                         d_k += _mm_tn(gz, km, ACC, IN, TF32)
                         d_p += _mm_tn(gz, qk, ACC, IN, TF32)
                     else:
-                        d_k += _mm_tn(gz, k, ACC, IN, TF32)
-                        d_p += _mm_tn(gz, k.to(ACC) * q[None, :], ACC, IN, TF32)
+                        m_b += _mm_tn(gz, k, ACC, IN, TF32)
             if MULTI:
                 if INPUTS:
                     tl.store(GK + r[:, None] * D + offs_d[None, :], gk_sum, mask=kmask)
@@ -765,12 +774,18 @@ def _backward_kernel(
             if INPUTS:
                 tl.store(GQ + b * D + offs_d, gq, mask=offs_d < D)
                 tl.store(DC + b * P0 + tl.arange(0, P0), dc)
+            if LAYER1:  # only this program touches its rows; the barrier orders this update before the next one
+                dkp_at = PART + pid * part_size + tl.arange(0, P0)[:, None] * DP + offs_d[None, :]
+                tl.store(dkp_at, tl.load(dkp_at) + m_b)
+                tl.store(dkp_at + P0 * DP, tl.load(dkp_at + P0 * DP) + m_b * q[None, :])
+                tl.debug_barrier()
 
     base = PART + pid * part_size
-    if PARAMS:  # the layout of _backward_layout
+    if LAYER1 and MULTI:  # the layout of _backward_layout
         _store_mat(base, d_k, P0, DP)
         _store_mat(base + P0 * DP, d_p, P0, DP)
-        base += 2 * P0 * DP
+    base += 2 * P0 * DP
+    if HIDDEN:
         if NUM_HIDDEN >= 2:
             _store_mat(base, dw1, P1, P0)
             tl.store(base + P1 * P0 + tl.arange(0, P1), db1)
@@ -855,15 +870,22 @@ class _Plan:
         self.pairs = self.batch * self.candidates  # rows of the query viewed as [B * C, D]
 
     def candidate_terms(self, query: Tensor, weights: List[Tensor], biases: List[Tensor]) -> Tensor:
-        """The CB argument: c_{b,c} = (Wq + Wd) q_{b,c} + b_0 of every candidate, [B * C, P0] in the accumulation
-        dtype (computed in float64, zero padding); a placeholder for a 2-D query."""
-        if not self.multi:
-            return torch.zeros(1, dtype=self.acc, device=query.device)
+        """The CB argument: c_{b,c} = (Wq + Wd) q_{b,c} + b_0 of every user (candidate), [B * C, P0] in the
+        accumulation dtype (computed in float64, zero padding)."""
         w0, dim = weights[0].double(), self.dim
         terms = torch.zeros(self.pairs, self.p[0], dtype=self.acc, device=query.device)
         terms[:, :self.n[0]] = torch.addmm(biases[0].double(), query.reshape(self.pairs, dim).double(),
                                             (w0[:, :dim] + w0[:, 2 * dim:3 * dim]).t())
         return terms
+
+    def layer1_blocks(self, weights: List[Tensor]) -> Tensor:
+        """The KPT argument: [Kc^T; Pc^T] = [(Wk - Wd)^T; Wp^T], [2, DP, P0] in the accumulation dtype, zero
+        padding (Kc in the accumulation dtype, as the kernels formed it before)."""
+        w0, dim, width = weights[0].to(self.acc), self.dim, self.n[0]
+        blocks = torch.zeros(2, _pad(dim), self.p[0], dtype=self.acc, device=w0.device)
+        blocks[0, :dim, :width] = (w0[:, dim:2 * dim] - w0[:, 2 * dim:3 * dim]).t()
+        blocks[1, :dim, :width] = w0[:, 3 * dim:].t()
+        return blocks
 
     def linears(self, weights: List[Tensor], biases: List[Tensor]) -> list:
         """W0, B0, W1, B1, W2, B2, W3, B3, WS, BS (placeholders repeat the first linear)."""
@@ -918,7 +940,7 @@ def _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, t
                   shift_width, stop_pad):
     grid = (plan.batch, triton.cdiv(plan.candidates, plan.block_c)) if plan.multi else (plan.batch,)
     wrap_triton(_forward_kernel)[grid](
-        query, keys, keys if values is None else values, starts, lengths, *linears, consts, terms, out, lse, part,
+        query, keys, keys if values is None else values, starts, lengths, *linears, consts, *terms, out, lse, part,
         shift, NS=shift_width, STOP=stop, PS=stop_pad, **plan.common)
 
 
@@ -945,7 +967,7 @@ def forward(
     query, keys = query.contiguous(), keys.contiguous()
     values = None if values is None else values.contiguous()
     linears = plan.linears(weights, biases)
-    terms = plan.candidate_terms(query, weights, biases)
+    terms = plan.candidate_terms(query, weights, biases), plan.layer1_blocks(weights)
     hidden_total = sum(plan.hidden)
     stats = query.new_zeros(2, hidden_total)
     out = query.new_empty(*query.shape[:-1], plan.value_dim)
@@ -1003,7 +1025,7 @@ def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, length
     if stop < 0 and grads == int(GRADS_INPUTS):
         programs = plan.batch
     wrap_triton(_backward_kernel)[(programs,)](
-        grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts, terms,
+        grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts, *terms,
         grad_query, dc, grad_keys, grad_keys if grad_values is None else grad_values, part, plan.batch,
         triton.cdiv(plan.batch, programs), part_size=part.shape[1], STOP=stop, GRADS=grads,
         HAS_V=values is not None, PS=plan.p[max(stop, 0)], **plan.common)
@@ -1028,7 +1050,7 @@ def backward(
     query, keys = query.contiguous(), keys.contiguous()
     values = None if values is None else values.contiguous()
     linears = plan.linears(weights, biases)
-    terms = plan.candidate_terms(query, weights, biases)
+    terms = plan.candidate_terms(query, weights, biases), plan.layer1_blocks(weights)
     dice_train = activation == "dice" and training
     consts = _constants(plan, act_params, activation, dice_train, stats, eps, score_scale)
     programs = min(plan.batch, NUM_BLOCKS)
@@ -1049,7 +1071,7 @@ def backward(
             consts[const_row(j, ROW_G_MEAN):const_row(j, ROW_GX_MEAN) + 1, :plan.p[j]] = sums / count
     layout = _backward_layout(plan)
     size = sum(math.prod(shape) for _, _, shape in layout)
-    part = torch.empty(programs, size, dtype=plan.acc, device=query.device)
+    part = torch.zeros(programs, size, dtype=plan.acc, device=query.device)  # dKc, dPc: added to user by user
     for grads in (GRADS_INPUTS, GRADS_PARAMS) if split_backward() else (GRADS_ALL,):
         _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, -1,
                        grad_query, dc, grad_keys, grad_values, part, programs, grads)
