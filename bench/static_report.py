@@ -357,21 +357,24 @@ def triton_cases() -> List[Case]:
         p = [A._pad(h) for h in hidden] + [16] * (A.MAX_HIDDEN - len(hidden))
         return dict(NUM_HIDDEN=len(hidden), ACT=A.DICE, SOFTMAX=softmax, STOP=stop, DP=A._pad(dim), DVP=A._pad(dim),
                     P0=p[0], P1=p[1], P2=p[2], P3=p[3], PS=p[max(stop, 0)] if stop >= 0 else 16, HMAXP=max(p),
-                    TF32=False, HAS_V=False, MULTI=block_c > 0, BLOCK_C=max(block_c, 1))
+                    TF32=False, HAS_V=False, MULTI=block_c > 0, BLOCK_C=max(block_c, 1), DB=A._pad(dim))
 
     h = "x".join(map(str, HIDDEN))
     cases = []
-    # The backward's gradient pass runs as two kernels by default (A.split_backward()): input gradients, then
-    # parameter gradients; the fused one (DIN_EXT_TRITON_SPLIT_BACKWARD=0) is listed at its default config.
+    # The backward's gradient pass runs as three kernels by default (A.SPLIT_PASSES): input gradients, layer 1's
+    # parameter gradients, the other parameter gradients; the fused one (DIN_EXT_TRITON_SPLIT_BACKWARD=0) is listed
+    # at its default config.
     backward_passes = (("input-gradient pass", dict(GRADS=A.GRADS_INPUTS), True),
-                       ("parameter-gradient pass", dict(GRADS=A.GRADS_PARAMS), True),
+                       ("layer-1 parameter-gradient pass", dict(GRADS=A.GRADS_LAYER1), True),
+                       ("hidden parameter-gradient pass", dict(GRADS=A.GRADS_HIDDEN), True),
                        ("fused gradient pass", dict(GRADS=A.GRADS_ALL), False))
     for kernel, passes in (("attention._forward_kernel", (("pooling pass", {}, True),)),
                            ("attention._backward_kernel", backward_passes)):
         for what, extra, every in passes:
-            for dim in DIMS:
-                cases.append(Case(kernel, f"bf16 D={dim} H={h} dice, {what}", "bf16", dict(mlp(dim), **extra),
-                                  all_configs=every))
+            for dim in DIMS:  # (the layer-1 pass with the launcher's column blocks of dKc, dPc)
+                columns = dict(DB=A.layer1_columns(dim, False)) if extra.get("GRADS") == A.GRADS_LAYER1 else {}
+                cases.append(Case(kernel, f"bf16 D={dim} H={h} dice, {what}", "bf16",
+                                  dict(mlp(dim), **extra, **columns), all_configs=every))
             if not every:
                 continue
             cases.append(Case(kernel, f"fp32 D=64 H={h} dice, {what}", "fp32", dict(mlp(64), **extra),

@@ -10,10 +10,12 @@ Structure (the cpu backend's, csrc/cpu/attention.cpp, on a GPU grid):
   nothing of size [N, H] is written. Training-mode Dice first runs one statistics pass per hidden layer (each program
   writes the shifted sums of its user; they are added up in a fixed order), then the pooling pass. Softmax pooling is
   an online softmax over the tiles; the forward keeps each user's log-sum-exp for the backward.
-- backward: two kernels by default (GRADS_INPUTS, then GRADS_PARAMS; one fused kernel with
+- backward: three kernels by default (GRADS_INPUTS, GRADS_LAYER1, GRADS_HIDDEN; one fused kernel with
   DIN_EXT_TRITON_SPLIT_BACKWARD=0), each recomputing the forward of every tile: one program per user back-propagates
   to the inputs; a fixed number of programs (NUM_BLOCKS), each owning a contiguous range of users, accumulates the
-  parameter gradients of its users in registers, and the per-program partials are added up in program order. Each
+  parameter gradients of its users (layer 1's in one kernel, the others in the next), and the per-program partials
+  are added up in program order. Layer 1 of a [B, D] query: dPc_b = m_b diag(q_b) with m_b = sum_t gz_t k_t^T, so
+  only m_b is accumulated in registers, and added to the program's rows after each user. Each
   user's dc_b = sum_t d/dz_0 goes out instead of the (Wq + Wd) terms (grad_query += (Wq + Wd)^T dc_b,
   grad(Wq + Wd) = sum_b dc_b q_b^T), which the host finishes with two small float64 products: two fewer [H1, D]
   tiles held in registers. Training-mode Dice first runs one pass per
@@ -51,16 +53,18 @@ from din_ext.kernels.common import interpreting, sigmoid
 
 MAX_HIDDEN = 4
 NUM_BLOCKS = 128  # programs of the backward: fixes the summation order of the parameter gradients
-# What a backward gradient pass computes: everything in one kernel, or the input gradients (GQ, DC, GK, GV; one
-# program per user) and the parameter gradients (the per-program partial sums) in two kernels that each recompute
-# the forward. Split is the default: the fused kernel holds the recomputation, the input gradients and every
-# parameter accumulator live at once and spills at every config on sm_90 (bench/results/gpu_static.md), whereas
-# each half fits in fewer registers. DIN_EXT_TRITON_SPLIT_BACKWARD=0 selects the fused kernel (to compare on a GPU).
+# What a backward gradient pass computes: everything in one kernel, or three kernels that each recompute the
+# forward: the input gradients (GQ, DC, GK, GV; one program per user), layer 1's parameter gradients (dKc, dPc) and
+# the other parameter gradients (hidden and score linears, activation parameters), each as per-program partial sums.
+# Split is the default: the fused kernel holds the recomputation, the input gradients and every parameter
+# accumulator live at once and spills at every config on sm_90, and so does one kernel for all the parameter
+# gradients (bench/results/gpu_static.md), whereas each of the three fits in 255 registers at D <= 64.
+# DIN_EXT_TRITON_SPLIT_BACKWARD=0 selects the fused kernel (to compare on a GPU).
 GRADS_ALL = tl.constexpr(0)
 GRADS_INPUTS = tl.constexpr(1)
-GRADS_PARAMS = tl.constexpr(2)
-GRADS_LAYER1 = tl.constexpr(3)  # of the parameter gradients, layer 1's dKc and dPc only
-GRADS_HIDDEN = tl.constexpr(4)  # of the parameter gradients, all but layer 1's (hidden and score linears, activations)
+GRADS_LAYER1 = tl.constexpr(2)
+GRADS_HIDDEN = tl.constexpr(3)
+SPLIT_PASSES = (GRADS_INPUTS, GRADS_LAYER1, GRADS_HIDDEN)  # the split backward's gradient passes, in launch order
 MAX_BLOCK_C = 4  # candidates per pair tile (BLOCK_L // BLOCK_C behaviours each) of a multi-candidate query
 # The activation ids of the ACT constexpr (din_ext.contract's).
 DICE, SIGMOID, PRELU, RELU = (tl.constexpr(ACTIVATION_IDS[name]) for name in ("dice", "sigmoid", "prelu", "relu"))
@@ -537,20 +541,21 @@ def _backward_kernel(
     b_bucket, l_bucket,  # autotuning keys
     NUM_HIDDEN: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr,
     STOP: tl.constexpr,  # -1: gradient pass; j >= 0: Dice sums pass of hidden layer j (sum g_xhat, g_xhat * xhat)
-    GRADS: tl.constexpr,  # gradient pass: GRADS_ALL, GRADS_INPUTS (GQ, DC, GK, GV) or GRADS_PARAMS (PART)
+    GRADS: tl.constexpr,  # gradient pass: GRADS_ALL, GRADS_INPUTS (GQ, DC, GK, GV), GRADS_LAYER1 or GRADS_HIDDEN (PART)
     HAS_V: tl.constexpr,  # values are separate from the keys
     MULTI: tl.constexpr,  # NC candidates per user: each key tile meets them BLOCK_C at a time
     DP: tl.constexpr, DVP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
     PS: tl.constexpr, HMAXP: tl.constexpr, TF32: tl.constexpr,
     BLOCK_C: tl.constexpr,  # candidates per step (1 unless MULTI)
+    DB: tl.constexpr,  # GRADS_LAYER1 of a [B, D] query: columns of dKc, dPc per program, block program_id(1); else DP
     BLOCK_L: tl.constexpr,  # rows per tile: (candidate, behaviour) pairs, BLOCK_L // BLOCK_C behaviours
 ):
     ACC = CONSTS.dtype.element_ty  # accumulation dtype
     IN = K.dtype.element_ty  # input dtype (the tl.dot operands)
     FULL = STOP < 0
     INPUTS = FULL and (GRADS == GRADS_ALL or GRADS == GRADS_INPUTS)
-    LAYER1 = FULL and (GRADS == GRADS_ALL or GRADS == GRADS_PARAMS or GRADS == GRADS_LAYER1)
-    HIDDEN = FULL and (GRADS == GRADS_ALL or GRADS == GRADS_PARAMS or GRADS == GRADS_HIDDEN)
+    LAYER1 = FULL and (GRADS == GRADS_ALL or GRADS == GRADS_LAYER1)
+    HIDDEN = FULL and (GRADS == GRADS_ALL or GRADS == GRADS_HIDDEN)
     pid = tl.program_id(0).to(tl.int64)
     first = pid * users_per_program
     last = tl.minimum(first + users_per_program, batch)
@@ -578,7 +583,9 @@ def _backward_kernel(
 
     # Per-program sums of the parameter gradients. Layer 1's dKc and dPc: with one candidate per user, dPc_b =
     # (sum_t gz_t k_t^T) diag(q_b), so a program keeps only the user's m_b = sum_t gz_t k_t^T in registers and adds
-    # m_b and m_b diag(q_b) to its (zero-filled) rows of PART after each user: one [P0, DP] accumulator, not two.
+    # m_b and m_b diag(q_b) to its (zero-filled) rows of PART after each user: one [P0, DP] accumulator, not two;
+    # [P0, DB] with DB < DP, the columns offs_db of program (pid, program_id(1)) (layer1_columns says why).
+    offs_db = tl.program_id(1) * DB + tl.arange(0, DB)
     d_k = tl.zeros([P0, DP], dtype=ACC)
     d_p = tl.zeros([P0, DP], dtype=ACC)
     dw1 = tl.zeros([16, 16], dtype=ACC)
@@ -624,7 +631,7 @@ def _backward_kernel(
                 delta = tl.zeros([1], dtype=ACC) + tl.sum(g_out * out, 0)
             dc = tl.zeros([P0], dtype=ACC)
             gq = tl.zeros([DP], dtype=ACC)
-            m_b = tl.zeros([P0, DP], dtype=ACC)
+            m_b = tl.zeros([P0, DB], dtype=ACC)
         for t0 in range(0, length, BLOCK_L // BLOCK_C):
             rows = t0 + offs_k
             kvalid = rows < length
@@ -634,7 +641,7 @@ def _backward_kernel(
             k = tl.load(K + r[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
             if MULTI:  # the tile's keys and values, read once; their gradients summed over the candidates
                 v = tl.load(V + r[:, None] * DV + offs_v[None, :], mask=vmask, other=0.0).to(ACC)
-                gk_sum = tl.zeros([BLOCK_L // BLOCK_C, DP], dtype=ACC)  # (dead code in a GRADS_PARAMS pass)
+                gk_sum = tl.zeros([BLOCK_L // BLOCK_C, DP], dtype=ACC)  # (dead code in a parameter pass)
                 gv_sum = tl.zeros([BLOCK_L // BLOCK_C, DVP], dtype=ACC)
             for first_c in range(0, NC, BLOCK_C):
                 if MULTI:
@@ -764,7 +771,11 @@ def _backward_kernel(
                         d_k += _mm_tn(gz, km, ACC, IN, TF32)
                         d_p += _mm_tn(gz, qk, ACC, IN, TF32)
                     else:
-                        m_b += _mm_tn(gz, k, ACC, IN, TF32)
+                        kb = k
+                        if DB < DP:  # this program's columns of the tile's keys (an L1 hit)
+                            kb = tl.load(K + r[:, None] * D + offs_db[None, :],
+                                         mask=kvalid[:, None] & (offs_db < D)[None, :], other=0.0)
+                        m_b += _mm_tn(gz, kb, ACC, IN, TF32)
             if MULTI:
                 if INPUTS:
                     tl.store(GK + r[:, None] * D + offs_d[None, :], gk_sum, mask=kmask)
@@ -775,17 +786,20 @@ def _backward_kernel(
                 tl.store(GQ + b * D + offs_d, gq, mask=offs_d < D)
                 tl.store(DC + b * P0 + tl.arange(0, P0), dc)
             if LAYER1:  # only this program touches its rows; the barrier orders this update before the next one
-                dkp_at = PART + pid * part_size + tl.arange(0, P0)[:, None] * DP + offs_d[None, :]
+                q_b = q
+                if DB < DP:
+                    q_b = tl.load(Q + b * D + offs_db, mask=offs_db < D, other=0.0).to(ACC)
+                dkp_at = PART + pid * part_size + tl.arange(0, P0)[:, None] * DP + offs_db[None, :]
                 tl.store(dkp_at, tl.load(dkp_at) + m_b)
-                tl.store(dkp_at + P0 * DP, tl.load(dkp_at + P0 * DP) + m_b * q[None, :])
+                tl.store(dkp_at + P0 * DP, tl.load(dkp_at + P0 * DP) + m_b * q_b[None, :])
                 tl.debug_barrier()
 
     base = PART + pid * part_size
     if LAYER1 and MULTI:  # the layout of _backward_layout
         _store_mat(base, d_k, P0, DP)
         _store_mat(base + P0 * DP, d_p, P0, DP)
-    base += 2 * P0 * DP
     if HIDDEN:
+        base += 2 * P0 * DP
         if NUM_HIDDEN >= 2:
             _store_mat(base, dw1, P1, P0)
             tl.store(base + P1 * P0 + tl.arange(0, P1), db1)
@@ -1012,8 +1026,20 @@ def _backward_layout(plan: _Plan) -> List[Tuple[str, int, Tuple[int, ...]]]:
     return pieces
 
 
+LAYER1_COLUMNS = 64  # the widest [P0, DB] block of dKc, dPc that one program of the layer-1 pass sums
+
+
+def layer1_columns(dim: int, multi: bool) -> int:
+    """DB of the GRADS_LAYER1 pass: the columns of dKc and dPc one program sums for key width ``dim``. A [B, D] query
+    with padded D above LAYER1_COLUMNS splits them over program_id(1) (each program recomputes its users' tiles):
+    with m_b [128, 128] in registers the pass spills on sm_90 at D = 128 (bench/results/gpu_static.md). A
+    multi-candidate query keeps them whole (its dKc, dPc accumulators are the [P0, DP] d_k, d_p)."""
+    padded = _pad(dim)
+    return padded if multi else min(padded, LAYER1_COLUMNS)
+
+
 def split_backward() -> bool:
-    """Whether the gradient pass runs as two kernels (input gradients, then parameter gradients): see GRADS_ALL."""
+    """Whether the gradient pass runs as the three kernels of SPLIT_PASSES (else one fused kernel): see GRADS_ALL."""
     return os.environ.get("DIN_EXT_TRITON_SPLIT_BACKWARD", "1") != "0"
 
 
@@ -1024,11 +1050,12 @@ def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, length
     grads = int(grads)
     if stop < 0 and grads == int(GRADS_INPUTS):
         programs = plan.batch
-    wrap_triton(_backward_kernel)[(programs,)](
+    columns = layer1_columns(plan.dim, plan.multi) if stop < 0 and grads == int(GRADS_LAYER1) else _pad(plan.dim)
+    wrap_triton(_backward_kernel)[(programs, _pad(plan.dim) // columns)](
         grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts, *terms,
         grad_query, dc, grad_keys, grad_keys if grad_values is None else grad_values, part, plan.batch,
         triton.cdiv(plan.batch, programs), part_size=part.shape[1], STOP=stop, GRADS=grads,
-        HAS_V=values is not None, PS=plan.p[max(stop, 0)], **plan.common)
+        HAS_V=values is not None, PS=plan.p[max(stop, 0)], DB=columns, **plan.common)
 
 
 def backward(
@@ -1071,8 +1098,9 @@ def backward(
             consts[const_row(j, ROW_G_MEAN):const_row(j, ROW_GX_MEAN) + 1, :plan.p[j]] = sums / count
     layout = _backward_layout(plan)
     size = sum(math.prod(shape) for _, _, shape in layout)
-    part = torch.zeros(programs, size, dtype=plan.acc, device=query.device)  # dKc, dPc: added to user by user
-    for grads in (GRADS_INPUTS, GRADS_PARAMS) if split_backward() else (GRADS_ALL,):
+    # Zero-filled: a [B, D] query's dKc and dPc are added to user by user, and each split pass writes its own pieces.
+    part = torch.zeros(programs, size, dtype=plan.acc, device=query.device)
+    for grads in SPLIT_PASSES if split_backward() else (GRADS_ALL,):
         _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, -1,
                        grad_query, dc, grad_keys, grad_values, part, programs, grads)
     total = part.sum(0, dtype=torch.float64)
