@@ -416,7 +416,7 @@ def top_level_kernels() -> List[str]:
     return sorted(names)
 
 
-def compile_triton(fn, case: Case, constexprs: dict, warps: int, stages: int) -> dict:
+def compile_triton(fn, case: Case, constexprs: dict, warps: int, stages: int, maxnreg: Optional[int] = None) -> dict:
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -426,7 +426,8 @@ def compile_triton(fn, case: Case, constexprs: dict, warps: int, stages: int) ->
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         compiled = triton.compile(ASTSource(fn, signature(fn, case, constexprs), constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
     entries = parse_ptxas(captured.getvalue())
     if not entries:  # no log (an older Triton, or a cached kernel): ptxas -v on the kernel's own PTX
         from triton.backends.nvidia.compiler import get_ptxas
@@ -467,17 +468,18 @@ def triton_report(only: Optional[str] = None) -> Tuple[List[str], List[dict], Li
             fn, configs = obj, [None]
         for i, cfg in enumerate(configs):
             constexprs = dict(case.constexprs)
-            warps, stages = 4, 2
+            warps, stages, maxnreg = 4, 2, None
             if cfg is not None:
                 constexprs.update(cfg.kwargs)
-                warps, stages = cfg.num_warps, cfg.num_stages
+                warps, stages, maxnreg = cfg.num_warps, cfg.num_stages, cfg.maxnreg
             constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-            config = ", ".join([f"{k}={v}" for k, v in (cfg.kwargs.items() if cfg else [])] + [f"warps={warps}"])
+            config = ", ".join([f"{k}={v}" for k, v in (cfg.kwargs.items() if cfg else [])] + [f"warps={warps}"]
+                               + ([f"maxnreg={maxnreg}"] if maxnreg else []))
             if cfg is not None and i == 0:
                 config += " (default)"
             row = dict(kernel=name, label=case.label, config=config)
             try:
-                row.update(compile_triton(fn, case, constexprs, warps, stages))
+                row.update(compile_triton(fn, case, constexprs, warps, stages, maxnreg))
             except Exception as e:  # noqa: BLE001  (a kernel whose arguments changed: reported, not fatal)
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             print(f"triton: {name} {case.label} [{config}]: "

@@ -87,15 +87,18 @@ def const_row(j, row):
     return CONST_ROWS * j + row
 
 
-def _configs(configs):
-    """Autotuning configs (BLOCK_L, num_warps); one when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first,
-    which for H = (80, 40) on sm_90 compiles without register spills at D <= 64 (the forward, and the backward's
-    input-gradient kernel at D = 32 and with several candidates; bench/results/gpu_static.md lists the rest)."""
+def _configs(configs, maxnreg=None):
+    """Autotuning configs (BLOCK_L, num_warps), with ptxas's register limit ``maxnreg`` (None: its own choice); one
+    when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first, which for H = (80, 40) on sm_90 compiles
+    without register spills (bench/results/gpu_static.md: every kernel at D = 32, 64, 128 and with several candidates,
+    but the forward at D = 32 under Triton 3.6, where ptxas keeps 128 registers, two blocks per SM, for a 4-byte
+    spill)."""
     if interpreting():  # nothing to tune, and large tiles keep the interpreter fast
         return [triton.Config({"BLOCK_L": 32}, num_warps=4)]
     if os.environ.get("DIN_EXT_TRITON_AUTOTUNE", "1") == "0":
         configs = configs[:1]
-    return [triton.Config({"BLOCK_L": block}, num_warps=warps, num_stages=2) for block, warps in configs]
+    return [triton.Config({"BLOCK_L": block}, num_warps=warps, num_stages=2, maxnreg=maxnreg)
+            for block, warps in configs]
 
 
 _KEY = ["b_bucket", "l_bucket", "D", "DV", "N0", "N1", "N2", "N3", "NUM_HIDDEN", "ACT", "SOFTMAX", "STOP", "MULTI",
@@ -518,7 +521,10 @@ def _store_sums(PART, s0, s1, s2, s3, s4, P: tl.constexpr):
     tl.store(PART + 4 * P + offs, s4)
 
 
-@triton.autotune(configs=_configs([(16, 8), (16, 4), (32, 8)]), key=[*_KEY, "GRADS"])
+# maxnreg=255: every backward kernel needs about all of a thread's 255 registers at 8 warps (one block per SM
+# either way); left to itself, ptxas holds some configs to far fewer and spills (32 registers and 15 KB of spills at
+# D = 32, BLOCK_L = 32 under Triton 3.6).
+@triton.autotune(configs=_configs([(16, 8), (16, 4), (32, 8)], maxnreg=255), key=[*_KEY, "GRADS", "DB"])
 @triton.jit
 def _backward_kernel(
     GOUT,  # [B, DV] gradient of the pooled output ([B, NC, DV]: MULTI, and so on below)
