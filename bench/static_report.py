@@ -320,6 +320,7 @@ class Case:
     pointers: Dict[str, str] = field(default_factory=dict)
     scalars: Dict[str, str] = field(default_factory=dict)
     all_configs: bool = True  # compile every autotuning config (else the first, DIN_EXT_TRITON_AUTOTUNE=0's)
+    warps: int = 4  # num_warps of a kernel that is not autotuned (its launcher's)
 
 
 ATTENTION_SCALARS = {"D", "DV", "N0", "N1", "N2", "N3", "NS", "NC", "N", "H"}  # upper-case names that are not pointers
@@ -386,8 +387,8 @@ def triton_cases() -> List[Case]:
         what = "statistics pass" if kernel.endswith("_forward_kernel") else "sums pass"
         cases.append(Case(kernel, f"bf16 D=64 H={h} dice training, layer-0 {what}", "bf16",
                           dict(mlp(64, stop=0), GRADS=A.GRADS_ALL), all_configs=False))
-    dice = dict(HAS_MASK=True, BLOCK_N=Dk.BLOCK_N, BLOCK_H=Dk._block_h(200))
-    cases += [Case("dice._dice_moments_kernel", "bf16 H=200, masked", "bf16", dice),
+    dice = dict(HAS_MASK=True, BLOCK_N=Dk.BLOCK_N, SUB_N=Dk.SUB_N, BLOCK_H=Dk._block_h(200))
+    cases += [Case("dice._dice_moments_kernel", "bf16 H=200, masked", "bf16", dice, warps=Dk.MOMENTS_WARPS),
               Case("dice._dice_forward_kernel", "bf16 H=200, masked", "bf16", dice),
               Case("dice._dice_backward_kernel", "bf16 H=200, masked, training", "bf16",
                    dict(dice, WRITE_SUMS=True, WRITE_DX=True, CORRECT=True))]
@@ -468,7 +469,7 @@ def triton_report(only: Optional[str] = None) -> Tuple[List[str], List[dict], Li
             fn, configs = obj, [None]
         for i, cfg in enumerate(configs):
             constexprs = dict(case.constexprs)
-            warps, stages, maxnreg = 4, 2, None
+            warps, stages, maxnreg = case.warps, 2, None
             if cfg is not None:
                 constexprs.update(cfg.kwargs)
                 warps, stages, maxnreg = cfg.num_warps, cfg.num_stages, cfg.maxnreg

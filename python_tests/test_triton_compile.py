@@ -74,7 +74,7 @@ SCRIPT = textwrap.dedent("""
                                                    GRADS=A.GRADS_ALL))
     compile_kernel(A._backward_kernel, "bf16", mlp((80, 40), A.DICE, True, 0, 16, block_c=4, HAS_V=False,
                                                    GRADS=A.GRADS_ALL))  # a Dice sums pass
-    dice = dict(HAS_MASK=True, BLOCK_N=Dk.BLOCK_N, BLOCK_H=64)
+    dice = dict(HAS_MASK=True, BLOCK_N=Dk.BLOCK_N, SUB_N=Dk.SUB_N, BLOCK_H=64)
     compile_kernel(Dk._dice_moments_kernel, "bf16", dice)
     compile_kernel(Dk._dice_forward_kernel, "bf16", dice)
     compile_kernel(Dk._dice_backward_kernel, "fp64", dict(dice, WRITE_SUMS=True, WRITE_DX=True, CORRECT=True))
