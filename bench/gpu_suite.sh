@@ -10,8 +10,8 @@
 # ---- What a GPU session runs (copy these; the device tool: /work/.library/device/README.md) -----------------------
 # Device time: 15 minutes in all, every start (60-120 s, a bare machine) included; a machine goes back 30 s after a
 # call, so a second call usually finds a fresh machine unless it is issued at once. Expected times: stage 1 <= 210 s
-# (build ~90-150 s on 16 cores, the tests the rest), stage 2 <= 210 s (the main benchmark ~110 s, its two variant
-# runs <= 50 s, the Dice benchmark <= 30 s, less a build if it must make one), transfers ~10-20 s a call.
+# (build ~90-150 s on 16 cores, the tests the rest), stage 2 <= 210 s (the main benchmark up to ~130 s, its two
+# variant runs <= 40 s, the Dice benchmark <= 30 s, less a build if it must make one), transfers ~10-20 s a call.
 #   Plan A (one start for both stages; the default): call 1 runs stage 1 then stage 2, each on its own 210 s clock,
 #     each writing its own results:
 #       run(command="DIN_EXT_COMMIT=<sha> bash bench/gpu_suite.sh all", timeout_s=460, carry=[])
@@ -215,7 +215,7 @@ stage2() {
   if [ "$STAGE" = all ]; then build_status="stage 1's build (same call)"; else ensure_build; fi
   echo "build: $build_status"
   local reserve=${GPU_SUITE_BENCH_RESERVE:-30}  # seconds kept for the Dice benchmark and the results file
-  local variant_seconds=${GPU_SUITE_VARIANT_SECONDS:-50}  # the two variant runs below, together
+  local variant_seconds=${GPU_SUITE_VARIANT_SECONDS:-40}  # the two variant runs below, together
   local budget=$(($(left) - reserve - variant_seconds - 10))
   [ "$budget" -lt 20 ] && budget=20
   local bench_args
@@ -242,9 +242,9 @@ stage2() {
   local variants=("DIN_EXT_TRITON_SPLIT_BACKWARD=0 triton" "DIN_EXT_CUDA_TENSOR_CORES=1 cuda")
   local variant_args=(--device cuda --dtype bfloat16 --seconds 0.3 --reps 3 --lengths 200 --modes train-fwd train)
   [ "$DRY" = 1 ] && variant_args=(--quick)
-  rm -f "$LOGS"/variant_*.md
+  rm -f "$LOGS"/variant_*
   if [ "${GPU_SUITE_SKIP_BENCH:-0}" != 1 ]; then
-    local i=0 setting impl
+    local i=0 setting impl vrc
     for variant in "${variants[@]}"; do
       setting=${variant% *}
       impl=${variant#* }
@@ -252,9 +252,16 @@ stage2() {
       i=$((i + 1))
       echo "== variant $setting (at most $((variant_seconds / 2))s): --impls $impl ${variant_args[*]}"
       env "$setting" timeout -k 5 $((variant_seconds / 2)) $PY bench/bench_attention.py --impls "$impl" \
-        "${variant_args[@]}" --out "$LOGS/variant_$i.md" >> "$LOGS/bench.log" 2>&1 ||
-        echo "variant $setting: exit $? (see bench.log)"
-      [ -s "$LOGS/variant_$i.md" ] && sed -i "1s|.*|## Variant: $setting, $impl|" "$LOGS/variant_$i.md"
+        "${variant_args[@]}" --out "$LOGS/variant_$i.md" > "$LOGS/variant_$i.log" 2>&1
+      vrc=$?
+      [ "$vrc" = 0 ] || echo "variant $setting: exit $vrc (see bench.log)"
+      cat "$LOGS/variant_$i.log" >> "$LOGS/bench.log"
+      if [ -s "$LOGS/variant_$i.md" ]; then  # the table, under its own heading
+        sed -i "1s|.*|## Variant: $setting, $impl|" "$LOGS/variant_$i.md"
+      else  # stopped before writing its table: the rows it printed
+        { echo "## Variant: $setting, $impl (exit $vrc; the rows it printed)"; echo
+          grep "^|" "$LOGS/variant_$i.log"; } > "$LOGS/variant_$i.md"
+      fi
     done
   fi
   local dice_budget=$(($(left) - 10))
