@@ -1,6 +1,7 @@
 """Static resource report of every din_ext GPU kernel for sm_90 (H100/H200), made without a GPU.
 
     python bench/static_report.py --out bench/results/gpu_static.md
+    python bench/static_report.py --only "D=128 H=80x40 dice, layer-1" --out /tmp/some.md   # a few Triton cases
 
 - CUDA: each csrc/cuda/*.cu is compiled once by nvcc for sm_90 with `-Xptxas -v` (the build's flags: -O3
   -lineinfo --expt-relaxed-constexpr) against torch 2.14.1's CUDA 13.0 headers, the ones .ci/compile_cuda.sh unpacks

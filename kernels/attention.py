@@ -359,7 +359,7 @@ def _forward_kernel(
     V,  # [N, DV] values (K itself when the keys are the values)
     STARTS,  # [B] int64: user b's rows are STARTS[b] .. STARTS[b] + LENGTHS[b] - 1
     LENGTHS,  # [B] int64
-    W0, B0,  # first linear [N0, 4D], [N0]
+    W0, B0,  # first linear [N0, 4D], [N0] (the forward reads layer 1 as CB and KPT; the backward W0 untransposed)
     W1, B1, W2, B2, W3, B3,  # hidden-to-hidden linears [N_j, N_{j-1}], [N_j] (placeholders when absent)
     WS, BS,  # score linear [1, N_last], [1]
     CONSTS,  # [CONST_ROWS * MAX_HIDDEN + 1, HMAXP] activation constants (accumulation dtype); last: score_scale
@@ -403,7 +403,7 @@ def _forward_kernel(
         denom = tl.zeros([BLOCK_C], dtype=ACC)
     else:
         part_row = b
-        q, c0, weff_t = _user_layer0(Q, CB, KPT, b, length, D, DP, P0, ACC, IN)
+        _, c0, weff_t = _user_layer0(Q, CB, KPT, b, length, D, DP, P0, ACC, IN)
         acc = tl.zeros([DVP], dtype=ACC)
         row_max = tl.full([1], float("-inf"), ACC)
         denom = tl.zeros([1], dtype=ACC)
