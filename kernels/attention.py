@@ -58,7 +58,8 @@ NUM_BLOCKS = 128  # programs of the backward: fixes the summation order of the p
 # the other parameter gradients (hidden and score linears, activation parameters), each as per-program partial sums.
 # Split is the default: the fused kernel holds the recomputation, the input gradients and every parameter
 # accumulator live at once and spills at every config on sm_90, and so does one kernel for all the parameter
-# gradients (bench/results/gpu_static.md), whereas each of the three fits in 255 registers at D <= 64.
+# gradients, whereas each of the three fits in 255 registers (bench/results/gpu_static.md lists the
+# exceptions: the hidden pass with softmax or at D = 128, fp32 without TF32).
 # DIN_EXT_TRITON_SPLIT_BACKWARD=0 selects the fused kernel (to compare on a GPU).
 GRADS_ALL = tl.constexpr(0)
 GRADS_INPUTS = tl.constexpr(1)
@@ -89,10 +90,10 @@ def const_row(j, row):
 
 def _configs(configs, maxnreg=None):
     """Autotuning configs (BLOCK_L, num_warps), with ptxas's register limit ``maxnreg`` (None: its own choice); one
-    when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first, which for H = (80, 40) on sm_90 compiles
-    without register spills (bench/results/gpu_static.md: every kernel at D = 32, 64, 128 and with several candidates,
-    but the forward at D = 32 under Triton 3.6, where ptxas keeps 128 registers, two blocks per SM, for a 4-byte
-    spill)."""
+    when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first, which for bf16 and H = (80, 40) on sm_90
+    compiles without register spills at D = 32, 64, 128 and with several candidates, but for a few bytes to 140 in
+    the hidden parameter pass (softmax, D = 128, several candidates) and 4 in the forward at D = 32 under Triton 3.6,
+    where ptxas keeps 128 registers for two blocks per SM (bench/results/gpu_static.md)."""
     if interpreting():  # nothing to tune, and large tiles keep the interpreter fast
         return [triton.Config({"BLOCK_L": 32}, num_warps=4)]
     if os.environ.get("DIN_EXT_TRITON_AUTOTUNE", "1") == "0":
