@@ -2,15 +2,16 @@
 # GPU suite for a lent H200, in two calls of the device tool that each write their own results:
 #   stage 1: build din_ext there (against the machine's torch, MAX_JOBS=16, sm_90) + the GPU correctness tests
 #            (the cuda and triton backends' conformance, gradcheck, opcheck, torch.compile/export) -> <device>_tests.md
-#   stage 2: the benchmarks (bench_attention.py --device cuda --budget, then bench_dice.py)           -> <device>.md
+#   stage 2: the benchmarks (bench_attention.py --device cuda --budget; its variant rows: the fused Triton backward
+#            and the CUDA tensor cores at L = 200; then bench_dice.py)                                   -> <device>.md
 # Each stage is time-boxed to GPU_SUITE_SECONDS (default 210 s, inside the 4 minutes the issue gives a stage); `all`
 # runs both in one call, each on its own clock.
 #
 # ---- What a GPU session runs (copy these; the device tool: /work/.library/device/README.md) -----------------------
 # Device time: 15 minutes in all, every start (60-120 s, a bare machine) included; a machine goes back 30 s after a
 # call, so a second call usually finds a fresh machine unless it is issued at once. Expected times: stage 1 <= 210 s
-# (build ~90-150 s on 16 cores, the tests the rest), stage 2 <= 210 s (benchmarks ~160 s, less a build if it must
-# make one), transfers ~10-20 s a call.
+# (build ~90-150 s on 16 cores, the tests the rest), stage 2 <= 210 s (the main benchmark up to ~130 s, its two
+# variant runs <= 40 s, the Dice benchmark <= 30 s, less a build if it must make one), transfers ~10-20 s a call.
 #   Plan A (one start for both stages; the default): call 1 runs stage 1 then stage 2, each on its own 210 s clock,
 #     each writing its own results:
 #       run(command="DIN_EXT_COMMIT=<sha> bash bench/gpu_suite.sh all", timeout_s=460, carry=[])
@@ -35,9 +36,9 @@
 # GPU_SUITE_DRY_RUN=1 checks the script's logic on a machine without a GPU: the build is faked (GPU_SUITE_BUILD_CMD,
 # default `true` then), a few CPU tests run, the benchmark is its CPU smoke run; the stamp logic runs for real.
 # Results of a dry run go to $OUT (or a temporary folder), never to bench/results/.
-# Other knobs: GPU_SUITE_SECONDS, GPU_SUITE_BENCH_RESERVE, GPU_SUITE_STATE (build/gpu_suite), GPU_SUITE_CARRIED
-# (.gpu_build), GPU_SUITE_WORKERS (pytest-xdist workers, default 12), PYTHON, GPU_SUITE_SKIP_BENCH=1 (stage 2 without
-# the benchmarks: python_tests/test_gpu_suite.py's dry runs).
+# Other knobs: GPU_SUITE_SECONDS, GPU_SUITE_BENCH_RESERVE, GPU_SUITE_VARIANT_SECONDS, GPU_SUITE_STATE
+# (build/gpu_suite), GPU_SUITE_CARRIED (.gpu_build), GPU_SUITE_WORKERS (pytest-xdist workers, default 12), PYTHON,
+# GPU_SUITE_SKIP_BENCH=1 (stage 2 without the benchmarks: python_tests/test_gpu_suite.py's dry runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -169,11 +170,13 @@ stage1() {
   echo "build: $build_status"
   $PY -c "import torch, din_ext; print('backends on cuda:', din_ext.available_backends(torch.device('cuda'))
           if torch.cuda.is_available() else din_ext.available_backends())"
-  # The GPU backends' tests: conformance against the reference (test_attention, test_dice, test_mba: cuda and
-  # triton parametrizations), the cuda/triton files (gradcheck, opcheck, torch.compile, torch.export, determinism,
-  # low precision), backend resolution. The cpu backend's parametrizations are left to CI.
-  local files=(test_attention_cuda.py test_attention_triton.py test_attention.py test_dice_cuda.py
-               test_dice_triton.py test_dice.py test_mba_triton.py test_mba.py test_backend.py)
+  # The GPU backends' tests: conformance against the reference (test_attention, test_attention_multi, test_dice,
+  # test_mba: cuda and triton parametrizations), the cuda/triton files (gradcheck, opcheck, torch.compile,
+  # torch.export, determinism, low precision, the Triton launch configs per D, split = fused backward), backend
+  # resolution. The cpu backend's parametrizations are left to CI.
+  local files=(test_attention_cuda.py test_attention_triton.py test_attention_multi_triton.py test_attention.py
+               test_attention_multi.py test_dice_cuda.py test_dice_triton.py test_dice.py test_mba_triton.py
+               test_mba.py test_backend.py)
   local selection=(-k "not cpu-cpu")
   local parallel=()
   [ "$DRY" = 1 ] && { files=(test_backend.py); selection=(-k "test_available_backends or test_unknown_backend_name"); }
@@ -212,7 +215,8 @@ stage2() {
   if [ "$STAGE" = all ]; then build_status="stage 1's build (same call)"; else ensure_build; fi
   echo "build: $build_status"
   local reserve=${GPU_SUITE_BENCH_RESERVE:-30}  # seconds kept for the Dice benchmark and the results file
-  local budget=$(($(left) - reserve - 10))
+  local variant_seconds=${GPU_SUITE_VARIANT_SECONDS:-40}  # the two variant runs below, together
+  local budget=$(($(left) - reserve - variant_seconds - 10))
   [ "$budget" -lt 20 ] && budget=20
   local bench_args
   if [ "$DRY" = 1 ]; then
@@ -231,6 +235,35 @@ stage2() {
     rc=$?
   fi
   [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "benchmark stopped at its time limit: the table holds the rows it finished"
+  # Variants of two backends, against the main table's rows of the same shapes (L = 200, D = 32 and 64): the Triton
+  # backward as one fused kernel instead of the split one (DIN_EXT_TRITON_SPLIT_BACKWARD=0; it compiles one more
+  # kernel per D), and the CUDA tensor-core path (DIN_EXT_CUDA_TENSOR_CORES=1) instead of FMA. A dry run proves the
+  # plumbing with the eager row of the CPU smoke run.
+  local variants=("DIN_EXT_TRITON_SPLIT_BACKWARD=0 triton" "DIN_EXT_CUDA_TENSOR_CORES=1 cuda")
+  local variant_args=(--device cuda --dtype bfloat16 --seconds 0.3 --reps 3 --lengths 200 --modes train-fwd train)
+  [ "$DRY" = 1 ] && variant_args=(--quick)
+  rm -f "$LOGS"/variant_*
+  if [ "${GPU_SUITE_SKIP_BENCH:-0}" != 1 ]; then
+    local i=0 setting impl vrc
+    for variant in "${variants[@]}"; do
+      setting=${variant% *}
+      impl=${variant#* }
+      [ "$DRY" = 1 ] && impl=eager
+      i=$((i + 1))
+      echo "== variant $setting (at most $((variant_seconds / 2))s): --impls $impl ${variant_args[*]}"
+      env "$setting" timeout -k 5 $((variant_seconds / 2)) $PY bench/bench_attention.py --impls "$impl" \
+        "${variant_args[@]}" --out "$LOGS/variant_$i.md" > "$LOGS/variant_$i.log" 2>&1
+      vrc=$?
+      [ "$vrc" = 0 ] || echo "variant $setting: exit $vrc (see bench.log)"
+      cat "$LOGS/variant_$i.log" >> "$LOGS/bench.log"
+      if [ -s "$LOGS/variant_$i.md" ]; then  # the table, under its own heading
+        sed -i "1s|.*|## Variant: $setting, $impl|" "$LOGS/variant_$i.md"
+      else  # stopped before writing its table: the rows it printed
+        { echo "## Variant: $setting, $impl (exit $vrc; the rows it printed)"; echo
+          grep "^|" "$LOGS/variant_$i.log"; } > "$LOGS/variant_$i.md"
+      fi
+    done
+  fi
   local dice_budget=$(($(left) - 10))
   if [ "$DRY" != 1 ] && [ "$dice_budget" -gt 15 ]; then
     echo "== Dice benchmark (at most ${dice_budget}s)"
@@ -261,6 +294,9 @@ stage2() {
     else
       echo "- stage 1: not on this machine (fresh): see ${device}_tests.md"
     fi
+    for f in "$LOGS"/variant_*.md; do
+      [ -s "$f" ] && { echo; cat "$f"; }
+    done
     if [ -s "$LOGS/bench_dice.log" ]; then
       echo
       echo "## Dice op (\`python bench/bench_dice.py --device cuda --dtype bfloat16 --rows 65536\`)"

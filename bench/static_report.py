@@ -1,6 +1,7 @@
 """Static resource report of every din_ext GPU kernel for sm_90 (H100/H200), made without a GPU.
 
     python bench/static_report.py --out bench/results/gpu_static.md
+    python bench/static_report.py --only "D=128 H=80x40 dice, layer-1" --out /tmp/some.md   # a few Triton cases
 
 - CUDA: each csrc/cuda/*.cu is compiled once by nvcc for sm_90 with `-Xptxas -v` (the build's flags: -O3
   -lineinfo --expt-relaxed-constexpr) against torch 2.14.1's CUDA 13.0 headers, the ones .ci/compile_cuda.sh unpacks
@@ -320,10 +321,11 @@ class Case:
     pointers: Dict[str, str] = field(default_factory=dict)
     scalars: Dict[str, str] = field(default_factory=dict)
     all_configs: bool = True  # compile every autotuning config (else the first, DIN_EXT_TRITON_AUTOTUNE=0's)
+    warps: int = 4  # num_warps of a kernel that is not autotuned (its launcher's)
 
 
 ATTENTION_SCALARS = {"D", "DV", "N0", "N1", "N2", "N3", "NS", "NC", "N", "H"}  # upper-case names that are not pointers
-ATTENTION_ACC = {"CONSTS", "LSE", "PART", "GQ", "DC", "COUNT", "MEAN", "M2", "C", "SUMS"}  # accumulation dtype
+ATTENTION_ACC = {"CONSTS", "CB", "KPT", "LSE", "PART", "GQ", "DC", "COUNT", "MEAN", "M2", "C", "SUMS"}  # accumulation dtype
 INDEX = {"STARTS": "*i64", "LENGTHS": "*i64", "MASK": "*i1"}
 
 
@@ -357,21 +359,24 @@ def triton_cases() -> List[Case]:
         p = [A._pad(h) for h in hidden] + [16] * (A.MAX_HIDDEN - len(hidden))
         return dict(NUM_HIDDEN=len(hidden), ACT=A.DICE, SOFTMAX=softmax, STOP=stop, DP=A._pad(dim), DVP=A._pad(dim),
                     P0=p[0], P1=p[1], P2=p[2], P3=p[3], PS=p[max(stop, 0)] if stop >= 0 else 16, HMAXP=max(p),
-                    TF32=False, HAS_V=False, MULTI=block_c > 0, BLOCK_C=max(block_c, 1))
+                    TF32=False, HAS_V=False, MULTI=block_c > 0, BLOCK_C=max(block_c, 1), DB=A._pad(dim))
 
     h = "x".join(map(str, HIDDEN))
     cases = []
-    # The backward's gradient pass runs as two kernels by default (A.split_backward()): input gradients, then
-    # parameter gradients; the fused one (DIN_EXT_TRITON_SPLIT_BACKWARD=0) is listed at its default config.
+    # The backward's gradient pass runs as three kernels by default (A.SPLIT_PASSES): input gradients, layer 1's
+    # parameter gradients, the other parameter gradients; the fused one (DIN_EXT_TRITON_SPLIT_BACKWARD=0) is listed
+    # at its default config.
     backward_passes = (("input-gradient pass", dict(GRADS=A.GRADS_INPUTS), True),
-                       ("parameter-gradient pass", dict(GRADS=A.GRADS_PARAMS), True),
+                       ("layer-1 parameter-gradient pass", dict(GRADS=A.GRADS_LAYER1), True),
+                       ("hidden parameter-gradient pass", dict(GRADS=A.GRADS_HIDDEN), True),
                        ("fused gradient pass", dict(GRADS=A.GRADS_ALL), False))
     for kernel, passes in (("attention._forward_kernel", (("pooling pass", {}, True),)),
                            ("attention._backward_kernel", backward_passes)):
         for what, extra, every in passes:
-            for dim in DIMS:
-                cases.append(Case(kernel, f"bf16 D={dim} H={h} dice, {what}", "bf16", dict(mlp(dim), **extra),
-                                  all_configs=every))
+            for dim in DIMS:  # (the layer-1 pass with the launcher's column blocks of dKc, dPc)
+                columns = dict(DB=A.layer1_columns(dim, False)) if extra.get("GRADS") == A.GRADS_LAYER1 else {}
+                cases.append(Case(kernel, f"bf16 D={dim} H={h} dice, {what}", "bf16",
+                                  dict(mlp(dim), **extra, **columns), all_configs=every))
             if not every:
                 continue
             cases.append(Case(kernel, f"fp32 D=64 H={h} dice, {what}", "fp32", dict(mlp(64), **extra),
@@ -383,8 +388,8 @@ def triton_cases() -> List[Case]:
         what = "statistics pass" if kernel.endswith("_forward_kernel") else "sums pass"
         cases.append(Case(kernel, f"bf16 D=64 H={h} dice training, layer-0 {what}", "bf16",
                           dict(mlp(64, stop=0), GRADS=A.GRADS_ALL), all_configs=False))
-    dice = dict(HAS_MASK=True, BLOCK_N=Dk.BLOCK_N, BLOCK_H=Dk._block_h(200))
-    cases += [Case("dice._dice_moments_kernel", "bf16 H=200, masked", "bf16", dice),
+    dice = dict(HAS_MASK=True, BLOCK_N=Dk.BLOCK_N, SUB_N=Dk.SUB_N, BLOCK_H=Dk._block_h(200))
+    cases += [Case("dice._dice_moments_kernel", "bf16 H=200, masked", "bf16", dice, warps=Dk.MOMENTS_WARPS),
               Case("dice._dice_forward_kernel", "bf16 H=200, masked", "bf16", dice),
               Case("dice._dice_backward_kernel", "bf16 H=200, masked, training", "bf16",
                    dict(dice, WRITE_SUMS=True, WRITE_DX=True, CORRECT=True))]
@@ -413,7 +418,7 @@ def top_level_kernels() -> List[str]:
     return sorted(names)
 
 
-def compile_triton(fn, case: Case, constexprs: dict, warps: int, stages: int) -> dict:
+def compile_triton(fn, case: Case, constexprs: dict, warps: int, stages: int, maxnreg: Optional[int] = None) -> dict:
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -423,7 +428,8 @@ def compile_triton(fn, case: Case, constexprs: dict, warps: int, stages: int) ->
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
         compiled = triton.compile(ASTSource(fn, signature(fn, case, constexprs), constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
     entries = parse_ptxas(captured.getvalue())
     if not entries:  # no log (an older Triton, or a cached kernel): ptxas -v on the kernel's own PTX
         from triton.backends.nvidia.compiler import get_ptxas
@@ -438,7 +444,8 @@ def compile_triton(fn, case: Case, constexprs: dict, warps: int, stages: int) ->
                 smem=int(compiled.metadata.shared), threads=32 * warps)
 
 
-def triton_report() -> Tuple[List[str], List[dict], List[str]]:
+def triton_report(only: Optional[str] = None) -> Tuple[List[str], List[dict], List[str]]:
+    """The Triton table; ``only``: compile just the cases whose "kernel label" contains it (case-insensitive)."""
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.pop("DIN_EXT_TRITON_AUTOTUNE", None)  # every config of the autotuned kernels
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="din_ext_static_")  # ptxas runs, and logs, every time
@@ -450,6 +457,8 @@ def triton_report() -> Tuple[List[str], List[dict], List[str]]:
     rows = []
     cases = triton_cases()
     for case in cases:
+        if only and only.lower() not in f"{case.kernel} {case.label}".lower():
+            continue
         module, name = case.kernel.split(".")
         obj = getattr(importlib.import_module(f"din_ext.kernels.{module}"), name, None)
         if obj is None:
@@ -461,17 +470,18 @@ def triton_report() -> Tuple[List[str], List[dict], List[str]]:
             fn, configs = obj, [None]
         for i, cfg in enumerate(configs):
             constexprs = dict(case.constexprs)
-            warps, stages = 4, 2
+            warps, stages, maxnreg = case.warps, 2, None
             if cfg is not None:
                 constexprs.update(cfg.kwargs)
-                warps, stages = cfg.num_warps, cfg.num_stages
+                warps, stages, maxnreg = cfg.num_warps, cfg.num_stages, cfg.maxnreg
             constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-            config = ", ".join([f"{k}={v}" for k, v in (cfg.kwargs.items() if cfg else [])] + [f"warps={warps}"])
+            config = ", ".join([f"{k}={v}" for k, v in (cfg.kwargs.items() if cfg else [])] + [f"warps={warps}"]
+                               + ([f"maxnreg={maxnreg}"] if maxnreg else []))
             if cfg is not None and i == 0:
                 config += " (default)"
             row = dict(kernel=name, label=case.label, config=config)
             try:
-                row.update(compile_triton(fn, case, constexprs, warps, stages))
+                row.update(compile_triton(fn, case, constexprs, warps, stages, maxnreg))
             except Exception as e:  # noqa: BLE001  (a kernel whose arguments changed: reported, not fatal)
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             print(f"triton: {name} {case.label} [{config}]: "
@@ -517,6 +527,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows as JSON")
     parser.add_argument("--skip-cuda", action="store_true")
     parser.add_argument("--skip-triton", action="store_true")
+    parser.add_argument("--only", help="Triton cases whose 'module.kernel label' contains this (case-insensitive); "
+                        "for iterating on a few kernels (implies --skip-cuda; --out gets only those rows)")
     parser.add_argument("--cache", default=os.path.join("build", "static_report"), help="ptxas logs of the .cu files")
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -537,7 +549,7 @@ def main() -> None:
            "threads and 32 blocks/SM). It is an upper bound: the L1/shared carveout the driver picks can be smaller.",
            ""]
     data = {}
-    if not args.skip_cuda:
+    if not args.skip_cuda and not args.only:
         lines, data["cuda"] = cuda_report(args.cache)
         out += ["## CUDA kernels (`nvcc -Xptxas -v`, sm_90)", "",
                 f"nvcc flags: `{' '.join(CUDA_FLAGS)}` against torch 2.14.1's headers (those of .ci/compile_cuda.sh). "
@@ -546,7 +558,7 @@ def main() -> None:
                 "parentheses). Block sizes: the kernels' __launch_bounds__ (else their launch site); `?`: neither "
                 "names a constant.", ""] + lines + [""]
     if not args.skip_triton:
-        lines, data["triton"], uncovered = triton_report()
+        lines, data["triton"], uncovered = triton_report(args.only)
         out += ["## Triton kernels (`triton.compile(..., target=GPUTarget('cuda', 90, 32))`)", "",
                 "Every autotuning config of the benchmark's workload; `(default)` is the one a run with "
                 "DIN_EXT_TRITON_AUTOTUNE=0 uses (the GPU suite's). Registers, stack and spills: the log of the ptxas "

@@ -10,10 +10,12 @@ Structure (the cpu backend's, csrc/cpu/attention.cpp, on a GPU grid):
   nothing of size [N, H] is written. Training-mode Dice first runs one statistics pass per hidden layer (each program
   writes the shifted sums of its user; they are added up in a fixed order), then the pooling pass. Softmax pooling is
   an online softmax over the tiles; the forward keeps each user's log-sum-exp for the backward.
-- backward: two kernels by default (GRADS_INPUTS, then GRADS_PARAMS; one fused kernel with
+- backward: three kernels by default (GRADS_INPUTS, GRADS_LAYER1, GRADS_HIDDEN; one fused kernel with
   DIN_EXT_TRITON_SPLIT_BACKWARD=0), each recomputing the forward of every tile: one program per user back-propagates
   to the inputs; a fixed number of programs (NUM_BLOCKS), each owning a contiguous range of users, accumulates the
-  parameter gradients of its users in registers, and the per-program partials are added up in program order. Each
+  parameter gradients of its users (layer 1's in one kernel, the others in the next), and the per-program partials
+  are added up in program order. Layer 1 of a [B, D] query: dPc_b = m_b diag(q_b) with m_b = sum_t gz_t k_t^T, so
+  only m_b is accumulated in registers, and added to the program's rows after each user. Each
   user's dc_b = sum_t d/dz_0 goes out instead of the (Wq + Wd) terms (grad_query += (Wq + Wd)^T dc_b,
   grad(Wq + Wd) = sum_b dc_b q_b^T), which the host finishes with two small float64 products: two fewer [H1, D]
   tiles held in registers. Training-mode Dice first runs one pass per
@@ -51,14 +53,19 @@ from din_ext.kernels.common import interpreting, sigmoid
 
 MAX_HIDDEN = 4
 NUM_BLOCKS = 128  # programs of the backward: fixes the summation order of the parameter gradients
-# What a backward gradient pass computes: everything in one kernel, or the input gradients (GQ, DC, GK, GV; one
-# program per user) and the parameter gradients (the per-program partial sums) in two kernels that each recompute
-# the forward. Split is the default: the fused kernel holds the recomputation, the input gradients and every
-# parameter accumulator live at once and spills at every config on sm_90 (bench/results/gpu_static.md), whereas
-# each half fits in fewer registers. DIN_EXT_TRITON_SPLIT_BACKWARD=0 selects the fused kernel (to compare on a GPU).
+# What a backward gradient pass computes: everything in one kernel, or three kernels that each recompute the
+# forward: the input gradients (GQ, DC, GK, GV; one program per user), layer 1's parameter gradients (dKc, dPc) and
+# the other parameter gradients (hidden and score linears, activation parameters), each as per-program partial sums.
+# Split is the default: the fused kernel holds the recomputation, the input gradients and every parameter
+# accumulator live at once and spills at every config on sm_90, and so does one kernel for all the parameter
+# gradients, whereas each of the three fits in 255 registers (bench/results/gpu_static.md lists the
+# exceptions: the hidden pass with softmax or at D = 128, fp32 without TF32).
+# DIN_EXT_TRITON_SPLIT_BACKWARD=0 selects the fused kernel (to compare on a GPU).
 GRADS_ALL = tl.constexpr(0)
 GRADS_INPUTS = tl.constexpr(1)
-GRADS_PARAMS = tl.constexpr(2)
+GRADS_LAYER1 = tl.constexpr(2)
+GRADS_HIDDEN = tl.constexpr(3)
+SPLIT_PASSES = (GRADS_INPUTS, GRADS_LAYER1, GRADS_HIDDEN)  # the split backward's gradient passes, in launch order
 MAX_BLOCK_C = 4  # candidates per pair tile (BLOCK_L // BLOCK_C behaviours each) of a multi-candidate query
 # The activation ids of the ACT constexpr (din_ext.contract's).
 DICE, SIGMOID, PRELU, RELU = (tl.constexpr(ACTIVATION_IDS[name]) for name in ("dice", "sigmoid", "prelu", "relu"))
@@ -81,15 +88,18 @@ def const_row(j, row):
     return CONST_ROWS * j + row
 
 
-def _configs(configs):
-    """Autotuning configs (BLOCK_L, num_warps); one when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first,
-    which for H = (80, 40) on sm_90 compiles without register spills at D <= 64 (the forward, and the backward's
-    input-gradient kernel at D = 32 and with several candidates; bench/results/gpu_static.md lists the rest)."""
+def _configs(configs, maxnreg=None):
+    """Autotuning configs (BLOCK_L, num_warps), with ptxas's register limit ``maxnreg`` (None: its own choice); one
+    when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first, which for bf16 and H = (80, 40) on sm_90
+    compiles without register spills at D = 32, 64, 128 and with several candidates, but for a few bytes to 140 in
+    the hidden parameter pass (softmax, D = 128, several candidates) and 4 in the forward at D = 32 under Triton 3.6,
+    where ptxas keeps 128 registers for two blocks per SM (bench/results/gpu_static.md)."""
     if interpreting():  # nothing to tune, and large tiles keep the interpreter fast
         return [triton.Config({"BLOCK_L": 32}, num_warps=4)]
     if os.environ.get("DIN_EXT_TRITON_AUTOTUNE", "1") == "0":
         configs = configs[:1]
-    return [triton.Config({"BLOCK_L": block}, num_warps=warps, num_stages=2) for block, warps in configs]
+    return [triton.Config({"BLOCK_L": block}, num_warps=warps, num_stages=2, maxnreg=maxnreg)
+            for block, warps in configs]
 
 
 _KEY = ["b_bucket", "l_bucket", "D", "DV", "N0", "N1", "N2", "N3", "NUM_HIDDEN", "ACT", "SOFTMAX", "STOP", "MULTI",
@@ -222,25 +232,28 @@ def _act_bwd(g, z, valid, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.co
 
 
 @triton.jit
-def _user_layer0(Q, W0, B0, b, D, N0, DP: tl.constexpr, P0: tl.constexpr, ACC: tl.constexpr):
-    """User b's layer-1 terms: q [DP], c_b = (Wq + Wd) q + b_0 [P0], and the transposed coefficient blocks
-    (Wq + Wd)^T, (Wk - Wd)^T, Wp^T [DP, P0], all in ACC. W_0 [N0, 4D] = [Wq | Wk | Wd | Wp]."""
-    offs_d = tl.arange(0, DP)
-    q = tl.load(Q + b * D + offs_d, mask=offs_d < D, other=0.0).to(ACC)
-    wq = _load_t(W0, N0, D, 4 * D, DP, P0).to(ACC)
-    wk = _load_t(W0 + D, N0, D, 4 * D, DP, P0).to(ACC)
-    wd = _load_t(W0 + 2 * D, N0, D, 4 * D, DP, P0).to(ACC)
-    wp = _load_t(W0 + 3 * D, N0, D, 4 * D, DP, P0).to(ACC)
-    a_t = wq + wd
-    c = tl.sum(a_t * q[:, None], 0) + _load_vec(B0, N0, P0).to(ACC)
-    return q, c, wk - wd, wp
+def _layer0_t(KPT, DP: tl.constexpr, P0: tl.constexpr):
+    """The candidate-independent blocks of layer 1 transposed, Kc^T = (Wk - Wd)^T and Pc^T = Wp^T [DP, P0], from
+    KPT (made by the host: accumulation dtype, zero-padded, contiguous). Compile-time strides and no masks let the
+    addresses be one base plus immediates: nothing of size [DP, P0] but the values is kept for reloading them."""
+    offs = tl.arange(0, DP)[:, None] * P0 + tl.arange(0, P0)[None, :]
+    return tl.load(KPT + offs), tl.load(KPT + DP * P0 + offs)
 
 
 @triton.jit
-def _layer0_t(W0, D, N0, DP: tl.constexpr, P0: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr):
-    """The candidate-independent blocks of layer 1 transposed, (Wk - Wd)^T and Wp^T [DP, P0], in IN."""
-    kc_t = _load_t(W0 + D, N0, D, 4 * D, DP, P0).to(ACC) - _load_t(W0 + 2 * D, N0, D, 4 * D, DP, P0).to(ACC)
-    return kc_t.to(IN), _load_t(W0 + 3 * D, N0, D, 4 * D, DP, P0).to(IN)
+def _user_layer0(Q, CB, KPT, b, length, D, DP: tl.constexpr, P0: tl.constexpr, ACC: tl.constexpr,
+                 IN: tl.constexpr):
+    """User b's layer-1 terms: q [DP] and c_b [P0] in ACC (c_b = (Wq + Wd) q + b_0 is CB's row b, made by the host),
+    and Weff_b^T = Kc^T + diag(q) Pc^T [DP, P0], summed in ACC and rounded once to IN. ``length``: user b's row
+    count (>= 0)."""
+    offs_d = tl.arange(0, DP)
+    q = tl.load(Q + b * D + offs_d, mask=offs_d < D, other=0.0).to(ACC)
+    c = tl.load(CB + b * P0 + tl.arange(0, P0))
+    # min(length, 0) = 0, which the compiler cannot prove: the loads stay in a backward program's loop over its
+    # users, so Kc^T and Pc^T live only until Weff_b is formed. Hoisted out of it (they are loop-invariant), they would
+    # hold 2 DP P0 values in ACC, 64 registers a thread at D = 64 with 8 warps, for the whole kernel and spill.
+    kc_t, pc_t = _layer0_t(KPT + tl.minimum(length, 0), DP, P0)
+    return q, c, (kc_t + pc_t * q[:, None]).to(IN)
 
 
 @triton.jit
@@ -347,11 +360,12 @@ def _forward_kernel(
     V,  # [N, DV] values (K itself when the keys are the values)
     STARTS,  # [B] int64: user b's rows are STARTS[b] .. STARTS[b] + LENGTHS[b] - 1
     LENGTHS,  # [B] int64
-    W0, B0,  # first linear [N0, 4D], [N0]
+    W0, B0,  # first linear [N0, 4D], [N0] (the forward reads layer 1 as CB and KPT; the backward W0 untransposed)
     W1, B1, W2, B2, W3, B3,  # hidden-to-hidden linears [N_j, N_{j-1}], [N_j] (placeholders when absent)
     WS, BS,  # score linear [1, N_last], [1]
     CONSTS,  # [CONST_ROWS * MAX_HIDDEN + 1, HMAXP] activation constants (accumulation dtype); last: score_scale
-    CB,  # MULTI: [B * NC, P0] c_{b,c} = (Wq + Wd) q_{b,c} + b_0 (accumulation dtype, zero padding); else unused
+    CB,  # [B * NC, P0] c_{b,c} = (Wq + Wd) q_{b,c} + b_0 (accumulation dtype, zero padding; NC = 1 unless MULTI)
+    KPT,  # [2, DP, P0] Kc^T = (Wk - Wd)^T, Pc^T = Wp^T (accumulation dtype, zero padding)
     OUT,  # [B, DV] pooled output (pooling pass); [B, NC, DV] (MULTI)
     LSE,  # [B] log-sum-exp of the scaled scores (softmax pooling pass; accumulation dtype); [B, NC] (MULTI)
     PART,  # [programs, 2, PS] shifted sum and sum of squares of z_STOP over the program's rows (statistics pass)
@@ -383,14 +397,14 @@ def _forward_kernel(
         part_row = b * tl.num_programs(1) + tl.program_id(1)
         first_c = tl.program_id(1).to(tl.int64) * BLOCK_C
         pair, cmask, qb, cb = _candidates(Q, CB, b, first_c, NC, D, DP, P0, BLOCK_C, ACC)
-        kc_t, pc_t = _layer0_t(W0, D, N0, DP, P0, ACC, IN)
+        kc_t, pc_t = _layer0_t(KPT, DP, P0)
+        kc_t, pc_t = kc_t.to(IN), pc_t.to(IN)
         acc = tl.zeros([BLOCK_C, DVP], dtype=ACC)
         row_max = tl.where(cmask, float("-inf"), 0.0).to(ACC)  # 0 on masked candidates: no inf - inf
         denom = tl.zeros([BLOCK_C], dtype=ACC)
     else:
         part_row = b
-        q, c0, kc_t, pc_t = _user_layer0(Q, W0, B0, b, D, N0, DP, P0, ACC)
-        weff_t = (kc_t + pc_t * q[:, None]).to(IN)
+        _, c0, weff_t = _user_layer0(Q, CB, KPT, b, length, D, DP, P0, ACC, IN)
         acc = tl.zeros([DVP], dtype=ACC)
         row_max = tl.full([1], float("-inf"), ACC)
         denom = tl.zeros([1], dtype=ACC)
@@ -508,7 +522,10 @@ def _store_sums(PART, s0, s1, s2, s3, s4, P: tl.constexpr):
     tl.store(PART + 4 * P + offs, s4)
 
 
-@triton.autotune(configs=_configs([(16, 8), (16, 4), (32, 8)]), key=[*_KEY, "GRADS"])
+# maxnreg=255: every backward kernel needs about all of a thread's 255 registers at 8 warps (one block per SM
+# either way); left to itself, ptxas holds some configs to far fewer and spills (32 registers and 15 KB of spills at
+# D = 32, BLOCK_L = 32 under Triton 3.6).
+@triton.autotune(configs=_configs([(16, 8), (16, 4), (32, 8)], maxnreg=255), key=[*_KEY, "GRADS", "DB"])
 @triton.jit
 def _backward_kernel(
     GOUT,  # [B, DV] gradient of the pooled output ([B, NC, DV]: MULTI, and so on below)
@@ -517,7 +534,7 @@ def _backward_kernel(
     Q, K, V, STARTS, LENGTHS,  # as in the forward (V is K when the keys are the values)
     W0, B0, W1, B1, W2, B2, W3, B3, WS, BS,  # linears, as in the forward
     CONSTS,  # activation constants, as in the forward, with ROW_G_MEAN and ROW_GX_MEAN (Dice training)
-    CB,  # MULTI: [B * NC, P0] c_{b,c}, as in the forward; else unused
+    CB, KPT,  # c_{b,c} and layer 1's blocks, as in the forward
     GQ,  # [B, D] gradient of the queries through Weff_b (accumulation dtype; the caller adds (Wq + Wd)^T dc_b;
          # MULTI: zero-filled by the caller, accumulated tile by tile)
     DC,  # [B, P0] dc_b = sum over the user's rows of d/dz_0 (accumulation dtype; MULTI: as GQ)
@@ -531,19 +548,21 @@ def _backward_kernel(
     b_bucket, l_bucket,  # autotuning keys
     NUM_HIDDEN: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr,
     STOP: tl.constexpr,  # -1: gradient pass; j >= 0: Dice sums pass of hidden layer j (sum g_xhat, g_xhat * xhat)
-    GRADS: tl.constexpr,  # gradient pass: GRADS_ALL, GRADS_INPUTS (GQ, DC, GK, GV) or GRADS_PARAMS (PART)
+    GRADS: tl.constexpr,  # gradient pass: GRADS_ALL, GRADS_INPUTS (GQ, DC, GK, GV), GRADS_LAYER1 or GRADS_HIDDEN (PART)
     HAS_V: tl.constexpr,  # values are separate from the keys
     MULTI: tl.constexpr,  # NC candidates per user: each key tile meets them BLOCK_C at a time
     DP: tl.constexpr, DVP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
     PS: tl.constexpr, HMAXP: tl.constexpr, TF32: tl.constexpr,
     BLOCK_C: tl.constexpr,  # candidates per step (1 unless MULTI)
+    DB: tl.constexpr,  # GRADS_LAYER1 of a [B, D] query: columns of dKc, dPc per program, block program_id(1); else DP
     BLOCK_L: tl.constexpr,  # rows per tile: (candidate, behaviour) pairs, BLOCK_L // BLOCK_C behaviours
 ):
     ACC = CONSTS.dtype.element_ty  # accumulation dtype
     IN = K.dtype.element_ty  # input dtype (the tl.dot operands)
     FULL = STOP < 0
-    INPUTS = FULL and GRADS != GRADS_PARAMS
-    PARAMS = FULL and GRADS != GRADS_INPUTS
+    INPUTS = FULL and (GRADS == GRADS_ALL or GRADS == GRADS_INPUTS)
+    LAYER1 = FULL and (GRADS == GRADS_ALL or GRADS == GRADS_LAYER1)
+    HIDDEN = FULL and (GRADS == GRADS_ALL or GRADS == GRADS_HIDDEN)
     pid = tl.program_id(0).to(tl.int64)
     first = pid * users_per_program
     last = tl.minimum(first + users_per_program, batch)
@@ -569,7 +588,11 @@ def _backward_kernel(
     offs_v = tl.arange(0, DVP)
     col0 = tl.arange(0, P0) == 0
 
-    # Per-program sums of the parameter gradients.
+    # Per-program sums of the parameter gradients. Layer 1's dKc and dPc: with one candidate per user, dPc_b =
+    # (sum_t gz_t k_t^T) diag(q_b), so a program keeps only the user's m_b = sum_t gz_t k_t^T in registers and adds
+    # m_b and m_b diag(q_b) to its (zero-filled) rows of PART after each user: one [P0, DP] accumulator, not two;
+    # [P0, DB] with DB < DP, the columns offs_db of program (pid, program_id(1)) (layer1_columns says why).
+    offs_db = tl.program_id(1) * DB + tl.arange(0, DB)
     d_k = tl.zeros([P0, DP], dtype=ACC)
     d_p = tl.zeros([P0, DP], dtype=ACC)
     dw1 = tl.zeros([16, 16], dtype=ACC)
@@ -598,14 +621,14 @@ def _backward_kernel(
     a3_1, a3_2, a3_3, a3_4 = a3_0, a3_0, a3_0, a3_0
 
     if MULTI:  # layer 1's forward blocks, shared by every candidate
-        kc_t, pc_t = _layer0_t(W0, D, N0, DP, P0, ACC, IN)
+        kc_t, pc_t = _layer0_t(KPT, DP, P0)
+        kc_t, pc_t = kc_t.to(IN), pc_t.to(IN)
     offs_k = tl.arange(0, BLOCK_L // BLOCK_C)
     for b in range(first, last):
         length = tl.load(LENGTHS + b)
         start = tl.load(STARTS + b)
         if not MULTI:
-            q, c0, kc_t, pc_t = _user_layer0(Q, W0, B0, b, D, N0, DP, P0, ACC)
-            weff_t = (kc_t + pc_t * q[:, None]).to(IN)
+            q, c0, weff_t = _user_layer0(Q, CB, KPT, b, length, D, DP, P0, ACC, IN)
             g_out = tl.load(GOUT + b * DV + offs_v, mask=offs_v < DV, other=0.0).to(ACC)
             lse = tl.zeros([1], dtype=ACC)
             delta = tl.zeros([1], dtype=ACC)
@@ -615,6 +638,7 @@ def _backward_kernel(
                 delta = tl.zeros([1], dtype=ACC) + tl.sum(g_out * out, 0)
             dc = tl.zeros([P0], dtype=ACC)
             gq = tl.zeros([DP], dtype=ACC)
+            m_b = tl.zeros([P0, DB], dtype=ACC)
         for t0 in range(0, length, BLOCK_L // BLOCK_C):
             rows = t0 + offs_k
             kvalid = rows < length
@@ -624,7 +648,7 @@ def _backward_kernel(
             k = tl.load(K + r[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
             if MULTI:  # the tile's keys and values, read once; their gradients summed over the candidates
                 v = tl.load(V + r[:, None] * DV + offs_v[None, :], mask=vmask, other=0.0).to(ACC)
-                gk_sum = tl.zeros([BLOCK_L // BLOCK_C, DP], dtype=ACC)  # (dead code in a GRADS_PARAMS pass)
+                gk_sum = tl.zeros([BLOCK_L // BLOCK_C, DP], dtype=ACC)  # (dead code in a parameter pass)
                 gv_sum = tl.zeros([BLOCK_L // BLOCK_C, DVP], dtype=ACC)
             for first_c in range(0, NC, BLOCK_C):
                 if MULTI:
@@ -678,7 +702,7 @@ def _backward_kernel(
                         h_last, z_last = h2, z2
                     if NUM_HIDDEN == 4:
                         h_last, z_last = h3, z3
-                    if PARAMS:
+                    if HIDDEN:
                         dws += tl.sum(gs[:, None] * h_last, 0)
                         dbs += tl.sum(gs, 0)
                     gz, s0, s1, s2, s3, s4 = _act_bwd(gs[:, None] * ws[None, :], z_last, valid, CONSTS, NUM_HIDDEN - 1,
@@ -691,7 +715,7 @@ def _backward_kernel(
                         a3_4 += s4
                         if STOP <= 2:
                             gz, dw3, db3, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h2, z2, valid, w3, dw3, db3, CONSTS,
-                                                                           2, P2, HMAXP, ACT, ACC, IN, TF32, PARAMS)
+                                                                           2, P2, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if NUM_HIDDEN >= 3 and STOP <= 2:
                         a2_0 += s0
                         a2_1 += s1
@@ -700,7 +724,7 @@ def _backward_kernel(
                         a2_4 += s4
                         if STOP <= 1:
                             gz, dw2, db2, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h1, z1, valid, w2, dw2, db2, CONSTS,
-                                                                           1, P1, HMAXP, ACT, ACC, IN, TF32, PARAMS)
+                                                                           1, P1, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if NUM_HIDDEN >= 2 and STOP <= 1:
                         a1_0 += s0
                         a1_1 += s1
@@ -709,7 +733,7 @@ def _backward_kernel(
                         a1_4 += s4
                         if STOP <= 0:
                             gz, dw1, db1, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h0, z0, valid, w1, dw1, db1, CONSTS,
-                                                                           0, P0, HMAXP, ACT, ACC, IN, TF32, PARAMS)
+                                                                           0, P0, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if STOP <= 0:
                         a0_0 += s0
                         a0_1 += s1
@@ -749,13 +773,16 @@ def _backward_kernel(
                         else:
                             gk += w[:, None] * g_out[None, :]
                         tl.store(GK + r[:, None] * D + offs_d[None, :], gk, mask=kmask)
-                if PARAMS:  # layer 1's weight gradients: dKc = sum gz k^T, dPc = sum gz (q * k)^T
+                if LAYER1:  # layer 1's weight gradients: dKc = sum gz k^T, dPc = sum gz (q * k)^T
                     if MULTI:
                         d_k += _mm_tn(gz, km, ACC, IN, TF32)
                         d_p += _mm_tn(gz, qk, ACC, IN, TF32)
                     else:
-                        d_k += _mm_tn(gz, k, ACC, IN, TF32)
-                        d_p += _mm_tn(gz, k.to(ACC) * q[None, :], ACC, IN, TF32)
+                        kb = k
+                        if DB < DP:  # this program's columns of the tile's keys (an L1 hit)
+                            kb = tl.load(K + r[:, None] * D + offs_db[None, :],
+                                         mask=kvalid[:, None] & (offs_db < D)[None, :], other=0.0)
+                        m_b += _mm_tn(gz, kb, ACC, IN, TF32)
             if MULTI:
                 if INPUTS:
                     tl.store(GK + r[:, None] * D + offs_d[None, :], gk_sum, mask=kmask)
@@ -765,11 +792,20 @@ def _backward_kernel(
             if INPUTS:
                 tl.store(GQ + b * D + offs_d, gq, mask=offs_d < D)
                 tl.store(DC + b * P0 + tl.arange(0, P0), dc)
+            if LAYER1:  # only this program touches its rows; the barrier orders this update before the next one
+                q_b = q
+                if DB < DP:
+                    q_b = tl.load(Q + b * D + offs_db, mask=offs_db < D, other=0.0).to(ACC)
+                dkp_at = PART + pid * part_size + tl.arange(0, P0)[:, None] * DP + offs_db[None, :]
+                tl.store(dkp_at, tl.load(dkp_at) + m_b)
+                tl.store(dkp_at + P0 * DP, tl.load(dkp_at + P0 * DP) + m_b * q_b[None, :])
+                tl.debug_barrier()
 
     base = PART + pid * part_size
-    if PARAMS:  # the layout of _backward_layout
+    if LAYER1 and MULTI:  # the layout of _backward_layout
         _store_mat(base, d_k, P0, DP)
         _store_mat(base + P0 * DP, d_p, P0, DP)
+    if HIDDEN:
         base += 2 * P0 * DP
         if NUM_HIDDEN >= 2:
             _store_mat(base, dw1, P1, P0)
@@ -855,15 +891,22 @@ class _Plan:
         self.pairs = self.batch * self.candidates  # rows of the query viewed as [B * C, D]
 
     def candidate_terms(self, query: Tensor, weights: List[Tensor], biases: List[Tensor]) -> Tensor:
-        """The CB argument: c_{b,c} = (Wq + Wd) q_{b,c} + b_0 of every candidate, [B * C, P0] in the accumulation
-        dtype (computed in float64, zero padding); a placeholder for a 2-D query."""
-        if not self.multi:
-            return torch.zeros(1, dtype=self.acc, device=query.device)
+        """The CB argument: c_{b,c} = (Wq + Wd) q_{b,c} + b_0 of every user (candidate), [B * C, P0] in the
+        accumulation dtype (computed in float64, zero padding)."""
         w0, dim = weights[0].double(), self.dim
         terms = torch.zeros(self.pairs, self.p[0], dtype=self.acc, device=query.device)
         terms[:, :self.n[0]] = torch.addmm(biases[0].double(), query.reshape(self.pairs, dim).double(),
                                             (w0[:, :dim] + w0[:, 2 * dim:3 * dim]).t())
         return terms
+
+    def layer1_blocks(self, weights: List[Tensor]) -> Tensor:
+        """The KPT argument: [Kc^T; Pc^T] = [(Wk - Wd)^T; Wp^T], [2, DP, P0] in the accumulation dtype, zero
+        padding (Kc in the accumulation dtype, as the kernels formed it before)."""
+        w0, dim, width = weights[0].to(self.acc), self.dim, self.n[0]
+        blocks = torch.zeros(2, _pad(dim), self.p[0], dtype=self.acc, device=w0.device)
+        blocks[0, :dim, :width] = (w0[:, dim:2 * dim] - w0[:, 2 * dim:3 * dim]).t()
+        blocks[1, :dim, :width] = w0[:, 3 * dim:].t()
+        return blocks
 
     def linears(self, weights: List[Tensor], biases: List[Tensor]) -> list:
         """W0, B0, W1, B1, W2, B2, W3, B3, WS, BS (placeholders repeat the first linear)."""
@@ -918,7 +961,7 @@ def _forward_pass(plan, query, keys, values, starts, lengths, linears, consts, t
                   shift_width, stop_pad):
     grid = (plan.batch, triton.cdiv(plan.candidates, plan.block_c)) if plan.multi else (plan.batch,)
     wrap_triton(_forward_kernel)[grid](
-        query, keys, keys if values is None else values, starts, lengths, *linears, consts, terms, out, lse, part,
+        query, keys, keys if values is None else values, starts, lengths, *linears, consts, *terms, out, lse, part,
         shift, NS=shift_width, STOP=stop, PS=stop_pad, **plan.common)
 
 
@@ -945,7 +988,7 @@ def forward(
     query, keys = query.contiguous(), keys.contiguous()
     values = None if values is None else values.contiguous()
     linears = plan.linears(weights, biases)
-    terms = plan.candidate_terms(query, weights, biases)
+    terms = plan.candidate_terms(query, weights, biases), plan.layer1_blocks(weights)
     hidden_total = sum(plan.hidden)
     stats = query.new_zeros(2, hidden_total)
     out = query.new_empty(*query.shape[:-1], plan.value_dim)
@@ -990,8 +1033,20 @@ def _backward_layout(plan: _Plan) -> List[Tuple[str, int, Tuple[int, ...]]]:
     return pieces
 
 
+LAYER1_COLUMNS = 64  # the widest [P0, DB] block of dKc, dPc that one program of the layer-1 pass sums
+
+
+def layer1_columns(dim: int, multi: bool) -> int:
+    """DB of the GRADS_LAYER1 pass: the columns of dKc and dPc one program sums for key width ``dim``. A [B, D] query
+    with padded D above LAYER1_COLUMNS splits them over program_id(1) (each program recomputes its users' tiles):
+    with m_b [128, 128] in registers the pass spills on sm_90 at D = 128 (bench/results/gpu_static.md). A
+    multi-candidate query keeps them whole (its dKc, dPc accumulators are the [P0, DP] d_k, d_p)."""
+    padded = _pad(dim)
+    return padded if multi else min(padded, LAYER1_COLUMNS)
+
+
 def split_backward() -> bool:
-    """Whether the gradient pass runs as two kernels (input gradients, then parameter gradients): see GRADS_ALL."""
+    """Whether the gradient pass runs as the three kernels of SPLIT_PASSES (else one fused kernel): see GRADS_ALL."""
     return os.environ.get("DIN_EXT_TRITON_SPLIT_BACKWARD", "1") != "0"
 
 
@@ -1002,11 +1057,12 @@ def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, length
     grads = int(grads)
     if stop < 0 and grads == int(GRADS_INPUTS):
         programs = plan.batch
-    wrap_triton(_backward_kernel)[(programs,)](
-        grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts, terms,
+    columns = layer1_columns(plan.dim, plan.multi) if stop < 0 and grads == int(GRADS_LAYER1) else _pad(plan.dim)
+    wrap_triton(_backward_kernel)[(programs, _pad(plan.dim) // columns)](
+        grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts, *terms,
         grad_query, dc, grad_keys, grad_keys if grad_values is None else grad_values, part, plan.batch,
         triton.cdiv(plan.batch, programs), part_size=part.shape[1], STOP=stop, GRADS=grads,
-        HAS_V=values is not None, PS=plan.p[max(stop, 0)], **plan.common)
+        HAS_V=values is not None, PS=plan.p[max(stop, 0)], DB=columns, **plan.common)
 
 
 def backward(
@@ -1028,7 +1084,7 @@ def backward(
     query, keys = query.contiguous(), keys.contiguous()
     values = None if values is None else values.contiguous()
     linears = plan.linears(weights, biases)
-    terms = plan.candidate_terms(query, weights, biases)
+    terms = plan.candidate_terms(query, weights, biases), plan.layer1_blocks(weights)
     dice_train = activation == "dice" and training
     consts = _constants(plan, act_params, activation, dice_train, stats, eps, score_scale)
     programs = min(plan.batch, NUM_BLOCKS)
@@ -1049,8 +1105,9 @@ def backward(
             consts[const_row(j, ROW_G_MEAN):const_row(j, ROW_GX_MEAN) + 1, :plan.p[j]] = sums / count
     layout = _backward_layout(plan)
     size = sum(math.prod(shape) for _, _, shape in layout)
-    part = torch.empty(programs, size, dtype=plan.acc, device=query.device)
-    for grads in (GRADS_INPUTS, GRADS_PARAMS) if split_backward() else (GRADS_ALL,):
+    # Zero-filled: a [B, D] query's dKc and dPc are added to user by user, and each split pass writes its own pieces.
+    part = torch.zeros(programs, size, dtype=plan.acc, device=query.device)
+    for grads in SPLIT_PASSES if split_backward() else (GRADS_ALL,):
         _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, -1,
                        grad_query, dc, grad_keys, grad_values, part, programs, grads)
     total = part.sum(0, dtype=torch.float64)

@@ -23,6 +23,11 @@ from din_ext.contract import DICE_ALPHA, DICE_BETA, DICE_RUNNING_MEAN, DICE_RUNN
 from din_ext.kernels.common import interpreting, sigmoid
 
 BLOCK_N = 256  # rows per block: fixes the summation order
+# The elementwise kernels walk their block in SUB_N-row steps: a whole [BLOCK_N, 64] tile held at once (its values,
+# addresses and masks, 128 elements a thread with 4 warps) spills on sm_90 (bench/results/gpu_static.md). The
+# moments kernel needs its block's mean before the centred sums, so it holds the tile, with MOMENTS_WARPS warps.
+SUB_N = 32
+MOMENTS_WARPS = 8
 
 
 def _block_h(features: int) -> int:
@@ -30,9 +35,10 @@ def _block_h(features: int) -> int:
 
 
 @triton.jit
-def _tile(X, MASK, N, H, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Offsets, valid-row mask and feature mask of this program's tile."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _tile(X, MASK, N, H, first, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+          BLOCK_H: tl.constexpr):
+    """Offsets, valid-row mask and feature mask of rows first .. first + ROWS - 1 of this program's block."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + first + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     valid = rows < N
     if HAS_MASK:
@@ -63,7 +69,7 @@ def _dice_moments_kernel(
     HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     ACC = MEAN.dtype.element_ty
-    offs, valid, cols, col_ok = _tile(X, MASK, N, H, HAS_MASK, BLOCK_N, BLOCK_H)
+    offs, valid, cols, col_ok = _tile(X, MASK, N, H, 0, HAS_MASK, BLOCK_N, BLOCK_N, BLOCK_H)
     m = valid[:, None] & col_ok[None, :]
     x = tl.load(X + offs, mask=m, other=0.0).to(ACC)
     count = tl.sum(valid.to(ACC), 0)
@@ -82,16 +88,17 @@ def _dice_forward_kernel(
     C,  # [5, H] alpha, gamma, beta, mean, rstd (accumulation dtype)
     Y,  # [N, H]
     N, H,
-    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     ACC = C.dtype.element_ty
-    offs, valid, cols, col_ok = _tile(X, MASK, N, H, HAS_MASK, BLOCK_N, BLOCK_H)
-    alpha, gamma, beta, mean, rstd = _constants_of(C, H, cols, col_ok)
-    m = valid[:, None] & col_ok[None, :]
-    x = tl.load(X + offs, mask=m, other=0.0).to(ACC)
-    p = sigmoid(gamma * ((x - mean) * rstd) + beta)
-    y = tl.where(m, x * (alpha + (1.0 - alpha) * p), 0.0)
-    tl.store(Y + offs, y, mask=(offs < N * H) & col_ok[None, :])
+    for first in range(0, BLOCK_N, SUB_N):
+        offs, valid, cols, col_ok = _tile(X, MASK, N, H, first, HAS_MASK, BLOCK_N, SUB_N, BLOCK_H)
+        alpha, gamma, beta, mean, rstd = _constants_of(C, H, cols, col_ok)
+        m = valid[:, None] & col_ok[None, :]
+        x = tl.load(X + offs, mask=m, other=0.0).to(ACC)
+        p = sigmoid(gamma * ((x - mean) * rstd) + beta)
+        y = tl.where(m, x * (alpha + (1.0 - alpha) * p), 0.0)
+        tl.store(Y + offs, y, mask=(offs < N * H) & col_ok[None, :])
 
 
 @triton.jit
@@ -107,30 +114,39 @@ def _dice_backward_kernel(
     WRITE_SUMS: tl.constexpr,  # write the block's parameter-gradient sums
     WRITE_DX: tl.constexpr,  # write dx
     CORRECT: tl.constexpr,  # subtract the gradient through the batch statistics (training)
-    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     ACC = C.dtype.element_ty
-    offs, valid, cols, col_ok = _tile(X, MASK, N, H, HAS_MASK, BLOCK_N, BLOCK_H)
-    alpha, gamma, beta, mean, rstd = _constants_of(C, H, cols, col_ok)
-    m = valid[:, None] & col_ok[None, :]
-    x = tl.load(X + offs, mask=m, other=0.0).to(ACC)
-    g = tl.load(G + offs, mask=m, other=0.0).to(ACC)
-    xhat = (x - mean) * rstd
-    p = sigmoid(gamma * xhat + beta)
-    t = g * x * (1.0 - alpha) * p * (1.0 - p)
+    d_alpha = tl.zeros([BLOCK_H], dtype=ACC)  # the block's sums, its SUB_N-row steps added in order
+    d_gamma = tl.zeros([BLOCK_H], dtype=ACC)
+    d_beta = tl.zeros([BLOCK_H], dtype=ACC)
+    for first in range(0, BLOCK_N, SUB_N):
+        offs, valid, cols, col_ok = _tile(X, MASK, N, H, first, HAS_MASK, BLOCK_N, SUB_N, BLOCK_H)
+        alpha, gamma, beta, mean, rstd = _constants_of(C, H, cols, col_ok)
+        m = valid[:, None] & col_ok[None, :]
+        x = tl.load(X + offs, mask=m, other=0.0).to(ACC)
+        g = tl.load(G + offs, mask=m, other=0.0).to(ACC)
+        xhat = (x - mean) * rstd
+        p = sigmoid(gamma * xhat + beta)
+        t = g * x * (1.0 - alpha) * p * (1.0 - p)
+        if WRITE_SUMS:
+            d_alpha += tl.sum(g * x * (1.0 - p), 0)
+            d_gamma += tl.sum(t * xhat, 0)
+            d_beta += tl.sum(t, 0)
+        if WRITE_DX:
+            dx = g * (alpha + (1.0 - alpha) * p) + gamma * rstd * t
+            if CORRECT:
+                k0 = tl.load(K + cols, mask=col_ok, other=0.0)[None, :]
+                k1 = tl.load(K + H + cols, mask=col_ok, other=0.0)[None, :]
+                dx -= k0 + k1 * (x - mean)
+            dx = tl.where(m, dx, 0.0)
+            tl.store(GX + offs, dx, mask=(offs < N * H) & col_ok[None, :])
     if WRITE_SUMS:
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         base = SUMS + tl.program_id(0).to(tl.int64) * 3 * H + cols
-        tl.store(base, tl.sum(g * x * (1.0 - p), 0), mask=col_ok)
-        tl.store(base + H, tl.sum(t * xhat, 0), mask=col_ok)
-        tl.store(base + 2 * H, tl.sum(t, 0), mask=col_ok)
-    if WRITE_DX:
-        dx = g * (alpha + (1.0 - alpha) * p) + gamma * rstd * t
-        if CORRECT:
-            k0 = tl.load(K + cols, mask=col_ok, other=0.0)[None, :]
-            k1 = tl.load(K + H + cols, mask=col_ok, other=0.0)[None, :]
-            dx -= k0 + k1 * (x - mean)
-        dx = tl.where(m, dx, 0.0)
-        tl.store(GX + offs, dx, mask=(offs < N * H) & col_ok[None, :])
+        tl.store(base, d_alpha, mask=cols < H)
+        tl.store(base + H, d_gamma, mask=cols < H)
+        tl.store(base + 2 * H, d_beta, mask=cols < H)
 
 
 def _grid(rows: int, features: int) -> Tuple[int, int]:
@@ -160,7 +176,8 @@ def forward(x: Tensor, mask: Optional[Tensor], params: Tensor, training: bool, e
         block_mean = torch.empty(grid[0], features, dtype=acc, device=x.device)
         block_m2 = torch.empty(grid[0], features, dtype=acc, device=x.device)
         wrap_triton(_dice_moments_kernel)[grid](x, mask_arg, count, block_mean, block_m2, rows, features,
-                                                HAS_MASK=has_mask, BLOCK_N=BLOCK_N, BLOCK_H=_block_h(features))
+                                                HAS_MASK=has_mask, BLOCK_N=BLOCK_N, BLOCK_H=_block_h(features),
+                                                num_warps=MOMENTS_WARPS)
         count = count.double()[:, None]
         total = count.sum()
         mean = (count * block_mean.double()).sum(0) / total.clamp(min=1)
@@ -171,7 +188,7 @@ def forward(x: Tensor, mask: Optional[Tensor], params: Tensor, training: bool, e
     else:
         consts = _constants(params, params[DICE_RUNNING_MEAN], params[DICE_RUNNING_VAR], eps, acc)
     wrap_triton(_dice_forward_kernel)[grid](x, mask_arg, consts, y, rows, features, HAS_MASK=has_mask,
-                                            BLOCK_N=BLOCK_N, BLOCK_H=_block_h(features))
+                                            BLOCK_N=BLOCK_N, SUB_N=SUB_N, BLOCK_H=_block_h(features))
     return y, stats
 
 
@@ -191,7 +208,7 @@ def backward(grad_y: Tensor, x: Tensor, mask: Optional[Tensor], params: Tensor, 
     has_mask = mask is not None
     mask_arg = mask.contiguous() if has_mask else x
     sums = torch.empty(grid[0], 3, features, dtype=acc, device=x.device)
-    launch = dict(HAS_MASK=has_mask, BLOCK_N=BLOCK_N, BLOCK_H=_block_h(features))
+    launch = dict(HAS_MASK=has_mask, BLOCK_N=BLOCK_N, SUB_N=SUB_N, BLOCK_H=_block_h(features))
     # Eval: dx needs no sums, one pass does both. Training: the sums first, then dx with the statistics term.
     wrap_triton(_dice_backward_kernel)[grid](grad_y, x, mask_arg, consts, consts, grad_x, sums, rows, features,
                                              WRITE_SUMS=True, WRITE_DX=not training, CORRECT=False, **launch)

@@ -205,3 +205,38 @@ def test_triton_bitwise_deterministic(dtype):
 @gpu_only
 def test_triton_auto_prefers_triton_on_cuda():
     assert din_ext._backend.resolve("auto", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.parametrize("dim", [16, 32, 48, 64, 96, 128])
+def test_triton_layer1_column_blocks(dim):
+    """The layer-1 parameter pass of a [B, D] query sums dKc and dPc in column blocks of LAYER1_COLUMNS when the
+    padded D is wider (two blocks at D = 96 and 128), whole otherwise and for several candidates; at each D the
+    gradients match the float64 reference, with a length-1 user and empty ones."""
+    from din_ext.kernels import attention
+
+    padded, columns = attention._pad(dim), attention.layer1_columns(dim, multi=False)
+    assert padded % columns == 0 and columns <= attention.LAYER1_COLUMNS
+    assert (padded // columns > 1) == (padded > attention.LAYER1_COLUMNS)
+    assert attention.layer1_columns(dim, multi=True) == padded
+    unit = make_unit("dice", "softmax", hidden=(7, 5), dim=dim, device=DEVICE)
+    batch = make_batch("jagged", batch=5, max_len=9, dim=dim, lengths=[1, 0, 9, 3, 0], device=DEVICE, seed=dim)
+    assert_matches_reference(unit, batch, "triton")
+
+
+@pytest.mark.parametrize("dim", [24, 96])
+def test_triton_split_backward_repeats_and_equals_fused(monkeypatch, dim):
+    """The split gradient pass (input gradients, layer 1's in column blocks at D = 96, the others) gives the same
+    bits twice, and the fused kernel's (DIN_EXT_TRITON_SPLIT_BACKWARD=0) bits: the same products, the same order."""
+    runs = []
+    for split in ("1", "1", "0"):
+        monkeypatch.setenv("DIN_EXT_TRITON_SPLIT_BACKWARD", split)
+        unit = make_unit("dice", "softmax", hidden=(9, 6), dim=dim, device=DEVICE)
+        unit.backend = "triton"
+        batch = make_batch("jagged", batch=6, max_len=40, dim=dim, device=DEVICE, seed=5)
+        out, grads = _run_projected(unit, batch.fresh())
+        runs.append([out, *grads])
+    assert len(runs[0]) >= 8
+    for first, again, fused in zip(*runs):
+        assert torch.isfinite(first).all()
+        assert torch.equal(first, again)
+        assert torch.equal(first, fused)
