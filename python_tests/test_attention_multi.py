@@ -440,6 +440,21 @@ def test_rank_scores_candidate_lists_in_order(backend_name):
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
 
 
+def test_rank_runs_every_module_in_eval_mode():
+    """rank scores in eval mode even when the model is in eval mode but one of its modules is not."""
+    batch, schema = user_batch()
+    torch.manual_seed(1)
+    model = DIN(schema, embed_dim=8, attention_hidden=(12, 6), tower_hidden=(16, 8)).eval()
+    items = random_items(model.schema, len(batch), 4, seed=7)
+    dice = next(m for m in model.tower_activations if isinstance(m, din_ext.Dice)).train()
+    with torch.no_grad():
+        dice.running_mean.uniform_(-0.5, 0.5)  # eval reads these; a training-mode Dice would not
+    expected = torch.sigmoid(model.eval()(with_candidates(batch, items)))
+    dice.train()
+    torch.testing.assert_close(model.rank(with_candidates(batch, items)), expected)
+    assert not model.training
+
+
 def test_din_rejects_mixed_candidate_shapes():
     batch, schema = user_batch()
     model = DIN(schema, embed_dim=8, attention_hidden=(12, 6), tower_hidden=(16, 8))
