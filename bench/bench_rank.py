@@ -31,6 +31,7 @@ D, HIDDEN = 48, (80, 40)
 FLOPS_PER_PAIR = 2 * (D * HIDDEN[0] + HIDDEN[0] * HIDDEN[1] + HIDDEN[1])
 REFERENCE_MAX_PAIRS = 300_000  # (a) materializes [pairs, 4D] and more: skipped beyond
 TILED_MAX_PAIRS = 1_000_000    # (b) and the tiled model forward copy the history C times: skipped beyond
+RANK_SHAPE = (1, 100, 50)  # B, C, L of the issue's targets: DIN.rank is broken down step by step there
 SCHEMA = Schema(user_fields={"gender": 3, "age": 8}, item_fields={"item": 5001, "category": 101, "brand": 401},
                 history_fields=("item", "category", "brand"))
 
@@ -108,6 +109,58 @@ def bench_shape(unit, model, batch, count, length, threads, floor_gflops, min_re
     return row
 
 
+def rank_breakdown(model, batch, count, length, min_reps, min_seconds):
+    """The steps of DIN.rank on B users x C candidates, each timed alone (p50 ms): [(step, ms)]. The attention and
+    the tower run on inputs prepared once, as DIN.forward makes them."""
+    users, tiled = user_batch(batch, count, length)
+    schema, cpu = model.schema, torch.device("cpu")
+    history = [f for f in schema.item_fields if f in schema.history_fields]
+
+    def lookups():
+        looked = {f: model.embeddings[f](users.item[f], *([users.hist[f]] if f in history else []), checked=True)
+                  for f in schema.item_fields}
+        profile = [model.embeddings[f](users.user[f], checked=True) for f in schema.user_fields]
+        query = torch.cat([looked[f][0] for f in history], dim=-1)
+        keys = torch.cat([looked[f][1] for f in history], dim=-1)
+        return profile, [looked[f][0] for f in schema.item_fields], query, keys
+
+    profile, items, query, keys = lookups()
+    profile = [p[0] if isinstance(p, tuple) else p for p in profile]
+    attention = model.attention
+    offsets = users.hist_offsets
+    weights = [l.weight for l in attention.linears] + [attention.out.weight]
+    biases = [l.bias for l in attention.linears] + [attention.out.bias]
+    params, eps = attention.act_params(), attention.activations[0].eps
+    interest = attention(query, keys, offsets=offsets)
+    x = torch.cat([u[:, None].expand(batch, count, u.shape[-1]) for u in profile] + items + [interest], dim=-1)
+    x = x.reshape(batch * count, x.shape[-1])
+
+    def tower():
+        h = x
+        for linear, activation in zip(model.tower, model.tower_activations):
+            h = activation(linear(h))
+        return model.heads(h)
+
+    steps = [
+        ("DIN.rank, the whole call", lambda: model.rank(users)),
+        ("DIN forward on [B, C] candidates", lambda: model(users)),
+        ("DIN forward on the B x C tiled rows", lambda: model(tiled)),
+        ("check_batch (validation)", lambda: model.check_batch(users)),
+        ("check_batch of the tiled rows", lambda: model.check_batch(tiled)),
+        ("embedding lookups and concatenation", lookups),
+        ("attention layer (LocalActivationUnit, jagged keys)", lambda: attention(query, keys, offsets=offsets)),
+        ("attention op alone (torch.ops.din_ext, no validation)", lambda: torch.ops.din_ext.local_activation_attention(
+            query, keys, None, offsets[:-1], offsets.diff(), length, weights, biases, params, attention.activation,
+            attention.normalization, attention.score_scale, False, eps)),
+        ("tower MLP and heads on B x C rows", tower),
+    ]
+    out = []
+    with torch.no_grad():
+        for name, fn in steps:
+            out.append((name, statistics.median(time_fn(fn, cpu, min_reps, min_seconds))))
+    return out
+
+
 def fmt(cell):
     return "skipped" if cell is None else f"{cell[0]:.3f} / {cell[1]:.3f}"
 
@@ -163,6 +216,12 @@ def main(argv=None):
                          f"{ratio('a')} | {ratio('b')} | {fmt(row['d'])} | {fmt(row.get('d_tiled'))} | {d_ratio} |")
             print(lines[-1], flush=True)
         lines.append("")
+        breakdown = rank_breakdown(model, *RANK_SHAPE, args.min_reps, args.min_seconds)
+        title = f"DIN.rank step by step at B, C, L = {RANK_SHAPE}, {threads} thread{'s' if threads > 1 else ''}"
+        lines += [f"{title} (each step timed alone):", "", "| step | p50 ms |", "|---|---|"]
+        lines += [f"| {name} | {ms:.3f} |" for name, ms in breakdown]
+        lines.append("")
+        print("\n".join(lines[-len(breakdown) - 1:]), flush=True)
     write_table("\n".join(lines) + "\n", args.out)
     if not args.out:
         print("\n".join(lines))
