@@ -19,11 +19,12 @@ import datetime
 import os
 import statistics
 import sys
+import time
 
 import torch
 
 import din_ext
-from common import git_commit, machine_description, matmul_gflops, time_fn, write_table
+from common import git_commit, machine_description, matmul_gflops, write_table
 from din_ext.data.core import Interactions, Schema
 from din_ext.model import DIN
 
@@ -75,6 +76,27 @@ def user_batch(batch, count, length, seed=0):
     return users, tiled
 
 
+def interleaved_times(fns, min_reps, min_seconds, max_rounds=200):
+    """{name: (wall ms, cpu ms)} of repeated calls of every fn in fns, interleaved: each round calls each once in
+    turn, so that all see the same load on a shared machine (a contender timed after another would see another
+    minute's load). Two warm-up rounds, then rounds until min_reps and until the contenders have had min_seconds
+    each (at most max_rounds). cpu: process CPU time of the call, all threads together."""
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    times = {name: ([], []) for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_reps or (time.perf_counter() - start < min_seconds * len(fns) and rounds < max_rounds):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times[name][0].append((time.perf_counter() - t0) * 1e3)
+            times[name][1].append((time.process_time() - c0) * 1e3)
+        rounds += 1
+    return times
+
+
 def bench_shape(unit, model, batch, count, length, threads, floor_gflops, min_reps, min_seconds):
     query, keys, lengths = make_inputs(batch, count, length)
     pairs = batch * count * length
@@ -84,27 +106,24 @@ def bench_shape(unit, model, batch, count, length, threads, floor_gflops, min_re
     flat_query = query.reshape(batch * count, D)
     tiled_keys = keys.repeat_interleave(count, dim=0) if pairs <= TILED_MAX_PAIRS else None
     tiled_lengths = lengths.repeat_interleave(count)
-    cpu = torch.device("cpu")
-    row = {}
-
-    def measure(name, fn):
-        with torch.no_grad():
-            times = time_fn(fn, cpu, min_reps, min_seconds)
-        row[name] = (statistics.median(times), percentile(times, 99))
-
+    fns = {}
     if pairs <= REFERENCE_MAX_PAIRS:
-        measure("a", lambda: din_ext.reference.local_activation_attention(
-            flat_query, tiled_keys, weights, biases, params, lengths=tiled_lengths, activation="dice"))
+        fns["a"] = lambda: din_ext.reference.local_activation_attention(
+            flat_query, tiled_keys, weights, biases, params, lengths=tiled_lengths, activation="dice")
     if tiled_keys is not None:
-        measure("b", lambda: din_ext.ops.local_activation_attention(
+        fns["b"] = lambda: din_ext.ops.local_activation_attention(
             flat_query, tiled_keys, weights, biases, params, lengths=tiled_lengths, activation="dice",
-            backend="cpu"))
-    measure("c", lambda: din_ext.ops.local_activation_attention(
-        query, keys, weights, biases, params, lengths=lengths, activation="dice", backend="cpu"))
+            backend="cpu")
+    fns["c"] = lambda: din_ext.ops.local_activation_attention(
+        query, keys, weights, biases, params, lengths=lengths, activation="dice", backend="cpu")
     users, tiled = user_batch(batch, count, length)
-    measure("d", lambda: model.rank(users))
+    fns["d"] = lambda: model.rank(users)
     if pairs <= TILED_MAX_PAIRS:
-        measure("d_tiled", lambda: model(tiled))
+        fns["d_tiled"] = lambda: model(tiled)
+    with torch.no_grad():
+        times = interleaved_times(fns, min_reps, min_seconds)
+    row = {name: (statistics.median(wall), percentile(wall, 99)) for name, (wall, _) in times.items()}
+    row["c_cpu"] = statistics.median(times["c"][1]) / threads
     row["floor"] = pairs * FLOPS_PER_PAIR / (floor_gflops * 1e9) * 1e3
     return row
 
@@ -113,7 +132,7 @@ def rank_breakdown(model, batch, count, length, min_reps, min_seconds):
     """The steps of DIN.rank on B users x C candidates, each timed alone (p50 ms): [(step, ms)]. The attention and
     the tower run on inputs prepared once, as DIN.forward makes them."""
     users, tiled = user_batch(batch, count, length)
-    schema, cpu = model.schema, torch.device("cpu")
+    schema = model.schema
     history = [f for f in schema.item_fields if f in schema.history_fields]
 
     def lookups():
@@ -154,11 +173,9 @@ def rank_breakdown(model, batch, count, length, min_reps, min_seconds):
             attention.normalization, attention.score_scale, False, eps)),
         ("tower MLP and heads on B x C rows", tower),
     ]
-    out = []
     with torch.no_grad():
-        for name, fn in steps:
-            out.append((name, statistics.median(time_fn(fn, cpu, min_reps, min_seconds))))
-    return out
+        times = interleaved_times(dict(steps), min_reps, min_seconds)
+    return [(name, statistics.median(times[name][0])) for name, _ in steps]
 
 
 def fmt(cell):
@@ -194,7 +211,8 @@ def main(argv=None):
         "- cells: p50 / p99 ms per request (one call scoring B x C candidates); (a) eager reference on the tiled "
         "history, (b) din_ext single-candidate op on the tiled history, (c) din_ext multi-candidate op, "
         "(d) DIN.rank on [B, C] candidates, (d') DIN forward on the B x C tiled rows; floor = pairs x FLOPs per pair "
-        "/ matmul GFLOP/s at the thread count",
+        "/ matmul GFLOP/s at the thread count; (c) cpu/thread: p50 of its process CPU time / threads (ms; well below "
+        "the wall time: the process waited for a core); contenders are timed interleaved, round by round",
         f"- skipped: (a) beyond {REFERENCE_MAX_PAIRS} pairs, (b) and (d') beyond {TILED_MAX_PAIRS} pairs "
         "(the tiled history alone is pairs x D floats)",
         "",
@@ -203,22 +221,23 @@ def main(argv=None):
         torch.set_num_threads(threads)
         gflops = matmul_gflops(torch.device("cpu"))
         lines += [f"## {threads} thread{'s' if threads > 1 else ''} (matmul {gflops:.1f} GFLOP/s)", "",
-                  "| B | C | L | pairs | (a) ref tiled | (b) op tiled | (c) multi op | floor | (c)/floor | (a)/(c) "
-                  "| (b)/(c) | (d) rank | (d') forward tiled | (d')/(d) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| B | C | L | pairs | (a) ref tiled | (b) op tiled | (c) multi op | (c) cpu/thread | floor | (c)/floor "
+                  "| (a)/(c) | (b)/(c) | (d) rank | (d') forward tiled | (d')/(d) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for batch, count, length in shapes:
             row = bench_shape(unit, model, batch, count, length, threads, gflops, args.min_reps, args.min_seconds)
             c = row["c"][0]
             ratio = lambda key: f"{row[key][0] / c:.2f}" if key in row else "-"  # noqa: E731
             d_ratio = f"{row['d_tiled'][0] / row['d'][0]:.2f}" if "d_tiled" in row else "-"
             lines.append(f"| {batch} | {count} | {length} | {batch * count * length} | {fmt(row.get('a'))} | "
-                         f"{fmt(row.get('b'))} | {fmt(row['c'])} | {row['floor']:.3f} | {c / row['floor']:.2f} | "
+                         f"{fmt(row.get('b'))} | {fmt(row['c'])} | {row['c_cpu']:.3f} | {row['floor']:.3f} | "
+                         f"{c / row['floor']:.2f} | "
                          f"{ratio('a')} | {ratio('b')} | {fmt(row['d'])} | {fmt(row.get('d_tiled'))} | {d_ratio} |")
             print(lines[-1], flush=True)
         lines.append("")
         breakdown = rank_breakdown(model, *RANK_SHAPE, args.min_reps, args.min_seconds)
         title = f"DIN.rank step by step at B, C, L = {RANK_SHAPE}, {threads} thread{'s' if threads > 1 else ''}"
-        lines += [f"{title} (each step timed alone):", "", "| step | p50 ms |", "|---|---|"]
+        lines += [f"{title} (each step alone, interleaved):", "", "| step | p50 ms |", "|---|---|"]
         lines += [f"| {name} | {ms:.3f} |" for name, ms in breakdown]
         lines.append("")
         print("\n".join(lines[-len(breakdown) - 1:]), flush=True)
