@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import random
 import statistics
 import sys
 import time
@@ -77,18 +78,21 @@ def user_batch(batch, count, length, seed=0):
 
 
 def interleaved_times(fns, min_reps, min_seconds, max_rounds=200):
-    """{name: (wall ms, cpu ms)} of repeated calls of every fn in fns, interleaved: each round calls each once in
-    turn, so that all see the same load on a shared machine (a contender timed after another would see another
-    minute's load). Two warm-up rounds, then rounds until min_reps and until the contenders have had min_seconds
-    each (at most max_rounds). cpu: process CPU time of the call, all threads together."""
+    """{name: (wall ms, cpu ms)} of repeated calls of every fn in fns, interleaved: each round calls each once, in
+    an order shuffled per round, so that all see the same load on a shared machine (a contender timed after another
+    would see another minute's load) and none always follows the same one (which sets what is left in the caches).
+    Two warm-up rounds, then rounds until min_reps and until the contenders have had min_seconds each (at most
+    max_rounds). cpu: process CPU time of the call, all threads together."""
     for _ in range(2):
         for fn in fns.values():
             fn()
     times = {name: ([], []) for name in fns}
+    order, shuffle = list(fns.items()), random.Random(0).shuffle
     start = time.perf_counter()
     rounds = 0
     while rounds < min_reps or (time.perf_counter() - start < min_seconds * len(fns) and rounds < max_rounds):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name, fn in order:
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name][0].append((time.perf_counter() - t0) * 1e3)
@@ -123,7 +127,7 @@ def bench_shape(unit, model, batch, count, length, threads, floor_gflops, min_re
     with torch.no_grad():
         times = interleaved_times(fns, min_reps, min_seconds)
     row = {name: (statistics.median(wall), percentile(wall, 99)) for name, (wall, _) in times.items()}
-    row["c_cpu"] = statistics.median(times["c"][1]) / threads
+    row.update({f"{name}_cpu": statistics.median(times[name][1]) / threads for name in ("b", "c") if name in times})
     row["floor"] = pairs * FLOPS_PER_PAIR / (floor_gflops * 1e9) * 1e3
     return row
 
@@ -212,7 +216,8 @@ def main(argv=None):
         "history, (b) din_ext single-candidate op on the tiled history, (c) din_ext multi-candidate op, "
         "(d) DIN.rank on [B, C] candidates, (d') DIN forward on the B x C tiled rows; floor = pairs x FLOPs per pair "
         "/ matmul GFLOP/s at the thread count; (c) cpu/thread: p50 of its process CPU time / threads (ms; well below "
-        "the wall time: the process waited for a core); contenders are timed interleaved, round by round",
+        "the wall time: the process waited for a core); (b)/(c) cpu: the same ratio of (b)'s and (c)'s (less sensitive to "
+        "the load, but it counts threads spinning at a barrier); contenders are timed interleaved, round by round",
         f"- skipped: (a) beyond {REFERENCE_MAX_PAIRS} pairs, (b) and (d') beyond {TILED_MAX_PAIRS} pairs "
         "(the tiled history alone is pairs x D floats)",
         "",
@@ -222,17 +227,18 @@ def main(argv=None):
         gflops = matmul_gflops(torch.device("cpu"))
         lines += [f"## {threads} thread{'s' if threads > 1 else ''} (matmul {gflops:.1f} GFLOP/s)", "",
                   "| B | C | L | pairs | (a) ref tiled | (b) op tiled | (c) multi op | (c) cpu/thread | floor | (c)/floor "
-                  "| (a)/(c) | (b)/(c) | (d) rank | (d') forward tiled | (d')/(d) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| (a)/(c) | (b)/(c) | (b)/(c) cpu | (d) rank | (d') forward tiled | (d')/(d) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for batch, count, length in shapes:
             row = bench_shape(unit, model, batch, count, length, threads, gflops, args.min_reps, args.min_seconds)
             c = row["c"][0]
             ratio = lambda key: f"{row[key][0] / c:.2f}" if key in row else "-"  # noqa: E731
+            cpu_ratio = f"{row['b_cpu'] / row['c_cpu']:.2f}" if "b_cpu" in row else "-"
             d_ratio = f"{row['d_tiled'][0] / row['d'][0]:.2f}" if "d_tiled" in row else "-"
             lines.append(f"| {batch} | {count} | {length} | {batch * count * length} | {fmt(row.get('a'))} | "
                          f"{fmt(row.get('b'))} | {fmt(row['c'])} | {row['c_cpu']:.3f} | {row['floor']:.3f} | "
                          f"{c / row['floor']:.2f} | "
-                         f"{ratio('a')} | {ratio('b')} | {fmt(row['d'])} | {fmt(row.get('d_tiled'))} | {d_ratio} |")
+                         f"{ratio('a')} | {ratio('b')} | {cpu_ratio} | {fmt(row['d'])} | {fmt(row.get('d_tiled'))} | {d_ratio} |")
             print(lines[-1], flush=True)
         lines.append("")
         breakdown = rank_breakdown(model, *RANK_SHAPE, args.min_reps, args.min_seconds)
