@@ -215,9 +215,10 @@ def main(argv=None):
         "- cells: p50 / p99 ms per request (one call scoring B x C candidates); (a) eager reference on the tiled "
         "history, (b) din_ext single-candidate op on the tiled history, (c) din_ext multi-candidate op, "
         "(d) DIN.rank on [B, C] candidates, (d') DIN forward on the B x C tiled rows; floor = pairs x FLOPs per pair "
-        "/ matmul GFLOP/s at the thread count; (c) cpu/thread: p50 of its process CPU time / threads (ms; well below "
-        "the wall time: the process waited for a core); (b)/(c) cpu: the same ratio of (b)'s and (c)'s (less sensitive to "
-        "the load, but it counts threads spinning at a barrier); contenders are timed interleaved, round by round",
+        "/ matmul GFLOP/s at the thread count; (c) cpu/thread: p50 of its process CPU time / threads (ms; well "
+        "below the wall time: the process waited for a core); (b)/(c) cpu: the same ratio of (b)'s and (c)'s (less "
+        "sensitive to the load, but it counts threads spinning at a barrier); contenders are timed interleaved, "
+        "round by round",
         f"- skipped: (a) beyond {REFERENCE_MAX_PAIRS} pairs, (b) and (d') beyond {TILED_MAX_PAIRS} pairs "
         "(the tiled history alone is pairs x D floats)",
         "",
@@ -226,8 +227,8 @@ def main(argv=None):
         torch.set_num_threads(threads)
         gflops = matmul_gflops(torch.device("cpu"))
         lines += [f"## {threads} thread{'s' if threads > 1 else ''} (matmul {gflops:.1f} GFLOP/s)", "",
-                  "| B | C | L | pairs | (a) ref tiled | (b) op tiled | (c) multi op | (c) cpu/thread | floor | (c)/floor "
-                  "| (a)/(c) | (b)/(c) | (b)/(c) cpu | (d) rank | (d') forward tiled | (d')/(d) |",
+                  "| B | C | L | pairs | (a) ref tiled | (b) op tiled | (c) multi op | (c) cpu/thread | floor "
+                  "| (c)/floor | (a)/(c) | (b)/(c) | (b)/(c) cpu | (d) rank | (d') forward tiled | (d')/(d) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for batch, count, length in shapes:
             row = bench_shape(unit, model, batch, count, length, threads, gflops, args.min_reps, args.min_seconds)
@@ -238,7 +239,8 @@ def main(argv=None):
             lines.append(f"| {batch} | {count} | {length} | {batch * count * length} | {fmt(row.get('a'))} | "
                          f"{fmt(row.get('b'))} | {fmt(row['c'])} | {row['c_cpu']:.3f} | {row['floor']:.3f} | "
                          f"{c / row['floor']:.2f} | "
-                         f"{ratio('a')} | {ratio('b')} | {cpu_ratio} | {fmt(row['d'])} | {fmt(row.get('d_tiled'))} | {d_ratio} |")
+                         f"{ratio('a')} | {ratio('b')} | {cpu_ratio} | {fmt(row['d'])} | {fmt(row.get('d_tiled'))} | "
+                         f"{d_ratio} |")
             print(lines[-1], flush=True)
         lines.append("")
         breakdown = rank_breakdown(model, *RANK_SHAPE, args.min_reps, args.min_seconds)
