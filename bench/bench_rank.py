@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import random
 import statistics
 import sys
+import time
 
 import torch
 
 import din_ext
-from common import git_commit, machine_description, matmul_gflops, time_fn, write_table
+from common import git_commit, machine_description, matmul_gflops, write_table
 from din_ext.data.core import Interactions, Schema
 from din_ext.model import DIN
 
@@ -31,6 +33,7 @@ D, HIDDEN = 48, (80, 40)
 FLOPS_PER_PAIR = 2 * (D * HIDDEN[0] + HIDDEN[0] * HIDDEN[1] + HIDDEN[1])
 REFERENCE_MAX_PAIRS = 300_000  # (a) materializes [pairs, 4D] and more: skipped beyond
 TILED_MAX_PAIRS = 1_000_000    # (b) and the tiled model forward copy the history C times: skipped beyond
+RANK_SHAPE = (1, 100, 50)  # B, C, L of the issue's targets: DIN.rank is broken down step by step there
 SCHEMA = Schema(user_fields={"gender": 3, "age": 8}, item_fields={"item": 5001, "category": 101, "brand": 401},
                 history_fields=("item", "category", "brand"))
 
@@ -74,6 +77,30 @@ def user_batch(batch, count, length, seed=0):
     return users, tiled
 
 
+def interleaved_times(fns, min_reps, min_seconds, max_rounds=200):
+    """{name: (wall ms, cpu ms)} of repeated calls of every fn in fns, interleaved: each round calls each once, in
+    an order shuffled per round, so that all see the same load on a shared machine (a contender timed after another
+    would see another minute's load) and none always follows the same one (which sets what is left in the caches).
+    Two warm-up rounds, then rounds until min_reps and until the contenders have had min_seconds each (at most
+    max_rounds). cpu: process CPU time of the call, all threads together."""
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    times = {name: ([], []) for name in fns}
+    order, shuffle = list(fns.items()), random.Random(0).shuffle
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_reps or (time.perf_counter() - start < min_seconds * len(fns) and rounds < max_rounds):
+        shuffle(order)
+        for name, fn in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times[name][0].append((time.perf_counter() - t0) * 1e3)
+            times[name][1].append((time.process_time() - c0) * 1e3)
+        rounds += 1
+    return times
+
+
 def bench_shape(unit, model, batch, count, length, threads, floor_gflops, min_reps, min_seconds):
     query, keys, lengths = make_inputs(batch, count, length)
     pairs = batch * count * length
@@ -83,29 +110,76 @@ def bench_shape(unit, model, batch, count, length, threads, floor_gflops, min_re
     flat_query = query.reshape(batch * count, D)
     tiled_keys = keys.repeat_interleave(count, dim=0) if pairs <= TILED_MAX_PAIRS else None
     tiled_lengths = lengths.repeat_interleave(count)
-    cpu = torch.device("cpu")
-    row = {}
-
-    def measure(name, fn):
-        with torch.no_grad():
-            times = time_fn(fn, cpu, min_reps, min_seconds)
-        row[name] = (statistics.median(times), percentile(times, 99))
-
+    fns = {}
     if pairs <= REFERENCE_MAX_PAIRS:
-        measure("a", lambda: din_ext.reference.local_activation_attention(
-            flat_query, tiled_keys, weights, biases, params, lengths=tiled_lengths, activation="dice"))
+        fns["a"] = lambda: din_ext.reference.local_activation_attention(
+            flat_query, tiled_keys, weights, biases, params, lengths=tiled_lengths, activation="dice")
     if tiled_keys is not None:
-        measure("b", lambda: din_ext.ops.local_activation_attention(
+        fns["b"] = lambda: din_ext.ops.local_activation_attention(
             flat_query, tiled_keys, weights, biases, params, lengths=tiled_lengths, activation="dice",
-            backend="cpu"))
-    measure("c", lambda: din_ext.ops.local_activation_attention(
-        query, keys, weights, biases, params, lengths=lengths, activation="dice", backend="cpu"))
+            backend="cpu")
+    fns["c"] = lambda: din_ext.ops.local_activation_attention(
+        query, keys, weights, biases, params, lengths=lengths, activation="dice", backend="cpu")
     users, tiled = user_batch(batch, count, length)
-    measure("d", lambda: model.rank(users))
+    fns["d"] = lambda: model.rank(users)
     if pairs <= TILED_MAX_PAIRS:
-        measure("d_tiled", lambda: model(tiled))
+        fns["d_tiled"] = lambda: model(tiled)
+    with torch.no_grad():
+        times = interleaved_times(fns, min_reps, min_seconds)
+    row = {name: (statistics.median(wall), percentile(wall, 99)) for name, (wall, _) in times.items()}
+    row.update({f"{name}_cpu": statistics.median(times[name][1]) / threads for name in ("b", "c") if name in times})
     row["floor"] = pairs * FLOPS_PER_PAIR / (floor_gflops * 1e9) * 1e3
     return row
+
+
+def rank_breakdown(model, batch, count, length, min_reps, min_seconds):
+    """The steps of DIN.rank on B users x C candidates, each timed alone (p50 ms): [(step, ms)]. The attention and
+    the tower run on inputs prepared once, as DIN.forward makes them."""
+    users, tiled = user_batch(batch, count, length)
+    schema = model.schema
+    history = [f for f in schema.item_fields if f in schema.history_fields]
+
+    def lookups():
+        looked = {f: model.embeddings[f](users.item[f], *([users.hist[f]] if f in history else []), checked=True)
+                  for f in schema.item_fields}
+        profile = [model.embeddings[f](users.user[f], checked=True) for f in schema.user_fields]
+        query = torch.cat([looked[f][0] for f in history], dim=-1)
+        keys = torch.cat([looked[f][1] for f in history], dim=-1)
+        return profile, [looked[f][0] for f in schema.item_fields], query, keys
+
+    profile, items, query, keys = lookups()
+    profile = [p[0] if isinstance(p, tuple) else p for p in profile]
+    attention = model.attention
+    offsets = users.hist_offsets
+    weights = [l.weight for l in attention.linears] + [attention.out.weight]
+    biases = [l.bias for l in attention.linears] + [attention.out.bias]
+    params, eps = attention.act_params(), attention.activations[0].eps
+    interest = attention(query, keys, offsets=offsets)
+    x = torch.cat([u[:, None].expand(batch, count, u.shape[-1]) for u in profile] + items + [interest], dim=-1)
+    x = x.reshape(batch * count, x.shape[-1])
+
+    def tower():
+        h = x
+        for linear, activation in zip(model.tower, model.tower_activations):
+            h = activation(linear(h))
+        return model.heads(h)
+
+    steps = [
+        ("DIN.rank, the whole call", lambda: model.rank(users)),
+        ("DIN forward on [B, C] candidates", lambda: model(users)),
+        ("DIN forward on the B x C tiled rows", lambda: model(tiled)),
+        ("check_batch (validation)", lambda: model.check_batch(users)),
+        ("check_batch of the tiled rows", lambda: model.check_batch(tiled)),
+        ("embedding lookups and concatenation", lookups),
+        ("attention layer (LocalActivationUnit, jagged keys)", lambda: attention(query, keys, offsets=offsets)),
+        ("attention op alone (torch.ops.din_ext, no validation)", lambda: torch.ops.din_ext.local_activation_attention(
+            query, keys, None, offsets[:-1], offsets.diff(), length, weights, biases, params, attention.activation,
+            attention.normalization, attention.score_scale, False, eps)),
+        ("tower MLP and heads on B x C rows", tower),
+    ]
+    with torch.no_grad():
+        times = interleaved_times(dict(steps), min_reps, min_seconds)
+    return [(name, statistics.median(times[name][0])) for name, _ in steps]
 
 
 def fmt(cell):
@@ -141,7 +215,10 @@ def main(argv=None):
         "- cells: p50 / p99 ms per request (one call scoring B x C candidates); (a) eager reference on the tiled "
         "history, (b) din_ext single-candidate op on the tiled history, (c) din_ext multi-candidate op, "
         "(d) DIN.rank on [B, C] candidates, (d') DIN forward on the B x C tiled rows; floor = pairs x FLOPs per pair "
-        "/ matmul GFLOP/s at the thread count",
+        "/ matmul GFLOP/s at the thread count; (c) cpu/thread: p50 of its process CPU time / threads (ms; well "
+        "below the wall time: the process waited for a core); (b)/(c) cpu: the same ratio of (b)'s and (c)'s (less "
+        "sensitive to the load, but it counts threads spinning at a barrier); contenders are timed interleaved, "
+        "round by round",
         f"- skipped: (a) beyond {REFERENCE_MAX_PAIRS} pairs, (b) and (d') beyond {TILED_MAX_PAIRS} pairs "
         "(the tiled history alone is pairs x D floats)",
         "",
@@ -150,19 +227,28 @@ def main(argv=None):
         torch.set_num_threads(threads)
         gflops = matmul_gflops(torch.device("cpu"))
         lines += [f"## {threads} thread{'s' if threads > 1 else ''} (matmul {gflops:.1f} GFLOP/s)", "",
-                  "| B | C | L | pairs | (a) ref tiled | (b) op tiled | (c) multi op | floor | (c)/floor | (a)/(c) "
-                  "| (b)/(c) | (d) rank | (d') forward tiled | (d')/(d) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| B | C | L | pairs | (a) ref tiled | (b) op tiled | (c) multi op | (c) cpu/thread | floor "
+                  "| (c)/floor | (a)/(c) | (b)/(c) | (b)/(c) cpu | (d) rank | (d') forward tiled | (d')/(d) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for batch, count, length in shapes:
             row = bench_shape(unit, model, batch, count, length, threads, gflops, args.min_reps, args.min_seconds)
             c = row["c"][0]
             ratio = lambda key: f"{row[key][0] / c:.2f}" if key in row else "-"  # noqa: E731
+            cpu_ratio = f"{row['b_cpu'] / row['c_cpu']:.2f}" if "b_cpu" in row else "-"
             d_ratio = f"{row['d_tiled'][0] / row['d'][0]:.2f}" if "d_tiled" in row else "-"
             lines.append(f"| {batch} | {count} | {length} | {batch * count * length} | {fmt(row.get('a'))} | "
-                         f"{fmt(row.get('b'))} | {fmt(row['c'])} | {row['floor']:.3f} | {c / row['floor']:.2f} | "
-                         f"{ratio('a')} | {ratio('b')} | {fmt(row['d'])} | {fmt(row.get('d_tiled'))} | {d_ratio} |")
+                         f"{fmt(row.get('b'))} | {fmt(row['c'])} | {row['c_cpu']:.3f} | {row['floor']:.3f} | "
+                         f"{c / row['floor']:.2f} | "
+                         f"{ratio('a')} | {ratio('b')} | {cpu_ratio} | {fmt(row['d'])} | {fmt(row.get('d_tiled'))} | "
+                         f"{d_ratio} |")
             print(lines[-1], flush=True)
         lines.append("")
+        breakdown = rank_breakdown(model, *RANK_SHAPE, args.min_reps, args.min_seconds)
+        title = f"DIN.rank step by step at B, C, L = {RANK_SHAPE}, {threads} thread{'s' if threads > 1 else ''}"
+        lines += [f"{title} (each step alone, interleaved):", "", "| step | p50 ms |", "|---|---|"]
+        lines += [f"| {name} | {ms:.3f} |" for name, ms in breakdown]
+        lines.append("")
+        print("\n".join(lines[-len(breakdown) - 1:]), flush=True)
     write_table("\n".join(lines) + "\n", args.out)
     if not args.out:
         print("\n".join(lines))

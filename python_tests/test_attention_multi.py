@@ -212,6 +212,67 @@ def test_cpu_deterministic_across_thread_counts():
         assert all(torch.equal(g, r) for g, r in zip(grads, results[0][1]))
 
 
+@pytest.fixture
+def set_threads():
+    """torch.set_num_threads, with the thread count restored after the test."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+# One user with C candidates at 2 threads: the cpu forward cuts the candidates into a work item per thread. L = 1
+# runs the pair-tile (split layer 1) path, L = 50 and 500 the per-candidate effective-weight path (500: 8 key tiles).
+@requires_cpp
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("length", [1, 50, 500])
+@pytest.mark.parametrize("count", [2, 7, 10])
+def test_cpu_one_user_split_over_threads(set_threads, count, length, training):
+    set_threads(2)
+    unit = make_unit("dice", "softmax", training=training, score_scale=0.37)
+    batch = make_batch("jagged", batch=1, max_len=length, seed=count + length)
+    out, _ = assert_matches_tiled(unit, batch, count, "cpu")
+    assert out.shape == (1, count, 24)
+
+
+@requires_cpp
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("count", [2, 7])
+def test_cpu_split_zero_length_histories(set_threads, count, training):
+    set_threads(2)
+    for lengths in ([0], [0, 0], [0, 50], [1, 0]):
+        unit = make_unit("dice", "none", training=training)
+        batch = make_batch("padded", batch=len(lengths), max_len=50, lengths=lengths, seed=len(lengths))
+        out, _ = assert_matches_tiled(unit, batch, count, "cpu")
+        for row, length in enumerate(lengths):
+            if length == 0:
+                assert torch.equal(out[row], torch.zeros_like(out[row]))
+
+
+@requires_cpp
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("length", [1, 9, 50, 500])
+def test_cpu_split_is_bitwise_independent_of_threads(set_threads, length, training):
+    """float32 outputs and gradients bitwise the same at 1 and 2 threads (2: one work item per thread) and run to
+    run; in eval a candidate's output is bitwise the same whatever other candidates share the call."""
+    unit = make_unit("dice", "softmax", dtype=torch.float32, training=training)
+    unit.backend = "cpu"
+    batch = make_batch("jagged", batch=1, max_len=length, dtype=torch.float32, garbage=0.0, seed=length)
+    query = candidates(batch, 10)
+    results = []
+    for n in (1, 2, 2, 1):
+        set_threads(n)
+        results.append(run(copy.deepcopy(unit), query, batch.keys, None, batch.index))
+    for out, grads in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert all(torch.equal(g, r) for g, r in zip(grads, results[0][1]))
+    if not training:
+        for n in (1, 2):
+            set_threads(n)
+            with torch.no_grad():
+                part = unit(query[:, 3:6], batch.keys, **batch.index)
+            assert torch.equal(part, results[0][0][:, 3:6])
+
+
 @requires_cpp
 @pytest.mark.parametrize("activation, normalization, training",
                          [("dice", "softmax", True), ("dice", "none", False), ("prelu", "none", True)])
@@ -377,6 +438,21 @@ def test_rank_scores_candidate_lists_in_order(backend_name):
     probs = model.rank(with_candidates(batch, square))
     expected = torch.sigmoid(model(tiled_rows(batch, square, 4))).view(len(batch), 4, -1)
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_rank_runs_every_module_in_eval_mode():
+    """rank scores in eval mode even when the model is in eval mode but one of its modules is not."""
+    batch, schema = user_batch()
+    torch.manual_seed(1)
+    model = DIN(schema, embed_dim=8, attention_hidden=(12, 6), tower_hidden=(16, 8)).eval()
+    items = random_items(model.schema, len(batch), 4, seed=7)
+    dice = next(m for m in model.tower_activations if isinstance(m, din_ext.Dice)).train()
+    with torch.no_grad():
+        dice.running_mean.uniform_(-0.5, 0.5)  # eval reads these; a training-mode Dice would not
+    expected = torch.sigmoid(model.eval()(with_candidates(batch, items)))
+    dice.train()
+    torch.testing.assert_close(model.rank(with_candidates(batch, items)), expected)
+    assert not model.training
 
 
 def test_din_rejects_mixed_candidate_shapes():

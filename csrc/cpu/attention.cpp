@@ -13,12 +13,15 @@
 // behaviour and no Weff_b, measured faster in eval below a mean of 6.5 only (see choose_layer1).
 //
 // Several candidates per user (query [B, C, D], C > 1; design §6): every (candidate, behaviour) pair is one row of
-// the unit. A user's history is read once per key tile of kTile behaviours, shared by all the candidates (the
-// forward's work items are groups of at most kGroup candidates, each reading the history once): the
-// behaviour-only part k Kc^T of layer 1 is computed once per behaviour, c_{b,c} once per candidate, and the pairs
-// are batched into pair tiles of kTile / R candidates x R behaviours whose (k * q) Pc^T is one product
-// (MultiWork). The backward sums each key row's gradient over the candidates in a fixed order and writes it
-// once. C = 1 (a query [B, D], or [B, 1, D]) runs the single-candidate kernels unchanged, bitwise.
+// the unit, and c_{b,c} is computed once per candidate in one product. The forward's work items are groups of
+// candidates of one user (at most kGroup, fewer when there are fewer users than threads), each reading the
+// history once from memory. For histories of at least kWeffRows behaviours the forward scores one candidate at a
+// time with its effective weight Weff_{b,c} (layer 1 costs one D x H1 product per pair, as with one candidate, and
+// the history, at most a few hundred KB, is re-read from cache); for shorter ones, and in the backward, the
+// behaviour-only part k Kc^T of layer 1 is computed once per behaviour and the pairs are batched into pair tiles
+// of kTile / R candidates x R behaviours whose (k * q) Pc^T is one product (MultiWork). The backward sums each key
+// row's gradient over the candidates in a fixed order and writes it once. C = 1 (a query [B, D], or [B, 1, D])
+// runs the single-candidate kernels unchanged, bitwise.
 //
 // Stored activations (training Dice, a query [B, D], short histories): a second pair of kernels keeps every pair's
 // pre-activations from the forward for the backward instead of recomputing them (see "Stored activations" below);
@@ -55,6 +58,7 @@ namespace {
 constexpr int64_t kTile = 64;       // rows of one user processed together
 constexpr int64_t kMaxBlocks = 64;  // fixed partition of the users for deterministic reductions
 constexpr int64_t kGroup = 64;      // candidates of one forward work item (a user's C are cut into equal groups)
+constexpr int64_t kWeffRows = 16;   // histories at least this long: the multi forward's per-candidate Weff path
 
 template <typename T>
 using Vec = std::vector<T>;
@@ -561,6 +565,43 @@ struct PairTile {
   int64_t rows() const { return nc * R; }
 };
 
+// Weff^T = (Wk - Wd)^T + diag(q) Wp^T of one candidate q into out [D, wp0] (Work::set_user's effective weight), in
+// a baseline, an AVX2+FMA and an AVX-512 build like the activation tiles: the multi forward builds one per
+// candidate, which in the baseline build alone costs about a tenth of a 50-behaviour history's products.
+template <typename T>
+DIN_EXT_INLINE void effective_weight_body(const Net<T>& net, const T* q, T* __restrict out) {
+  const int64_t wp0 = net.wp[0];
+  for (int64_t d = 0; d < net.D; ++d) {
+    const T qd = q[d];
+    const T* __restrict kc = net.KcT.data() + d * wp0;
+    const T* __restrict pc = net.PcT.data() + d * wp0;
+    T* __restrict o = out + d * wp0;
+    for (int64_t h = 0; h < wp0; ++h) o[h] = kc[h] + pc[h] * qd;
+  }
+}
+template <typename T>
+void effective_weight_base(const Net<T>& net, const T* q, T* out) {
+  effective_weight_body(net, q, out);
+}
+#if DIN_EXT_HAVE_AVX2
+template <typename T>
+DIN_EXT_AVX2 void effective_weight_avx2(const Net<T>& net, const T* q, T* out) {
+  effective_weight_body(net, q, out);
+}
+template <typename T>
+DIN_EXT_AVX512 void effective_weight_avx512(const Net<T>& net, const T* q, T* out) {
+  effective_weight_body(net, q, out);
+}
+#endif
+template <typename T>
+void effective_weight(const Net<T>& net, const T* q, T* out) {
+#if DIN_EXT_HAVE_AVX2
+  if (has_avx512()) return effective_weight_avx512(net, q, out);
+  if (has_avx2_fma()) return effective_weight_avx2(net, q, out);
+#endif
+  effective_weight_base(net, q, out);
+}
+
 // The buffers of several candidates (C > 1) per user. Layer 1 of pair (c, t) is split into a candidate-only
 // part, a behaviour-only part and one product (design §1.1 and §6):
 //   z_0 = c_{b,c} + k_t Kc^T + (k_t * q_{b,c}) Pc^T,   c_{b,c} = A q_{b,c} + b_0,
@@ -572,6 +613,7 @@ struct MultiWork {
   Vec<T> kp;    // [kTile, Dp]: the key tile, zero-padded (read once per key tile, for all the candidates)
   Vec<T> KK;    // [kTile, wp0]: k Kc^T of the key tile
   Vec<T> X;     // [kTile, Dp]: k * q of the pair tile (padding columns zero)
+  Vec<T> weffT;  // [D, wp0]: Weff^T of one candidate (the forward's per-candidate path)
   // Backward: per candidate sum of e_0 over t; per pair Pc^T e_0; per behaviour sums over candidates of e_0,
   // of (Pc^T e_0) * q and of the pooling weight times grad_out; Kc^T (sum over candidates of e_0).
   Vec<T> dc, P, gzsum, gkacc, gvacc, gkK;
@@ -581,6 +623,7 @@ struct MultiWork {
     kp.assign(kTile * Dp, T(0));
     KK.assign(kTile * wp0, T(0));
     X.assign(kTile * Dp, T(0));
+    weffT.assign(net.D * wp0, T(0));
     if (!backward) return;
     dc.assign(candidates * wp0, T(0));
     P.assign(kTile * Dp, T(0));
@@ -630,9 +673,14 @@ struct MultiWork {
 
 // The forward of user b's pairs with candidates [cbeg, cend), tile by tile, up to layer `upto` (backward: also
 // the per-user inputs of the gradient pass): on_tile(tile) after each pair tile (its z and h in work), on_keys(tile)
-// after the last pair tile of each key tile (multi-candidate only). One candidate runs the single-candidate
-// kernel (per-user effective weight, set_user); several run MultiWork's split, the key tile shared by pair tiles
-// of kTile / R candidates each (at least one).
+// after the last pair tile of each key tile (multi-candidate backward only). One candidate runs the
+// single-candidate kernel (per-user effective weight, set_user). Several run, outside the gradient pass, for a
+// history of at least kWeffRows behaviours, one candidate at a time over the whole history with that candidate's
+// effective weight (the c_{b,c} as the product's bias): per pair the single-candidate kernel's work, with no
+// k Kc^T, k * q or sum pass, the history re-read from cache; for shorter histories, and in the gradient pass
+// (whose dPc needs k * q), MultiWork's split, the key tile shared by pair tiles of kTile / R candidates each (at
+// least one). Either way each pair's row of every product is computed alone and each candidate's pooling sees
+// the same key tiles, so a candidate's results do not depend on which others share its call or work item.
 template <typename T, typename OnTile, typename OnKeys>
 void visit_user(const Net<T>& net, const Problem<T>& pb, Work<T>& work, MultiWork<T>* multi, int64_t b,
                 int64_t cbeg, int64_t cend, int64_t upto, bool backward, OnTile&& on_tile, OnKeys&& on_keys) {
@@ -647,13 +695,27 @@ void visit_user(const Net<T>& net, const Problem<T>& pb, Work<T>& work, MultiWor
     return;
   }
   const T* q = pb.query + b * pb.C * D;
+  const int64_t wp0 = net.wp[0];
   multi->set_candidates(net, q + cbeg * D, cend - cbeg);
+  if (!backward && len >= kWeffRows) {
+    for (int64_t c = cbeg; c < cend; ++c) {
+      effective_weight(net, q + c * D, multi->weffT.data());
+      const T* cv = multi->cvec.data() + (c - cbeg) * wp0;
+      for (int64_t t0 = 0; t0 < len; t0 += kTile) {
+        const int64_t R = std::min(kTile, len - t0);
+        gemm<T>().nn(R, D, wp0, pb.keys + (row0 + t0) * D, D, multi->weffT.data(), wp0, cv, work.z[0].data(), wp0);
+        forward_layers(net, work, R, upto);
+        on_tile(PairTile{t0, R, c, 1});
+      }
+    }
+    return;
+  }
   for (int64_t t0 = 0; t0 < len; t0 += kTile) {
     const int64_t R = std::min(kTile, len - t0), per_tile = std::max<int64_t>(1, kTile / R);
     multi->set_keys(net, pb.keys + (row0 + t0) * D, R, pb.Dv);
     for (int64_t c0 = cbeg; c0 < cend; c0 += per_tile) {
       const int64_t nc = std::min(per_tile, cend - c0);
-      multi->layer1(net, work, q + c0 * D, multi->cvec.data() + (c0 - cbeg) * net.wp[0], nc, R);
+      multi->layer1(net, work, q + c0 * D, multi->cvec.data() + (c0 - cbeg) * wp0, nc, R);
       forward_layers(net, work, nc * R, upto);
       on_tile(PairTile{t0, R, c0, nc});
     }
@@ -763,13 +825,23 @@ void pool_rows(const Problem<T>& pb, const T* s, int64_t stride, int64_t rows, i
   }
 }
 
-// Work items are (user, group of candidates): a user's C candidates are cut into groups of at most kGroup
-// (sizes fixed by C alone, so results do not depend on the thread count), which lets a few users with many
-// candidates fill the threads; each group reads the user's history once.
+// Candidates per group of the forward's work items: at most kGroup, and, while there are fewer users than
+// threads, few enough for a group per thread (one candidate at least). A candidate's output does not depend on
+// its group (visit_user), so the split may follow the thread count: results stay bitwise the same.
+int64_t candidate_group_size(int64_t batch, int64_t candidates) {
+  int64_t groups = (candidates + kGroup - 1) / kGroup;
+  const int64_t threads = at::get_num_threads();
+  if (batch > 0 && batch * groups < threads) groups = std::min(candidates, (threads + batch - 1) / batch);
+  return (candidates + groups - 1) / groups;
+}
+
+// Work items are (user, group of candidates): a user's C candidates are cut into groups of candidate_group_size
+// (the last one shorter), which lets a few users with many candidates fill the threads; each group reads the
+// user's history once.
 template <typename T>
 void pool_forward(const Net<T>& net, const Problem<T>& pb, T* out) {
   const int64_t wpn = net.wp[net.n], C = pb.C, Dv = pb.Dv;
-  const int64_t groups = (C + kGroup - 1) / kGroup, size = (C + groups - 1) / groups;
+  const int64_t size = candidate_group_size(pb.B, C), groups = (C + size - 1) / size;
   at::parallel_for(0, pb.B * groups, 1, [&](int64_t lo, int64_t hi) {
     Work<T> work(net);
     const auto multi = make_multi(net, pb, size, false);
