@@ -502,7 +502,7 @@ def fit(model: DIN, train: Data, test: Data, *, epochs: int, out: Union[str, os.
     last_path, best_path = os.path.join(out, "last.pt"), os.path.join(out, "best.pt")
 
     model.to(device)
-    optimizer = make_optimizer(model, lr)  # first: it makes the tables sparse, which world.wrap leaves out of DDP
+    optimizer = make_optimizer(model, lr)
     trainee = world.wrap(model)
     history: List[Dict[str, Any]] = []
     start_epoch, best = 0, -math.inf
