@@ -10,8 +10,9 @@ behaviours), the same fields and embedding width, local activation unit (80, 40)
 Dice, Adam (lr 1e-3), batch size and batch order. A step is what a training loop does per batch: get the batch,
 forward, loss, backward and optimizer step. din_ext's loop is fit's: ``make_optimizer`` (RowAdam on the embedding
 tables, fused Adam on the rest) and batches gathered (a jagged ``Interactions.take``) by a background thread
-(``din_ext.data.stream.prefetched``, as ``din_ext.training._batches`` does), so a step includes any wait for its
-batch; DeepCTR-Torch's gathers rows of its padded input matrix in the step, as its own fit does. Reported:
+(``din_ext.data.stream.prefetched``) where ``din_ext.training._batches`` would use one (``prefetches``: when torch's
+threads leave a core free), else in the step, so a step includes any wait for its batch or its gathering;
+DeepCTR-Torch's gathers rows of its padded input matrix in the step, as its own fit does. Reported:
 samples/s of each timed step (after warm-up steps), median and interquartile range, and the step's FLOP floor.
 
 Item vocabulary rows (--item-vocab V): the same data with the item ids spread over a table of V rows (a seeded
@@ -48,7 +49,7 @@ import din_ext
 from din_ext.data.core import Interactions, Schema, iterate_batches
 from din_ext.data.stream import prefetched
 from din_ext.data.synthetic import SyntheticConfig, generate
-from din_ext.training import PREFETCH, batch_loss, evaluate, format_metrics, make_optimizer, train_step
+from din_ext.training import PREFETCH, batch_loss, evaluate, format_metrics, make_optimizer, prefetches, train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, git_commit, machine_description, write_table
@@ -75,7 +76,8 @@ def build_din(schema: Schema, args, backend: str) -> din_ext.DIN:
 
 
 def din_ext_step(schema: Schema, train: Interactions, args, backend: str, sparse: bool = True):
-    """fit's step: make_optimizer (row-wise unless ``sparse`` is False) and batches built ahead by a thread."""
+    """fit's step: make_optimizer (row-wise unless ``sparse`` is False), and batches built ahead by a thread where
+    fit's would be (din_ext.training.prefetches)."""
     model = build_din(schema, args, backend)
     optimizer = make_optimizer(model, 1e-3, sparse=sparse)
     model.train()
@@ -85,7 +87,11 @@ def din_ext_step(schema: Schema, train: Interactions, args, backend: str, sparse
 
     step.model, step.optimizer = model, optimizer
 
-    step.inputs = lambda batches: prefetched(lambda: (train.take(index) for index in batches), PREFETCH)
+    def inputs(batches):  # as fit's _batches: a prefetch thread only where it gets a core of its own
+        built = (train.take(index) for index in batches)
+        return prefetched(lambda: built, PREFETCH) if prefetches(train) else built
+
+    step.inputs = inputs
     step.parameters = sum(p.numel() for p in model.parameters())
     step.dense_parameters = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embeddings."))
     return step

@@ -311,11 +311,26 @@ Data = Union[Interactions, BatchSource]
 PREFETCH = 2  # batches built ahead of the step by _batches' background thread
 
 
+def prefetches(data: Data) -> bool:
+    """Whether ``_batches`` builds the batches of ``data`` in a background thread: always for a batch source (its
+    reads overlap the steps); for in-memory Interactions only when torch's threads leave a core to that thread.
+    Their collation is cheap (about 0.6 ms of CPU at B=256), and a thread that competes with torch's for the cores
+    stalls every OpenMP barrier of the step: on 2 cores with 2 torch threads, a B=256 step of the synthetic default
+    took 13.9 ms with its batches prefetched and 8.1 ms with them built beforehand (bench/results/train_cpu.md)."""
+    if not isinstance(data, Interactions):
+        return True
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.get_num_threads() < cores
+
+
 def _batches(data: Data, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterable[Interactions]:
-    """The batches of one pass over ``data``, in its order, built (gathered and collated) by a background thread up
-    to PREFETCH ahead of the consumer, so that a step never waits for its batch; an error of the data re-raises in
-    the consumer's thread, its type and message unchanged."""
+    """The batches of one pass over ``data``, in its order. Where ``prefetches(data)``, they are built (gathered and
+    collated) by a background thread up to PREFETCH ahead of the consumer, so that a step never waits for its batch;
+    an error of the data re-raises in the consumer's thread, its type and message unchanged. Otherwise they are built
+    in the consumer's thread as it asks for them."""
     if isinstance(data, Interactions):
+        if not prefetches(data):
+            return iterate_batches(data, batch_size, shuffle=shuffle, seed=seed)
         return prefetched(lambda: iterate_batches(data, batch_size, shuffle=shuffle, seed=seed), PREFETCH)
     if not callable(getattr(data, "batches", None)):
         raise TrainingError(f"data must be Interactions or have a batches() method, got {type(data).__name__}")
@@ -521,7 +536,8 @@ def fit(model: DIN, train: Data, test: Data, *, epochs: int, out: Union[str, os.
     name = "DIN" if model.pooling == "attention" else "BaseModel"
     log(f"{name}{f' on {data_name}' if data_name else ''}: {len(train):,} train / {len(test):,} test impressions, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, device {device}, backend "
-        f"{_backend.resolve(model.backend, device)}, torch threads {torch.get_num_threads()}"
+        f"{_backend.resolve(model.backend, device)}, torch threads {torch.get_num_threads()} (batches "
+        f"{'prefetched by a thread' if prefetches(train) else 'built inline: the torch threads use every core'})"
         f"{f', {world.size} processes' if world.size > 1 else ''}")
     for epoch in range(start_epoch, epochs):
         trainee.train()

@@ -14,7 +14,7 @@ from test_model import first_batch, one_thread, tiny  # noqa: F401  (the tiny da
 
 import din_ext
 from din_ext import training
-from din_ext.data.core import iterate_batches
+from din_ext.data.core import Interactions, iterate_batches
 from din_ext.model import DIN, SharedEmbedding
 from din_ext.training import RowAdam, make_optimizer, train_step
 
@@ -325,6 +325,31 @@ def test_batches_prefetch_in_order_in_another_thread(tiny):
         for a, b in zip(got, want):
             assert torch.equal(a.user_id, b.user_id) and torch.equal(a.hist["item"], b.hist["item"])
     assert source.threads and threading.get_ident() not in source.threads
+
+
+def test_batches_prefetch_only_with_a_core_to_spare(tiny, monkeypatch):
+    """In-memory Interactions are prefetched only when torch's threads leave a core free (else built inline, in
+    the consumer's thread, in the same order); a batch source is always read ahead."""
+    train, _, _ = tiny
+    source = Source(train)
+    cores = 4
+    monkeypatch.setattr(training.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    threads = torch.get_num_threads()
+    try:
+        for count, ahead in ((cores, False), (cores - 1, True)):
+            torch.set_num_threads(count)
+            assert training.prefetches(train) is ahead and training.prefetches(source) is True
+            built = []
+            real_take = Interactions.take
+            monkeypatch.setattr(Interactions, "take",
+                                lambda self, index: built.append(threading.get_ident()) or real_take(self, index))
+            got = list(training._batches(train, 50, shuffle=True, seed=4))
+            monkeypatch.setattr(Interactions, "take", real_take)
+            want = list(iterate_batches(train, 50, shuffle=True, seed=4))
+            assert [b.user_id.tolist() for b in got] == [b.user_id.tolist() for b in want]
+            assert built and (threading.get_ident() in built) is not ahead
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_batches_prefetch_reraises_the_data_error(tiny):
