@@ -232,25 +232,33 @@ struct Work {
 // The per-user loops of layer 1 (set_user, layer1_backward_user) touch H1 x D elements per user: at short
 // histories (L_b ~ 10) as many as the user's products, so they run vectorized, in an AVX2+FMA and an AVX-512 build
 // like the activations (restrict-qualified: the baseline compiler keeps them scalar otherwise).
+// Weff^T = (Wk - Wd)^T + diag(q) Wp^T of query q into out [D, wp0], in the row-wise (axpy) form, which vectorizes
+// over the H1 outputs: a user's (set_user) or one candidate's (effective_weight, the multi forward).
+template <typename T>
+DIN_EXT_INLINE void weffT_body(const Net<T>& net, const T* __restrict q, T* __restrict out) {
+  const int64_t wp0 = net.wp[0];
+  for (int64_t d = 0; d < net.D; ++d) {
+    const T qd = q[d];
+    const T* __restrict kc = net.KcT.data() + d * wp0;
+    const T* __restrict pc = net.PcT.data() + d * wp0;
+    T* __restrict o = out + d * wp0;
+    for (int64_t hh = 0; hh < wp0; ++hh) o[hh] = kc[hh] + pc[hh] * qd;
+  }
+}
+
 // c and Weff^T (when weffT is not null), Weff (when weff is not null) of user query q.
 template <typename T>
 DIN_EXT_INLINE void set_user_body(const Net<T>& net, const T* __restrict q, T* __restrict c, T* __restrict weffT,
                                   T* __restrict weff) {
   const int64_t D = net.D, w0 = net.w[0], wp0 = net.wp[0], Dp = net.Dp;
   if (weffT) {
-    // Row-wise (axpy) forms, which vectorize over the H1 outputs.
     std::copy(net.bias[0].begin(), net.bias[0].end(), c);
     for (int64_t d = 0; d < D; ++d) {
       const T qd = q[d];
       const T* __restrict a = net.AT.data() + d * wp0;
-      const T* __restrict kc = net.KcT.data() + d * wp0;
-      const T* __restrict pc = net.PcT.data() + d * wp0;
-      T* __restrict out = weffT + d * wp0;
-      for (int64_t hh = 0; hh < wp0; ++hh) {
-        c[hh] += a[hh] * qd;
-        out[hh] = kc[hh] + pc[hh] * qd;
-      }
+      for (int64_t hh = 0; hh < wp0; ++hh) c[hh] += a[hh] * qd;
     }
+    weffT_body(net, q, weffT);
   }
   if (!weff) return;
   for (int64_t hh = 0; hh < w0; ++hh) {
@@ -565,32 +573,21 @@ struct PairTile {
   int64_t rows() const { return nc * R; }
 };
 
-// Weff^T = (Wk - Wd)^T + diag(q) Wp^T of one candidate q into out [D, wp0] (Work::set_user's effective weight), in
-// a baseline, an AVX2+FMA and an AVX-512 build like the activation tiles: the multi forward builds one per
-// candidate, which in the baseline build alone costs about a tenth of a 50-behaviour history's products.
-template <typename T>
-DIN_EXT_INLINE void effective_weight_body(const Net<T>& net, const T* q, T* __restrict out) {
-  const int64_t wp0 = net.wp[0];
-  for (int64_t d = 0; d < net.D; ++d) {
-    const T qd = q[d];
-    const T* __restrict kc = net.KcT.data() + d * wp0;
-    const T* __restrict pc = net.PcT.data() + d * wp0;
-    T* __restrict o = out + d * wp0;
-    for (int64_t h = 0; h < wp0; ++h) o[h] = kc[h] + pc[h] * qd;
-  }
-}
+// One candidate's Weff^T (weffT_body) into out [D, wp0], in a baseline, an AVX2+FMA and an AVX-512 build like the
+// activation tiles: the multi forward builds one per candidate, which in the baseline build alone costs about a
+// tenth of a 50-behaviour history's products.
 template <typename T>
 void effective_weight_base(const Net<T>& net, const T* q, T* out) {
-  effective_weight_body(net, q, out);
+  weffT_body(net, q, out);
 }
 #if DIN_EXT_HAVE_AVX2
 template <typename T>
 DIN_EXT_AVX2 void effective_weight_avx2(const Net<T>& net, const T* q, T* out) {
-  effective_weight_body(net, q, out);
+  weffT_body(net, q, out);
 }
 template <typename T>
 DIN_EXT_AVX512 void effective_weight_avx512(const Net<T>& net, const T* q, T* out) {
-  effective_weight_body(net, q, out);
+  weffT_body(net, q, out);
 }
 #endif
 template <typename T>
