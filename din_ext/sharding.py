@@ -27,6 +27,7 @@ call ``train`` there. TorchRec 1.9.2 needs torch 2.14 and fbgemm-gpu (CUDA) or f
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import os
@@ -511,7 +512,8 @@ def run(model: ShardedDIN, plan: str, train: Interactions, test: Optional[Intera
     step, like the SparseAdam of one-process MBA tables), and Adagrad at lr 0.01 on the CPU, where FBGEMM has no
     Adam (its CPU kernels: SGD, Adagrad, row-wise Adagrad); table_optimizer/table_lr choose another.
     """
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise RuntimeError("sharded training runs one process per rank under torchrun, e.g. torchrun "
                                "--nproc-per-node 2 -m din_ext train --sharding rowwise ...")
@@ -519,10 +521,27 @@ def run(model: ShardedDIN, plan: str, train: Interactions, test: Optional[Intera
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    lr = fit_arguments.setdefault("lr", 1e-3)
-    on_cuda = dist.get_backend() == "nccl"
-    table_optimizer = table_optimizer or (torch.optim.Adam if on_cuda else torch.optim.Adagrad)
-    table_lr = table_lr or (lr if table_optimizer is torch.optim.Adam else 0.01)
-    sharded = shard(model, plan, table_optimizer=table_optimizer, table_optimizer_kwargs={"lr": table_lr},
-                    device=device)
-    return fit(sharded, train, test, **fit_arguments)
+    try:
+        lr = fit_arguments.setdefault("lr", 1e-3)
+        on_cuda = dist.get_backend() == "nccl"
+        table_optimizer = table_optimizer or (torch.optim.Adam if on_cuda else torch.optim.Adagrad)
+        table_lr = table_lr or (lr if table_optimizer is torch.optim.Adam else 0.01)
+        sharded = shard(model, plan, table_optimizer=table_optimizer, table_optimizer_kwargs={"lr": table_lr},
+                        device=device)
+        final = fit(sharded, train, test, **fit_arguments)
+        del sharded
+        if owned:
+            dist.barrier()  # no rank tears its group down while another still talks to it
+        return final
+    finally:
+        if owned:
+            close_group()
+
+
+def close_group() -> None:
+    """Destroys this process's default group (all ranks call it): TorchRec's modules and the fused optimizer hold
+    it, so they go first (gc), and the group's gloo threads are joined here rather than at interpreter exit, where
+    a process that left its group alive can abort ("terminate called without an active exception")."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -8,6 +8,7 @@ backward) every weight. Needs torchrec (torch 2.14, fbgemm-gpu-cpu): CI runs it 
 import copy
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -140,7 +141,7 @@ def _worker(rank, port, check, args):
         check(rank, *args)
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        sharding.close_group()
 
 
 def _free_port() -> int:
@@ -150,8 +151,19 @@ def _free_port() -> int:
 
 
 def _spawn(check, *args):
-    port = _free_port()
-    mp.spawn(_worker, args=(port, check, args), nprocs=WORLD)
+    """Runs check(rank, *args) on WORLD gloo ranks. A rank that fails a check raises (ProcessRaisedException) and
+    fails the test. A rank killed by a signal, with no Python exception (once in about 40 CI runs of this file a rank
+    aborted inside TorchRec/gloo with "terminate called without an active exception", where din_ext runs only
+    Python: this venv has no din_ext extension), is run again once, on a new port, and fails the test the second
+    time."""
+    for attempt in range(2):
+        try:
+            mp.spawn(_worker, args=(_free_port(), check, args), nprocs=WORLD)
+            return
+        except mp.ProcessExitedException as exc:
+            if exc.signal_name is None or attempt == 1:
+                raise
+            warnings.warn(f"test_sharding: {exc}; running the ranks again once")
 
 
 @pytest.mark.parametrize("plan,mba", [("rowwise", 0.5), ("tablewise", 0.0), ("tablewise", 0.5)])
@@ -211,7 +223,12 @@ def test_cli_trains_under_torchrun(tmp_path):
                str(port), "-m", "din_ext", "train", "--sharding", "tablewise", "--epochs", "1", "--synthetic-users",
                "150", "--batch-size", "64", "--mba-lambda", "0.01", "--device", "cpu", "--no-progress", "--out",
                str(tmp_path)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    for attempt in range(2):  # a rank killed by a signal inside TorchRec/gloo: once more, as _spawn does
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode == 0 or "Signal 6 (SIGABRT)" not in done.stderr or attempt == 1:
+            break
+        warnings.warn("test_cli_trains_under_torchrun: a rank aborted (SIGABRT); running torchrun again once")
+        command[command.index("--master-port") + 1] = str(_free_port())
     assert done.returncode == 0, done.stderr[-3000:]
     final = json.loads((tmp_path / "metrics.json").read_text())
     assert final["epoch"] == 1 and 0 < final["auc"] < 1
