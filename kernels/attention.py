@@ -59,7 +59,7 @@ NUM_BLOCKS = 128  # programs of the backward: fixes the summation order of the p
 # Split is the default: the fused kernel holds the recomputation, the input gradients and every parameter
 # accumulator live at once and spills at every config on sm_90, and so does one kernel for all the parameter
 # gradients, whereas each of the three fits in 255 registers (bench/results/gpu_static.md lists the
-# exceptions: the hidden pass at D = 128, fp32 without TF32).
+# exceptions: the bf16 hidden pass at D = 128, fp32).
 # DIN_EXT_TRITON_SPLIT_BACKWARD=0 selects the fused kernel (to compare on a GPU).
 GRADS_ALL = tl.constexpr(0)
 GRADS_INPUTS = tl.constexpr(1)
@@ -90,10 +90,10 @@ def const_row(j, row):
 
 def _configs(configs, maxnreg=None):
     """Autotuning configs (BLOCK_L, num_warps), with ptxas's register limit ``maxnreg`` (None: its own choice); one
-    when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first, which for bf16 (and fp32 with TF32) and
-    H = (80, 40) on sm_90 compiles without register spills at D = 32, 64, 128, with softmax and with several
-    candidates, but for 24 bytes in the hidden parameter pass at D = 128 under Triton 3.6; fp32 without TF32 spills
-    in every backward pass (bench/results/gpu_static.md)."""
+    when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first, which for bf16 and H = (80, 40) on sm_90
+    compiles without register spills at D = 32, 64, 128, with softmax and with several candidates, but for 24 bytes
+    in the hidden parameter pass at D = 128 under Triton 3.6; fp32 spills 8 bytes there with TF32 and in every
+    backward pass without it (bench/results/gpu_static.md)."""
     if interpreting():  # nothing to tune, and large tiles keep the interpreter fast
         return [triton.Config({"BLOCK_L": 32}, num_warps=4)]
     if os.environ.get("DIN_EXT_TRITON_AUTOTUNE", "1") == "0":
