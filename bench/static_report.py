@@ -325,7 +325,8 @@ class Case:
 
 
 ATTENTION_SCALARS = {"D", "DV", "N0", "N1", "N2", "N3", "NS", "NC", "N", "H"}  # upper-case names that are not pointers
-ATTENTION_ACC = {"CONSTS", "CB", "KPT", "LSE", "PART", "GQ", "DC", "COUNT", "MEAN", "M2", "C", "SUMS"}  # accumulation dtype
+# pointers in the accumulation dtype
+ATTENTION_ACC = {"CONSTS", "CB", "KPT", "LSE", "PART", "GQ", "DC", "COUNT", "MEAN", "M2", "C", "SUMS"}
 INDEX = {"STARTS": "*i64", "LENGTHS": "*i64", "MASK": "*i1"}
 
 
@@ -381,6 +382,9 @@ def triton_cases() -> List[Case]:
                 continue
             cases.append(Case(kernel, f"fp32 D=64 H={h} dice, {what}", "fp32", dict(mlp(64), **extra),
                               all_configs=False))
+            # torch.backends.cuda.matmul.allow_tf32 = True: the products on tf32 tensor cores
+            cases.append(Case(kernel, f"fp32 TF32 D=64 H={h} dice, {what}", "fp32",
+                              dict(mlp(64), **extra, TF32=True), all_configs=False))
             cases.append(Case(kernel, f"bf16 D=64 H={h} dice softmax, {what}", "bf16",
                               dict(mlp(64, softmax=True), **extra), all_configs=False))
             cases.append(Case(kernel, f"bf16 D=48 H={h} dice, C>={A.MAX_BLOCK_C} candidates, {what}", "bf16",

@@ -59,7 +59,7 @@ NUM_BLOCKS = 128  # programs of the backward: fixes the summation order of the p
 # Split is the default: the fused kernel holds the recomputation, the input gradients and every parameter
 # accumulator live at once and spills at every config on sm_90, and so does one kernel for all the parameter
 # gradients, whereas each of the three fits in 255 registers (bench/results/gpu_static.md lists the
-# exceptions: the hidden pass with softmax or at D = 128, fp32 without TF32).
+# exceptions: the bf16 hidden pass at D = 128, fp32).
 # DIN_EXT_TRITON_SPLIT_BACKWARD=0 selects the fused kernel (to compare on a GPU).
 GRADS_ALL = tl.constexpr(0)
 GRADS_INPUTS = tl.constexpr(1)
@@ -91,9 +91,9 @@ def const_row(j, row):
 def _configs(configs, maxnreg=None):
     """Autotuning configs (BLOCK_L, num_warps), with ptxas's register limit ``maxnreg`` (None: its own choice); one
     when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first, which for bf16 and H = (80, 40) on sm_90
-    compiles without register spills at D = 32, 64, 128 and with several candidates, but for a few bytes to 140 in
-    the hidden parameter pass (softmax, D = 128, several candidates) and 4 in the forward at D = 32 under Triton 3.6,
-    where ptxas keeps 128 registers for two blocks per SM (bench/results/gpu_static.md)."""
+    compiles without register spills at D = 32, 64, 128, with softmax and with several candidates, but for 24 bytes
+    in the hidden parameter pass at D = 128 under Triton 3.6; fp32 spills 8 bytes there with TF32 and in every
+    backward pass without it (bench/results/gpu_static.md)."""
     if interpreting():  # nothing to tune, and large tiles keep the interpreter fast
         return [triton.Config({"BLOCK_L": 32}, num_warps=4)]
     if os.environ.get("DIN_EXT_TRITON_AUTOTUNE", "1") == "0":
@@ -179,11 +179,19 @@ def _dice_consts(CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr):
 
 
 @triton.jit
-def _act_fwd(z, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr, ACT: tl.constexpr):
+def _act_fwd(z, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr, ACT: tl.constexpr,
+             ALPHA_ONCE: tl.constexpr):
     if ACT == DICE:
         alpha, gamma, beta, mean, rstd = _dice_consts(CONSTS, J, P, HMAXP)
         p = sigmoid(gamma * ((z - mean) * rstd) + beta)
-        h = z * (alpha + (1.0 - alpha) * p)
+        # Two roundings of h = z (alpha + (1 - alpha) p), each the one that ptxas fits with fewer registers on sm_90
+        # (bench/results/gpu_static.md): ALPHA_ONCE, the forward kernel's, keeps no 1 - alpha [P] live through its
+        # tile loop (the D = 32 forward then fits two blocks' 128 registers, 4 B of spills before); the backward's
+        # recomputation keeps the other (with ALPHA_ONCE its multi-candidate hidden pass spills 24 B, 0 without).
+        if ALPHA_ONCE:
+            h = z * (p + alpha * (1.0 - p))
+        else:
+            h = z * (alpha + (1.0 - alpha) * p)
     elif ACT == SIGMOID:
         h = sigmoid(z)
     elif ACT == PRELU:
@@ -196,14 +204,16 @@ def _act_fwd(z, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr, A
 @triton.jit
 def _act_bwd(g, z, valid, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr, ACT: tl.constexpr):
     """d/dh g (zero on invalid rows) -> d/dz (zero on invalid rows), plus the tile's per-feature sums
-    (d alpha, d gamma, d beta, sum g_xhat, sum g_xhat * xhat) for Dice, (d slope, 0, 0, 0, 0) for PReLU.
+    (d alpha, d gamma, d beta) for Dice, (d slope, 0, 0) for PReLU. Dice's other two, sum g_xhat = gamma d beta and
+    sum g_xhat * xhat = gamma d gamma (gamma is per feature), are formed from these once, after the last tile
+    (_store_sums, _gamma): two fewer [P] accumulators a layer live through the loops.
 
     Dice: g_arg = g z (1 - alpha) p (1 - p) (d/d sigmoid argument), g_xhat = gamma g_arg,
     dz = g (alpha + (1 - alpha) p) + rstd (g_xhat - g_mean - xhat gx_mean), where g_mean and gx_mean are the batch
     means of g_xhat and g_xhat * xhat in training (BatchNorm's backward) and zero in eval.
     """
     zero = tl.zeros([P], dtype=z.dtype)
-    s0, s1, s2, s3, s4 = zero, zero, zero, zero, zero
+    s0, s1, s2 = zero, zero, zero
     if ACT == DICE:
         alpha, gamma, beta, mean, rstd = _dice_consts(CONSTS, J, P, HMAXP)
         g_mean = _const(CONSTS, J, ROW_G_MEAN, P, HMAXP)
@@ -216,8 +226,6 @@ def _act_bwd(g, z, valid, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.co
         s0 = tl.sum(g * z * (1.0 - p), 0)
         s1 = tl.sum(g_arg * xhat, 0)
         s2 = tl.sum(g_arg, 0)
-        s3 = tl.sum(g_xhat, 0)
-        s4 = tl.sum(g_xhat * xhat, 0)
         gz = g * (alpha + one_minus_alpha * p) + rstd * (g_xhat - g_mean - xhat * gx_mean)
     elif ACT == SIGMOID:
         y = sigmoid(z)
@@ -228,7 +236,7 @@ def _act_bwd(g, z, valid, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.co
     else:
         gz = tl.where(z > 0, g, 0.0)
     gz = tl.where(valid[:, None], gz, 0.0)
-    return gz, s0, s1, s2, s3, s4
+    return gz, s0, s1, s2
 
 
 @triton.jit
@@ -288,31 +296,32 @@ def _pairs_z0(k, q, c, kc_t, pc_t, BLOCK_C: tl.constexpr, KT: tl.constexpr, ACC:
 def _mlp_tile(z0, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
               NUM_HIDDEN: tl.constexpr, UPTO: tl.constexpr, ACT: tl.constexpr,
               P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, HMAXP: tl.constexpr,
-              ACC: tl.constexpr, TF32: tl.constexpr):
+              ACC: tl.constexpr, TF32: tl.constexpr, ALPHA_ONCE: tl.constexpr):
     """Forward of a tile from its layer-1 output z0 [BLOCK_L, P0] up to z_UPTO; with UPTO = NUM_HIDDEN up to the
-    scores s [BLOCK_L]. Returns z_0..z_3, h_0..h_3, s; what was not computed repeats z_0 (and s = row sums of z_0)."""
+    scores s [BLOCK_L]. Returns z_0..z_3, h_0..h_3, s; what was not computed repeats z_0 (and s = row sums of z_0).
+    ALPHA_ONCE: see _act_fwd."""
     z1, z2, z3, h0, h1, h2, h3 = z0, z0, z0, z0, z0, z0, z0
     s = tl.sum(z0, 1)  # without hidden layers z_0 is the score (its padding columns are 0)
     if UPTO >= 1:
-        h0 = _act_fwd(z0, CONSTS, 0, P0, HMAXP, ACT)
+        h0 = _act_fwd(z0, CONSTS, 0, P0, HMAXP, ACT, ALPHA_ONCE)
         if NUM_HIDDEN == 1:
             s = tl.sum(h0 * ws[None, :], 1) + bs
         else:
             z1 = _mm(h0, w1t, ACC, TF32) + b1[None, :]
     if UPTO >= 2:
-        h1 = _act_fwd(z1, CONSTS, 1, P1, HMAXP, ACT)
+        h1 = _act_fwd(z1, CONSTS, 1, P1, HMAXP, ACT, ALPHA_ONCE)
         if NUM_HIDDEN == 2:
             s = tl.sum(h1 * ws[None, :], 1) + bs
         else:
             z2 = _mm(h1, w2t, ACC, TF32) + b2[None, :]
     if UPTO >= 3:
-        h2 = _act_fwd(z2, CONSTS, 2, P2, HMAXP, ACT)
+        h2 = _act_fwd(z2, CONSTS, 2, P2, HMAXP, ACT, ALPHA_ONCE)
         if NUM_HIDDEN == 3:
             s = tl.sum(h2 * ws[None, :], 1) + bs
         else:
             z3 = _mm(h2, w3t, ACC, TF32) + b3[None, :]
     if UPTO >= 4:
-        h3 = _act_fwd(z3, CONSTS, 3, P3, HMAXP, ACT)
+        h3 = _act_fwd(z3, CONSTS, 3, P3, HMAXP, ACT, ALPHA_ONCE)
         s = tl.sum(h3 * ws[None, :], 1) + bs
     return z0, z1, z2, z3, h0, h1, h2, h3, s
 
@@ -352,7 +361,9 @@ def _load_mlp(W1, B1, W2, B2, W3, B3, WS, BS, N0, N1, N2, N3, NUM_HIDDEN: tl.con
 # Forward
 
 
-@triton.autotune(configs=_configs([(32, 8), (32, 4), (16, 4), (64, 8)]), key=_KEY)
+# (BLOCK_L = 64 at 8 warps, once a candidate, spilled 0.6-0.9 KB on sm_90 in every case of
+# bench/results/gpu_static.md: dropped)
+@triton.autotune(configs=_configs([(32, 8), (32, 4), (16, 4)]), key=_KEY)
 @triton.jit
 def _forward_kernel(
     Q,  # [B, D] queries, or [B, NC, D] (MULTI)
@@ -432,7 +443,8 @@ def _forward_kernel(
             valid = kvalid
         if STOP >= 0:
             z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(z0, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
-                                                          NUM_HIDDEN, STOP, ACT, P0, P1, P2, P3, HMAXP, ACC, TF32)
+                                                          NUM_HIDDEN, STOP, ACT, P0, P1, P2, P3, HMAXP, ACC, TF32,
+                                                          True)
             z = z0
             if STOP == 1:
                 z = z1
@@ -446,7 +458,7 @@ def _forward_kernel(
         else:
             z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(z0, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
                                                           NUM_HIDDEN, NUM_HIDDEN, ACT, P0, P1, P2, P3, HMAXP, ACC,
-                                                          TF32)
+                                                          TF32, True)
             t = s * scale
             v = tl.load(V + r[:, None] * DV + offs_v[None, :], mask=kvalid[:, None] & (offs_v < DV)[None, :],
                         other=0.0).to(ACC)
@@ -508,24 +520,33 @@ def _hidden_bwd(gz, h_prev, z_prev, valid, w, dw, db, CONSTS, J: tl.constexpr, P
         dw += _mm_tn(gz, h_prev, ACC, IN, TF32)
         db += tl.sum(gz, 0)
     gh = _mm(gz, w, ACC, TF32)
-    g, s0, s1, s2, s3, s4 = _act_bwd(gh, z_prev, valid, CONSTS, J, P, HMAXP, ACT)
-    return g, dw, db, s0, s1, s2, s3, s4
+    g, s0, s1, s2 = _act_bwd(gh, z_prev, valid, CONSTS, J, P, HMAXP, ACT)
+    return g, dw, db, s0, s1, s2
 
 
 @triton.jit
-def _store_sums(PART, s0, s1, s2, s3, s4, P: tl.constexpr):
+def _gamma(CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr):
+    """Dice's gamma of hidden layer J, [P] (0 for the other activations, whose sums s1, s2 are 0)."""
+    return tl.load(CONSTS + const_row(J, ROW_GAMMA) * HMAXP + tl.arange(0, P))
+
+
+@triton.jit
+def _store_sums(PART, s0, s1, s2, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAXP: tl.constexpr):
+    """Activation J's five sums (_backward_layout's "act" piece) from its three accumulated ones (see _act_bwd)."""
     offs = tl.arange(0, P)
+    gamma = _gamma(CONSTS, J, P, HMAXP)
     tl.store(PART + offs, s0)
     tl.store(PART + P + offs, s1)
     tl.store(PART + 2 * P + offs, s2)
-    tl.store(PART + 3 * P + offs, s3)
-    tl.store(PART + 4 * P + offs, s4)
+    tl.store(PART + 3 * P + offs, gamma * s2)
+    tl.store(PART + 4 * P + offs, gamma * s1)
 
 
 # maxnreg=255: every backward kernel needs about all of a thread's 255 registers at 8 warps (one block per SM
 # either way); left to itself, ptxas holds some configs to far fewer and spills (32 registers and 15 KB of spills at
-# D = 32, BLOCK_L = 32 under Triton 3.6).
-@triton.autotune(configs=_configs([(16, 8), (16, 4), (32, 8)], maxnreg=255), key=[*_KEY, "GRADS", "DB"])
+# D = 32, BLOCK_L = 32 under Triton 3.6). (BLOCK_L = 16 at 4 warps, once a candidate, spilled in every case of
+# bench/results/gpu_static.md, 4 B to 1.2 KB: dropped.)
+@triton.autotune(configs=_configs([(16, 8), (32, 8)], maxnreg=255), key=[*_KEY, "GRADS", "DB"])
 @triton.jit
 def _backward_kernel(
     GOUT,  # [B, DV] gradient of the pooled output ([B, NC, DV]: MULTI, and so on below)
@@ -612,13 +633,13 @@ def _backward_kernel(
     dbs = tl.zeros([1], dtype=ACC)
     # Activation sums per hidden layer j: a{j}_0 .. a{j}_4 (see _act_bwd).
     a0_0 = tl.zeros([P0], dtype=ACC)
-    a0_1, a0_2, a0_3, a0_4 = a0_0, a0_0, a0_0, a0_0
+    a0_1, a0_2 = a0_0, a0_0
     a1_0 = tl.zeros([P1], dtype=ACC)
-    a1_1, a1_2, a1_3, a1_4 = a1_0, a1_0, a1_0, a1_0
+    a1_1, a1_2 = a1_0, a1_0
     a2_0 = tl.zeros([P2], dtype=ACC)
-    a2_1, a2_2, a2_3, a2_4 = a2_0, a2_0, a2_0, a2_0
+    a2_1, a2_2 = a2_0, a2_0
     a3_0 = tl.zeros([P3], dtype=ACC)
-    a3_1, a3_2, a3_3, a3_4 = a3_0, a3_0, a3_0, a3_0
+    a3_1, a3_2 = a3_0, a3_0
 
     if MULTI:  # layer 1's forward blocks, shared by every candidate
         kc_t, pc_t = _layer0_t(KPT, DP, P0)
@@ -661,7 +682,7 @@ def _backward_kernel(
                     valid = kvalid
                 z0, z1, z2, z3, h0, h1, h2, h3, s = _mlp_tile(z0, w1t, b1, w2t, b2, w3t, b3, ws, bs, CONSTS,
                                                               NUM_HIDDEN, NUM_HIDDEN, ACT, P0, P1, P2, P3, HMAXP,
-                                                              ACC, TF32)
+                                                              ACC, TF32, False)
                 t = s * scale
                 if MULTI:  # per candidate: [BLOCK_C, KT]
                     omask = cmask[:, None] & (offs_v < DV)[None, :]
@@ -705,41 +726,33 @@ def _backward_kernel(
                     if HIDDEN:
                         dws += tl.sum(gs[:, None] * h_last, 0)
                         dbs += tl.sum(gs, 0)
-                    gz, s0, s1, s2, s3, s4 = _act_bwd(gs[:, None] * ws[None, :], z_last, valid, CONSTS, NUM_HIDDEN - 1,
-                                                      ws.shape[0], HMAXP, ACT)
+                    gz, s0, s1, s2 = _act_bwd(gs[:, None] * ws[None, :], z_last, valid, CONSTS, NUM_HIDDEN - 1,
+                                              ws.shape[0], HMAXP, ACT)
                     if NUM_HIDDEN == 4:
                         a3_0 += s0
                         a3_1 += s1
                         a3_2 += s2
-                        a3_3 += s3
-                        a3_4 += s4
                         if STOP <= 2:
-                            gz, dw3, db3, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h2, z2, valid, w3, dw3, db3, CONSTS,
-                                                                           2, P2, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
+                            gz, dw3, db3, s0, s1, s2 = _hidden_bwd(gz, h2, z2, valid, w3, dw3, db3, CONSTS,
+                                                               2, P2, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if NUM_HIDDEN >= 3 and STOP <= 2:
                         a2_0 += s0
                         a2_1 += s1
                         a2_2 += s2
-                        a2_3 += s3
-                        a2_4 += s4
                         if STOP <= 1:
-                            gz, dw2, db2, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h1, z1, valid, w2, dw2, db2, CONSTS,
-                                                                           1, P1, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
+                            gz, dw2, db2, s0, s1, s2 = _hidden_bwd(gz, h1, z1, valid, w2, dw2, db2, CONSTS,
+                                                               1, P1, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if NUM_HIDDEN >= 2 and STOP <= 1:
                         a1_0 += s0
                         a1_1 += s1
                         a1_2 += s2
-                        a1_3 += s3
-                        a1_4 += s4
                         if STOP <= 0:
-                            gz, dw1, db1, s0, s1, s2, s3, s4 = _hidden_bwd(gz, h0, z0, valid, w1, dw1, db1, CONSTS,
-                                                                           0, P0, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
+                            gz, dw1, db1, s0, s1, s2 = _hidden_bwd(gz, h0, z0, valid, w1, dw1, db1, CONSTS,
+                                                               0, P0, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if STOP <= 0:
                         a0_0 += s0
                         a0_1 += s1
                         a0_2 += s2
-                        a0_3 += s3
-                        a0_4 += s4
                 if INPUTS:
                     if MULTI:  # layer 1: z_0 = c_{b,c} + Kc k + Pc (q_{b,c} * k)
                         gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
@@ -823,30 +836,30 @@ def _backward_kernel(
             tl.store(base + tl.arange(0, ws.shape[0]), dws)
             tl.store(base + ws.shape[0] + tl.arange(0, 1), dbs)
             base += ws.shape[0] + 1
-            _store_sums(base, a0_0, a0_1, a0_2, a0_3, a0_4, P0)
+            _store_sums(base, a0_0, a0_1, a0_2, CONSTS, 0, P0, HMAXP)
             base += 5 * P0
         if NUM_HIDDEN >= 2:
-            _store_sums(base, a1_0, a1_1, a1_2, a1_3, a1_4, P1)
+            _store_sums(base, a1_0, a1_1, a1_2, CONSTS, 1, P1, HMAXP)
             base += 5 * P1
         if NUM_HIDDEN >= 3:
-            _store_sums(base, a2_0, a2_1, a2_2, a2_3, a2_4, P2)
+            _store_sums(base, a2_0, a2_1, a2_2, CONSTS, 2, P2, HMAXP)
             base += 5 * P2
         if NUM_HIDDEN >= 4:
-            _store_sums(base, a3_0, a3_1, a3_2, a3_3, a3_4, P3)
+            _store_sums(base, a3_0, a3_1, a3_2, CONSTS, 3, P3, HMAXP)
     if not FULL:  # sums pass: sum g_xhat and sum g_xhat * xhat of layer STOP
         offs_s = tl.arange(0, PS)
         if STOP == 0:
-            tl.store(base + offs_s, a0_3)
-            tl.store(base + PS + offs_s, a0_4)
+            tl.store(base + offs_s, _gamma(CONSTS, 0, PS, HMAXP) * a0_2)
+            tl.store(base + PS + offs_s, _gamma(CONSTS, 0, PS, HMAXP) * a0_1)
         if STOP == 1:
-            tl.store(base + offs_s, a1_3)
-            tl.store(base + PS + offs_s, a1_4)
+            tl.store(base + offs_s, _gamma(CONSTS, 1, PS, HMAXP) * a1_2)
+            tl.store(base + PS + offs_s, _gamma(CONSTS, 1, PS, HMAXP) * a1_1)
         if STOP == 2:
-            tl.store(base + offs_s, a2_3)
-            tl.store(base + PS + offs_s, a2_4)
+            tl.store(base + offs_s, _gamma(CONSTS, 2, PS, HMAXP) * a2_2)
+            tl.store(base + PS + offs_s, _gamma(CONSTS, 2, PS, HMAXP) * a2_1)
         if STOP == 3:
-            tl.store(base + offs_s, a3_3)
-            tl.store(base + PS + offs_s, a3_4)
+            tl.store(base + offs_s, _gamma(CONSTS, 3, PS, HMAXP) * a3_2)
+            tl.store(base + PS + offs_s, _gamma(CONSTS, 3, PS, HMAXP) * a3_1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
