@@ -228,6 +228,14 @@ struct Wide {
   static constexpr int64_t lanes = 64 / sizeof(T);
 };
 
+// The low 256 bits of a wide vector (a register alias: no instruction).
+template <typename T>
+DIN_EXT_INLINE typename Simd<T>::type low_half(typename Wide<T>::type v) {
+  typename Simd<T>::type h;
+  std::memcpy(&h, &v, sizeof(h));
+  return h;
+}
+
 // The register block of the AVX-512 GEMMs: C[r, c0 : c0 + NZ * W + kTail * L] for r < R (W = Wide lanes, L = Simd
 // lanes), R x (NZ + kTail) accumulators over k < K of a(r, k) * B[k, :], with a(r, k) = A[r * ra + k * ka] (a row
 // of A for C = A B, a column for C = A^T B). The accumulators start at bias (or zero when bias is null), or at C
@@ -241,7 +249,7 @@ DIN_EXT_INLINE void wide_block(int64_t K, const T* A, int64_t ra, int64_t ka, co
   constexpr int64_t W = Wide<T>::lanes;
   V acc[R][NZ > 0 ? NZ : 1];
   H tail[R];
-#pragma GCC unroll 6
+#pragma GCC unroll 12
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NZ; ++v) {
@@ -260,15 +268,18 @@ DIN_EXT_INLINE void wide_block(int64_t K, const T* A, int64_t ra, int64_t ka, co
 #pragma GCC unroll 4
     for (int v = 0; v < NZ; ++v) bv[v] = *reinterpret_cast<const V*>(b + v * W);
     const H bt = kTail ? load(b + NZ * W) : H{};
-#pragma GCC unroll 6
+#pragma GCC unroll 12
     for (int r = 0; r < R; ++r) {
-      const T x = a[r * ra];
+      // One broadcast of a(r, k) from memory (a load, no shuffle), whose low half multiplies the half vector: a
+      // scalar used twice was broadcast twice from a register, a port-5 shuffle each, as many as the FMAs of a
+      // 40-wide block (the GEMM then ran at ~60% of its FMA rate).
+      const V x = a[r * ra] - V{};  // x - 0 is x: the compiler emits the broadcast alone
 #pragma GCC unroll 4
       for (int v = 0; v < NZ; ++v) acc[r][v] += x * bv[v];
-      if (kTail) tail[r] += x * bt;
+      if (kTail) tail[r] += low_half<T>(x) * bt;
     }
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 12
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NZ; ++v) *reinterpret_cast<V*>(C + r * ldc + v * W) = acc[r][v];
@@ -277,11 +288,17 @@ DIN_EXT_INLINE void wide_block(int64_t K, const T* A, int64_t ra, int64_t ka, co
 }
 
 // Rows [0, rows) of one column block of NZ wide vectors (+ a half one): blocks of 6 rows (at most 24 accumulators
-// and 4 vectors of B in the 32 registers), then of 4, then the 1 to 3 left (the row stride of a(r, k) is ra).
+// and 4 vectors of B in the 32 registers), then of 4, then the 1 to 3 left (the row stride of a(r, k) is ra). A
+// block of one vector a row (a 16-wide or an 8-wide one, the 1-output last layer padded to 8) takes 12 rows first:
+// 6 accumulators do not cover the FMA latency (4 cycles, 2 ports).
 template <typename T, int NZ, bool kTail, bool kAccumulate>
 DIN_EXT_INLINE void wide_rows(int64_t rows, int64_t K, const T* A, int64_t ra, int64_t ka, const T* B, int64_t ldb,
                               const T* bias, T* C, int64_t ldc) {
   int64_t r0 = 0;
+  if (NZ + kTail == 1) {
+    for (; r0 + 12 <= rows; r0 += 12)
+      wide_block<T, 12, NZ, kTail, kAccumulate>(K, A + r0 * ra, ra, ka, B, ldb, bias, C + r0 * ldc, ldc);
+  }
   for (; r0 + 6 <= rows; r0 += 6)
     wide_block<T, 6, NZ, kTail, kAccumulate>(K, A + r0 * ra, ra, ka, B, ldb, bias, C + r0 * ldc, ldc);
   for (; r0 + 4 <= rows; r0 += 4)
