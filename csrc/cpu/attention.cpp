@@ -78,7 +78,25 @@ template <typename T>
 struct ActLayer {
   Vec<T> alpha, gamma, beta, mean, rstd;  // alpha doubles as PReLU's slope
   Vec<T> g_mean, gx_mean;                 // Dice training backward: mean of g_xhat and of g_xhat * xhat
+  // The Dice forward's folded affine, -(gamma (z - mean) rstd + beta) = z * neg_scale + neg_shift, and 1 - alpha
+  // (fold_dice, whenever mean or rstd change).
+  Vec<T> neg_scale, neg_shift, one_minus_alpha;
 };
+
+// The folded Dice parameters of a from its alpha, gamma, beta, mean and rstd.
+template <typename T>
+void fold_dice(ActLayer<T>& a) {
+  const size_t wp = a.alpha.size();
+  a.neg_scale.resize(wp);
+  a.neg_shift.resize(wp);
+  a.one_minus_alpha.resize(wp);
+  for (size_t c = 0; c < wp; ++c) {
+    const T s = a.gamma[c] * a.rstd[c];
+    a.neg_scale[c] = -s;
+    a.neg_shift[c] = a.mean[c] * s - a.beta[c];
+    a.one_minus_alpha[c] = T(1) - a.alpha[c];
+  }
+}
 
 // The MLP packed for the kernels; read-only once built.
 template <typename T>
@@ -179,6 +197,7 @@ Net<T> pack(int64_t D, at::TensorList weights, at::TensorList biases, const at::
       a.mean[h] = mean;
       a.rstd[h] = T(1) / std::sqrt(var + static_cast<T>(eps));
     }
+    fold_dice(a);
     col += wj;
   }
   return net;
@@ -311,13 +330,18 @@ DIN_EXT_INLINE void activation_forward_body(const Net<T>& net, int64_t j, int64_
   const T* alpha = a.alpha.data();
   switch (net.act) {
     case Activation::kDice: {
-      const T *gamma = a.gamma.data(), *beta = a.beta.data(), *mean = a.mean.data(), *rstd = a.rstd.data();
+      // p = sigmoid(gamma (z - mean) rstd + beta) from the folded affine, h = z (alpha + (1 - alpha) p): the
+      // forward's (and the recomputing backward's) gate in 23 vector operations a vector, where the unfolded
+      // form took 31 (the multi forward's Dice was ~28% of its time).
+      const T* __restrict ns = a.neg_scale.data();
+      const T* __restrict nt = a.neg_shift.data();
+      const T* __restrict oma = a.one_minus_alpha.data();
       for (int64_t r = 0; r < rows; ++r) {
-        const T* zr = z + r * wp;
-        T* hr = h + r * wp;
+        const T* __restrict zr = z + r * wp;
+        T* __restrict hr = h + r * wp;
         for (int64_t c = 0; c < wp; ++c) {
-          const T p = sigmoid(gamma[c] * (zr[c] - mean[c]) * rstd[c] + beta[c]);
-          hr[c] = zr[c] * (alpha[c] + (T(1) - alpha[c]) * p);
+          const T p = sigmoid_of_neg(zr[c] * ns[c] + nt[c]);
+          hr[c] = zr[c] * (alpha[c] + oma[c] * p);
         }
       }
       break;
@@ -769,6 +793,7 @@ void finish_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, const std::
     a.mean[c] = static_cast<T>(mean);
     a.rstd[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(static_cast<T>(var)) + eps));
   }
+  fold_dice(a);
 }
 
 // Dice training: mean and biased variance of z_j over all valid pairs, into stats (and net.acts[j]).

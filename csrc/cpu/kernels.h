@@ -47,20 +47,32 @@ bool has_avx512();
 // 32-byte vectors in always-inlined code are never passed across a call boundary; GCC's ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+// Cephes' expf argument reduction: x clamped to [-87, 88], shifted = 1.5 * 2^23 + n with n = round(x / ln 2) (the
+// 1.5 * 2^23 trick: plain arithmetic, which vectorizes where floor may not), r = x - n ln 2 in two parts, and the
+// polynomial p(r) of exp(r) = 1 + r + r^2 p(r).
+struct ExpParts {
+  float shifted, n, r, p;
+};
+DIN_EXT_INLINE ExpParts exp_parts(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // a select: vectorizes with -fno-trapping-math
+  ExpParts e;
+  e.shifted = x * 1.44269504088896341f + 12582912.0f;
+  e.n = e.shifted - 12582912.0f;
+  e.r = x - e.n * 0.693359375f + e.n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * e.r + 1.3981999507e-3f;
+  p = p * e.r + 8.3334519073e-3f;
+  p = p * e.r + 4.1665795894e-2f;
+  p = p * e.r + 1.6666665459e-1f;
+  e.p = p * e.r + 5.0000001201e-1f;
+  return e;
+}
+
 // exp(x) for float, Cephes' expf polynomial (about 1 ulp) in a form that compilers vectorize; std::exp for double.
 DIN_EXT_INLINE float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // a select: vectorizes with -fno-trapping-math
-  // n = round(x / ln 2) by the 1.5 * 2^23 trick: plain arithmetic, which vectorizes where floor may not.
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const ExpParts e = exp_parts(x);
+  const float p = e.p * e.r * e.r + e.r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(e.n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
@@ -71,6 +83,22 @@ template <typename T>
 DIN_EXT_INLINE T sigmoid(T x) {
   return T(1) / (T(1) + exp_approx(-x));
 }
+
+// 1 / (1 + exp(x)) = sigmoid(-x) for float, exp_approx's reduction and polynomial (the same coefficients; at most
+// 1.5e-7 relative error against double) in 21 vector operations instead of 25: the polynomial's last two steps in
+// Horner form, the power of two from the bits of the rounding sum (no conversion) and the 1 + added by the scaling
+// FMA. The Dice forward's gate, whose argument comes negated from its folded affine. std::exp for double.
+DIN_EXT_INLINE float sigmoid_of_neg(float x) {
+  const ExpParts e = exp_parts(x);
+  const float p = (e.p * e.r + 1.0f) * e.r + 1.0f;  // exp(r)
+  uint32_t bits;
+  std::memcpy(&bits, &e.shifted, sizeof(bits));
+  bits = (bits + (127u - 0x4B400000u)) << 23;  // (n + 127) << 23: the low mantissa bits of `shifted` hold n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return 1.0f / (p * scale + 1.0f);
+}
+DIN_EXT_INLINE double sigmoid_of_neg(double x) { return 1.0 / (1.0 + std::exp(x)); }
 
 // 32-byte SIMD vectors (GCC/Clang vector extensions; two SSE registers on a baseline build, one AVX register in an
 // AVX2 build), unaligned.
