@@ -327,7 +327,9 @@ DIN_EXT_INLINE void wide_rows(int64_t rows, int64_t K, const T* A, int64_t ra, i
     for (; r0 + 12 <= rows; r0 += 12)
       wide_block<T, 12, NZ, kTail, kAccumulate>(K, A + r0 * ra, ra, ka, B, ldb, bias, C + r0 * ldc, ldc);
   }
-  for (; r0 + 6 <= rows; r0 += 6)
+  // The rows left after the blocks of 6 as 4 + 3 or 4 + 4 rather than 1 or 2 (too few accumulators).
+  const int64_t left = rows - r0, sixes = left / 6 - (left >= 6 && left % 6 > 0 && left % 6 < 3 ? 1 : 0);
+  for (const int64_t end = r0 + 6 * sixes; r0 < end; r0 += 6)
     wide_block<T, 6, NZ, kTail, kAccumulate>(K, A + r0 * ra, ra, ka, B, ldb, bias, C + r0 * ldc, ldc);
   for (; r0 + 4 <= rows; r0 += 4)
     wide_block<T, 4, NZ, kTail, kAccumulate>(K, A + r0 * ra, ra, ka, B, ldb, bias, C + r0 * ldc, ldc);
