@@ -193,12 +193,19 @@ def main(argv=None):
     parser.add_argument("--min-reps", type=int, default=7)
     parser.add_argument("--min-seconds", type=float, default=0.25)
     parser.add_argument("--quick", action="store_true", help="C in {1, 100}, B = 1, L = 50 only")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="B,C,L",
+                        help="only these shapes (e.g. --shapes 1,100,50 16,10,500); DIN.rank's step-by-step "
+                             f"breakdown runs only when {','.join(map(str, RANK_SHAPE))} is among them")
     args = parser.parse_args(argv)
     if not din_ext._ext.has_cpp():
         sys.exit("bench_rank needs the C++ extension (din_ext._C)")
     shapes = [(b, c, l) for l in (50, 500) for b in (1, 16) for c in (1, 10, 100, 500)]
     if args.quick:
         shapes = [(1, 1, 50), (1, 100, 50)]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in shape.split(",")) for shape in args.shapes]
+        if any(len(shape) != 3 for shape in shapes):
+            parser.error("--shapes takes B,C,L triples")
     unit = make_unit()
     torch.manual_seed(0)
     model = DIN(SCHEMA, embed_dim=16, attention_hidden=HIDDEN, tower_hidden=(200, 80), activation="dice",
@@ -243,6 +250,8 @@ def main(argv=None):
                          f"{d_ratio} |")
             print(lines[-1], flush=True)
         lines.append("")
+        if RANK_SHAPE not in shapes:
+            continue
         breakdown = rank_breakdown(model, *RANK_SHAPE, args.min_reps, args.min_seconds)
         title = f"DIN.rank step by step at B, C, L = {RANK_SHAPE}, {threads} thread{'s' if threads > 1 else ''}"
         lines += [f"{title} (each step alone, interleaved):", "", "| step | p50 ms |", "|---|---|"]

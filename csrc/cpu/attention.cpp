@@ -35,6 +35,9 @@
 // bitwise reproducible run to run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -45,6 +48,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -78,7 +82,25 @@ template <typename T>
 struct ActLayer {
   Vec<T> alpha, gamma, beta, mean, rstd;  // alpha doubles as PReLU's slope
   Vec<T> g_mean, gx_mean;                 // Dice training backward: mean of g_xhat and of g_xhat * xhat
+  // The Dice forward's folded affine, -(gamma (z - mean) rstd + beta) = z * neg_scale + neg_shift, and 1 - alpha
+  // (fold_dice, whenever mean or rstd change).
+  Vec<T> neg_scale, neg_shift, one_minus_alpha;
 };
+
+// The folded Dice parameters of a from its alpha, gamma, beta, mean and rstd.
+template <typename T>
+void fold_dice(ActLayer<T>& a) {
+  const size_t wp = a.alpha.size();
+  a.neg_scale.resize(wp);
+  a.neg_shift.resize(wp);
+  a.one_minus_alpha.resize(wp);
+  for (size_t c = 0; c < wp; ++c) {
+    const T s = a.gamma[c] * a.rstd[c];
+    a.neg_scale[c] = -s;
+    a.neg_shift[c] = a.mean[c] * s - a.beta[c];
+    a.one_minus_alpha[c] = T(1) - a.alpha[c];
+  }
+}
 
 // The MLP packed for the kernels; read-only once built.
 template <typename T>
@@ -179,6 +201,7 @@ Net<T> pack(int64_t D, at::TensorList weights, at::TensorList biases, const at::
       a.mean[h] = mean;
       a.rstd[h] = T(1) / std::sqrt(var + static_cast<T>(eps));
     }
+    fold_dice(a);
     col += wj;
   }
   return net;
@@ -311,13 +334,18 @@ DIN_EXT_INLINE void activation_forward_body(const Net<T>& net, int64_t j, int64_
   const T* alpha = a.alpha.data();
   switch (net.act) {
     case Activation::kDice: {
-      const T *gamma = a.gamma.data(), *beta = a.beta.data(), *mean = a.mean.data(), *rstd = a.rstd.data();
+      // p = sigmoid(gamma (z - mean) rstd + beta) from the folded affine, h = z (alpha + (1 - alpha) p): the
+      // forward's (and the recomputing backward's) gate in 23 vector operations a vector, where the unfolded
+      // form took 31 (the multi forward's Dice was ~28% of its time).
+      const T* __restrict ns = a.neg_scale.data();
+      const T* __restrict nt = a.neg_shift.data();
+      const T* __restrict oma = a.one_minus_alpha.data();
       for (int64_t r = 0; r < rows; ++r) {
-        const T* zr = z + r * wp;
-        T* hr = h + r * wp;
+        const T* __restrict zr = z + r * wp;
+        T* __restrict hr = h + r * wp;
         for (int64_t c = 0; c < wp; ++c) {
-          const T p = sigmoid(gamma[c] * (zr[c] - mean[c]) * rstd[c] + beta[c]);
-          hr[c] = zr[c] * (alpha[c] + (T(1) - alpha[c]) * p);
+          const T p = sigmoid_of_neg(zr[c] * ns[c] + nt[c]);
+          hr[c] = zr[c] * (alpha[c] + oma[c] * p);
         }
       }
       break;
@@ -439,8 +467,47 @@ DIN_EXT_AVX2 void activation_backward_avx2(const Net<T>& net, int64_t j, int64_t
                                            double* acc) {
   activation_backward_body(net, j, rows, z, g, acc);
 }
+// The float Dice forward in the AVX-512 build, with the instructions that build has: the rounding of x / ln 2 in one
+// vrndscaleps and the scaling by 2^n in one vscalefps (which saturates to 0 and inf, so no clamp): 18 vector
+// operations a vector instead of sigmoid_of_neg's 23, the same reduction and polynomial (results equal to
+// sigmoid_of_neg's over the range checked; at most 1.5e-7 relative error against double). A row's last 8
+// features (widths are multiples of 8) run masked.
+DIN_EXT_AVX512 void dice_forward_avx512(const ActLayer<float>& a, int64_t wp, int64_t rows, const float* z,
+                                        float* h) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693359375f),
+               ln2_lo = _mm512_set1_ps(-2.12194440e-4f), one = _mm512_set1_ps(1.0f);
+  const __m512 c0 = _mm512_set1_ps(1.9875691500e-4f), c1 = _mm512_set1_ps(1.3981999507e-3f),
+               c2 = _mm512_set1_ps(8.3334519073e-3f), c3 = _mm512_set1_ps(4.1665795894e-2f),
+               c4 = _mm512_set1_ps(1.6666665459e-1f), c5 = _mm512_set1_ps(5.0000001201e-1f);
+  const float *ns = a.neg_scale.data(), *nt = a.neg_shift.data(), *alpha = a.alpha.data();
+  const float* oma = a.one_minus_alpha.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* zr = z + r * wp;
+    float* hr = h + r * wp;
+    for (int64_t c = 0; c < wp; c += 16) {
+      const __mmask16 m = wp - c >= 16 ? __mmask16(0xFFFF) : __mmask16(0x00FF);
+      const __m512 zv = _mm512_maskz_loadu_ps(m, zr + c);
+      const __m512 x = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(m, ns + c), _mm512_maskz_loadu_ps(m, nt + c));
+      const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 rr = _mm512_fnmadd_ps(n, ln2_lo, _mm512_fnmadd_ps(n, ln2_hi, x));
+      __m512 p = _mm512_fmadd_ps(c0, rr, c1);
+      p = _mm512_fmadd_ps(p, rr, c2);
+      p = _mm512_fmadd_ps(p, rr, c3);
+      p = _mm512_fmadd_ps(p, rr, c4);
+      p = _mm512_fmadd_ps(p, rr, c5);
+      p = _mm512_fmadd_ps(p, rr, one);
+      p = _mm512_fmadd_ps(p, rr, one);  // exp(r)
+      const __m512 gate = _mm512_div_ps(one, _mm512_add_ps(_mm512_scalef_ps(p, n), one));
+      const __m512 mix = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, oma + c), gate, _mm512_maskz_loadu_ps(m, alpha + c));
+      _mm512_mask_storeu_ps(hr + c, m, _mm512_mul_ps(zv, mix));
+    }
+  }
+}
 template <typename T>
 DIN_EXT_AVX512 void activation_forward_avx512(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (net.act == Activation::kDice) return dice_forward_avx512(net.acts[j], net.wp[j], rows, z, h);
+  }
   activation_forward_body(net, j, rows, z, h);
 }
 template <typename T>
@@ -769,6 +836,7 @@ void finish_statistics(Net<T>& net, const Problem<T>& pb, int64_t j, const std::
     a.mean[c] = static_cast<T>(mean);
     a.rstd[c] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(static_cast<T>(var)) + eps));
   }
+  fold_dice(a);
 }
 
 // Dice training: mean and biased variance of z_j over all valid pairs, into stats (and net.acts[j]).
