@@ -1,5 +1,7 @@
 #include "common.h"
 
+#include "cpu/kernels.h"
+
 #include <torch/library.h>
 
 #include <algorithm>
@@ -370,8 +372,17 @@ contract() {
   return {activations, normalizations, act_param_rows, dice_rows};
 }
 
+// din_ext::_cpu_isa: the instruction set the cpu kernels run with here ("avx512", "avx2" or "base"): the
+// processor's, capped by DIN_EXT_CPU_ISA.
+std::string cpu_isa() {
+  return cpu::has_avx512() ? "avx512" : cpu::has_avx2_fma() ? "avx2" : "base";
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(din_ext, CompositeExplicitAutograd, m) { m.impl("_contract", &contract); }
+TORCH_LIBRARY_IMPL(din_ext, CompositeExplicitAutograd, m) {
+  m.impl("_contract", &contract);
+  m.impl("_cpu_isa", &cpu_isa);
+}
 
 }  // namespace din_ext

@@ -73,4 +73,6 @@ TORCH_LIBRARY(din_ext, m) {
   // The C++ side of the op contract (csrc/common.cpp): activation and normalization names in enum order, the
   // act_params rows of each activation, the Dice row names in row order.
   m.def("_contract() -> (str[] activations, str[] normalizations, int[] act_param_rows, str[] dice_rows)");
+  // The instruction set of the cpu kernels: "avx512", "avx2" or "base" (the processor's, capped by DIN_EXT_CPU_ISA).
+  m.def("_cpu_isa() -> str");
 }

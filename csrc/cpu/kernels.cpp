@@ -1,7 +1,27 @@
 #include "cpu/kernels.h"
 
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
 namespace din_ext::cpu {
 namespace {
+
+// The widest instruction set the kernels may use: the processor's, capped by DIN_EXT_CPU_ISA ("avx512", "avx2" or
+// "base"; unset or "auto": no cap), so that every build of the kernels can be run and tested on one machine.
+enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa isa_cap() {
+  static const Isa cap = [] {
+    const char* env = std::getenv("DIN_EXT_CPU_ISA");
+    const std::string v = env == nullptr ? "" : env;
+    if (v.empty() || v == "auto" || v == "avx512") return Isa::kAvx512;
+    if (v == "avx2") return Isa::kAvx2;
+    if (v == "base") return Isa::kBase;
+    throw std::invalid_argument("DIN_EXT_CPU_ISA must be one of auto, avx512, avx2, base; got '" + v + "'");
+  }();
+  return cap;
+}
 
 template <typename T>
 void nn_base(int64_t rows, int64_t K, int64_t n, const T* A, int64_t lda, const T* B, int64_t ldb, const T* bias,
@@ -57,7 +77,7 @@ bool has_avx2_fma() {
 #if DIN_EXT_HAVE_AVX2
   static const bool yes = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return isa_cap() >= Isa::kAvx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
   return yes;
 #else
@@ -69,7 +89,8 @@ bool has_avx512() {
 #if DIN_EXT_HAVE_AVX2
   static const bool yes = [] {
     __builtin_cpu_init();
-    return has_avx2_fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+    return isa_cap() >= Isa::kAvx512 && has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512dq");
   }();
   return yes;
