@@ -71,7 +71,8 @@ def dice(
     y, stats = op(x.reshape(-1, features), flat_mask, params, bool(training), float(eps))
     if not training:
         return y.reshape(x.shape), running_mean.detach(), running_var.detach()
-    return y.reshape(x.shape), stats[0], stats[1]
+    mean, var = stats.unbind(0)
+    return y.reshape(x.shape), mean, var
 
 
 def pack_params(alpha, gamma, beta, running_mean, running_var) -> torch.Tensor:
