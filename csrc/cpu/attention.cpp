@@ -1394,11 +1394,14 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
 // Training Dice's exact statistics make the recomputing kernels run the MLP once per hidden layer and once more in
 // each direction. These store every valid pair's pre-activations z_0 .. z_n in the forward, computed one layer at
 // a time over all the pairs, and the backward reads them: each layer is computed once in each direction, and the
-// backward keeps d/dh_j of all pairs between its two passes over a Dice layer (the statistics' sums, then the
-// gradient). `saved` holds z_j as [N, wp_j] indexed by key row (rows outside every user's range are unused), at
-// offset N * (wp_0 + ... + wp_{j-1}). Every tile runs the same products and activation code, in the same order and
-// over the same tiles, as the recomputing kernels: both modes give bitwise the same output and statistics, and
-// gradients equal to rounding (the backward's elementwise loops run in place on buffers of another alignment).
+// backward keeps d/dh_j of all pairs [N, wp_j] between its pass over layer j (the weight gradient above, the Dice
+// sums and the gradient but for the statistics' term, one sigmoid per element: dice_stored_rows) and the next one,
+// which adds that term once the sums are complete. `saved` holds z_j as [N, wp_j] indexed by key row (rows outside
+// every user's range are unused), at offset N * (wp_0 + ... + wp_{j-1}). The forward's tiles run the same products
+// and activation code, in the same order and over the same tiles, as the recomputing kernels: both modes give
+// bitwise the same output and statistics. The backward runs the layers above the first over row tiles that span
+// users (for_row_tiles) and reduces its partials over pair_blocks, so its gradients equal the recomputing ones to
+// rounding, and are bitwise reproducible at any thread count.
 
 // z_j of the stored layout: N rows of wp_j.
 template <typename T>
