@@ -1025,7 +1025,8 @@ void layer1_backward_tile(const Net<T>& net, const Problem<T>& pb, Work<T>& work
 }
 
 // The end of a single-candidate user (query q) in the backward: d/dq = (Wq + Wd)^T dc + sum_h G[h, :] * Wp[h, :]
-// into gq (zeroed by the caller); d(Wq + Wd) += dc q^T; d(Wk - Wd) += G; dWp += G diag(q); db_0 += dc.
+// into gq (zeroed by the caller); d(Wq + Wd) += dc q^T; d(Wk - Wd) += G; dWp += G diag(q); db_0 += dc. With dA_all
+// null, the two terms of dc (in d/dq and d(Wq + Wd)) are left to the caller (fold_user_dc, over many users).
 // Vectorized over d in the AVX2 / AVX-512 builds (see set_user_body).
 template <typename T>
 DIN_EXT_INLINE void layer1_backward_user_body(const Net<T>& net, const T* __restrict dc, const T* __restrict G,
@@ -1037,14 +1038,22 @@ DIN_EXT_INLINE void layer1_backward_user_body(const Net<T>& net, const T* __rest
     const T* __restrict a = net.A.data() + hh * D;
     const T* __restrict Gh = G + hh * Dp;
     const T* __restrict pc = net.Pc.data() + hh * Dp;
-    T* __restrict dA = dA_all + hh * D;
     T* __restrict dKc = dKc_all + hh * Dp;
     T* __restrict dPc = dPc_all + hh * Dp;
-    for (int64_t d = 0; d < D; ++d) {
-      gq[d] += a[d] * dch + Gh[d] * pc[d];
-      dA[d] += dch * q[d];
-      dKc[d] += Gh[d];
-      dPc[d] += Gh[d] * q[d];
+    if (dA_all) {
+      T* __restrict dA = dA_all + hh * D;
+      for (int64_t d = 0; d < D; ++d) {
+        gq[d] += a[d] * dch + Gh[d] * pc[d];
+        dA[d] += dch * q[d];
+        dKc[d] += Gh[d];
+        dPc[d] += Gh[d] * q[d];
+      }
+    } else {
+      for (int64_t d = 0; d < D; ++d) {
+        gq[d] += Gh[d] * pc[d];
+        dKc[d] += Gh[d];
+        dPc[d] += Gh[d] * q[d];
+      }
     }
     db0[hh] += dch;
   }
@@ -1069,9 +1078,10 @@ DIN_EXT_AVX512 void layer1_backward_user_avx512(const Net<T>& net, const T* dc, 
 #endif
 
 template <typename T>
-void layer1_backward_user(const Net<T>& net, const Work<T>& work, Partial<T>& part, const T* q, T* gq) {
+void layer1_backward_user(const Net<T>& net, const Work<T>& work, Partial<T>& part, const T* q, T* gq,
+                          bool with_dc = true) {
   const T *dc = work.dc.data(), *G = work.G.data();
-  T *dA = part.dA.data(), *dKc = part.dKc.data(), *dPc = part.dPc.data(), *db0 = part.db[0].data();
+  T *dA = with_dc ? part.dA.data() : nullptr, *dKc = part.dKc.data(), *dPc = part.dPc.data(), *db0 = part.db[0].data();
 #if DIN_EXT_HAVE_AVX2
   if (has_avx512()) return layer1_backward_user_avx512(net, dc, G, q, gq, dA, dKc, dPc, db0);
   if (has_avx2_fma()) return layer1_backward_user_avx2(net, dc, G, q, gq, dA, dKc, dPc, db0);
@@ -1651,6 +1661,25 @@ void score_gradient_rows(const Problem<T>& pb, int64_t wpn, int64_t row, const P
   }
 }
 
+// The per-user terms of dc of a block's `users` users (DC [users, wp0], their queries Q [users, Dp], zero-padded)
+// that layer1_backward_user left out: d(Wq + Wd) += DC^T Q and d/dq += DC (Wq + Wd) into gq [users, D], two products
+// over the block's users in place of two H1 x D passes per user.
+template <typename T>
+void fold_user_dc(const Net<T>& net, int64_t users, const T* DC, const T* Q, const T* An, Vec<T>& GQ, Vec<T>& dA,
+                  Partial<T>& part, T* gq) {
+  const int64_t D = net.D, Dp = net.Dp, w0 = net.w[0], wp0 = net.wp[0];
+  if (users == 0) return;
+  const Gemm<T>& g = gemm<T>();
+  dA.assign(wp0 * Dp, T(0));
+  g.tn(users, wp0, Dp, DC, wp0, Q, Dp, dA.data(), Dp);
+  for (int64_t h = 0; h < w0; ++h)
+    for (int64_t d = 0; d < D; ++d) part.dA[h * D + d] += dA[h * Dp + d];
+  GQ.resize(users * Dp);
+  g.nn(users, w0, Dp, DC, wp0, An, Dp, nullptr, GQ.data(), Dp);
+  for (int64_t u = 0; u < users; ++u)
+    for (int64_t d = 0; d < D; ++d) gq[u * D + d] += GQ[u * Dp + d];
+}
+
 // The stored backward, from the scores down: hidden layer j = n-1 .. 0 in one pass over row tiles each (d/dh_j
 // of every pair into a buffer [N, wp_j], with the weight gradient above and the Dice sums of layer j), the
 // statistics' term of e_j added when the next pass (or layer 1's) reads it; then layer 1 per user as the
@@ -1702,13 +1731,21 @@ void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const 
   T* gk_all = outs.grad_keys.data_ptr<T>();
   T* gv_all = outs.grad_values.numel() ? outs.grad_values.data_ptr<T>() : nullptr;
   const T* Z0 = saved + off[0];
+  Vec<T> An(net.w[0] * net.Dp, T(0));  // A = Wq + Wd [w0, D], rows padded to Dp (fold_user_dc's product)
+  for (int64_t h = 0; h < net.w[0]; ++h)
+    std::copy(net.A.begin() + h * D, net.A.begin() + (h + 1) * D, An.begin() + h * net.Dp);
   at::parallel_for(0, blocks.count(), 1, [&](int64_t lo, int64_t hi) {
     Work<T> work(net);
     work.init_backward(net);
+    Vec<T> DC, Q, GQ, dA;
     for (int64_t blk = lo; blk < hi; ++blk) {
-      for (int64_t b = blocks.first[blk]; b < blocks.first[blk + 1]; ++b) {
+      const int64_t first = blocks.first[blk], users = blocks.first[blk + 1] - first;
+      DC.assign(users * wp0, T(0));
+      Q.assign(users * net.Dp, T(0));
+      for (int64_t b = first; b < first + users; ++b) {
         const T* q = pb.query + b * D;
         std::fill(gq_all + b * D, gq_all + (b + 1) * D, T(0));
+        std::copy(q, q + D, Q.begin() + (b - first) * net.Dp);
         if (pb.lengths[b] == 0) continue;
         work.set_user_weff(net, q);
         work.clear_user_gradients();
@@ -1720,8 +1757,10 @@ void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const 
           dice_stored_tile<T>(net.acts[0], wp0, rows, Z0 + row * wp0, e0 + row * wp0, nullptr, nullptr);
           layer1_backward_tile(net, pb, work, b, t0, rows, e0 + row * wp0, grad_out, gk_all, gv_all);
         }
-        layer1_backward_user(net, work, partials[blk], q, gq_all + b * D);
+        layer1_backward_user(net, work, partials[blk], q, gq_all + b * D, false);
+        std::copy(work.dc.begin(), work.dc.end(), DC.begin() + (b - first) * wp0);
       }
+      fold_user_dc(net, users, DC.data(), Q.data(), An.data(), GQ, dA, partials[blk], gq_all + first * D);
     }
   });
 }
