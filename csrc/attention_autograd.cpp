@@ -139,6 +139,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                           activation, normalization, score_scale, training, eps);
     }
     ctx->mark_non_differentiable({stats});
+    // No zeros for the outputs without a gradient (backward reads grads[0] alone, and returns nothing when it is
+    // undefined): the engine would otherwise allocate one per such output every step.
+    ctx->set_materialize_grads(false);
     // activations: the stored kernels' pre-activations, or undefined (the backward recomputes them).
     std::vector<at::Tensor> saved{query, keys, values.value_or(at::Tensor()), starts, lengths, act_params, stats,
                                   activations};

@@ -45,6 +45,9 @@ class DiceFunction : public torch::autograd::Function<DiceFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, stats] = call_forward(x, mask, params, training, eps);
     ctx->mark_non_differentiable({stats});
+    // No zeros for the outputs without a gradient (backward reads grads[0] alone, and returns nothing when it is
+    // undefined): the engine would otherwise allocate one per such output every step.
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, mask.value_or(at::Tensor()), params, stats});
     ctx->saved_data["has_mask"] = mask.has_value();
     ctx->saved_data["training"] = training;

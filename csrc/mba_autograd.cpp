@@ -50,6 +50,9 @@ class MbaFunction : public torch::autograd::Function<MbaFunction> {
     auto [out, reg, unique_ids, offsets, order] =
         call_forward(weight, ids, frequencies, reg_lambda, padding_idx, sparse);
     ctx->mark_non_differentiable({reg, unique_ids, offsets, order});
+    // No zeros for the outputs without a gradient (backward reads grads[0] alone, and returns nothing when it is
+    // undefined): the engine would otherwise allocate one per such output every step.
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({weight, frequencies, unique_ids, offsets, order});
     ctx->saved_data["reg_lambda"] = reg_lambda;
     ctx->saved_data["sparse"] = sparse;

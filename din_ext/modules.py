@@ -9,7 +9,7 @@ from torch import nn
 
 from din_ext import _validate, ops
 from din_ext.contract import ACT_PARAM_ROWS, check_activation, check_normalization
-from din_ext.ops.dice import pack_params
+from din_ext.ops.dice import pack_layers, pack_params
 
 
 def _update_running_stats(module: "Dice", mean: torch.Tensor, var: torch.Tensor,
@@ -144,7 +144,8 @@ class LocalActivationUnit(nn.Module):
             rows = ACT_PARAM_ROWS[self.activation]
             return self.out.weight.new_zeros(rows, 0) if rows else None
         if self.activation == "dice":
-            return torch.cat([act.packed_params() for act in self.activations], dim=1)
+            return pack_layers([(act.alpha, act.weight, act.bias, act.running_mean, act.running_var)
+                                for act in self.activations])
         if self.activation == "prelu":
             return torch.cat([act.weight.expand(lin.out_features)
                               for act, lin in zip(self.activations, self.linears)])[None]
@@ -180,12 +181,27 @@ class LocalActivationUnit(nn.Module):
                 count = int(count)  # no synchronization on the cpu, and the running stats' short path
             if query.dim() == 3:
                 count = count * query.shape[1]
-            column = 0
-            for act in self.activations:
-                width = act.num_features
-                act.update_running_stats(stats[0, column:column + width], stats[1, column:column + width], count)
-                column += width
+            self._update_running_stats(stats, count)
         return out
+
+    def _update_running_stats(self, stats: torch.Tensor, count: Union[torch.Tensor, int]) -> None:
+        """Folds the op's batch statistics (2, sum(H_i)) into each Dice layer's running ones: for a host count and
+        one momentum, every layer at once in foreach ops (the same operations in the same order, 3 ops in place
+        of 5 a layer), else layer by layer."""
+        momenta = {act.momentum for act in self.activations}
+        widths = [act.num_features for act in self.activations]
+        if isinstance(count, torch.Tensor) or len(momenta) != 1 or None in momenta:
+            for act, mean, var in zip(self.activations, stats[0].split(widths), stats[1].split(widths)):
+                act.update_running_stats(mean, var, count)
+            return
+        if count <= 1:
+            return
+        with torch.no_grad():
+            acts = list(self.activations)
+            torch._foreach_lerp_([a.running_mean for a in acts] + [a.running_var for a in acts],
+                                 [*stats[0].split(widths), *(stats[1] * count / (count - 1)).split(widths)],
+                                 momenta.pop())
+            torch._foreach_add_([a.num_batches_tracked for a in acts], 1)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, activation={self.activation!r}, normalization={self.normalization!r}, "

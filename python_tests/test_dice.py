@@ -270,3 +270,44 @@ def test_running_stats_of_a_host_count_equal_those_of_a_device_count(momentum):
     assert host.num_batches_tracked.item() == 3
     assert all(torch.equal(a, b) for a, b in zip(host.buffers(), device.buffers()))
     assert not torch.equal(host.running_var, torch.ones(5))
+
+
+@pytest.mark.parametrize("momenta", [(0.1, 0.1), (0.1, 0.3), (None, None)], ids=["one", "two", "cumulative"])
+def test_attention_running_stats_of_all_layers_at_once(momenta):
+    """LocalActivationUnit folds the op's batch statistics into every Dice layer's running ones at once (foreach ops)
+    when the layers share a momentum and the count is a host int: the bits of each layer's update_running_stats,
+    with a 0-d tensor count and with an int, and no update from fewer than two rows."""
+    unit = din_ext.LocalActivationUnit(4, (6, 3)).train()
+    for act, momentum in zip(unit.activations, momenta):
+        act.momentum = momentum
+    layers = copy.deepcopy(list(unit.activations))
+    g = torch.Generator().manual_seed(0)
+    for rows in (7, 1, 12, 0, 3):
+        stats = torch.randn(2, 9, generator=g).abs()
+        unit._update_running_stats(stats, rows)
+        for act, mean, var in zip(layers, stats[0].split([6, 3]), stats[1].split([6, 3])):
+            act.update_running_stats(mean, var, torch.tensor(rows))
+    assert all(a.num_batches_tracked.item() == 3 for a in unit.activations)
+    for act, ref in zip(unit.activations, layers):
+        assert all(torch.equal(a, b) for a, b in zip(act.buffers(), ref.buffers()))
+
+
+def test_pack_layers_is_the_stack_of_each_layers_rows():
+    """ops.dice.pack_layers (one cat) gives each layer's rows (alpha, gamma, beta, running_mean, running_var; 1 and 0
+    for a layer that is not affine) side by side, and alpha's gradient flows back through it."""
+    from din_ext.ops.dice import pack_layers
+    layers = [din_ext.Dice(3), din_ext.Dice(2, affine=True), din_ext.Dice(4)]
+    g = torch.Generator().manual_seed(1)
+    for layer in layers:
+        for t in (layer.alpha, layer.running_mean, layer.running_var, layer.weight, layer.bias):
+            if t is not None:
+                t.data.copy_(torch.randn(t.shape, generator=g))
+    def rows(d):
+        gamma = d.weight if d.affine else torch.ones(d.num_features)
+        beta = d.bias if d.affine else torch.zeros(d.num_features)
+        return torch.stack([d.alpha, gamma, beta, d.running_mean, d.running_var])
+    for group in (layers, layers[::2], layers[:1]):
+        packed = pack_layers([(d.alpha, d.weight, d.bias, d.running_mean, d.running_var) for d in group])
+        assert torch.equal(packed, torch.cat([rows(d) for d in group], dim=1))
+    packed.sum().backward()
+    assert torch.equal(layers[0].alpha.grad, torch.ones(3))

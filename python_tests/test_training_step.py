@@ -196,6 +196,35 @@ def test_sparse_gradients_equal_dense_ones(tiny, mba_lambda):
     assert list(sparse.state_dict()) == list(dense.state_dict())
 
 
+class _ZerosInBackward(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten.zeros calls below autograd (the engine's zeros for outputs that got no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.zeros.default
+        return func(*args, **(kwargs or {}))
+
+
+@requires_cpp
+def test_backward_makes_no_zero_gradients_for_the_ops_other_outputs(tiny):
+    """The C++ autograds of the attention, Dice and MBA ops leave the gradients of their outputs without one (batch
+    statistics, the MBA grouping) undefined, where the engine made a zero tensor for each of them every step; a
+    backward through the statistics alone still gives no gradient."""
+    train, _, schema = tiny
+    model = model_of(schema)
+    make_optimizer(model, 1e-3)
+    loss = training.batch_loss(model, first_batch(train))
+    with _ZerosInBackward() as mode:
+        loss.backward()
+    assert mode.count == 0
+    x = torch.randn(6, 4, requires_grad=True)
+    _, mean, _ = din_ext.ops.dice(x, torch.zeros(4), torch.zeros(4), torch.ones(4), backend="cpu")
+    assert mean.grad_fn is None and x.grad is None
+
+
 def test_shared_embedding_sparse_without_gradient_is_a_plain_lookup():
     table = SharedEmbedding(9, 3, padding_idx=0, sparse=True)
     ids = torch.tensor([[1, 0], [8, 8]])

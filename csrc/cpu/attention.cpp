@@ -1093,7 +1093,8 @@ void layer1_backward_tile(const Net<T>& net, const Problem<T>& pb, Work<T>& work
 }
 
 // The end of a single-candidate user (query q) in the backward: d/dq = (Wq + Wd)^T dc + sum_h G[h, :] * Wp[h, :]
-// into gq (zeroed by the caller); d(Wq + Wd) += dc q^T; d(Wk - Wd) += G; dWp += G diag(q); db_0 += dc.
+// into gq (zeroed by the caller); d(Wq + Wd) += dc q^T; d(Wk - Wd) += G; dWp += G diag(q); db_0 += dc. With dA_all
+// null, the two terms of dc (in d/dq and d(Wq + Wd)) are left to the caller (fold_user_dc, over many users).
 // Vectorized over d in the AVX2 / AVX-512 builds (see set_user_body).
 template <typename T>
 DIN_EXT_INLINE void layer1_backward_user_body(const Net<T>& net, const T* __restrict dc, const T* __restrict G,
@@ -1105,14 +1106,22 @@ DIN_EXT_INLINE void layer1_backward_user_body(const Net<T>& net, const T* __rest
     const T* __restrict a = net.A.data() + hh * D;
     const T* __restrict Gh = G + hh * Dp;
     const T* __restrict pc = net.Pc.data() + hh * Dp;
-    T* __restrict dA = dA_all + hh * D;
     T* __restrict dKc = dKc_all + hh * Dp;
     T* __restrict dPc = dPc_all + hh * Dp;
-    for (int64_t d = 0; d < D; ++d) {
-      gq[d] += a[d] * dch + Gh[d] * pc[d];
-      dA[d] += dch * q[d];
-      dKc[d] += Gh[d];
-      dPc[d] += Gh[d] * q[d];
+    if (dA_all) {
+      T* __restrict dA = dA_all + hh * D;
+      for (int64_t d = 0; d < D; ++d) {
+        gq[d] += a[d] * dch + Gh[d] * pc[d];
+        dA[d] += dch * q[d];
+        dKc[d] += Gh[d];
+        dPc[d] += Gh[d] * q[d];
+      }
+    } else {
+      for (int64_t d = 0; d < D; ++d) {
+        gq[d] += Gh[d] * pc[d];
+        dKc[d] += Gh[d];
+        dPc[d] += Gh[d] * q[d];
+      }
     }
     db0[hh] += dch;
   }
@@ -1137,9 +1146,10 @@ DIN_EXT_AVX512 void layer1_backward_user_avx512(const Net<T>& net, const T* dc, 
 #endif
 
 template <typename T>
-void layer1_backward_user(const Net<T>& net, const Work<T>& work, Partial<T>& part, const T* q, T* gq) {
+void layer1_backward_user(const Net<T>& net, const Work<T>& work, Partial<T>& part, const T* q, T* gq,
+                          bool with_dc = true) {
   const T *dc = work.dc.data(), *G = work.G.data();
-  T *dA = part.dA.data(), *dKc = part.dKc.data(), *dPc = part.dPc.data(), *db0 = part.db[0].data();
+  T *dA = with_dc ? part.dA.data() : nullptr, *dKc = part.dKc.data(), *dPc = part.dPc.data(), *db0 = part.db[0].data();
 #if DIN_EXT_HAVE_AVX2
   if (has_avx512()) return layer1_backward_user_avx512(net, dc, G, q, gq, dA, dKc, dPc, db0);
   if (has_avx2_fma()) return layer1_backward_user_avx2(net, dc, G, q, gq, dA, dKc, dPc, db0);
@@ -1462,11 +1472,14 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
 // Training Dice's exact statistics make the recomputing kernels run the MLP once per hidden layer and once more in
 // each direction. These store every valid pair's pre-activations z_0 .. z_n in the forward, computed one layer at
 // a time over all the pairs, and the backward reads them: each layer is computed once in each direction, and the
-// backward keeps d/dh_j of all pairs between its two passes over a Dice layer (the statistics' sums, then the
-// gradient). `saved` holds z_j as [N, wp_j] indexed by key row (rows outside every user's range are unused), at
-// offset N * (wp_0 + ... + wp_{j-1}). Every tile runs the same products and activation code, in the same order and
-// over the same tiles, as the recomputing kernels: both modes give bitwise the same output and statistics, and
-// gradients equal to rounding (the backward's elementwise loops run in place on buffers of another alignment).
+// backward keeps d/dh_j of all pairs [N, wp_j] between its pass over layer j (the weight gradient above, the Dice
+// sums and the gradient but for the statistics' term, one sigmoid per element: dice_stored_rows) and the next one,
+// which adds that term once the sums are complete. `saved` holds z_j as [N, wp_j] indexed by key row (rows outside
+// every user's range are unused), at offset N * (wp_0 + ... + wp_{j-1}). The forward's tiles run the same products
+// and activation code, in the same order and over the same tiles, as the recomputing kernels: both modes give
+// bitwise the same output and statistics. The backward runs the layers above the first over row tiles that span
+// users (for_row_tiles) and reduces its partials over pair_blocks, so its gradients equal the recomputing ones to
+// rounding, and are bitwise reproducible at any thread count.
 
 // z_j of the stored layout: N rows of wp_j.
 template <typename T>
@@ -1539,69 +1552,268 @@ void stored_forward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, T* save
   });
 }
 
+// The stored backward's partition of the users: contiguous blocks of about kBlockPairs pairs each (at most
+// kMaxBlocks), cut where the running count of pairs crosses a multiple of valid / count. It depends on the lengths
+// alone, not on the thread count, so the block partials' reductions stay bitwise reproducible; at short
+// histories it has far fewer blocks than the users' Blocks (B = 256 at a mean of 13 behaviours: 14 against 64),
+// and each block's partials (every weight's gradient) are zeroed and reduced once.
+constexpr int64_t kBlockPairs = 256;
+
+struct PairBlocks {
+  std::vector<int64_t> first;  // count + 1 user boundaries: block i holds users [first[i], first[i + 1])
+  int64_t count() const { return static_cast<int64_t>(first.size()) - 1; }
+};
+
+template <typename T>
+PairBlocks pair_blocks(const Problem<T>& pb) {
+  const int64_t limit = std::min(kMaxBlocks, std::max<int64_t>(pb.B, 1));
+  const int64_t count = std::clamp<int64_t>((pb.valid + kBlockPairs - 1) / kBlockPairs, 1, limit);
+  PairBlocks blocks{std::vector<int64_t>(count + 1, pb.B)};
+  blocks.first[0] = 0;
+  int64_t seen = 0, next = 1;
+  for (int64_t b = 0; b < pb.B && next < count; ++b) {
+    seen += pb.lengths[b];
+    while (next < count && seen * count >= next * pb.valid) blocks.first[next++] = b + 1;
+  }
+  return blocks;
+}
+
+// User b's behaviours at rows [at, at + rows) of a row tile.
+struct Piece {
+  int64_t b, at, rows;
+};
+
+// Calls fn(row, rows, pieces, count) for row tiles of at most kTile consecutive key rows [row, row + rows) over
+// the behaviours of users [first, last) in order: a tile spans users whose rows adjoin (jagged keys), and a
+// history longer than a tile's room continues in the next one. The layers above the first share their weights
+// across users, so their products run over these tiles rather than over each user's few rows.
+template <typename T, typename Fn>
+void for_row_tiles(const Problem<T>& pb, int64_t first, int64_t last, Fn&& fn) {
+  Piece pieces[kTile];
+  int64_t count = 0, row = 0, rows = 0;
+  for (int64_t b = first; b < last; ++b) {
+    for (int64_t start = pb.starts[b], left = pb.lengths[b]; left > 0;) {
+      if (rows > 0 && (start != row + rows || rows == kTile)) {
+        fn(row, rows, static_cast<const Piece*>(pieces), count);
+        count = rows = 0;
+      }
+      if (rows == 0) row = start;
+      const int64_t take = std::min(left, kTile - rows);
+      pieces[count++] = Piece{b, rows, take};
+      rows += take;
+      start += take;
+      left -= take;
+    }
+  }
+  if (rows > 0) fn(row, rows, static_cast<const Piece*>(pieces), count);
+}
+
+// Dice of hidden layer j in the stored backward, on a tile of `rows` rows: from z (z_j) and g (d/dh_j, replaced in
+// place), h = Dice(z) (the input of the weight gradient above) and g <- g (alpha + (1 - alpha) p) + rstd g_xhat,
+// the gradient but for the batch statistics' term, with the tile's sums added to acc (5 x wp, double: d alpha,
+// d gamma, d beta, sum g_xhat, sum g_xhat * xhat). One sigmoid per element where the recomputing kernels'
+// activation_forward_tile and two activation_backward_tile passes take three; dice_finish_rows subtracts the
+// statistics' term once the sums of every tile are known.
+template <typename T>
+DIN_EXT_INLINE void dice_stored_rows(const ActLayer<T>& a, int64_t wp, int64_t rows, const T* __restrict z,
+                                     T* __restrict g, T* __restrict h, double* __restrict acc) {
+  constexpr int64_t kMaxWidth = 1024;
+  T tile[5][kMaxWidth];
+  for (int64_t c0 = 0; c0 < wp; c0 += kMaxWidth) {
+    const int64_t width = std::min(kMaxWidth, wp - c0);
+    for (int k = 0; k < 5; ++k)
+      for (int64_t c = 0; c < width; ++c) tile[k][c] = T(0);
+    const T* __restrict alpha = a.alpha.data() + c0;
+    const T* __restrict gamma = a.gamma.data() + c0;
+    const T* __restrict beta = a.beta.data() + c0;
+    const T* __restrict mean = a.mean.data() + c0;
+    const T* __restrict rstd = a.rstd.data() + c0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* __restrict zr = z + r * wp + c0;
+      T* __restrict gr = g + r * wp + c0;
+      T* __restrict hr = h + r * wp + c0;
+      for (int64_t c = 0; c < width; ++c) {
+        const T xhat = (zr[c] - mean[c]) * rstd[c];
+        const T p = sigmoid(gamma[c] * xhat + beta[c]);
+        const T one_minus_alpha = T(1) - alpha[c];
+        const T slope = alpha[c] + one_minus_alpha * p;
+        const T g_arg = gr[c] * zr[c] * one_minus_alpha * p * (T(1) - p);
+        const T g_xhat = g_arg * gamma[c];
+        hr[c] = zr[c] * slope;
+        tile[0][c] += gr[c] * zr[c] * (T(1) - p);
+        tile[1][c] += g_arg * xhat;
+        tile[2][c] += g_arg;
+        tile[3][c] += g_xhat;
+        tile[4][c] += g_xhat * xhat;
+        gr[c] = gr[c] * slope + rstd[c] * g_xhat;
+      }
+    }
+    for (int k = 0; k < 5; ++k)
+      for (int64_t c = 0; c < width; ++c) acc[k * wp + c0 + c] += tile[k][c];
+  }
+}
+
+// The statistics' term of dice_stored_rows' gradient: g -= rstd (mean(g_xhat) + xhat mean(g_xhat xhat)).
+template <typename T>
+DIN_EXT_INLINE void dice_finish_rows(const ActLayer<T>& a, int64_t wp, int64_t rows, const T* __restrict z,
+                                     T* __restrict g) {
+  const T* __restrict mean = a.mean.data();
+  const T* __restrict rstd = a.rstd.data();
+  const T* __restrict m1 = a.g_mean.data();
+  const T* __restrict m2 = a.gx_mean.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict zr = z + r * wp;
+    T* __restrict gr = g + r * wp;
+    for (int64_t c = 0; c < wp; ++c) gr[c] -= rstd[c] * (m1[c] + (zr[c] - mean[c]) * rstd[c] * m2[c]);
+  }
+}
+
+// Either of them (dice_finish_rows where h is null), in a baseline, an AVX2+FMA and an AVX-512 build (the sigmoid's
+// exp vectorizes in the latter two).
+template <typename T>
+DIN_EXT_INLINE void dice_stored_body(const ActLayer<T>& a, int64_t wp, int64_t rows, const T* z, T* g, T* h,
+                                     double* acc) {
+  if (h) {
+    dice_stored_rows(a, wp, rows, z, g, h, acc);
+  } else {
+    dice_finish_rows(a, wp, rows, z, g);
+  }
+}
+template <typename T>
+void dice_stored_base(const ActLayer<T>& a, int64_t wp, int64_t rows, const T* z, T* g, T* h, double* acc) {
+  dice_stored_body(a, wp, rows, z, g, h, acc);
+}
+#if DIN_EXT_HAVE_AVX2
+template <typename T>
+DIN_EXT_AVX2 void dice_stored_avx2(const ActLayer<T>& a, int64_t wp, int64_t rows, const T* z, T* g, T* h,
+                                   double* acc) {
+  dice_stored_body(a, wp, rows, z, g, h, acc);
+}
+template <typename T>
+DIN_EXT_AVX512 void dice_stored_avx512(const ActLayer<T>& a, int64_t wp, int64_t rows, const T* z, T* g, T* h,
+                                       double* acc) {
+  dice_stored_body(a, wp, rows, z, g, h, acc);
+}
+#endif
+
+// h null: dice_finish_rows.
+template <typename T>
+void dice_stored_tile(const ActLayer<T>& a, int64_t wp, int64_t rows, const T* z, T* g, T* h, double* acc) {
+#if DIN_EXT_HAVE_AVX2
+  if (has_avx512()) return dice_stored_avx512(a, wp, rows, z, g, h, acc);
+  if (has_avx2_fma()) return dice_stored_avx2(a, wp, rows, z, g, h, acc);
+#endif
+  dice_stored_base(a, wp, rows, z, g, h, acc);
+}
+
+// d loss / d score of a row tile's pairs into column 0 of gz [rows, wpn] (the rest zero), as score_gradient_tile
+// for each piece of the tile.
+template <typename T>
+void score_gradient_rows(const Problem<T>& pb, int64_t wpn, int64_t row, const Piece* pieces, int64_t count,
+                         const T* grad_score, const T* grad_out, T* gz) {
+  const int64_t rows = pieces[count - 1].at + pieces[count - 1].rows, Dv = pb.Dv;
+  std::fill(gz, gz + rows * wpn, T(0));
+  for (int64_t i = 0; i < count; ++i) {
+    const Piece& piece = pieces[i];
+    const T* gout = grad_out + piece.b * Dv;
+    for (int64_t r = piece.at; r < piece.at + piece.rows; ++r) {
+      if (pb.norm == Normalization::kSoftmax) {
+        gz[r * wpn] = grad_score[row + r];
+        continue;
+      }
+      const T* v = pb.values + (row + r) * Dv;
+      T gw = 0;
+      for (int64_t d = 0; d < Dv; ++d) gw += gout[d] * v[d];
+      gz[r * wpn] = pb.scale * gw;
+    }
+  }
+}
+
+// The per-user terms of dc of a block's `users` users (DC [users, wp0], their queries Q [users, Dp], zero-padded)
+// that layer1_backward_user left out: d(Wq + Wd) += DC^T Q and d/dq += DC (Wq + Wd) into gq [users, D], two products
+// over the block's users in place of two H1 x D passes per user.
+template <typename T>
+void fold_user_dc(const Net<T>& net, int64_t users, const T* DC, const T* Q, const T* An, Vec<T>& GQ, Vec<T>& dA,
+                  Partial<T>& part, T* gq) {
+  const int64_t D = net.D, Dp = net.Dp, w0 = net.w[0], wp0 = net.wp[0];
+  if (users == 0) return;
+  const Gemm<T>& g = gemm<T>();
+  dA.assign(wp0 * Dp, T(0));
+  g.tn(users, wp0, Dp, DC, wp0, Q, Dp, dA.data(), Dp);
+  for (int64_t h = 0; h < w0; ++h)
+    for (int64_t d = 0; d < D; ++d) part.dA[h * D + d] += dA[h * Dp + d];
+  GQ.resize(users * Dp);
+  g.nn(users, w0, Dp, DC, wp0, An, Dp, nullptr, GQ.data(), Dp);
+  for (int64_t u = 0; u < users; ++u)
+    for (int64_t d = 0; d < D; ++d) gq[u * D + d] += GQ[u * Dp + d];
+}
+
+// The stored backward, from the scores down: hidden layer j = n-1 .. 0 in one pass over row tiles each (d/dh_j
+// of every pair into a buffer [N, wp_j], with the weight gradient above and the Dice sums of layer j), the
+// statistics' term of e_j added when the next pass (or layer 1's) reads it; then layer 1 per user as the
+// recomputing gradient pass (its product is per user: the effective weight Weff_b).
 template <typename T>
 void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const T* saved, const T* weight,
-                     const T* grad_score, const T* grad_out, std::vector<Partial<T>>& partials,
-                     BackwardOutputs& outs) {
-  const Blocks blocks(pb.B);
+                     const T* grad_score, const T* grad_out, const PairBlocks& blocks,
+                     std::vector<Partial<T>>& partials, BackwardOutputs& outs) {
   const std::vector<int64_t> off = stored_offsets(net, num_keys);
   const int64_t D = pb.D, n = net.n, wp0 = net.wp[0], wpn = net.wp[n];
   const T* scores = saved + off[n];
-  const auto score_tile = [&](Work<T>& work, int64_t b, int64_t t0, int64_t rows, int64_t row, T* gz) {
-    score_gradient_tile(pb, wpn, b, PairTile{t0, rows, 0, 1}, scores + row * wpn, weight, grad_score, grad_out, gz,
-                        work.wt.data());
-  };
-  at::Tensor above;  // e_{j+1} = d/dz_{j+1} of every pair [N, wp_{j+1}] (j + 1 < n; the scores' is per tile)
+  at::Tensor above;  // d/dh_{j+1} of every pair [N, wp_{j+1}] (j + 1 < n), statistics' term not yet subtracted
   for (int64_t j = n - 1; j >= 0; --j) {
     const int64_t wj = net.wp[j], wa = net.wp[j + 1];
     const T* Zj = saved + off[j];
-    at::Tensor here = at::empty({num_keys * wj}, outs.grad_keys.options());  // d/dh_j, then e_j in place
+    const T* Za = saved + off[j + 1];
+    at::Tensor here = at::empty({num_keys * wj}, outs.grad_keys.options());
     T* dh = here.data_ptr<T>();
-    const T* e_above = j + 1 < n ? above.data_ptr<T>() : nullptr;
-    at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
+    T* e_above = j + 1 < n ? above.data_ptr<T>() : nullptr;
+    at::parallel_for(0, blocks.count(), 1, [&](int64_t lo, int64_t hi) {
       const Gemm<T>& g = gemm<T>();
-      Work<T> work(net);
-      work.init_backward(net);
+      Vec<T> top(e_above ? 0 : kTile * wa), h(kTile * wj);
       for (int64_t blk = lo; blk < hi; ++blk) {
         Partial<T>& part = partials[blk];
-        for_tiles(pb, blocks, blk, [&](int64_t b, int64_t t0, int64_t rows, int64_t row) {
-          const T* gz = e_above ? e_above + row * wa : work.g0.data();
-          if (!e_above) score_tile(work, b, t0, rows, row, work.g0.data());
-          activation_forward_tile(net, j, rows, Zj + row * wj, work.h[j].data());
-          g.tn(rows, wa, wj, gz, wa, work.h[j].data(), wj, part.dW[j + 1].data(), wj);
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < wa; ++c) part.db[j + 1][c] += gz[r * wa + c];
+        for_row_tiles(pb, blocks.first[blk], blocks.first[blk + 1],
+                      [&](int64_t row, int64_t rows, const Piece* pieces, int64_t count) {
+          T* gz = top.data();
+          if (e_above) {  // e_{j+1}, complete now that layer j+1's sums are
+            gz = e_above + row * wa;
+            dice_stored_tile<T>(net.acts[j + 1], wa, rows, Za + row * wa, gz, nullptr, nullptr);
+          } else {
+            score_gradient_rows(pb, wpn, row, pieces, count, grad_score, grad_out, gz);
+          }
           T* d = dh + row * wj;
           g.nn(rows, net.w[j + 1], wj, gz, wa, net.Wn[j + 1].data(), wj, nullptr, d, wj);
-          // The parameter gradients and the statistics' sums of layer j, on a copy (d/dh_j is kept for the
-          // gradient once the sums are complete).
-          std::copy(d, d + rows * wj, work.g1.data());
-          activation_backward_tile(net, j, rows, Zj + row * wj, work.g1.data(), part.act[j].data());
+          dice_stored_tile(net.acts[j], wj, rows, Zj + row * wj, d, h.data(), part.act[j].data());
+          g.tn(rows, wa, wj, gz, wa, h.data(), wj, part.dW[j + 1].data(), wj);
+          T* db = part.db[j + 1].data();
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < wa; ++c) db[c] += gz[r * wa + c];
         });
       }
     });
     set_backward_sums(net, j, partials, pb.valid);
-    at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
-      Vec<double> unused(5 * wj);  // the same tile code as the recomputing gradient pass, whose sums these repeat
-      for (int64_t blk = lo; blk < hi; ++blk) {
-        for_tiles(pb, blocks, blk, [&](int64_t, int64_t, int64_t rows, int64_t row) {
-          activation_backward_tile(net, j, rows, Zj + row * wj, dh + row * wj, unused.data());
-        });
-      }
-    });
     above = here;
   }
-  const T* e0 = above.data_ptr<T>();
+  T* e0 = above.data_ptr<T>();
   T* gq_all = outs.grad_query.data_ptr<T>();
   T* gk_all = outs.grad_keys.data_ptr<T>();
   T* gv_all = outs.grad_values.numel() ? outs.grad_values.data_ptr<T>() : nullptr;
-  at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
+  const T* Z0 = saved + off[0];
+  Vec<T> An(net.w[0] * net.Dp, T(0));  // A = Wq + Wd [w0, D], rows padded to Dp (fold_user_dc's product)
+  for (int64_t h = 0; h < net.w[0]; ++h)
+    std::copy(net.A.begin() + h * D, net.A.begin() + (h + 1) * D, An.begin() + h * net.Dp);
+  at::parallel_for(0, blocks.count(), 1, [&](int64_t lo, int64_t hi) {
     Work<T> work(net);
     work.init_backward(net);
+    Vec<T> DC, Q, GQ, dA;
     for (int64_t blk = lo; blk < hi; ++blk) {
-      for (int64_t b = blocks.first(blk, pb.B); b < blocks.last(blk, pb.B); ++b) {
+      const int64_t first = blocks.first[blk], users = blocks.first[blk + 1] - first;
+      DC.assign(users * wp0, T(0));
+      Q.assign(users * net.Dp, T(0));
+      for (int64_t b = first; b < first + users; ++b) {
         const T* q = pb.query + b * D;
         std::fill(gq_all + b * D, gq_all + (b + 1) * D, T(0));
+        std::copy(q, q + D, Q.begin() + (b - first) * net.Dp);
         if (pb.lengths[b] == 0) continue;
         work.set_user_weff(net, q);
         work.clear_user_gradients();
@@ -1610,10 +1822,13 @@ void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const 
           for (int64_t r = 0; r < rows; ++r) {  // the pooling weights (score_gradient_tile's, without its dots)
             work.wt[r] = pb.norm == Normalization::kSoftmax ? weight[row + r] : pb.scale * scores[(row + r) * wpn];
           }
+          dice_stored_tile<T>(net.acts[0], wp0, rows, Z0 + row * wp0, e0 + row * wp0, nullptr, nullptr);
           layer1_backward_tile(net, pb, work, b, t0, rows, e0 + row * wp0, grad_out, gk_all, gv_all);
         }
-        layer1_backward_user(net, work, partials[blk], q, gq_all + b * D);
+        layer1_backward_user(net, work, partials[blk], q, gq_all + b * D, false);
+        std::copy(work.dc.begin(), work.dc.end(), DC.begin() + (b - first) * wp0);
       }
+      fold_user_dc(net, users, DC.data(), Q.data(), An.data(), GQ, dA, partials[blk], gq_all + first * D);
     }
   });
 }
@@ -1696,11 +1911,12 @@ attention_stored_backward(const at::Tensor& grad_out_, const at::Tensor& query_,
         }
       });
     }
-    std::vector<Partial<T>> partials(Blocks(shape.batch).count);
+    const PairBlocks blocks = pair_blocks(pb);
+    std::vector<Partial<T>> partials(blocks.count());
     zero_partials(partials, net);
     if (pb.valid > 0) {
       stored_backward(net, pb, shape.num_keys, saved.data_ptr<T>(), weight.data(), grad_score.data(),
-                      grad_out.data_ptr<T>(), partials, outs);
+                      grad_out.data_ptr<T>(), blocks, partials, outs);
     } else {
       outs.grad_query.zero_();
     }

@@ -9,7 +9,7 @@ dtype and device; they return (y [N, H], stats [2, H]) with the batch statistics
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -71,15 +71,47 @@ def dice(
     y, stats = op(x.reshape(-1, features), flat_mask, params, bool(training), float(eps))
     if not training:
         return y.reshape(x.shape), running_mean.detach(), running_var.detach()
-    return y.reshape(x.shape), stats[0], stats[1]
+    mean, var = stats.unbind(0)
+    return y.reshape(x.shape), mean, var
 
 
 def pack_params(alpha, gamma, beta, running_mean, running_var) -> torch.Tensor:
     """(5, H) Dice parameters in the ops' packed row order (contract.DICE_ROWS); gamma = 1, beta = 0 when not
     affine."""
-    if gamma is None:
-        gamma, beta = torch.ones_like(alpha), torch.zeros_like(alpha)
-    return torch.stack([alpha, gamma, beta, running_mean, running_var])
+    return pack_layers([(alpha, gamma, beta, running_mean, running_var)])
+
+
+def pack_layers(layers: Sequence[Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor, Tensor]]) -> Tensor:
+    """(5, H_1 + ... + H_n): the packed parameters (pack_params) of Dice layers given as (alpha, gamma, beta,
+    running_mean, running_var), side by side, built by one cat of the rows (a training step packs them every call;
+    stacks and cats of each layer took ~4 ops a layer)."""
+    width = sum(layer[0].shape[0] for layer in layers)
+    if all(layer[1] is None for layer in layers):
+        pieces = [layer[0] for layer in layers] + [_identity_rows(layers[0][0], width)]
+    else:
+        pieces = [layer[0] for layer in layers]
+        for k, value in ((1, 1.0), (2, 0.0)):  # gamma, beta: 1 and 0 for a layer that is not affine
+            pieces += [layer[k] if layer[k] is not None else layer[0].new_full(layer[0].shape, value)
+                       for layer in layers]
+    pieces += [layer[3] for layer in layers] + [layer[4] for layer in layers]
+    return torch.cat(pieces).view(5, width)
+
+
+_IDENTITY_ROWS: Dict[Tuple[torch.dtype, torch.device, int], Tensor] = {}
+
+
+def _identity_rows(like: Tensor, width: int) -> Tensor:
+    """[1] * width + [0] * width: the gamma and beta rows of Dice that is not affine, flat, like ``like``; made
+    once per dtype, device and width (a constant input of the cat: nothing writes it), anew while tracing or in
+    inference mode."""
+    key = (like.dtype, like.device, width)
+    rows = _IDENTITY_ROWS.get(key)
+    if rows is None:
+        rows = torch.cat([like.new_ones(width), like.new_zeros(width)]).detach()
+        if _validate.tracing() or torch.is_inference_mode_enabled():
+            return rows
+        _IDENTITY_ROWS[key] = rows
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------

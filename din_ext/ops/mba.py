@@ -69,7 +69,8 @@ def mba_embedding(
         out, reg = op(weight, flat, frequencies, float(reg_lambda), padding, bool(sparse))[:2]
     pieces = torch.split(out, [i.numel() for i in id_list]) if len(id_list) != 1 else [out]
     outs = tuple(p.view(*i.shape, weight.shape[1]) for p, i in zip(pieces, id_list))
-    return (outs[0] if single else outs), reg.detach()
+    # The compiled op's reg is a non-differentiable output already (no detach op a table and step for it).
+    return (outs[0] if single else outs), (reg.detach() if reg.requires_grad else reg)
 
 
 def check_inputs(weight, id_list, names, frequencies, reg_lambda, padding_idx, checked: bool = False) -> int:
