@@ -1706,29 +1706,6 @@ void dice_stored_tile(const ActLayer<T>& a, int64_t wp, int64_t rows, const T* z
   dice_stored_base(a, wp, rows, z, g, h, acc);
 }
 
-// d loss / d score of a row tile's pairs into column 0 of gz [rows, wpn] (the rest zero), as score_gradient_tile
-// for each piece of the tile.
-template <typename T>
-void score_gradient_rows(const Problem<T>& pb, int64_t wpn, int64_t row, const Piece* pieces, int64_t count,
-                         const T* grad_score, const T* grad_out, T* gz) {
-  const int64_t rows = pieces[count - 1].at + pieces[count - 1].rows, Dv = pb.Dv;
-  std::fill(gz, gz + rows * wpn, T(0));
-  for (int64_t i = 0; i < count; ++i) {
-    const Piece& piece = pieces[i];
-    const T* gout = grad_out + piece.b * Dv;
-    for (int64_t r = piece.at; r < piece.at + piece.rows; ++r) {
-      if (pb.norm == Normalization::kSoftmax) {
-        gz[r * wpn] = grad_score[row + r];
-        continue;
-      }
-      const T* v = pb.values + (row + r) * Dv;
-      T gw = 0;
-      for (int64_t d = 0; d < Dv; ++d) gw += gout[d] * v[d];
-      gz[r * wpn] = pb.scale * gw;
-    }
-  }
-}
-
 // The per-user terms of dc of a block's `users` users (DC [users, wp0], their queries Q [users, Dp], zero-padded)
 // that layer1_backward_user left out: d(Wq + Wd) += DC^T Q and d/dq += DC (Wq + Wd) into gq [users, D], two products
 // over the block's users in place of two H1 x D passes per user.
@@ -1769,7 +1746,7 @@ void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const 
     T* e_above = j + 1 < n ? above.data_ptr<T>() : nullptr;
     at::parallel_for(0, blocks.count(), 1, [&](int64_t lo, int64_t hi) {
       const Gemm<T>& g = gemm<T>();
-      Vec<T> top(e_above ? 0 : kTile * wa), h(kTile * wj);
+      Vec<T> top(e_above ? 0 : kTile * wa), h(kTile * wj), wt(e_above ? 0 : kTile);
       for (int64_t blk = lo; blk < hi; ++blk) {
         Partial<T>& part = partials[blk];
         for_row_tiles(pb, blocks.first[blk], blocks.first[blk + 1],
@@ -1778,8 +1755,13 @@ void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const 
           if (e_above) {  // e_{j+1}, complete now that layer j+1's sums are
             gz = e_above + row * wa;
             dice_stored_tile<T>(net.acts[j + 1], wa, rows, Za + row * wa, gz, nullptr, nullptr);
-          } else {
-            score_gradient_rows(pb, wpn, row, pieces, count, grad_score, grad_out, gz);
+          } else {  // d loss / d score, piece by piece (wt, the pooling weights, unused here)
+            for (int64_t i = 0; i < count; ++i) {
+              const Piece& pc = pieces[i];
+              const int64_t at = row + pc.at;
+              score_gradient_tile(pb, wpn, pc.b, PairTile{at - pb.starts[pc.b], pc.rows, 0, 1}, scores + at * wpn,
+                                  weight, grad_score, grad_out, gz + pc.at * wpn, wt.data());
+            }
           }
           T* d = dh + row * wj;
           g.nn(rows, net.w[j + 1], wj, gz, wa, net.Wn[j + 1].data(), wj, nullptr, d, wj);

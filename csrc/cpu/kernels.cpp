@@ -90,8 +90,7 @@ bool has_avx512() {
   static const bool yes = [] {
     __builtin_cpu_init();
     return isa_cap() >= Isa::kAvx512 && has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
-           __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512dq");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   }();
   return yes;
 #else
