@@ -12,29 +12,42 @@ from din_ext.contract import ACT_PARAM_ROWS, check_activation, check_normalizati
 from din_ext.ops.dice import pack_layers, pack_params
 
 
-def _update_running_stats(module: "Dice", mean: torch.Tensor, var: torch.Tensor,
+def _update_running_stats(modules: Sequence["Dice"], mean: torch.Tensor, var: torch.Tensor,
                           count: Union[torch.Tensor, int]) -> None:
-    """nn.BatchNorm1d's update (unbiased variance), skipped for batches of fewer than two valid rows. count: a 0-d
-    tensor (counted on the device, no synchronization), or an int known on the host (3 in-place ops in place of
-    about 12)."""
+    """nn.BatchNorm1d's update (unbiased variance) of Dice layers whose batch statistics over the same ``count``
+    rows are mean and var side by side (sum of their widths), skipped for batches of fewer than two valid rows.
+    count: a 0-d tensor (counted on the device, no synchronization: about 12 ops a layer), or an int known on the
+    host (with a shared fixed momentum, every layer at once: 4 ops in all)."""
+    widths = [m.num_features for m in modules]
+    means, variances = (mean.split(widths), var.split(widths)) if len(modules) > 1 else ([mean], [var])
+    momenta = {m.momentum for m in modules}
     with torch.no_grad():
-        momentum = module.momentum
-        if momentum is None:  # cumulative moving average, as nn.BatchNorm1d(momentum=None)
-            momentum = 1.0 / (module.num_batches_tracked + 1).to(mean.dtype)
-        if not isinstance(count, torch.Tensor):
+        if not isinstance(count, torch.Tensor) and len(momenta) == 1 and None not in momenta:
             if count > 1:
-                module.running_mean.lerp_(mean, momentum)
-                module.running_var.lerp_(var * count / (count - 1), momentum)
-                module.num_batches_tracked.add_(1)
+                unbiased = var * count / (count - 1)
+                unbiased = unbiased.split(widths) if len(modules) > 1 else [unbiased]
+                torch._foreach_lerp_([m.running_mean for m in modules] + [m.running_var for m in modules],
+                                     [*means, *unbiased], momenta.pop())
+                torch._foreach_add_([m.num_batches_tracked for m in modules], 1)
             return
-        n = count.to(mean.dtype)
-        update = count > 1
-        unbiased = var * n / (n - 1).clamp_min(1)
-        module.running_mean.copy_(torch.where(update, torch.lerp(module.running_mean, mean, momentum),
-                                              module.running_mean))
-        module.running_var.copy_(torch.where(update, torch.lerp(module.running_var, unbiased, momentum),
-                                             module.running_var))
-        module.num_batches_tracked.add_(update.to(module.num_batches_tracked.dtype))
+        for module, layer_mean, layer_var in zip(modules, means, variances):
+            momentum = module.momentum
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm1d(momentum=None)
+                momentum = 1.0 / (module.num_batches_tracked + 1).to(layer_mean.dtype)
+            if not isinstance(count, torch.Tensor):
+                if count > 1:
+                    module.running_mean.lerp_(layer_mean, momentum)
+                    module.running_var.lerp_(layer_var * count / (count - 1), momentum)
+                    module.num_batches_tracked.add_(1)
+                continue
+            n = count.to(layer_mean.dtype)
+            update = count > 1
+            unbiased = layer_var * n / (n - 1).clamp_min(1)
+            module.running_mean.copy_(torch.where(update, torch.lerp(module.running_mean, layer_mean, momentum),
+                                                  module.running_mean))
+            module.running_var.copy_(torch.where(update, torch.lerp(module.running_var, unbiased, momentum),
+                                                 module.running_var))
+            module.num_batches_tracked.add_(update.to(module.num_batches_tracked.dtype))
 
 
 def check_dice_options(num_features: int, eps: float, momentum: Optional[float]) -> None:
@@ -83,7 +96,7 @@ class Dice(nn.Module):
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: Union[torch.Tensor, int]) -> None:
         """Fold one batch's statistics (biased var over ``count`` rows: a 0-d tensor or an int) into the running
         ones."""
-        _update_running_stats(self, mean, var, count)
+        _update_running_stats([self], mean, var, count)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (N, H) or (B, L, H); mask: x.shape[:-1] bool, True on real rows. Masked-out rows give 0."""
@@ -185,23 +198,8 @@ class LocalActivationUnit(nn.Module):
         return out
 
     def _update_running_stats(self, stats: torch.Tensor, count: Union[torch.Tensor, int]) -> None:
-        """Folds the op's batch statistics (2, sum(H_i)) into each Dice layer's running ones: for a host count and
-        one momentum, every layer at once in foreach ops (the same operations in the same order, 3 ops in place
-        of 5 a layer), else layer by layer."""
-        momenta = {act.momentum for act in self.activations}
-        widths = [act.num_features for act in self.activations]
-        if isinstance(count, torch.Tensor) or len(momenta) != 1 or None in momenta:
-            for act, mean, var in zip(self.activations, stats[0].split(widths), stats[1].split(widths)):
-                act.update_running_stats(mean, var, count)
-            return
-        if count <= 1:
-            return
-        with torch.no_grad():
-            acts = list(self.activations)
-            torch._foreach_lerp_([a.running_mean for a in acts] + [a.running_var for a in acts],
-                                 [*stats[0].split(widths), *(stats[1] * count / (count - 1)).split(widths)],
-                                 momenta.pop())
-            torch._foreach_add_([a.num_batches_tracked for a in acts], 1)
+        """Folds the op's batch statistics (2, sum(H_i)) into each Dice layer's running ones."""
+        _update_running_stats(list(self.activations), stats[0], stats[1], count)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, activation={self.activation!r}, normalization={self.normalization!r}, "
