@@ -32,7 +32,8 @@ _ASIN = re.compile(r"""["']asin["']\s*:\s*["']([^"'\\]*)["']""")
 _CATEGORIES = re.compile(r"""["']categories["']\s*:\s*(\[\s*\[.*?\]\s*\])""")
 
 
-def _resolve(path: Path, name, defaults, what) -> Path:
+def resolve_file(path: Path, name, defaults, what) -> Path:
+    """The file ``name`` (relative to the directory ``path``), or the first of ``defaults`` found under ``path``."""
     if name is None:
         return find_file(path, defaults, what)
     name = Path(name)
@@ -165,9 +166,9 @@ def load_amazon(path, *, reviews_file=None, meta_file=None, max_history: Optiona
     """
     max_history = check_max_history(max_history)
     path = require_path(path, "amazon")
-    reviews_path = _resolve(path, reviews_file, REVIEW_FILES, "amazon reviews")
+    reviews_path = resolve_file(path, reviews_file, REVIEW_FILES, "amazon reviews")
     base = path if path.is_dir() else reviews_path.parent
-    meta_path = _resolve(base, meta_file, META_FILES, "amazon meta")
+    meta_path = resolve_file(base, meta_file, META_FILES, "amazon meta")
     user_code, user_names, item_code, item_names, times = read_reviews(reviews_path)
     categories = read_categories(meta_path, set(item_names.tolist()), strict_meta)
     cate_names = [categories.get(a) for a in item_names.tolist()]

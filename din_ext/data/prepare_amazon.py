@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from din_ext.data import prepare_core as core
-from din_ext.data.amazon import META_FILES, REVIEW_FILES, _resolve, read_categories
+from din_ext.data.amazon import META_FILES, REVIEW_FILES, resolve_file, read_categories
 from din_ext.data.prepare_core import item_column, user_column
 from din_ext.data.readers import MISSING, require_path
 
@@ -35,8 +35,8 @@ def prepare_amazon(path, out, *, reviews_file=None, meta_file=None, max_history:
     """
     pl, log, max_history, limit = core.setup(log, max_history, memory_limit)
     path = require_path(path, "amazon")
-    reviews_path = _resolve(path, reviews_file, REVIEW_FILES, "amazon reviews")
-    meta_path = _resolve(path if path.is_dir() else reviews_path.parent, meta_file, META_FILES, "amazon meta")
+    reviews_path = resolve_file(path, reviews_file, REVIEW_FILES, "amazon reviews")
+    meta_path = resolve_file(path if path.is_dir() else reviews_path.parent, meta_file, META_FILES, "amazon meta")
     options = {"max_history": max_history, "seed": seed, "user_feature": user_feature, "strict_meta": strict_meta}
     return core.run(out, lambda out, scratch: _prepare(pl, reviews_path, meta_path, out, scratch, options, limit,
                                                        shard_rows, log))

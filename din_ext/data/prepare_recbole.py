@@ -1,7 +1,7 @@
 """``prepare("recbole", ...)``: RecBole atomic files, as ``load_recbole`` reads them, into prepared shards.
 
 The .inter file is scanned with polars (tab separated, ``field:type`` header); the .user and .item side files are
-read whole by ``load_recbole``'s own ``_side_table`` (they hold one row per user or item, vocabulary-sized). The
+read whole by ``load_recbole``'s own ``read_side_table`` (they hold one row per user or item, vocabulary-sized). The
 time split's cut is the global quantile, from a count of the distinct time stamps; leave_last_out marks each user's
 last interaction by two grouped aggregations. Buckets are ranges of the sorted user tokens.
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from din_ext.data import prepare_core as core
 from din_ext.data.prepare_core import item_column, user_column
-from din_ext.data.recbole import CATEGORY_COLUMNS, _align, _field_name, _side_table, _types, atomic_files
+from din_ext.data.recbole import CATEGORY_COLUMNS, align_side, field_name, read_side_table, field_types, atomic_files
 
 _DRAW_ROWS = 1 << 20  # interactions whose first-round negatives are drawn (and written) at a time
 
@@ -46,7 +46,7 @@ def prepare_recbole(path, out, *, name: Optional[str] = None, user_field: str = 
     if split_by == "time" and not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     inter_path, user_path, item_path = atomic_files(path, name)
-    types = _types(inter_path)  # the columns themselves are checked by the scan
+    types = field_types(inter_path)  # the columns themselves are checked by the scan
     label = ("rating" if rating_field in types else "implicit") if label == "auto" else label
     if label == "implicit" and (not isinstance(negatives, int) or negatives < 1):
         raise ValueError(f"negatives must be a positive int, got {negatives!r}")
@@ -72,7 +72,7 @@ def _prepare(pl, files, out, scratch, options, limit, shard_rows, log):
         columns[options["rating_field"]] = pl.Float64
     if time_field is not None:
         columns[time_field] = pl.Float64
-    raw = core.scan_csv(pl, core.plain(inter_path, scratch), columns, separator="\t", normalize=_field_name,
+    raw = core.scan_csv(pl, core.plain(inter_path, scratch), columns, separator="\t", normalize=field_name,
                         nulls=None, row_index_name="row")
     rating = options["rating_field"] if options["label"] == "rating" else None
     raw = raw.select(pl.col("row").cast(pl.Int64), user=pl.col(user_field), item=pl.col(item_field),
@@ -135,14 +135,14 @@ def _prepare(pl, files, out, scratch, options, limit, shard_rows, log):
 
     item_side, side_tokens, user_side, user_tokens = {}, {}, {}, {}
     if item_path is not None:
-        keys, side_codes, side_tokens = _side_table(item_path, item_field, options["item_features"],
+        keys, side_codes, side_tokens = read_side_table(item_path, item_field, options["item_features"],
                                                     CATEGORY_COLUMNS, options["float_buckets"])
-        item_side = _align(keys, side_codes, item_names)
+        item_side = align_side(keys, side_codes, item_names)
     if user_path is not None:
-        keys, side_codes, user_tokens = _side_table(user_path, user_field, options["user_features"],
-                                                    [f for f in _types(user_path) if f != user_field],
+        keys, side_codes, user_tokens = read_side_table(user_path, user_field, options["user_features"],
+                                                    [f for f in field_types(user_path) if f != user_field],
                                                     options["float_buckets"])
-        user_side = _align(keys, side_codes, user_names)
+        user_side = align_side(keys, side_codes, user_names)
     identity = lambda codes: codes  # noqa: E731
     item_fields = {item_field: identity, **{f: c.__getitem__ for f, c in item_side.items()}}
     user_fields = ({user_field: identity} if options["user_feature"] else {}) | {

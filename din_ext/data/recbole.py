@@ -23,11 +23,13 @@ CATEGORY_COLUMNS = ("class", "genre", "genres", "categories", "category", "cate"
 TYPES = ("token", "token_seq", "float", "float_seq")
 
 
-def _field_name(token: str) -> str:
+def field_name(token: str) -> str:
+    """The field of a RecBole header token (``"item_id:token"`` -> ``"item_id"``)."""
     return token.strip().split(":", 1)[0]
 
 
-def _types(path) -> Dict[str, str]:
+def field_types(path) -> Dict[str, str]:
+    """{field: type} of an atomic file's ``name:type`` header; a token without a known type is a parse error."""
     types = {}
     for token in read_header(path, "\t"):
         name, _, kind = token.partition(":")
@@ -55,10 +57,10 @@ def atomic_files(path, name: Optional[str] = None):
     return inter, *[p if p.is_file() else None for p in side]
 
 
-def _side_table(path, key: str, wanted: Optional[Sequence[str]], default: Sequence[str], buckets: int):
+def read_side_table(path, key: str, wanted: Optional[Sequence[str]], default: Sequence[str], buckets: int):
     """(sorted key tokens, {field: int codes aligned with the keys}, {token field: its tokens, indexed by code}) of a
     .user / .item file; a float field's codes are its quantile buckets (no tokens)."""
-    types = _types(path)
+    types = field_types(path)
     if key not in types:
         raise parse_error(path, 1, f"header lacks the id column {key!r}")
     if wanted is None:
@@ -67,7 +69,7 @@ def _side_table(path, key: str, wanted: Optional[Sequence[str]], default: Sequen
         missing = [f for f in wanted if f not in types]
         if missing:
             raise parse_error(path, 1, f"header lacks the requested column(s) {missing}")
-    table = read_columns(path, {key: "str", **{f: "str" for f in wanted}}, delimiter="\t", normalize=_field_name)
+    table = read_columns(path, {key: "str", **{f: "str" for f in wanted}}, delimiter="\t", normalize=field_name)
     keys, first = np.unique(table[key], return_index=True)
     codes, tokens = {}, {}
     for f in wanted:
@@ -87,7 +89,7 @@ def _side_table(path, key: str, wanted: Optional[Sequence[str]], default: Sequen
     return keys, codes, tokens
 
 
-def _align(keys: np.ndarray, codes: Dict[str, np.ndarray], names: np.ndarray) -> Dict[str, np.ndarray]:
+def align_side(keys: np.ndarray, codes: Dict[str, np.ndarray], names: np.ndarray) -> Dict[str, np.ndarray]:
     """Side-table codes for each of ``names`` (MISSING where a name has no row)."""
     pos, found = locate(keys, names)
     return {f: np.where(found, c[pos], MISSING) for f, c in codes.items()}
@@ -131,7 +133,7 @@ def load_recbole(path, *, name: Optional[str] = None, user_field: str = "user_id
     if history not in ("positive", "all"):
         raise ValueError(f"history must be 'positive' or 'all', got {history!r}")
     inter_path, user_path, item_path = atomic_files(path, name)
-    types = _types(inter_path)
+    types = field_types(inter_path)
     for required in (user_field, item_field):
         if required not in types:
             raise parse_error(inter_path, 1, f"header lacks the column {required!r}")
@@ -148,7 +150,7 @@ def load_recbole(path, *, name: Optional[str] = None, user_field: str = "user_id
         columns[rating_field] = "float"
     if time_field in types:
         columns[time_field] = "float"
-    inter = read_columns(inter_path, columns, delimiter="\t", normalize=_field_name)
+    inter = read_columns(inter_path, columns, delimiter="\t", normalize=field_name)
     if not inter[user_field].size:
         raise parse_error(inter_path, 2, "no interactions after the header")
     user, user_names = intern(inter[user_field])
@@ -176,16 +178,17 @@ def load_recbole(path, *, name: Optional[str] = None, user_field: str = "user_id
 
     item_side, side_tokens, user_tokens = {}, {}, {}
     if item_path is not None:
-        keys, codes, side_tokens = _side_table(item_path, item_field, item_features, CATEGORY_COLUMNS, float_buckets)
-        item_side = _align(keys, codes, item_names)
+        keys, codes, side_tokens = read_side_table(item_path, item_field, item_features, CATEGORY_COLUMNS,
+                                                   float_buckets)
+        item_side = align_side(keys, codes, item_names)
     elif item_features:
         raise ValueError(f"item_features {list(item_features)} given but there is no .item file")
     user_side = {}
     if user_path is not None:
-        types_u = _types(user_path)
-        keys, codes, user_tokens = _side_table(user_path, user_field, user_features,
+        types_u = field_types(user_path)
+        keys, codes, user_tokens = read_side_table(user_path, user_field, user_features,
                                                [f for f in types_u if f != user_field], float_buckets)
-        user_side = {f: c[user] for f, c in _align(keys, codes, user_names).items()}
+        user_side = {f: c[user] for f, c in align_side(keys, codes, user_names).items()}
     elif user_features:
         raise ValueError(f"user_features {list(user_features)} given but there is no .user file")
 
