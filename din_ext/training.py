@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
+import torch.optim.optimizer as optim_module
 
 from din_ext import _backend, _ext, metrics
 from din_ext.distributed import World
@@ -221,6 +222,20 @@ def _foreach_row_adam(params, avgs, avg_sqs, rows, grads, step_sizes, beta1: flo
         p.index_copy_(0, index, p.index_select(0, index).add_(update))
 
 
+def _unwrapped_step(optimizer: torch.optim.Optimizer) -> Callable[[torch.optim.Optimizer], Any]:
+    """The step function of ``optimizer``'s class without torch.optim's per-call wrapper, where that wrapper would
+    do nothing but open its profiler range (no profiler running, no step hooks on the optimizer or global), else the
+    wrapped step: the wrapper's range and hook loops took ~0.15 ms of a B=256 DIN step on the cpu."""
+    step = type(optimizer).step
+    original = getattr(step, "__wrapped__", None)
+    if (original is None or not getattr(step, "hooked", False) or torch._C._autograd._profiler_enabled()
+            or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+            or getattr(optim_module, "_global_optimizer_pre_hooks", True)
+            or getattr(optim_module, "_global_optimizer_post_hooks", True)):
+        return step
+    return original
+
+
 class _Optimizers:
     """Several optimizers stepped together, each over its part of ``params`` (the model's parameters in order):
     RowAdam for the embedding tables, Adam for the rest."""
@@ -243,7 +258,7 @@ class _Optimizers:
 
     def step(self) -> None:
         for optimizer in self.optimizers:
-            optimizer.step()
+            _unwrapped_step(optimizer)(optimizer)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}

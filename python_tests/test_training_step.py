@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from conftest import requires_cpp
 from test_model import first_batch, one_thread, tiny  # noqa: F401  (the tiny data and the one-thread fixture)
 
@@ -274,6 +275,31 @@ def test_make_optimizer_steps_only_the_batch_rows(tiny):
     assert not opt.optimizers[0].state[item]["exp_avg"][~used].any()
     dense = make_optimizer(model, 1e-2, sparse=False)
     assert isinstance(dense, torch.optim.Adam) and not model.sparse_gradients
+
+
+def test_make_optimizer_step_keeps_hooks_and_profiler_ranges(tiny):
+    """make_optimizer's step skips torch.optim's per-call wrapper only where it would do nothing: with a step hook
+    (on a part or global) the hook runs, and under the profiler each part's "Optimizer.step#" range is there; the
+    steps give the same parameters either way, bit for bit."""
+    train, _, schema = tiny
+    batch = first_batch(train, 32)
+    models = [model_of(schema) for _ in range(3)]
+    opts = [make_optimizer(m, 1e-2) for m in models]
+    calls = []
+    opts[1].optimizers[1].register_step_post_hook(lambda opt, args, kwargs: calls.append("adam"))
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: calls.append("global"))
+    try:
+        train_step(models[1], opts[1], batch)
+    finally:
+        handle.remove()
+    assert calls == ["global", "global", "adam"]
+    train_step(models[0], opts[0], batch)
+    with torch.profiler.profile() as prof:
+        train_step(models[2], opts[2], batch)
+    names = {event.name for event in prof.events()}
+    assert {"Optimizer.step#RowAdam.step", "Optimizer.step#Adam.step"} <= names
+    for p, q, r in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q) and torch.equal(p, r)
 
 
 def test_optimizer_state_resumes_and_splits_a_single_adam_state(tiny, tmp_path):
