@@ -254,7 +254,7 @@ def _fused_adam_step(adam: torch.optim.Optimizer) -> bool:
             return False
         params = [p for p in group["params"] if p.grad is not None]
         states = [adam.state.get(p) for p in params]
-        if any(not st or "exp_avg" not in st for st in states) or any(
+        if any(not st or "exp_avg" not in st or not isinstance(st.get("step"), torch.Tensor) for st in states) or any(
                 p.device.type != "cpu" or p.dtype != params[0].dtype or p.grad.is_sparse or p.is_complex()
                 for p in params):
             return False
