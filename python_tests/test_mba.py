@@ -127,6 +127,27 @@ def test_matches_reference(backend, case, sparse):
     assert torch.equal(grad.to_dense().cpu()[untouched], torch.zeros_like(ref_grad.cpu()[untouched]))
 
 
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_without_regularization_the_gradient_is_the_lookups_sum(dtype, sparse):
+    """reg_lambda = 0 (DIN's plain tables with sparse gradients): R is exactly 0 and each distinct id's gradient row
+    is the sum of its lookups' rows in position order, bit for bit, whatever the table holds (a row of inf or nan
+    weights included: the skipped term is 0 * w)."""
+    V, D = 37, 5
+    weight, frequencies = make_table(V, D, dtype=dtype)
+    weight[7], weight[9] = float("inf"), float("nan")
+    ids = [random_ids((40,), V, 5), random_ids((3, 11), V, 6)]
+    ids[0][:4] = torch.tensor([7, 9, 0, 7])
+    outs, reg, grad = run_ours(weight, ids, frequencies, 0.0, 0, sparse, "cpu")
+    assert reg.item() == 0.0
+    flat_ids = torch.cat([i.reshape(-1) for i in ids])
+    rows = torch.cat([g.reshape(-1, D) for g in upstream(as_list(outs))])
+    expected = torch.zeros(V, D, dtype=dtype).index_add_(0, flat_ids, rows)
+    expected[0] = 0
+    assert torch.equal(grad.to_dense(), expected)
+
+
 @pytest.mark.parametrize("case", ["padding", "several", "edges", "empty", "padding-only"])
 def test_sparse_grad_structure(backend, case):
     """A coalesced COO gradient with exactly one row per distinct non-padding id, ascending."""
