@@ -236,42 +236,6 @@ def _unwrapped_step(optimizer: torch.optim.Optimizer) -> Callable[[torch.optim.O
     return original
 
 
-@torch.no_grad()
-def _fused_adam_step(adam: torch.optim.Optimizer) -> bool:
-    """torch.optim.Adam(fused=True)'s step of cpu parameters whose moments exist, by the two calls it ends in (the
-    step counts' foreach add, then torch._fused_adam_): the same operations on the same lists, without its per-step
-    gathering, checks and grouping (~0.1 ms of a B=256 DIN step). Returns False, doing nothing, for anything else
-    (another optimizer, options the plain call does not cover, a first step, several devices or dtypes), which
-    Adam's own step then takes."""
-    if type(adam) is not torch.optim.Adam or getattr(adam, "grad_scale", None) is not None \
-            or getattr(adam, "found_inf", None) is not None or not hasattr(torch, "_fused_adam_"):
-        return False
-    calls = []
-    for group in adam.param_groups:
-        if not group["fused"] or group["amsgrad"] or group["capturable"] or group["differentiable"] \
-                or group["decoupled_weight_decay"] or isinstance(group["lr"], torch.Tensor) \
-                or any(isinstance(b, torch.Tensor) for b in group["betas"]):
-            return False
-        params = [p for p in group["params"] if p.grad is not None]
-        states = [adam.state.get(p) for p in params]
-        if any(not st or "exp_avg" not in st or not isinstance(st.get("step"), torch.Tensor) for st in states) or any(
-                p.device.type != "cpu" or p.dtype != params[0].dtype or p.grad.is_sparse or p.is_complex()
-                for p in params):
-            return False
-        calls.append((group, params, states))
-    for group, params, states in calls:
-        if not params:
-            continue
-        steps = [st["step"] for st in states]
-        torch._foreach_add_(steps, 1)
-        beta1, beta2 = group["betas"]
-        torch._fused_adam_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
-                           [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"],
-                           beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
-                           maximize=group["maximize"], grad_scale=None, found_inf=None)
-    return True
-
-
 class _Optimizers:
     """Several optimizers stepped together, each over its part of ``params`` (the model's parameters in order):
     RowAdam for the embedding tables, Adam for the rest."""
@@ -294,9 +258,7 @@ class _Optimizers:
 
     def step(self) -> None:
         for optimizer in self.optimizers:
-            step = _unwrapped_step(optimizer)
-            if step is type(optimizer).step or not _fused_adam_step(optimizer):
-                step(optimizer)
+            _unwrapped_step(optimizer)(optimizer)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
