@@ -363,9 +363,9 @@ def triton_cases() -> List[Case]:
                     TF32=False, HAS_V=False, MULTI=block_c > 0, BLOCK_C=max(block_c, 1), DB=A._pad(dim),
                     WEFF_SCRATCH=False)
 
-    def scratch(extra, multi):
+    def scratch(extra, dim, multi=False):
         """WEFF_SCRATCH as the launcher sets it for a gradient pass (extra: its GRADS)."""
-        return dict(WEFF_SCRATCH=A.weff_scratch(multi, -1, extra["GRADS"])) if "GRADS" in extra else {}
+        return dict(WEFF_SCRATCH=A.weff_scratch(dim, multi, -1, extra["GRADS"])) if "GRADS" in extra else {}
 
     h = "x".join(map(str, HIDDEN))
     cases = []
@@ -382,19 +382,19 @@ def triton_cases() -> List[Case]:
             for dim in DIMS:  # (the layer-1 pass with the launcher's column blocks of dKc, dPc)
                 columns = dict(DB=A.layer1_columns(dim, False)) if extra.get("GRADS") == A.GRADS_LAYER1 else {}
                 cases.append(Case(kernel, f"bf16 D={dim} H={h} dice, {what}", "bf16",
-                                  dict(mlp(dim), **extra, **columns, **scratch(extra, False)), all_configs=every))
+                                  dict(mlp(dim), **extra, **columns, **scratch(extra, dim)), all_configs=every))
             if not every:
                 continue
             fp32_kernel = kernel
             if "GRADS" in extra:  # the launcher's choice for float32 without TF32
                 fp32_kernel = "attention." + A.backward_kernel_name(True, -1, extra["GRADS"])
             cases.append(Case(fp32_kernel, f"fp32 D=64 H={h} dice, {what}", "fp32",
-                              dict(mlp(64), **extra, **scratch(extra, False)), all_configs=False))
+                              dict(mlp(64), **extra, **scratch(extra, 64)), all_configs=False))
             # torch.backends.cuda.matmul.allow_tf32 = True: the products on tf32 tensor cores
             cases.append(Case(kernel, f"fp32 TF32 D=64 H={h} dice, {what}", "fp32",
-                              dict(mlp(64), **extra, **scratch(extra, False), TF32=True), all_configs=False))
+                              dict(mlp(64), **extra, **scratch(extra, 64), TF32=True), all_configs=False))
             cases.append(Case(kernel, f"bf16 D=64 H={h} dice softmax, {what}", "bf16",
-                              dict(mlp(64, softmax=True), **extra, **scratch(extra, False)), all_configs=False))
+                              dict(mlp(64, softmax=True), **extra, **scratch(extra, 64)), all_configs=False))
             cases.append(Case(kernel, f"bf16 D=48 H={h} dice, C>={A.MAX_BLOCK_C} candidates, {what}", "bf16",
                               dict(mlp(48, block_c=A.MAX_BLOCK_C), **extra)))
         what = "statistics pass" if kernel.endswith("_forward_kernel") else "sums pass"

@@ -1094,14 +1094,19 @@ def split_backward() -> bool:
     return os.environ.get("DIN_EXT_TRITON_SPLIT_BACKWARD", "1") != "0"
 
 
-def weff_scratch(multi: bool, stop: int, grads: int) -> bool:
-    """Whether a backward pass takes Weff_b^T from the WEFF scratch: the split gradient passes of a [B, D] query. The
-    input pass (first) forms it per user as before and writes it; the parameter passes, which held the recomputation
-    and their parameter accumulators at once, read it instead of forming it from Kc^T and Pc^T in the accumulation
-    dtype (2 DP P0 values live while it is formed): at D = 128 the hidden parameter pass spilled 24 B there on sm_90
-    (bench/results/gpu_static.md). Costs B DP P0 input-dtype elements (32 KB a user at bf16 D = 128), written once and
-    read by two passes; the bits are the ones the pass would have formed."""
-    return not multi and stop < 0 and int(grads) != int(GRADS_ALL)
+WEFF_SCRATCH_ABOVE = 64  # padded key widths above which the split backward passes Weff_b^T through a scratch
+
+
+def weff_scratch(dim: int, multi: bool, stop: int, grads: int) -> bool:
+    """Whether a backward pass takes Weff_b^T from the WEFF scratch: the split gradient passes of a [B, D] query with
+    padded D above WEFF_SCRATCH_ABOVE. The input pass (first) forms it per user as before and writes it; the
+    parameter passes, which hold the recomputation and their parameter accumulators at once, read it instead of
+    forming it from Kc^T and Pc^T in the accumulation dtype (2 DP P0 values live while it is formed): at D = 128 the
+    hidden parameter pass spilled 24 B there on sm_90 (bench/results/gpu_static.md). Costs B DP P0 input-dtype
+    elements (32 KB a user at bf16 D = 128: 64 MB at B = 2048), written once and read by two passes; the bits are the
+    ones the pass would have formed. At D <= 64 the passes fit without it (and fp32's 16-warp hidden pass spills
+    more with it: 52 B, 16 B without), so they form their own."""
+    return _pad(dim) > WEFF_SCRATCH_ABOVE and not multi and stop < 0 and int(grads) != int(GRADS_ALL)
 
 
 def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, stop,
@@ -1110,7 +1115,7 @@ def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, length
     WEFF scratch of weff_scratch's passes). The input gradients have no cross-user sums, so GRADS_INPUTS runs one
     program per user."""
     grads = int(grads)
-    scratch = weff_scratch(plan.multi, stop, grads)
+    scratch = weff_scratch(plan.dim, plan.multi, stop, grads)
     if not scratch:
         weff = keys  # (not read)
     if stop < 0 and grads == int(GRADS_INPUTS):
@@ -1168,7 +1173,7 @@ def backward(
     part = torch.zeros(programs, size, dtype=plan.acc, device=query.device)
     passes = SPLIT_PASSES if split_backward() else (GRADS_ALL,)
     weff = None
-    if weff_scratch(plan.multi, -1, passes[0]):
+    if weff_scratch(plan.dim, plan.multi, -1, passes[0]):
         weff = torch.empty(plan.batch, _pad(plan.dim), plan.p[0], dtype=keys.dtype, device=keys.device)
     for grads in passes:
         _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, -1,

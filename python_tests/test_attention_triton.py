@@ -225,8 +225,12 @@ def test_triton_layer1_column_blocks(dim):
 
 @pytest.mark.parametrize("dim", [24, 96])
 def test_triton_split_backward_repeats_and_equals_fused(monkeypatch, dim):
-    """The split gradient pass (input gradients, layer 1's in column blocks at D = 96, the others) gives the same
-    bits twice, and the fused kernel's (DIN_EXT_TRITON_SPLIT_BACKWARD=0) bits: the same products, the same order."""
+    """The split gradient pass (input gradients, layer 1's in column blocks at D = 96, the others; at D = 96 the
+    parameter passes read the input pass's Weff_b^T from a scratch) gives the same bits twice, and the fused
+    kernel's (DIN_EXT_TRITON_SPLIT_BACKWARD=0) bits: the same products, the same order."""
+    from din_ext.kernels import attention
+
+    assert attention.weff_scratch(dim, False, -1, attention.GRADS_HIDDEN) == (attention._pad(dim) > 64)
     runs = []
     for split in ("1", "1", "0"):
         monkeypatch.setenv("DIN_EXT_TRITON_SPLIT_BACKWARD", split)
