@@ -518,7 +518,8 @@ def _hidden_bwd(gz, h_prev, z_prev, valid, w_t, dw, db, CONSTS, J: tl.constexpr,
     """Back through hidden-to-hidden linear J + 1 (z_{J+1} = W h_J + b, w_t = W^T [P, P_{J+1}], the forward's
     operand) and activation J: gz = d/dz_{J+1} -> d/dz_J; adds the tile's dW, db (PARAMS) and returns activation J's
     sums. d/dh = gz W through tl.trans of the forward's W^T, not a second copy of W loaded untransposed: one matrix
-    fewer held in registers (fp32 on sm_90: hidden pass 296 -> 140 B of spills, layer-1 pass 184 -> 156 B)."""
+    fewer held in registers (fp32 on sm_90 at _backward_kernel's config: hidden pass 296 -> 140 B of spills, layer-1
+    pass 184 -> 156 B)."""
     if PARAMS:
         dw += _mm_tn(gz, h_prev, ACC, IN, TF32)
         db += tl.sum(gz, 0)
@@ -876,7 +877,7 @@ def _backward_kernel(
 # twice the registers of tensor-core fragments: _backward_kernel's configs spill 1.3 KB / 180 B / 140 B in the input /
 # layer-1 / hidden passes on sm_90 (bench/results/gpu_static.md). These configs of the same kernel, chosen by dtype
 # (backward_kernel_name), spill less: one pipelining stage (the input pass: 572 B) and 16 warps of at most 128
-# registers for the parameter passes (44 / 52 B). None is spill-free; a GPU run has to say whether they win.
+# registers for the parameter passes (28 / 16 B). None is spill-free; a GPU run has to say whether they win.
 _backward_fp32_inputs_kernel = triton.autotune(configs=_configs([(16, 8)], maxnreg=255, stages=1),
                                                key=[*_KEY, "GRADS", "DB"], restore_value=_RESTORE)(_backward_kernel.fn)
 _backward_fp32_params_kernel = triton.autotune(configs=_configs([(16, 16)], maxnreg=128, stages=1),
@@ -1104,8 +1105,8 @@ def weff_scratch(dim: int, multi: bool, stop: int, grads: int) -> bool:
     forming it from Kc^T and Pc^T in the accumulation dtype (2 DP P0 values live while it is formed): at D = 128 the
     hidden parameter pass spilled 24 B there on sm_90 (bench/results/gpu_static.md). Costs B DP P0 input-dtype
     elements (32 KB a user at bf16 D = 128: 64 MB at B = 2048), written once and read by two passes; the bits are the
-    ones the pass would have formed. At D <= 64 the passes fit without it (and fp32's 16-warp hidden pass spills
-    more with it: 52 B, 16 B without), so they form their own."""
+    ones the pass would have formed. At D <= 64 the passes fit without it (and fp32's 16-warp passes spill more
+    with it: layer-1 / hidden 44 / 52 B, 28 / 16 B without), so they form their own."""
     return _pad(dim) > WEFF_SCRATCH_ABOVE and not multi and stop < 0 and int(grads) != int(GRADS_ALL)
 
 
