@@ -884,6 +884,11 @@ _backward_fp32_params_kernel = triton.autotune(configs=_configs([(16, 16)], maxn
                                                key=[*_KEY, "GRADS", "DB"], restore_value=_RESTORE)(_backward_kernel.fn)
 
 
+_BACKWARD_KERNELS = {"_backward_kernel": _backward_kernel,
+                     "_backward_fp32_inputs_kernel": _backward_fp32_inputs_kernel,
+                     "_backward_fp32_params_kernel": _backward_fp32_params_kernel}
+
+
 def backward_kernel_name(ieee_fp32: bool, stop: int, grads) -> str:
     """The autotuned object that runs a backward pass (module attribute name): float32 inputs without TF32
     (``ieee_fp32``) have configs of their own, one for the parameter gradient passes and one for the others."""
@@ -1122,7 +1127,7 @@ def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, length
     if stop < 0 and grads == int(GRADS_INPUTS):
         programs = plan.batch
     columns = layer1_columns(plan.dim, plan.multi) if stop < 0 and grads == int(GRADS_LAYER1) else _pad(plan.dim)
-    kernel = globals()[backward_kernel_name(keys.dtype == torch.float32 and not plan.tf32, stop, grads)]
+    kernel = _BACKWARD_KERNELS[backward_kernel_name(keys.dtype == torch.float32 and not plan.tf32, stop, grads)]
     wrap_triton(kernel)[(programs, _pad(plan.dim) // columns)](
         grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts, *terms,
         weff, grad_query, dc, grad_keys, grad_keys if grad_values is None else grad_values, part, plan.batch,
