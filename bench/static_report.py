@@ -360,7 +360,12 @@ def triton_cases() -> List[Case]:
         p = [A._pad(h) for h in hidden] + [16] * (A.MAX_HIDDEN - len(hidden))
         return dict(NUM_HIDDEN=len(hidden), ACT=A.DICE, SOFTMAX=softmax, STOP=stop, DP=A._pad(dim), DVP=A._pad(dim),
                     P0=p[0], P1=p[1], P2=p[2], P3=p[3], PS=p[max(stop, 0)] if stop >= 0 else 16, HMAXP=max(p),
-                    TF32=False, HAS_V=False, MULTI=block_c > 0, BLOCK_C=max(block_c, 1), DB=A._pad(dim))
+                    TF32=False, HAS_V=False, MULTI=block_c > 0, BLOCK_C=max(block_c, 1), DB=A._pad(dim),
+                    WEFF_SCRATCH=False)
+
+    def scratch(extra, dim, multi=False):
+        """WEFF_SCRATCH as the launcher sets it for a gradient pass (extra: its GRADS)."""
+        return dict(WEFF_SCRATCH=A.weff_scratch(dim, multi, -1, extra["GRADS"])) if "GRADS" in extra else {}
 
     h = "x".join(map(str, HIDDEN))
     cases = []
@@ -377,16 +382,19 @@ def triton_cases() -> List[Case]:
             for dim in DIMS:  # (the layer-1 pass with the launcher's column blocks of dKc, dPc)
                 columns = dict(DB=A.layer1_columns(dim, False)) if extra.get("GRADS") == A.GRADS_LAYER1 else {}
                 cases.append(Case(kernel, f"bf16 D={dim} H={h} dice, {what}", "bf16",
-                                  dict(mlp(dim), **extra, **columns), all_configs=every))
+                                  dict(mlp(dim), **extra, **columns, **scratch(extra, dim)), all_configs=every))
             if not every:
                 continue
-            cases.append(Case(kernel, f"fp32 D=64 H={h} dice, {what}", "fp32", dict(mlp(64), **extra),
-                              all_configs=False))
+            fp32_kernel = kernel
+            if "GRADS" in extra:  # the launcher's choice for float32 without TF32
+                fp32_kernel = "attention." + A.backward_kernel_name(True, -1, extra["GRADS"])
+            cases.append(Case(fp32_kernel, f"fp32 D=64 H={h} dice, {what}", "fp32",
+                              dict(mlp(64), **extra, **scratch(extra, 64)), all_configs=False))
             # torch.backends.cuda.matmul.allow_tf32 = True: the products on tf32 tensor cores
             cases.append(Case(kernel, f"fp32 TF32 D=64 H={h} dice, {what}", "fp32",
-                              dict(mlp(64), **extra, TF32=True), all_configs=False))
+                              dict(mlp(64), **extra, **scratch(extra, 64), TF32=True), all_configs=False))
             cases.append(Case(kernel, f"bf16 D=64 H={h} dice softmax, {what}", "bf16",
-                              dict(mlp(64, softmax=True), **extra), all_configs=False))
+                              dict(mlp(64, softmax=True), **extra, **scratch(extra, 64)), all_configs=False))
             cases.append(Case(kernel, f"bf16 D=48 H={h} dice, C>={A.MAX_BLOCK_C} candidates, {what}", "bf16",
                               dict(mlp(48, block_c=A.MAX_BLOCK_C), **extra)))
         what = "statistics pass" if kernel.endswith("_forward_kernel") else "sums pass"
@@ -480,7 +488,8 @@ def triton_report(only: Optional[str] = None) -> Tuple[List[str], List[dict], Li
                 warps, stages, maxnreg = cfg.num_warps, cfg.num_stages, cfg.maxnreg
             constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
             config = ", ".join([f"{k}={v}" for k, v in (cfg.kwargs.items() if cfg else [])] + [f"warps={warps}"]
-                               + ([f"maxnreg={maxnreg}"] if maxnreg else []))
+                               + ([f"maxnreg={maxnreg}"] if maxnreg else [])
+                               + ([f"stages={stages}"] if stages != 2 else []))
             if cfg is not None and i == 0:
                 config += " (default)"
             row = dict(kernel=name, label=case.label, config=config)

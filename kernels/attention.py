@@ -12,10 +12,11 @@ Structure (the cpu backend's, csrc/cpu/attention.cpp, on a GPU grid):
   an online softmax over the tiles; the forward keeps each user's log-sum-exp for the backward.
 - backward: three kernels by default (GRADS_INPUTS, GRADS_LAYER1, GRADS_HIDDEN; one fused kernel with
   DIN_EXT_TRITON_SPLIT_BACKWARD=0), each recomputing the forward of every tile: one program per user back-propagates
-  to the inputs; a fixed number of programs (NUM_BLOCKS), each owning a contiguous range of users, accumulates the
-  parameter gradients of its users (layer 1's in one kernel, the others in the next), and the per-program partials
-  are added up in program order. Layer 1 of a [B, D] query: dPc_b = m_b diag(q_b) with m_b = sum_t gz_t k_t^T, so
-  only m_b is accumulated in registers, and added to the program's rows after each user. Each
+  to the inputs (and writes each user's Weff_b^T for the next two: weff_scratch); a fixed number of programs
+  (NUM_BLOCKS), each owning a contiguous range of users, accumulates the parameter gradients of its users (layer 1's
+  in one kernel, the others in the next), and the per-program partials are added up in program order. Layer 1 of a
+  [B, D] query: dPc_b = m_b diag(q_b) with m_b = sum_t gz_t k_t^T, so only m_b is accumulated in registers, and added
+  to the program's rows after each user. Each
   user's dc_b = sum_t d/dz_0 goes out instead of the (Wq + Wd) terms (grad_query += (Wq + Wd)^T dc_b,
   grad(Wq + Wd) = sum_b dc_b q_b^T), which the host finishes with two small float64 products: two fewer [H1, D]
   tiles held in registers. Training-mode Dice first runs one pass per
@@ -59,7 +60,7 @@ NUM_BLOCKS = 128  # programs of the backward: fixes the summation order of the p
 # Split is the default: the fused kernel holds the recomputation, the input gradients and every parameter
 # accumulator live at once and spills at every config on sm_90, and so does one kernel for all the parameter
 # gradients, whereas each of the three fits in 255 registers (bench/results/gpu_static.md lists the
-# exceptions: the bf16 hidden pass at D = 128, fp32).
+# exceptions: fp32).
 # DIN_EXT_TRITON_SPLIT_BACKWARD=0 selects the fused kernel (to compare on a GPU).
 GRADS_ALL = tl.constexpr(0)
 GRADS_INPUTS = tl.constexpr(1)
@@ -88,17 +89,17 @@ def const_row(j, row):
     return CONST_ROWS * j + row
 
 
-def _configs(configs, maxnreg=None):
-    """Autotuning configs (BLOCK_L, num_warps), with ptxas's register limit ``maxnreg`` (None: its own choice); one
-    when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first, which for bf16 and H = (80, 40) on sm_90
-    compiles without register spills at D = 32, 64, 128, with softmax and with several candidates, but for 24 bytes
-    in the hidden parameter pass at D = 128 under Triton 3.6; fp32 spills 8 bytes there with TF32 and in every
-    backward pass without it (bench/results/gpu_static.md)."""
+def _configs(configs, maxnreg=None, stages=2):
+    """Autotuning configs (BLOCK_L, num_warps), with ptxas's register limit ``maxnreg`` (None: its own choice) and
+    ``stages`` software-pipelining stages; one when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first, which
+    for bf16 and H = (80, 40) on sm_90 compiles without register spills at D = 32, 64, 128, with softmax and with
+    several candidates under Triton 3.6; fp32 spills 8 bytes in the hidden parameter pass with TF32 and in every
+    backward pass without it, less with its own configs (_backward_fp32_inputs_kernel; bench/results/gpu_static.md)."""
     if interpreting():  # nothing to tune, and large tiles keep the interpreter fast
         return [triton.Config({"BLOCK_L": 32}, num_warps=4)]
     if os.environ.get("DIN_EXT_TRITON_AUTOTUNE", "1") == "0":
         configs = configs[:1]
-    return [triton.Config({"BLOCK_L": block}, num_warps=warps, num_stages=2, maxnreg=maxnreg)
+    return [triton.Config({"BLOCK_L": block}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
             for block, warps in configs]
 
 
@@ -511,15 +512,18 @@ def _forward_kernel(
 
 
 @triton.jit
-def _hidden_bwd(gz, h_prev, z_prev, valid, w, dw, db, CONSTS, J: tl.constexpr, P: tl.constexpr,
+def _hidden_bwd(gz, h_prev, z_prev, valid, w_t, dw, db, CONSTS, J: tl.constexpr, P: tl.constexpr,
                 HMAXP: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, IN: tl.constexpr, TF32: tl.constexpr,
                 PARAMS: tl.constexpr):
-    """Back through hidden-to-hidden linear J + 1 (z_{J+1} = W h_J + b, w = W [P_{J+1}, P]) and activation J:
-    gz = d/dz_{J+1} -> d/dz_J; adds the tile's dW, db (PARAMS) and returns activation J's sums."""
+    """Back through hidden-to-hidden linear J + 1 (z_{J+1} = W h_J + b, w_t = W^T [P, P_{J+1}], the forward's
+    operand) and activation J: gz = d/dz_{J+1} -> d/dz_J; adds the tile's dW, db (PARAMS) and returns activation J's
+    sums. d/dh = gz W through tl.trans of the forward's W^T, not a second copy of W loaded untransposed: one matrix
+    fewer held in registers (fp32 on sm_90 at _backward_kernel's config: hidden pass 296 -> 140 B of spills, layer-1
+    pass 184 -> 156 B)."""
     if PARAMS:
         dw += _mm_tn(gz, h_prev, ACC, IN, TF32)
         db += tl.sum(gz, 0)
-    gh = _mm(gz, w, ACC, TF32)
+    gh = _mm(gz, tl.trans(w_t), ACC, TF32)
     g, s0, s1, s2 = _act_bwd(gh, z_prev, valid, CONSTS, J, P, HMAXP, ACT)
     return g, dw, db, s0, s1, s2
 
@@ -542,11 +546,16 @@ def _store_sums(PART, s0, s1, s2, CONSTS, J: tl.constexpr, P: tl.constexpr, HMAX
     tl.store(PART + 4 * P + offs, gamma * s1)
 
 
+_RESTORE = ["GQ", "DC", "PART"]
+
+
 # maxnreg=255: every backward kernel needs about all of a thread's 255 registers at 8 warps (one block per SM
 # either way); left to itself, ptxas holds some configs to far fewer and spills (32 registers and 15 KB of spills at
 # D = 32, BLOCK_L = 32 under Triton 3.6). (BLOCK_L = 16 at 4 warps, once a candidate, spilled in every case of
-# bench/results/gpu_static.md, 4 B to 1.2 KB: dropped.)
-@triton.autotune(configs=_configs([(16, 8), (32, 8)], maxnreg=255), key=[*_KEY, "GRADS", "DB"])
+# bench/results/gpu_static.md, 4 B to 1.2 KB: dropped.) restore_value: the buffers a pass read-modify-writes (PART's
+# dKc, dPc rows, a multi-candidate query's GQ and DC), which autotuning's timed runs would otherwise add to again.
+@triton.autotune(configs=_configs([(16, 8), (32, 8)], maxnreg=255), key=[*_KEY, "GRADS", "DB"],
+                 restore_value=_RESTORE)
 @triton.jit
 def _backward_kernel(
     GOUT,  # [B, DV] gradient of the pooled output ([B, NC, DV]: MULTI, and so on below)
@@ -556,6 +565,8 @@ def _backward_kernel(
     W0, B0, W1, B1, W2, B2, W3, B3, WS, BS,  # linears, as in the forward
     CONSTS,  # activation constants, as in the forward, with ROW_G_MEAN and ROW_GX_MEAN (Dice training)
     CB, KPT,  # c_{b,c} and layer 1's blocks, as in the forward
+    WEFF,  # [B, DP, P0] Weff_b^T in the input dtype (WEFF_SCRATCH: GRADS_INPUTS writes it, the parameter passes
+           # read it)
     GQ,  # [B, D] gradient of the queries through Weff_b (accumulation dtype; the caller adds (Wq + Wd)^T dc_b;
          # MULTI: zero-filled by the caller, accumulated tile by tile)
     DC,  # [B, P0] dc_b = sum over the user's rows of d/dz_0 (accumulation dtype; MULTI: as GQ)
@@ -571,6 +582,7 @@ def _backward_kernel(
     STOP: tl.constexpr,  # -1: gradient pass; j >= 0: Dice sums pass of hidden layer j (sum g_xhat, g_xhat * xhat)
     GRADS: tl.constexpr,  # gradient pass: GRADS_ALL, GRADS_INPUTS (GQ, DC, GK, GV), GRADS_LAYER1 or GRADS_HIDDEN (PART)
     HAS_V: tl.constexpr,  # values are separate from the keys
+    WEFF_SCRATCH: tl.constexpr,  # a [B, D] query's Weff_b^T goes through WEFF (weff_scratch says why)
     MULTI: tl.constexpr,  # NC candidates per user: each key tile meets them BLOCK_C at a time
     DP: tl.constexpr, DVP: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
     PS: tl.constexpr, HMAXP: tl.constexpr, TF32: tl.constexpr,
@@ -589,15 +601,6 @@ def _backward_kernel(
     last = tl.minimum(first + users_per_program, batch)
     w1t, b1, w2t, b2, w3t, b3, ws, bs = _load_mlp(W1, B1, W2, B2, W3, B3, WS, BS, N0, N1, N2, N3, NUM_HIDDEN,
                                                   P0, P1, P2, P3, ACC, IN)
-    # The hidden-to-hidden linears untransposed, for d/dh = d/dz W.
-    w1 = tl.zeros([16, 16], dtype=IN)
-    w2, w3 = w1, w1
-    if NUM_HIDDEN >= 2:
-        w1 = _load_mat(W1, N1, N0, N0, P1, P0).to(IN)
-    if NUM_HIDDEN >= 3:
-        w2 = _load_mat(W2, N2, N1, N1, P2, P1).to(IN)
-    if NUM_HIDDEN >= 4:
-        w3 = _load_mat(W3, N3, N2, N2, P3, P2).to(IN)
     # Layer 1 untransposed: (Wk - Wd), Wp [P0, DP]. The (Wq + Wd) terms (d/dq through c_b and d(Wq + Wd)) are
     # products of the per-user dc_b with small matrices, done by the caller: fewer live registers here.
     wd = _load_mat(W0 + 2 * D, N0, D, 4 * D, P0, DP).to(ACC)
@@ -608,6 +611,7 @@ def _backward_kernel(
     offs_d = tl.arange(0, DP)
     offs_v = tl.arange(0, DVP)
     col0 = tl.arange(0, P0) == 0
+    offs_weff = offs_d[:, None] * P0 + tl.arange(0, P0)[None, :]
 
     # Per-program sums of the parameter gradients. Layer 1's dKc and dPc: with one candidate per user, dPc_b =
     # (sum_t gz_t k_t^T) diag(q_b), so a program keeps only the user's m_b = sum_t gz_t k_t^T in registers and adds
@@ -649,7 +653,14 @@ def _backward_kernel(
         length = tl.load(LENGTHS + b)
         start = tl.load(STARTS + b)
         if not MULTI:
-            q, c0, weff_t = _user_layer0(Q, CB, KPT, b, length, D, DP, P0, ACC, IN)
+            if WEFF_SCRATCH and not INPUTS:  # the input pass's Weff_b^T, the same bits
+                q = tl.load(Q + b * D + offs_d, mask=offs_d < D, other=0.0).to(ACC)
+                c0 = tl.load(CB + b * P0 + tl.arange(0, P0))
+                weff_t = tl.load(WEFF + b * (DP * P0) + offs_weff)
+            else:
+                q, c0, weff_t = _user_layer0(Q, CB, KPT, b, length, D, DP, P0, ACC, IN)
+                if WEFF_SCRATCH:
+                    tl.store(WEFF + b * (DP * P0) + offs_weff, weff_t)
             g_out = tl.load(GOUT + b * DV + offs_v, mask=offs_v < DV, other=0.0).to(ACC)
             lse = tl.zeros([1], dtype=ACC)
             delta = tl.zeros([1], dtype=ACC)
@@ -733,21 +744,21 @@ def _backward_kernel(
                         a3_1 += s1
                         a3_2 += s2
                         if STOP <= 2:
-                            gz, dw3, db3, s0, s1, s2 = _hidden_bwd(gz, h2, z2, valid, w3, dw3, db3, CONSTS,
+                            gz, dw3, db3, s0, s1, s2 = _hidden_bwd(gz, h2, z2, valid, w3t, dw3, db3, CONSTS,
                                                                2, P2, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if NUM_HIDDEN >= 3 and STOP <= 2:
                         a2_0 += s0
                         a2_1 += s1
                         a2_2 += s2
                         if STOP <= 1:
-                            gz, dw2, db2, s0, s1, s2 = _hidden_bwd(gz, h1, z1, valid, w2, dw2, db2, CONSTS,
+                            gz, dw2, db2, s0, s1, s2 = _hidden_bwd(gz, h1, z1, valid, w2t, dw2, db2, CONSTS,
                                                                1, P1, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if NUM_HIDDEN >= 2 and STOP <= 1:
                         a1_0 += s0
                         a1_1 += s1
                         a1_2 += s2
                         if STOP <= 0:
-                            gz, dw1, db1, s0, s1, s2 = _hidden_bwd(gz, h0, z0, valid, w1, dw1, db1, CONSTS,
+                            gz, dw1, db1, s0, s1, s2 = _hidden_bwd(gz, h0, z0, valid, w1t, dw1, db1, CONSTS,
                                                                0, P0, HMAXP, ACT, ACC, IN, TF32, HIDDEN)
                     if STOP <= 0:
                         a0_0 += s0
@@ -860,6 +871,32 @@ def _backward_kernel(
         if STOP == 3:
             tl.store(base + offs_s, _gamma(CONSTS, 3, PS, HMAXP) * a3_2)
             tl.store(base + PS + offs_s, _gamma(CONSTS, 3, PS, HMAXP) * a3_1)
+
+
+# float32 products without TF32 (torch's default) are "ieee" tl.dots on FMA units, whose operand layouts hold about
+# twice the registers of tensor-core fragments: _backward_kernel's configs spill 1.3 KB / 180 B / 140 B in the input /
+# layer-1 / hidden passes on sm_90 (bench/results/gpu_static.md). These configs of the same kernel, chosen by dtype
+# (backward_kernel_name), spill less: one pipelining stage (the input pass: 572 B) and 16 warps of at most 128
+# registers for the parameter passes (28 / 16 B). None is spill-free; a GPU run has to say whether they win.
+_backward_fp32_inputs_kernel = triton.autotune(configs=_configs([(16, 8)], maxnreg=255, stages=1),
+                                               key=[*_KEY, "GRADS", "DB"], restore_value=_RESTORE)(_backward_kernel.fn)
+_backward_fp32_params_kernel = triton.autotune(configs=_configs([(16, 16)], maxnreg=128, stages=1),
+                                               key=[*_KEY, "GRADS", "DB"], restore_value=_RESTORE)(_backward_kernel.fn)
+
+
+_BACKWARD_KERNELS = {"_backward_kernel": _backward_kernel,
+                     "_backward_fp32_inputs_kernel": _backward_fp32_inputs_kernel,
+                     "_backward_fp32_params_kernel": _backward_fp32_params_kernel}
+
+
+def backward_kernel_name(ieee_fp32: bool, stop: int, grads) -> str:
+    """The autotuned object that runs a backward pass (module attribute name): float32 inputs without TF32
+    (``ieee_fp32``) have configs of their own, one for the parameter gradient passes and one for the others."""
+    if not ieee_fp32:
+        return "_backward_kernel"
+    if stop < 0 and int(grads) in (int(GRADS_LAYER1), int(GRADS_HIDDEN)):
+        return "_backward_fp32_params_kernel"
+    return "_backward_fp32_inputs_kernel"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1063,19 +1100,39 @@ def split_backward() -> bool:
     return os.environ.get("DIN_EXT_TRITON_SPLIT_BACKWARD", "1") != "0"
 
 
+WEFF_SCRATCH_ABOVE = 64  # padded key widths above which the split backward passes Weff_b^T through a scratch
+
+
+def weff_scratch(dim: int, multi: bool, stop: int, grads: int) -> bool:
+    """Whether a backward pass takes Weff_b^T from the WEFF scratch: the split gradient passes of a [B, D] query with
+    padded D above WEFF_SCRATCH_ABOVE. The input pass (first) forms it per user as before and writes it; the
+    parameter passes, which hold the recomputation and their parameter accumulators at once, read it instead of
+    forming it from Kc^T and Pc^T in the accumulation dtype (2 DP P0 values live while it is formed): at D = 128 the
+    hidden parameter pass spilled 24 B there on sm_90 (bench/results/gpu_static.md). Costs B DP P0 input-dtype
+    elements (32 KB a user at bf16 D = 128: 64 MB at B = 2048), written once and read by two passes; the bits are the
+    ones the pass would have formed. At D <= 64 the passes fit without it (and fp32's 16-warp passes spill more
+    with it: layer-1 / hidden 44 / 52 B, 28 / 16 B without), so they form their own."""
+    return _pad(dim) > WEFF_SCRATCH_ABOVE and not multi and stop < 0 and int(grads) != int(GRADS_ALL)
+
+
 def _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, stop,
-                   grad_query, dc, grad_keys, grad_values, part, programs, grads=GRADS_ALL):
-    """One launch of _backward_kernel: a sums pass (stop >= 0) or a gradient pass computing ``grads``. The input
-    gradients have no cross-user sums, so GRADS_INPUTS runs one program per user."""
+                   grad_query, dc, grad_keys, grad_values, part, programs, grads=GRADS_ALL, weff=None):
+    """One launch of _backward_kernel: a sums pass (stop >= 0) or a gradient pass computing ``grads`` (``weff``: the
+    WEFF scratch of weff_scratch's passes). The input gradients have no cross-user sums, so GRADS_INPUTS runs one
+    program per user."""
     grads = int(grads)
+    scratch = weff_scratch(plan.dim, plan.multi, stop, grads)
+    if not scratch:
+        weff = keys  # (not read)
     if stop < 0 and grads == int(GRADS_INPUTS):
         programs = plan.batch
     columns = layer1_columns(plan.dim, plan.multi) if stop < 0 and grads == int(GRADS_LAYER1) else _pad(plan.dim)
-    wrap_triton(_backward_kernel)[(programs, _pad(plan.dim) // columns)](
+    kernel = _BACKWARD_KERNELS[backward_kernel_name(keys.dtype == torch.float32 and not plan.tf32, stop, grads)]
+    wrap_triton(kernel)[(programs, _pad(plan.dim) // columns)](
         grad_out, out, lse, query, keys, keys if values is None else values, starts, lengths, *linears, consts, *terms,
-        grad_query, dc, grad_keys, grad_keys if grad_values is None else grad_values, part, plan.batch,
+        weff, grad_query, dc, grad_keys, grad_keys if grad_values is None else grad_values, part, plan.batch,
         triton.cdiv(plan.batch, programs), part_size=part.shape[1], STOP=stop, GRADS=grads,
-        HAS_V=values is not None, PS=plan.p[max(stop, 0)], DB=columns, **plan.common)
+        HAS_V=values is not None, WEFF_SCRATCH=scratch, PS=plan.p[max(stop, 0)], DB=columns, **plan.common)
 
 
 def backward(
@@ -1120,9 +1177,13 @@ def backward(
     size = sum(math.prod(shape) for _, _, shape in layout)
     # Zero-filled: a [B, D] query's dKc and dPc are added to user by user, and each split pass writes its own pieces.
     part = torch.zeros(programs, size, dtype=plan.acc, device=query.device)
-    for grads in SPLIT_PASSES if split_backward() else (GRADS_ALL,):
+    passes = SPLIT_PASSES if split_backward() else (GRADS_ALL,)
+    weff = None
+    if weff_scratch(plan.dim, plan.multi, -1, passes[0]):
+        weff = torch.empty(plan.batch, _pad(plan.dim), plan.p[0], dtype=keys.dtype, device=keys.device)
+    for grads in passes:
         _backward_pass(plan, grad_out, out, lse, query, keys, values, starts, lengths, linears, consts, terms, -1,
-                       grad_query, dc, grad_keys, grad_values, part, programs, grads)
+                       grad_query, dc, grad_keys, grad_values, part, programs, grads, weff)
     total = part.sum(0, dtype=torch.float64)
     pieces, offset = {}, 0
     for name, layer, shape in layout:

@@ -225,8 +225,12 @@ def test_triton_layer1_column_blocks(dim):
 
 @pytest.mark.parametrize("dim", [24, 96])
 def test_triton_split_backward_repeats_and_equals_fused(monkeypatch, dim):
-    """The split gradient pass (input gradients, layer 1's in column blocks at D = 96, the others) gives the same
-    bits twice, and the fused kernel's (DIN_EXT_TRITON_SPLIT_BACKWARD=0) bits: the same products, the same order."""
+    """The split gradient pass (input gradients, layer 1's in column blocks at D = 96, the others; at D = 96 the
+    parameter passes read the input pass's Weff_b^T from a scratch) gives the same bits twice, and the fused
+    kernel's (DIN_EXT_TRITON_SPLIT_BACKWARD=0) bits: the same products, the same order."""
+    from din_ext.kernels import attention
+
+    assert attention.weff_scratch(dim, False, -1, attention.GRADS_HIDDEN) == (attention._pad(dim) > 64)
     runs = []
     for split in ("1", "1", "0"):
         monkeypatch.setenv("DIN_EXT_TRITON_SPLIT_BACKWARD", split)
@@ -240,3 +244,22 @@ def test_triton_split_backward_repeats_and_equals_fused(monkeypatch, dim):
         assert torch.isfinite(first).all()
         assert torch.equal(first, again)
         assert torch.equal(first, fused)
+
+
+def test_triton_backward_kernels_and_autotuning_restores():
+    """float32 without TF32 runs the backward's jit function under configs of its own (the parameter passes apart
+    from the others), and every backward autotuner restores the buffers a pass read-modify-writes (PART's dKc and
+    dPc rows, a multi-candidate query's GQ and DC): autotuning's timed runs would otherwise add to them again."""
+    from din_ext.kernels import attention as A
+
+    names = {(ieee, stop, int(grads)): A.backward_kernel_name(ieee, stop, grads)
+             for ieee in (False, True) for stop in (-1, 0) for grads in (A.GRADS_ALL, *A.SPLIT_PASSES)}
+    assert {name for (ieee, _, _), name in names.items() if not ieee} == {"_backward_kernel"}
+    params, others = "_backward_fp32_params_kernel", "_backward_fp32_inputs_kernel"
+    assert names[True, -1, int(A.GRADS_LAYER1)] == names[True, -1, int(A.GRADS_HIDDEN)] == params
+    assert names[True, -1, int(A.GRADS_INPUTS)] == names[True, -1, int(A.GRADS_ALL)] == others
+    assert names[True, 0, int(A.GRADS_ALL)] == others  # a Dice sums pass
+    for name in set(names.values()):
+        kernel = getattr(A, name)
+        assert kernel.fn is A._backward_kernel.fn
+        assert {"PART", "GQ", "DC"} <= set(kernel.restore_value)

@@ -51,7 +51,8 @@ SCRIPT = textwrap.dedent("""
         p = [A._pad(h) for h in hidden] + [16] * (A.MAX_HIDDEN - len(hidden))
         return dict(NUM_HIDDEN=len(hidden), ACT=act, SOFTMAX=softmax, STOP=stop, DP=A._pad(dim), DVP=A._pad(dim),
                     P0=p[0], P1=p[1], P2=p[2], P3=p[3], PS=p[max(stop, 0)], HMAXP=max(p), TF32=False,
-                    BLOCK_L=block, MULTI=block_c > 1, BLOCK_C=block_c, DB=A._pad(dim), **extra)
+                    BLOCK_L=block, MULTI=block_c > 1, BLOCK_C=block_c, DB=A._pad(dim),
+                    WEFF_SCRATCH=A.weff_scratch(dim, block_c > 1, stop, extra.get("GRADS", A.GRADS_ALL)), **extra)
 
     compile_kernel(A._forward_kernel, "bf16", mlp((80, 40), A.DICE, True, -1, 32))
     compile_kernel(A._forward_kernel, "fp64", mlp((80, 40), A.DICE, False, 1, 16))
