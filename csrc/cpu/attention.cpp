@@ -85,6 +85,11 @@ struct ActLayer {
   // The Dice forward's folded affine, -(gamma (z - mean) rstd + beta) = z * neg_scale + neg_shift, and 1 - alpha
   // (fold_dice, whenever mean or rstd change).
   Vec<T> neg_scale, neg_shift, one_minus_alpha;
+  // The AVX-512 Dice forward's copy of neg_scale, neg_shift, 1 - alpha and alpha, each repeated to `period`
+  // features, the least multiple of wp that is one of 16: a tile's [rows, wp] z is one stream of 16-wide vectors
+  // whose parameters repeat with that period.
+  int64_t period = 0;
+  Vec<T> flat;  // [4, period]
 };
 
 // The folded Dice parameters of a from its alpha, gamma, beta, mean and rstd.
@@ -99,6 +104,16 @@ void fold_dice(ActLayer<T>& a) {
     a.neg_scale[c] = -s;
     a.neg_shift[c] = a.mean[c] * s - a.beta[c];
     a.one_minus_alpha[c] = T(1) - a.alpha[c];
+  }
+  const int64_t w = static_cast<int64_t>(wp);
+  a.period = w;
+  while (w > 0 && a.period % 16 != 0) a.period += w;
+  a.flat.resize(4 * a.period);
+  for (int64_t c = 0; c < a.period; ++c) {
+    a.flat[c] = a.neg_scale[c % w];
+    a.flat[a.period + c] = a.neg_shift[c % w];
+    a.flat[2 * a.period + c] = a.one_minus_alpha[c % w];
+    a.flat[3 * a.period + c] = a.alpha[c % w];
   }
 }
 
@@ -480,53 +495,69 @@ DIN_EXT_AVX2 void activation_backward_avx2(const Net<T>& net, int64_t j, int64_t
 // vrndscaleps and the scaling by 2^n in one vscalefps (which saturates to 0 and inf, so no clamp): 18 vector
 // operations a vector instead of sigmoid_of_neg's 23, the same reduction and polynomial (results equal to
 // sigmoid_of_neg's over the range checked; at most 1.5e-7 relative error against double). A row's last 8
-// features (widths are multiples of 8) run masked: dice16_avx512 is h of features [c, c + 16) of one row from their z
-// in zv (lanes outside m zero, in and out).
-DIN_EXT_AVX512 DIN_EXT_INLINE __m512 dice16_avx512(const ActLayer<float>& a, int64_t c, __mmask16 m, __m512 zv) {
+// features (widths are multiples of 8) run masked.
+// h of U vectors zv[u] of z whose parameters start at a.flat's column off[u], lanes outside m[u] zero; the U
+// dependency chains (~60 cycles of latency each) step by step, interleaved, so that the core overlaps them: one
+// chain at a time ran the gate at half the FMA ports' rate.
+template <int U>
+DIN_EXT_AVX512 DIN_EXT_INLINE void dice_vectors_avx512(const ActLayer<float>& a, const int64_t* off,
+                                                       const __mmask16* m, const __m512* zv, __m512* h) {
   const __m512 one = _mm512_set1_ps(1.0f), ln2_hi = _mm512_set1_ps(0.693359375f),
-               ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-  const __m512 x = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(m, a.neg_scale.data() + c),
-                                   _mm512_maskz_loadu_ps(m, a.neg_shift.data() + c));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 rr = _mm512_fnmadd_ps(n, ln2_lo, _mm512_fnmadd_ps(n, ln2_hi, x));
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), rr, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, rr, one);
-  p = _mm512_fmadd_ps(p, rr, one);  // exp(r)
-  const __m512 gate = _mm512_div_ps(one, _mm512_add_ps(_mm512_scalef_ps(p, n), one));
-  const __m512 mix = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a.one_minus_alpha.data() + c), gate,
-                                     _mm512_maskz_loadu_ps(m, a.alpha.data() + c));
-  return _mm512_mul_ps(zv, mix);
-}
-DIN_EXT_AVX512 void dice_forward_avx512(const ActLayer<float>& a, int64_t wp, int64_t rows, const float* z,
-                                        float* h) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* zr = z + r * wp;
-    float* hr = h + r * wp;
-    for (int64_t c = 0; c < wp; c += 16) {
-      const __mmask16 m = wp - c >= 16 ? __mmask16(0xFFFF) : __mmask16(0x00FF);
-      _mm512_mask_storeu_ps(hr + c, m, dice16_avx512(a, c, m, _mm512_maskz_loadu_ps(m, zr + c)));
-    }
+               ln2_lo = _mm512_set1_ps(-2.12194440e-4f), log2e = _mm512_set1_ps(1.44269504088896341f);
+  const float* prm = a.flat.data();
+  const int64_t P = a.period;
+  __m512 n[U], rr[U], p[U];
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const __m512 x = _mm512_fmadd_ps(zv[u], _mm512_maskz_loadu_ps(m[u], prm + off[u]),
+                                     _mm512_maskz_loadu_ps(m[u], prm + P + off[u]));
+    n[u] = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    rr[u] = _mm512_fnmadd_ps(n[u], ln2_lo, _mm512_fnmadd_ps(n[u], ln2_hi, x));
+  }
+  const float coef[] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f,
+                        1.0f, 1.0f};
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) p[u] = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), rr[u], _mm512_set1_ps(coef[0]));
+#pragma GCC unroll 8
+  for (int k = 1; k < 7; ++k) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) p[u] = _mm512_fmadd_ps(p[u], rr[u], _mm512_set1_ps(coef[k]));  // exp(r) at k = 6
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const __m512 gate = _mm512_div_ps(one, _mm512_add_ps(_mm512_scalef_ps(p[u], n[u]), one));
+    const __m512 mix = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m[u], prm + 2 * P + off[u]), gate,
+                                       _mm512_maskz_loadu_ps(m[u], prm + 3 * P + off[u]));
+    h[u] = _mm512_mul_ps(zv[u], mix);
   }
 }
-// The last hidden layer's Dice and the one-output last linear of each row in one pass (score_forward_tile): the
-// activations stay in registers, and the product is a dot of wp / 16 vectors where the padded GEMM ran 8-wide
-// FMAs, one a feature.
-DIN_EXT_AVX512 void dice_scores_avx512(const ActLayer<float>& a, int64_t wp, int64_t rows, const float* z,
-                                       const float* w, float bias, float* s, int64_t ss) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* zr = z + r * wp;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < wp; c += 16) {
-      const __mmask16 m = wp - c >= 16 ? __mmask16(0xFFFF) : __mmask16(0x00FF);
-      acc = _mm512_fmadd_ps(dice16_avx512(a, c, m, _mm512_maskz_loadu_ps(m, zr + c)), _mm512_maskz_loadu_ps(m, w + c),
-                            acc);
+// The tile's z [rows, wp] as one stream of 16-wide vectors, 4 at a time (a.flat's columns follow the stream).
+DIN_EXT_AVX512 void dice_forward_avx512(const ActLayer<float>& a, int64_t wp, int64_t rows, const float* z,
+                                        float* h) {
+  constexpr int U = 4;
+  const int64_t N = rows * wp, P = a.period;
+  int64_t e = 0, o = 0;
+  const __mmask16 all[U] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+  for (; e + U * 16 <= N; e += U * 16) {
+    int64_t off[U];
+    __m512 zv[U], hv[U];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      off[u] = o;
+      o = o + 16 == P ? 0 : o + 16;
+      zv[u] = _mm512_loadu_ps(z + e + 16 * u);
     }
-    s[r * ss] = bias + _mm512_reduce_add_ps(acc);
+    dice_vectors_avx512<U>(a, off, all, zv, hv);
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) _mm512_storeu_ps(h + e + 16 * u, hv[u]);
+  }
+  for (; e < N; e += 16) {  // N is a multiple of 8
+    const __mmask16 m = N - e >= 16 ? __mmask16(0xFFFF) : __mmask16(0x00FF);
+    const __m512 zv = _mm512_maskz_loadu_ps(m, z + e);
+    __m512 hv;
+    dice_vectors_avx512<1>(a, &o, &m, &zv, &hv);
+    _mm512_mask_storeu_ps(h + e, m, hv);
+    o = o + 16 == P ? 0 : o + 16;
   }
 }
 template <typename T>
@@ -547,11 +578,10 @@ DIN_EXT_AVX512 void activation_backward_avx512(const Net<T>& net, int64_t j, int
 // linear when it has one output, as one dot over the padded width per row where the GEMM spent a vector of wp_n
 // padded outputs on every input feature.
 template <typename T>
-DIN_EXT_INLINE void score_rows_body(const Net<T>& net, int64_t rows, const T* z, T* h, T* s, int64_t ss) {
+DIN_EXT_INLINE void score_dots(const Net<T>& net, int64_t rows, const T* h, T* s, int64_t ss) {
   using V = typename Simd<T>::type;
   constexpr int64_t L = Simd<T>::lanes;
-  const int64_t j = net.n - 1, wp = net.wp[j];
-  activation_forward_body(net, j, rows, z, h);
+  const int64_t wp = net.wp[net.n - 1];
   const T* w = net.Wn[net.n].data();
   for (int64_t r = 0; r < rows; ++r) {
     V acc = {};
@@ -560,6 +590,11 @@ DIN_EXT_INLINE void score_rows_body(const Net<T>& net, int64_t rows, const T* z,
     for (int64_t l = 0; l < L; ++l) sum += acc[l];
     s[r * ss] = net.bias[net.n][0] + sum;
   }
+}
+template <typename T>
+DIN_EXT_INLINE void score_rows_body(const Net<T>& net, int64_t rows, const T* z, T* h, T* s, int64_t ss) {
+  activation_forward_body(net, net.n - 1, rows, z, h);
+  score_dots(net, rows, h, s, ss);
 }
 template <typename T>
 void score_rows_base(const Net<T>& net, int64_t rows, const T* z, T* h, T* s, int64_t ss) {
@@ -572,13 +607,8 @@ DIN_EXT_AVX2 void score_rows_avx2(const Net<T>& net, int64_t rows, const T* z, T
 }
 template <typename T>
 DIN_EXT_AVX512 void score_rows_avx512(const Net<T>& net, int64_t rows, const T* z, T* h, T* s, int64_t ss) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (net.act == Activation::kDice) {
-      return dice_scores_avx512(net.acts[net.n - 1], net.wp[net.n - 1], rows, z, net.Wn[net.n].data(),
-                                net.bias[net.n][0], s, ss);
-    }
-  }
-  score_rows_body(net, rows, z, h, s, ss);
+  activation_forward_avx512(net, net.n - 1, rows, z, h);
+  score_dots(net, rows, h, s, ss);
 }
 #endif
 template <typename T>
