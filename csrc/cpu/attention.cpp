@@ -17,7 +17,8 @@
 // candidates of one user (at most kGroup, fewer when there are fewer users than threads), each reading the
 // history once from memory. For histories of at least kWeffRows behaviours the forward scores one candidate at a
 // time with its effective weight Weff_{b,c} (layer 1 costs one D x H1 product per pair, as with one candidate, and
-// the history, at most a few hundred KB, is re-read from cache); for shorter ones, and in the backward, the
+// the history, at most a few hundred KB, is re-read from cache; a one-output last linear is a dot per row after the
+// last activation, forward_scores); for shorter ones, and in the backward, the
 // behaviour-only part k Kc^T of layer 1 is computed once per behaviour and the pairs are batched into pair tiles
 // of kTile / R candidates x R behaviours whose (k * q) Pc^T is one product (MultiWork). The backward sums each key
 // row's gradient over the candidates in a fixed order and writes it once. C = 1 (a query [B, D], or [B, 1, D])
@@ -574,9 +575,9 @@ DIN_EXT_AVX512 void activation_backward_avx512(const Net<T>& net, int64_t j, int
 }
 #endif
 
-// s[r * ss] = b_n + h_r . w_n for the tile's rows, from the last hidden layer's z (h: its activations): the last
-// linear when it has one output, as one dot over the padded width per row where the GEMM spent a vector of wp_n
-// padded outputs on every input feature.
+// s[r * ss] = b_n + h_r . w_n for the tile's rows from the last hidden layer's activations h: the last linear when
+// it has one output, as one dot over the padded width per row where the GEMM spent a vector of wp_n padded outputs
+// on every input feature. score_rows: the last activation (z -> h), then these dots.
 template <typename T>
 DIN_EXT_INLINE void score_dots(const Net<T>& net, int64_t rows, const T* h, T* s, int64_t ss) {
   using V = typename Simd<T>::type;
