@@ -10,6 +10,11 @@ p50 and p99 latency at 1 and 2 threads, and the FLOP floor: valid pairs x FLOPs 
 at the same thread count (FLOPs per pair 2 (D H1 + H1 H2 + H2): layer 1 in its split form, design §1.1).
 
     PYTHONPATH=. python bench/bench_rank.py --out bench/results/rank_cpu.md
+
+A/B of (c) against another checkout's build (e.g. main's), interleaved: each round runs one subprocess per build
+(this checkout's din_ext, then ROOT's, the order alternating), each timing --reps calls of (c) at one thread:
+
+    PYTHONPATH=. python bench/bench_rank.py --compare /work/main --shapes 1,100,50 --rounds 12 --reps 300
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import argparse
 import datetime
 import os
 import random
+import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -62,6 +69,12 @@ def make_unit():
     return unit
 
 
+def unit_params(unit):
+    """The weights, biases and activation parameters of a LocalActivationUnit, as the op takes them."""
+    return ([lin.weight for lin in unit.linears] + [unit.out.weight],
+            [lin.bias for lin in unit.linears] + [unit.out.bias], unit.act_params())
+
+
 def user_batch(batch, count, length, seed=0):
     """B users with histories of L behaviours and [B, C] candidates, and the same as B * C tiled rows."""
     g = torch.Generator().manual_seed(seed)
@@ -69,7 +82,8 @@ def user_batch(batch, count, length, seed=0):
     offsets = torch.arange(batch + 1, dtype=torch.long) * length
     users = Interactions(user_id=torch.arange(batch), user={f: ids(s, (batch,)) for f, s in SCHEMA.user_fields.items()},
                          item={f: ids(s, (batch, count)) for f, s in SCHEMA.item_fields.items()},
-                         hist_offsets=offsets, hist={f: ids(s, (batch * length,)) for f, s in SCHEMA.item_fields.items()},
+                         hist_offsets=offsets,
+                         hist={f: ids(s, (batch * length,)) for f, s in SCHEMA.item_fields.items()},
                          labels={"click": torch.zeros(batch)})
     tiled = users.take(torch.arange(batch).repeat_interleave(count))
     tiled = Interactions(tiled.user_id, tiled.user, {f: v.reshape(-1) for f, v in users.item.items()},
@@ -104,9 +118,7 @@ def interleaved_times(fns, min_reps, min_seconds, max_rounds=200):
 def bench_shape(unit, model, batch, count, length, threads, floor_gflops, min_reps, min_seconds):
     query, keys, lengths = make_inputs(batch, count, length)
     pairs = batch * count * length
-    weights = [l.weight for l in unit.linears] + [unit.out.weight]
-    biases = [l.bias for l in unit.linears] + [unit.out.bias]
-    params = unit.act_params()
+    weights, biases, params = unit_params(unit)
     flat_query = query.reshape(batch * count, D)
     tiled_keys = keys.repeat_interleave(count, dim=0) if pairs <= TILED_MAX_PAIRS else None
     tiled_lengths = lengths.repeat_interleave(count)
@@ -151,9 +163,8 @@ def rank_breakdown(model, batch, count, length, min_reps, min_seconds):
     profile = [p[0] if isinstance(p, tuple) else p for p in profile]
     attention = model.attention
     offsets = users.hist_offsets
-    weights = [l.weight for l in attention.linears] + [attention.out.weight]
-    biases = [l.bias for l in attention.linears] + [attention.out.bias]
-    params, eps = attention.act_params(), attention.activations[0].eps
+    weights, biases, params = unit_params(attention)
+    eps = attention.activations[0].eps
     interest = attention(query, keys, offsets=offsets)
     x = torch.cat([u[:, None].expand(batch, count, u.shape[-1]) for u in profile] + items + [interest], dim=-1)
     x = x.reshape(batch * count, x.shape[-1])
@@ -182,6 +193,47 @@ def rank_breakdown(model, batch, count, length, min_reps, min_seconds):
     return [(name, statistics.median(times[name][0])) for name, _ in steps]
 
 
+def time_multi(batch, count, length, reps):
+    """Median wall and CPU ms of reps calls of (c) at one thread, after 20 warm-up calls."""
+    torch.set_num_threads(1)
+    unit = make_unit()
+    query, keys, lengths = make_inputs(batch, count, length)
+    weights, biases, params = unit_params(unit)
+    wall, cpu = [], []
+    with torch.no_grad():
+        for i in range(20 + reps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            din_ext.ops.local_activation_attention(query, keys, weights, biases, params, lengths=lengths,
+                                                   activation="dice", backend="cpu")
+            if i >= 20:
+                wall.append((time.perf_counter() - t0) * 1e3)
+                cpu.append((time.process_time() - c0) * 1e3)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def compare(root, shapes, rounds, reps):
+    """Markdown rows: per shape, the medians (min, max) over rounds of each build's median ms of (c), and the
+    ratio this checkout / root."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    roots = {"this": here, "other": os.path.abspath(root)}
+    lines = [f"| B, C, L | rounds x reps | {roots['other']} | this checkout | this / other |", "|---|---|---|---|---|"]
+    for batch, count, length in shapes:
+        medians = {name: [] for name in roots}
+        for i in range(rounds):
+            for name in (list(roots) if i % 2 == 0 else list(roots)[::-1]):
+                env = dict(os.environ, PYTHONPATH=roots[name], OMP_NUM_THREADS="1")
+                done = subprocess.run([sys.executable, os.path.abspath(__file__), "--time-multi",
+                                       f"{batch},{count},{length},{reps}"], env=env, capture_output=True,
+                                      text=True, check=True)
+                medians[name].append(json.loads(done.stdout.strip().splitlines()[-1])[0])
+        cell = lambda v: f"{statistics.median(v):.3f} ({min(v):.3f}, {max(v):.3f})"  # noqa: E731
+        ratio = statistics.median(medians["this"]) / statistics.median(medians["other"])
+        lines.append(f"| {batch}, {count}, {length} | {rounds} x {reps} | {cell(medians['other'])} | "
+                     f"{cell(medians['this'])} | {ratio:.2f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def fmt(cell):
     return "skipped" if cell is None else f"{cell[0]:.3f} / {cell[1]:.3f}"
 
@@ -196,16 +248,30 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=None, metavar="B,C,L",
                         help="only these shapes (e.g. --shapes 1,100,50 16,10,500); DIN.rank's step-by-step "
                              f"breakdown runs only when {','.join(map(str, RANK_SHAPE))} is among them")
+    parser.add_argument("--compare", default=None, metavar="ROOT",
+                        help="A/B (c) against the din_ext under ROOT (a checkout with its build), interleaved")
+    parser.add_argument("--rounds", type=int, default=10, help="--compare: rounds (one run of each build a round)")
+    parser.add_argument("--reps", type=int, default=300, help="--compare: timed calls a run")
+    parser.add_argument("--time-multi", default=None, help=argparse.SUPPRESS)  # --compare's worker: B,C,L,reps
     args = parser.parse_args(argv)
     if not din_ext._ext.has_cpp():
         sys.exit("bench_rank needs the C++ extension (din_ext._C)")
-    shapes = [(b, c, l) for l in (50, 500) for b in (1, 16) for c in (1, 10, 100, 500)]
+    if args.time_multi:
+        print(json.dumps(time_multi(*(int(x) for x in args.time_multi.split(",")))))
+        return
+    shapes = [(b, c, n) for n in (50, 500) for b in (1, 16) for c in (1, 10, 100, 500)]
     if args.quick:
         shapes = [(1, 1, 50), (1, 100, 50)]
     if args.shapes:
         shapes = [tuple(int(x) for x in shape.split(",")) for shape in args.shapes]
         if any(len(shape) != 3 for shape in shapes):
             parser.error("--shapes takes B,C,L triples")
+    if args.compare:
+        lines = compare(args.compare, shapes, args.rounds, args.reps)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     unit = make_unit()
     torch.manual_seed(0)
     model = DIN(SCHEMA, embed_dim=16, attention_hidden=HIDDEN, tower_hidden=(200, 80), activation="dice",
