@@ -246,12 +246,10 @@ class _Optimizers:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if set_to_none:
-            # What each optimizer's zero_grad(set_to_none=True) does, without their profiler ranges and loops
-            # over the groups: every step calls it.
-            for optimizer in self.optimizers:
-                for group in optimizer.param_groups:
-                    for p in group["params"]:
-                        p.grad = None
+            # What each optimizer's zero_grad(set_to_none=True) does to its part of params, without their
+            # profiler ranges and loops over the groups: every step calls it.
+            for p in self.params:
+                p.grad = None
             return
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=set_to_none)
