@@ -883,9 +883,9 @@ def _backward_kernel(
 
 
 # float32 products without TF32 (torch's default) are "ieee" tl.dots on FMA units, whose operand layouts hold about
-# twice the registers of tensor-core fragments: _backward_kernel's configs spill 1.3 KB / 180 B / 140 B in the input /
+# twice the registers of tensor-core fragments: _backward_kernel's default spills 1.0 KB / 156 B / 140 B in the input /
 # layer-1 / hidden passes on sm_90 (bench/results/gpu_static.md). These configs of the same kernel, chosen by dtype
-# (backward_kernel_name), spill less: one pipelining stage (the input pass: 572 B) and 16 warps of at most 128
+# (backward_kernel_name), spill less: one pipelining stage (the input pass: 212 B) and 16 warps of at most 128
 # registers for the parameter passes (28 / 16 B). None is spill-free; a GPU run has to say whether they win.
 _backward_fp32_inputs_kernel = triton.autotune(configs=_configs([(16, 8)], maxnreg=255, stages=1),
                                                key=[*_KEY, "GRADS", "DB"], restore_value=_RESTORE)(_backward_kernel.fn)
