@@ -90,17 +90,18 @@ def const_row(j, row):
 
 
 def _configs(configs, maxnreg=None, stages=2):
-    """Autotuning configs (BLOCK_L, num_warps), with ptxas's register limit ``maxnreg`` (None: its own choice) and
-    ``stages`` software-pipelining stages; one when interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first, which
-    for bf16 and H = (80, 40) on sm_90 compiles without register spills at D = 32, 64, 128, with softmax and with
+    """Autotuning configs (BLOCK_L, num_warps) or (BLOCK_L, num_warps, num_stages), with ptxas's register limit
+    ``maxnreg`` (None: its own choice) and ``stages`` software-pipelining stages where a config names none; one when
+    interpreting, or when DIN_EXT_TRITON_AUTOTUNE=0: the first. For bf16 and H = (80, 40) on sm_90 every config of
+    the forward and the split backward compiles without register spills at D = 32, 64, 128, with softmax and with
     several candidates under Triton 3.6; fp32 spills 8 bytes in the hidden parameter pass with TF32 and in every
     backward pass without it, less with its own configs (_backward_fp32_inputs_kernel; bench/results/gpu_static.md)."""
     if interpreting():  # nothing to tune, and large tiles keep the interpreter fast
         return [triton.Config({"BLOCK_L": 32}, num_warps=4)]
     if os.environ.get("DIN_EXT_TRITON_AUTOTUNE", "1") == "0":
         configs = configs[:1]
-    return [triton.Config({"BLOCK_L": block}, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
-            for block, warps in configs]
+    return [triton.Config({"BLOCK_L": block}, num_warps=warps, num_stages=rest[0] if rest else stages, maxnreg=maxnreg)
+            for block, warps, *rest in configs]
 
 
 _KEY = ["b_bucket", "l_bucket", "D", "DV", "N0", "N1", "N2", "N3", "NUM_HIDDEN", "ACT", "SOFTMAX", "STOP", "MULTI",
@@ -362,9 +363,10 @@ def _load_mlp(W1, B1, W2, B2, W3, B3, WS, BS, N0, N1, N2, N3, NUM_HIDDEN: tl.con
 # Forward
 
 
-# (BLOCK_L = 64 at 8 warps, once a candidate, spilled 0.6-0.9 KB on sm_90 in every case of
-# bench/results/gpu_static.md: dropped)
-@triton.autotune(configs=_configs([(32, 8), (32, 4), (16, 4)]), key=_KEY)
+# Configs that spilled on sm_90 in some case of bench/results/gpu_static.md are dropped: BLOCK_L = 64 at 8 warps
+# (0.6-0.9 KB in every case), BLOCK_L = 32 at 4 warps (D = 128 and C >= 4 candidates, 8-24 B) and BLOCK_L = 16 at
+# 4 warps (C >= 4 candidates, 24 B). BLOCK_L = 16 at 8 warps spills in none, and fits 2 blocks per SM at D = 32, 64.
+@triton.autotune(configs=_configs([(32, 8), (16, 8)]), key=_KEY)
 @triton.jit
 def _forward_kernel(
     Q,  # [B, D] queries, or [B, NC, D] (MULTI)
@@ -551,10 +553,13 @@ _RESTORE = ["GQ", "DC", "PART"]
 
 # maxnreg=255: every backward kernel needs about all of a thread's 255 registers at 8 warps (one block per SM
 # either way); left to itself, ptxas holds some configs to far fewer and spills (32 registers and 15 KB of spills at
-# D = 32, BLOCK_L = 32 under Triton 3.6). (BLOCK_L = 16 at 4 warps, once a candidate, spilled in every case of
-# bench/results/gpu_static.md, 4 B to 1.2 KB: dropped.) restore_value: the buffers a pass read-modify-writes (PART's
-# dKc, dPc rows, a multi-candidate query's GQ and DC), which autotuning's timed runs would otherwise add to again.
-@triton.autotune(configs=_configs([(16, 8), (32, 8)], maxnreg=255), key=[*_KEY, "GRADS", "DB"],
+# D = 32, BLOCK_L = 32 under Triton 3.6). Configs that spilled in some case of bench/results/gpu_static.md are
+# dropped: BLOCK_L = 16 at 4 warps (every case, 4 B to 1.2 KB) and BLOCK_L = 32 at 8 warps (9 of the 12 bf16
+# cases, 24 B to 3.5 KB at 2 stages, 36 B to 2.3 KB at 1); the second candidate is the default's tile with one
+# pipelining stage, spill-free in every bf16 case of the split backward. restore_value: the buffers a pass
+# read-modify-writes (PART's dKc, dPc rows, a multi-candidate query's GQ and DC), which autotuning's timed runs
+# would otherwise add to again.
+@triton.autotune(configs=_configs([(16, 8), (16, 8, 1)], maxnreg=255), key=[*_KEY, "GRADS", "DB"],
                  restore_value=_RESTORE)
 @triton.jit
 def _backward_kernel(
@@ -606,6 +611,11 @@ def _backward_kernel(
     wd = _load_mat(W0 + 2 * D, N0, D, 4 * D, P0, DP).to(ACC)
     kc = (_load_mat(W0 + D, N0, D, 4 * D, P0, DP).to(ACC) - wd).to(IN)
     pc = _load_mat(W0 + 3 * D, N0, D, 4 * D, P0, DP).to(IN)
+    # Kc and Pc side by side, [P0, 2 DP] with their columns interleaved: the input gradients' two products with gz
+    # (d/dk through Kc, d/d(k * q)) are one tl.dot, so gz is loaded as an operand once, not twice. On sm_90 the fp32
+    # input pass without TF32 then spills 212 B, not 572 (bench/results/gpu_static.md). The same sums: each output
+    # column is its own dot product over the same P0 terms.
+    kpc = tl.reshape(tl.join(kc, pc), [P0, 2 * DP])
     scale = tl.load(CONSTS + SCALE_ROW * HMAXP)
     offs_l = tl.arange(0, BLOCK_L)
     offs_d = tl.arange(0, DP)
@@ -766,9 +776,9 @@ def _backward_kernel(
                         a0_2 += s2
                 if INPUTS:
                     if MULTI:  # layer 1: z_0 = c_{b,c} + Kc k + Pc (q_{b,c} * k)
-                        gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
+                        gk, gy = tl.split(tl.reshape(_mm(gz, kpc, ACC, TF32), [BLOCK_L, DP, 2]))  # gy: d/d(k * q)
                         gy3 = tl.reshape(gy, [BLOCK_C, BLOCK_L // BLOCK_C, DP])
-                        gk3 = tl.reshape(_mm(gz, kc, ACC, TF32), [BLOCK_C, BLOCK_L // BLOCK_C, DP])
+                        gk3 = tl.reshape(gk, [BLOCK_C, BLOCK_L // BLOCK_C, DP])
                         gk_sum += tl.sum(gk3 + gy3 * qb[:, None, :], 0)
                         gv = tl.sum(w[:, :, None] * g_out[:, None, :], 0)
                         if HAS_V:
@@ -788,8 +798,7 @@ def _backward_kernel(
                         tl.debug_barrier()
                     else:  # layer 1: z_0 = c_b + Weff_b k
                         dc += tl.sum(gz, 0)
-                        gk = _mm(gz, kc, ACC, TF32)
-                        gy = _mm(gz, pc, ACC, TF32)  # d/d(k * q)
+                        gk, gy = tl.split(tl.reshape(_mm(gz, kpc, ACC, TF32), [BLOCK_L, DP, 2]))  # gy: d/d(k * q)
                         gk += gy * q[None, :]
                         gq += tl.sum(gy * k.to(ACC), 0)
                         if HAS_V:
@@ -874,9 +883,9 @@ def _backward_kernel(
 
 
 # float32 products without TF32 (torch's default) are "ieee" tl.dots on FMA units, whose operand layouts hold about
-# twice the registers of tensor-core fragments: _backward_kernel's configs spill 1.3 KB / 180 B / 140 B in the input /
+# twice the registers of tensor-core fragments: _backward_kernel's default spills 1.0 KB / 156 B / 140 B in the input /
 # layer-1 / hidden passes on sm_90 (bench/results/gpu_static.md). These configs of the same kernel, chosen by dtype
-# (backward_kernel_name), spill less: one pipelining stage (the input pass: 572 B) and 16 warps of at most 128
+# (backward_kernel_name), spill less: one pipelining stage (the input pass: 212 B) and 16 warps of at most 128
 # registers for the parameter passes (28 / 16 B). None is spill-free; a GPU run has to say whether they win.
 _backward_fp32_inputs_kernel = triton.autotune(configs=_configs([(16, 8)], maxnreg=255, stages=1),
                                                key=[*_KEY, "GRADS", "DB"], restore_value=_RESTORE)(_backward_kernel.fn)
