@@ -273,7 +273,7 @@ struct Work {
   void set_user(const Net<T>& net, const T* q, bool backward);
   // Weff alone, for the stored backward's layer 1 (its z_0 is stored: neither c nor Weff^T is read).
   void set_user_weff(const Net<T>& net, const T* q) { build_user(net, q, nullptr, weff.data()); }
-  // The vectorized build of c and Weff^T (weffT not null) and of Weff (weff not null), set_user_body.
+  // The vectorized build of Weff^T (weffT not null) and of Weff (weff not null), set_user_body.
   void build_user(const Net<T>& net, const T* q, T* weffT, T* weff);
 };
 
@@ -294,20 +294,11 @@ DIN_EXT_INLINE void weffT_body(const Net<T>& net, const T* __restrict q, T* __re
   }
 }
 
-// c and Weff^T (when weffT is not null), Weff (when weff is not null) of user query q.
+// Weff^T (when weffT is not null) and Weff (when weff is not null) of user query q.
 template <typename T>
-DIN_EXT_INLINE void set_user_body(const Net<T>& net, const T* __restrict q, T* __restrict c, T* __restrict weffT,
-                                  T* __restrict weff) {
-  const int64_t D = net.D, w0 = net.w[0], wp0 = net.wp[0], Dp = net.Dp;
-  if (weffT) {
-    std::copy(net.bias[0].begin(), net.bias[0].end(), c);
-    for (int64_t d = 0; d < D; ++d) {
-      const T qd = q[d];
-      const T* __restrict a = net.AT.data() + d * wp0;
-      for (int64_t hh = 0; hh < wp0; ++hh) c[hh] += a[hh] * qd;
-    }
-    weffT_body(net, q, weffT);
-  }
+DIN_EXT_INLINE void set_user_body(const Net<T>& net, const T* __restrict q, T* __restrict weffT, T* __restrict weff) {
+  const int64_t D = net.D, w0 = net.w[0], Dp = net.Dp;
+  if (weffT) weffT_body(net, q, weffT);
   if (!weff) return;
   for (int64_t hh = 0; hh < w0; ++hh) {
     const T* __restrict kc = net.Kc.data() + hh * Dp;
@@ -318,38 +309,38 @@ DIN_EXT_INLINE void set_user_body(const Net<T>& net, const T* __restrict q, T* _
 }
 
 template <typename T>
-void set_user_base(const Net<T>& net, const T* q, T* c, T* weffT, T* weff) {
-  set_user_body(net, q, c, weffT, weff);
+void set_user_base(const Net<T>& net, const T* q, T* weffT, T* weff) {
+  set_user_body(net, q, weffT, weff);
 }
 #if DIN_EXT_HAVE_AVX2
 template <typename T>
-DIN_EXT_AVX2 void set_user_avx2(const Net<T>& net, const T* q, T* c, T* weffT, T* weff) {
-  set_user_body(net, q, c, weffT, weff);
+DIN_EXT_AVX2 void set_user_avx2(const Net<T>& net, const T* q, T* weffT, T* weff) {
+  set_user_body(net, q, weffT, weff);
 }
 template <typename T>
-DIN_EXT_AVX512 void set_user_avx512(const Net<T>& net, const T* q, T* c, T* weffT, T* weff) {
-  set_user_body(net, q, c, weffT, weff);
+DIN_EXT_AVX512 void set_user_avx512(const Net<T>& net, const T* q, T* weffT, T* weff) {
+  set_user_body(net, q, weffT, weff);
 }
 #endif
 
 template <typename T>
 void Work<T>::set_user(const Net<T>& net, const T* q_, bool backward) {
   q = q_;
-  // Split: c = (Wq + Wd) q + b_0 as one row of a product, and Weff only for the backward's d/dk.
-  if (net.split) {
-    gemm<T>().nn(1, net.D, net.wp[0], q, net.D, net.AT.data(), net.wp[0], net.bias[0].data(), c.data(), net.wp[0]);
-    if (!backward) return;
-  }
+  // c = (Wq + Wd) q + b_0 as one row of a product, whose accumulators stay in registers: the axpy over d it
+  // replaces stored and reloaded c at every d (a store-forwarding chain, half of set_user's time at D = 32). The
+  // same sum in the same order, one FMA a term. Split: Weff only for the backward's d/dk.
+  gemm<T>().nn(1, net.D, net.wp[0], q, net.D, net.AT.data(), net.wp[0], net.bias[0].data(), c.data(), net.wp[0]);
+  if (net.split && !backward) return;
   build_user(net, q, net.split ? nullptr : weffT.data(), backward ? weff.data() : nullptr);
 }
 
 template <typename T>
 void Work<T>::build_user(const Net<T>& net, const T* q, T* wt, T* w) {
 #if DIN_EXT_HAVE_AVX2
-  if (has_avx512()) return set_user_avx512(net, q, c.data(), wt, w);
-  if (has_avx2_fma()) return set_user_avx2(net, q, c.data(), wt, w);
+  if (has_avx512()) return set_user_avx512(net, q, wt, w);
+  if (has_avx2_fma()) return set_user_avx2(net, q, wt, w);
 #endif
-  set_user_base(net, q, c.data(), wt, w);
+  set_user_base(net, q, wt, w);
 }
 
 template <typename T>
@@ -497,23 +488,18 @@ DIN_EXT_AVX2 void activation_backward_avx2(const Net<T>& net, int64_t j, int64_t
 // operations a vector instead of sigmoid_of_neg's 23, the same reduction and polynomial (results equal to
 // sigmoid_of_neg's over the range checked; at most 1.5e-7 relative error against double). A row's last 8
 // features (widths are multiples of 8) run masked.
-// h of U vectors zv[u] of z whose parameters start at a.flat's column off[u], lanes outside m[u] zero; the U
-// dependency chains (~60 cycles of latency each) step by step, interleaved, so that the core overlaps them: one
-// chain at a time ran the gate at half the FMA ports' rate.
+// 1 / (1 + exp(x)) of U vectors x[u]: the Dice gate, and the sigmoid of -x. The U dependency chains (~60 cycles
+// of latency each) step by step, interleaved, so that the core overlaps them: one chain at a time ran the gate at
+// half the FMA ports' rate.
 template <int U>
-DIN_EXT_AVX512 DIN_EXT_INLINE void dice_vectors_avx512(const ActLayer<float>& a, const int64_t* off,
-                                                       const __mmask16* m, const __m512* zv, __m512* h) {
+DIN_EXT_AVX512 DIN_EXT_INLINE void gate_vectors_avx512(const __m512* x, __m512* gate) {
   const __m512 one = _mm512_set1_ps(1.0f), ln2_hi = _mm512_set1_ps(0.693359375f),
                ln2_lo = _mm512_set1_ps(-2.12194440e-4f), log2e = _mm512_set1_ps(1.44269504088896341f);
-  const float* prm = a.flat.data();
-  const int64_t P = a.period;
   __m512 n[U], rr[U], p[U];
 #pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
-    const __m512 x = _mm512_fmadd_ps(zv[u], _mm512_maskz_loadu_ps(m[u], prm + off[u]),
-                                     _mm512_maskz_loadu_ps(m[u], prm + P + off[u]));
-    n[u] = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    rr[u] = _mm512_fnmadd_ps(n[u], ln2_lo, _mm512_fnmadd_ps(n[u], ln2_hi, x));
+    n[u] = _mm512_roundscale_ps(_mm512_mul_ps(x[u], log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    rr[u] = _mm512_fnmadd_ps(n[u], ln2_lo, _mm512_fnmadd_ps(n[u], ln2_hi, x[u]));
   }
   const float coef[] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f,
                         1.0f, 1.0f};
@@ -525,9 +511,24 @@ DIN_EXT_AVX512 DIN_EXT_INLINE void dice_vectors_avx512(const ActLayer<float>& a,
     for (int u = 0; u < U; ++u) p[u] = _mm512_fmadd_ps(p[u], rr[u], _mm512_set1_ps(coef[k]));  // exp(r) at k = 6
   }
 #pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) gate[u] = _mm512_div_ps(one, _mm512_add_ps(_mm512_scalef_ps(p[u], n[u]), one));
+}
+// h of U vectors zv[u] of z whose parameters start at a.flat's column off[u], lanes outside m[u] zero.
+template <int U>
+DIN_EXT_AVX512 DIN_EXT_INLINE void dice_vectors_avx512(const ActLayer<float>& a, const int64_t* off,
+                                                       const __mmask16* m, const __m512* zv, __m512* h) {
+  const float* prm = a.flat.data();
+  const int64_t P = a.period;
+  __m512 x[U], gate[U];
+#pragma GCC unroll 8
   for (int u = 0; u < U; ++u) {
-    const __m512 gate = _mm512_div_ps(one, _mm512_add_ps(_mm512_scalef_ps(p[u], n[u]), one));
-    const __m512 mix = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m[u], prm + 2 * P + off[u]), gate,
+    x[u] = _mm512_fmadd_ps(zv[u], _mm512_maskz_loadu_ps(m[u], prm + off[u]),
+                           _mm512_maskz_loadu_ps(m[u], prm + P + off[u]));
+  }
+  gate_vectors_avx512<U>(x, gate);
+#pragma GCC unroll 8
+  for (int u = 0; u < U; ++u) {
+    const __m512 mix = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m[u], prm + 2 * P + off[u]), gate[u],
                                        _mm512_maskz_loadu_ps(m[u], prm + 3 * P + off[u]));
     h[u] = _mm512_mul_ps(zv[u], mix);
   }
@@ -561,10 +562,35 @@ DIN_EXT_AVX512 void dice_forward_avx512(const ActLayer<float>& a, int64_t wp, in
     o = o + 16 == P ? 0 : o + 16;
   }
 }
+// The float sigmoid forward in the AVX-512 build: h = 1 / (1 + exp(-z)) over the tile's [rows, wp] z as one
+// stream of 16-wide vectors, 4 at a time, with the Dice gate's instructions (the autovectorized sigmoid(z) took
+// 5.6 ns a vector, this 3.6; at most 1e-7 relative error against double). The last 8 features run masked.
+DIN_EXT_AVX512 void sigmoid_forward_avx512(int64_t rows, int64_t wp, const float* z, float* h) {
+  constexpr int U = 4;
+  const int64_t N = rows * wp;
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  int64_t e = 0;
+  for (; e + U * 16 <= N; e += U * 16) {
+    __m512 x[U], hv[U];
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) x[u] = _mm512_xor_ps(_mm512_loadu_ps(z + e + 16 * u), sign);
+    gate_vectors_avx512<U>(x, hv);
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) _mm512_storeu_ps(h + e + 16 * u, hv[u]);
+  }
+  for (; e < N; e += 16) {  // N is a multiple of 8
+    const __mmask16 m = N - e >= 16 ? __mmask16(0xFFFF) : __mmask16(0x00FF);
+    const __m512 x = _mm512_xor_ps(_mm512_maskz_loadu_ps(m, z + e), sign);
+    __m512 hv;
+    gate_vectors_avx512<1>(&x, &hv);
+    _mm512_mask_storeu_ps(h + e, m, hv);
+  }
+}
 template <typename T>
 DIN_EXT_AVX512 void activation_forward_avx512(const Net<T>& net, int64_t j, int64_t rows, const T* z, T* h) {
   if constexpr (std::is_same_v<T, float>) {
     if (net.act == Activation::kDice) return dice_forward_avx512(net.acts[j], net.wp[j], rows, z, h);
+    if (net.act == Activation::kSigmoid) return sigmoid_forward_avx512(rows, net.wp[j], z, h);
   }
   activation_forward_body(net, j, rows, z, h);
 }
@@ -652,7 +678,9 @@ void forward_layers(const Net<T>& net, Work<T>& work, int64_t rows, int64_t upto
 
 // forward_layers up to the scores, the one-output last linear fused with the activation before it (score_rows):
 // the scores land in work.z[n] at row stride wp_n, where forward_layers leaves them. Not bitwise the same as
-// forward_layers (the dot's sum runs in another order): the multi-candidate forward's per-candidate path only.
+// forward_layers (the dot's sum runs in another order): the forward passes and the softmax backward's scoring
+// sweep only (visit_user), never the gradient pass. A tenth of the GEMM's time where the product spent a padded
+// vector of 8 outputs on each of the H2 inputs (about 3% of a 1-thread eval forward at D = 32).
 template <typename T>
 void forward_scores(const Net<T>& net, Work<T>& work, int64_t rows) {
   if (net.n == 0 || net.w[net.n] != 1) return forward_layers(net, work, rows, net.n);
@@ -865,9 +893,17 @@ void visit_user(const Net<T>& net, const Problem<T>& pb, Work<T>& work, MultiWor
   const int64_t len = pb.lengths[b], row0 = pb.starts[b], D = pb.D;
   if (pb.C == 1) {
     work.set_user(net, pb.query + b * D, backward);
+    // The scores of a pass outside the gradient pass by forward_scores' dots, except with training Dice, whose
+    // forward the stored kernels' must equal bitwise (their last linear is a product).
+    const bool dots = upto == net.n && !backward && !net.dice_train;
     for (int64_t t0 = 0; t0 < len; t0 += kTile) {
       const int64_t rows = std::min(kTile, len - t0);
-      forward_tile(net, work, pb.keys + (row0 + t0) * D, rows, upto);
+      if (dots) {
+        layer1_forward(net, work, pb.keys + (row0 + t0) * D, rows, work.z[0].data());
+        forward_scores(net, work, rows);
+      } else {
+        forward_tile(net, work, pb.keys + (row0 + t0) * D, rows, upto);
+      }
       on_tile(PairTile{t0, rows, 0, 1});
     }
     return;
