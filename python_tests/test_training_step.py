@@ -302,6 +302,37 @@ def test_make_optimizer_step_keeps_hooks_and_profiler_ranges(tiny):
         assert torch.equal(p, q) and torch.equal(p, r)
 
 
+def test_make_optimizer_fused_adam_step_is_torch_adams(tiny, monkeypatch):
+    """make_optimizer's step of the dense part (its own calls of torch's fused Adam ops, skipping the step's Python)
+    runs from the second step on and gives torch.optim.Adam's parameters and state bit for bit over several steps,
+    a parameter without a gradient left alone; a group it does not cover (amsgrad) goes through torch's step."""
+    train, _, schema = tiny
+    batches = [first_batch(train, 32)] + list(iterate_batches(train, 32))[1:4]
+    models = [model_of(schema) for _ in range(2)]
+    opts = [make_optimizer(m, 1e-2) for m in models]
+    opts[1].optimizers[1].register_step_post_hook(lambda *args: None)  # torch's step, wrapper and all
+    ran = []
+    fast = training._fused_adam_step
+    monkeypatch.setattr(training, "_fused_adam_step", lambda opt: ran.append(fast(opt)) or ran[-1])
+    for model in models:
+        model.heads.bias.requires_grad_(False)
+    for batch in batches:
+        for model, opt in zip(models, opts):
+            train_step(model, opt, batch)
+    # a batch: model 0's RowAdam and Adam (its first step torch's), model 1's RowAdam (its Adam is hooked)
+    assert ran == [False] * 3 + [False, True, False] * (len(batches) - 1)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+    adams = [opt.optimizers[1] for opt in opts]
+    for p, q in zip(*(a.param_groups[0]["params"] for a in adams)):
+        assert all(torch.equal(a, b) for a, b in zip(adams[0].state[p].values(), adams[1].state[q].values()))
+    assert not adams[0].state[models[0].heads.bias]
+    amsgrad = torch.optim.Adam([torch.nn.Parameter(torch.ones(3))], fused=True, amsgrad=True)
+    amsgrad.param_groups[0]["params"][0].grad = torch.ones(3)
+    amsgrad.step()
+    assert not training._fused_adam_step(amsgrad)
+
+
 def test_optimizer_state_resumes_and_splits_a_single_adam_state(tiny, tmp_path):
     """make_optimizer's state survives a weights-only save and load; the state of one Adam over every parameter
     (dense gradients, or din_ext before row-wise optimizers) loads into it with each parameter's moments."""

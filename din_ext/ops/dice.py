@@ -68,11 +68,14 @@ def dice(
     op = torch.ops.din_ext.triton_dice if name == "triton" else torch.ops.din_ext.dice
     params = pack_params(alpha, gamma, beta, running_mean, running_var)
     flat_mask = None if mask is None else mask.reshape(-1)
-    y, stats = op(x.reshape(-1, features), flat_mask, params, bool(training), float(eps))
+    # (N, H) as it is: a reshape to its own shape would still add an autograd node on the way in and out.
+    flat = x.dim() == 2
+    y, stats = op(x if flat else x.reshape(-1, features), flat_mask, params, bool(training), float(eps))
+    y = y if flat else y.reshape(x.shape)
     if not training:
-        return y.reshape(x.shape), running_mean.detach(), running_var.detach()
+        return y, running_mean.detach(), running_var.detach()
     mean, var = stats.unbind(0)
-    return y.reshape(x.shape), mean, var
+    return y, mean, var
 
 
 def pack_params(alpha, gamma, beta, running_mean, running_var) -> torch.Tensor:
