@@ -249,8 +249,10 @@ def _fused_adam_step(optimizer: torch.optim.Optimizer) -> bool:
         return False
     calls = []
     for group in optimizer.param_groups:
-        if (not group["fused"] or group["amsgrad"] or group["capturable"] or group["differentiable"]
-                or group["decoupled_weight_decay"] or any(isinstance(group[k], torch.Tensor) for k in ("lr", "eps"))
+        # .get: a torch without one of these options has none of its effects either
+        options = ("amsgrad", "capturable", "differentiable", "decoupled_weight_decay")
+        if (not group.get("fused") or any(group.get(k) for k in options)
+                or any(isinstance(group[k], torch.Tensor) for k in ("lr", "eps"))
                 or any(isinstance(b, torch.Tensor) for b in group["betas"])):
             return False
         params = [p for p in group["params"] if p.grad is not None]
