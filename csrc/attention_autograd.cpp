@@ -101,9 +101,10 @@ int64_t store_budget_bytes() {
 }
 
 // Whether this call runs the cpu stored-activation kernels: training Dice with a query [B, D] and hidden layers,
-// where something needs gradients, and N key rows x their bytes per row within the budget. Their peak is below a
-// quarter of the eager reference's at every shape (about 2 (H_1 + ... + H_n) floats per pair against its
-// 4D + 9 (H_1 + ... + H_n)); long histories recompute.
+// where something needs gradients, and N key rows x their bytes per row within the budget (the kernels store the
+// valid pairs alone, at most N: the lengths are not read here, where they may be fake or on another device, so
+// padded keys over-estimate). Their peak is below a quarter of the eager reference's at every shape (about
+// 2 (H_1 + ... + H_n) floats per pair against its 4D + 9 (H_1 + ... + H_n)); long histories recompute.
 bool use_stored(const at::Tensor& query, const at::Tensor& keys, const std::optional<at::Tensor>& values,
                 at::TensorList weights, at::TensorList biases, const at::Tensor& act_params,
                 c10::string_view activation, bool training) {

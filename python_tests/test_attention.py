@@ -262,6 +262,44 @@ def test_opcheck_stored(with_values):
     torch.library.opcheck(ops._local_activation_attention_stored_backward.default, grad_args)
 
 
+@requires_cpp
+@pytest.mark.parametrize("normalization", ["none", "softmax"])
+def test_cpu_stored_layout_by_pair(normalization):
+    """The stored kernels keep z_j by valid pair, not by key row: the same histories as padded keys (rows of
+    padding between users, a user past one 64-row tile, an empty one) and as jagged keys store the same first
+    valid x width values, and, their row tiles depending on the lengths alone, give bitwise the same output,
+    statistics and gradients (the key gradients at each layout's rows)."""
+    unit = make_unit("dice", normalization, hidden=(33, 9, 5), dim=7, dtype=torch.float32)
+    torch.manual_seed(3)
+    lengths = torch.tensor([5, 0, 70, 1, 30, 64, 9])
+    B, L, D = len(lengths), 80, 7
+    padded = torch.randn(B * L, D)
+    query = torch.randn(B, D)
+    starts = {"padded": torch.arange(B) * L, "jagged": torch.cat([torch.zeros(1, dtype=torch.long),
+                                                                   lengths.cumsum(0)[:-1]])}
+    rows = torch.cat([torch.arange(int(n)) + b * L for b, n in enumerate(lengths)])
+    keys = {"padded": padded, "jagged": padded[rows].clone()}
+    weights = [lin.weight.detach() for lin in [*unit.linears, unit.out]]
+    biases = [lin.bias.detach() for lin in [*unit.linears, unit.out]]
+    config = (unit.act_params().detach(), "dice", normalization, 0.37, True, 1e-8)
+    ops, results = torch.ops.din_ext, {}
+    for layout in ("padded", "jagged"):
+        args = (query, keys[layout], None, starts[layout], lengths, L, weights, biases)
+        out, stats, saved = ops._local_activation_attention_stored(*args, *config)
+        grad_out = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        grads = ops._local_activation_attention_stored_backward(grad_out, *args, config[0], stats, saved, *config[1:])
+        grad_keys = grads[1] if layout == "jagged" else grads[1][rows]
+        results[layout] = (out, stats, saved, grads[0], grad_keys, *grads[3], *grads[4], grads[5])
+    valid = results["jagged"][2].numel()  # jagged keys: no row outside the users' ranges
+    assert results["padded"][2].numel() == valid // len(rows) * B * L  # N x width, the tail past valid unused
+    assert torch.equal(results["padded"][2][:valid], results["jagged"][2])
+    for name, a, b in zip(["out", "stats", "saved", "query", "keys"], results["padded"], results["jagged"]):
+        if name != "saved":
+            assert torch.equal(a, b), name
+    for a, b in zip(results["padded"][5:], results["jagged"][5:]):
+        assert torch.equal(a, b)
+
+
 def test_running_stats_match_batchnorm(backend):
     """The Dice running statistics follow nn.BatchNorm1d run on the valid behaviours' pre-activations."""
     name, device = backend

@@ -1657,35 +1657,48 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
 // a time over all the pairs, and the backward reads them: each layer is computed once in each direction, and the
 // backward keeps d/dh_j of all pairs [N, wp_j] between its pass over layer j (the weight gradient above, the Dice
 // sums and the gradient but for the statistics' term, one sigmoid per element: dice_stored_rows) and the next one,
-// which adds that term once the sums are complete. `saved` holds z_j as [N, wp_j] indexed by key row (rows outside
-// every user's range are unused), at offset N * (wp_0 + ... + wp_{j-1}). The forward's tiles run the same products
+// which adds that term once the sums are complete. `saved` holds z_j as [V, wp_j] at offset V * (wp_0 + ... + wp_{j-1}), V the valid
+// pairs, indexed by pair: user b's behaviour t at pair_starts[b] + t (the lengths' prefix sum), whatever the keys'
+// layout, so padded keys ([B, L, D], half padding at typical lengths) store and walk their valid pairs alone and
+// the backward's row tiles span users; only layer 1's parts read keys and write key gradients at key rows
+// (starts[b] + t). The tensor keeps N x width values (the fake op's size, known without the lengths): the tail past
+// V x width is never touched. The forward's tiles run the same products
 // and activation code, in the same order and over the same tiles, as the recomputing kernels: both modes give
 // bitwise the same output and statistics. The backward runs the layers above the first over row tiles that span
 // users (for_row_tiles) and reduces its partials over pair_blocks, so its gradients equal the recomputing ones to
 // rounding, and are bitwise reproducible at any thread count.
 
-// z_j of the stored layout: N rows of wp_j.
+// z_j of the stored layout: V = pb.valid rows of wp_j.
 template <typename T>
-std::vector<int64_t> stored_offsets(const Net<T>& net, int64_t num_keys) {
+std::vector<int64_t> stored_offsets(const Net<T>& net, int64_t pairs) {
   std::vector<int64_t> offsets(net.n + 2, 0);
-  for (int64_t j = 0; j <= net.n; ++j) offsets[j + 1] = offsets[j] + num_keys * net.wp[j];
+  for (int64_t j = 0; j <= net.n; ++j) offsets[j + 1] = offsets[j] + pairs * net.wp[j];
   return offsets;
 }
 
-// Calls fn(b, t0, rows, row) for every tile of kTile behaviours of every user of block blk, in order (row: the key
-// row of the tile's first behaviour).
+// B + 1 pair offsets: user b's pairs are the stored rows [first[b], first[b + 1]).
+template <typename T>
+std::vector<int64_t> pair_starts(const Problem<T>& pb) {
+  std::vector<int64_t> first(pb.B + 1, 0);
+  for (int64_t b = 0; b < pb.B; ++b) first[b + 1] = first[b] + pb.lengths[b];
+  return first;
+}
+
+// Calls fn(b, t0, rows, row, p) for every tile of kTile behaviours of every user of block blk, in order (row: the
+// key row of the tile's first behaviour, p: its pair).
 template <typename T, typename Fn>
-void for_tiles(const Problem<T>& pb, const Blocks& blocks, int64_t blk, Fn&& fn) {
+void for_tiles(const Problem<T>& pb, const std::vector<int64_t>& first, const Blocks& blocks, int64_t blk, Fn&& fn) {
   for (int64_t b = blocks.first(blk, pb.B); b < blocks.last(blk, pb.B); ++b) {
-    for (int64_t t0 = 0; t0 < pb.lengths[b]; t0 += kTile) fn(b, t0, std::min(kTile, pb.lengths[b] - t0), pb.starts[b] + t0);
+    for (int64_t t0 = 0; t0 < pb.lengths[b]; t0 += kTile) {
+      fn(b, t0, std::min(kTile, pb.lengths[b] - t0), pb.starts[b] + t0, first[b] + t0);
+    }
   }
 }
 
 template <typename T>
-void stored_forward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, T* saved, T* stats, int64_t htot,
-                    double eps, T* out) {
+void stored_forward(Net<T>& net, const Problem<T>& pb, T* saved, T* stats, int64_t htot, double eps, T* out) {
   const Blocks blocks(pb.B);
-  const std::vector<int64_t> off = stored_offsets(net, num_keys);
+  const std::vector<int64_t> off = stored_offsets(net, pb.valid), first = pair_starts(pb);
   const int64_t D = pb.D, Dv = pb.Dv, n = net.n, wpn = net.wp[n];
   int64_t col = 0;
   for (int64_t j = 0; j <= n; ++j) {
@@ -1698,15 +1711,15 @@ void stored_forward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, T* save
       Vec<T> tile(2 * wp);
       for (int64_t blk = lo; blk < hi; ++blk) {
         int64_t user = -1;
-        for_tiles(pb, blocks, blk, [&](int64_t b, int64_t, int64_t rows, int64_t row) {
-          T* z = Z + row * wp;
+        for_tiles(pb, first, blocks, blk, [&](int64_t b, int64_t, int64_t rows, int64_t row, int64_t p) {
+          T* z = Z + p * wp;
           if (j == 0) {
             if (b != user) work.set_user(net, pb.query + b * D, false);
             user = b;
             layer1_forward(net, work, pb.keys + row * D, rows, z);
           } else {
             const int64_t wpp = net.wp[j - 1];
-            activation_forward_tile(net, j - 1, rows, saved + off[j - 1] + row * wpp, work.h[j - 1].data());
+            activation_forward_tile(net, j - 1, rows, saved + off[j - 1] + p * wpp, work.h[j - 1].data());
             g.nn(rows, net.w[j - 1], wp, work.h[j - 1].data(), wpp, net.WT[j].data(), wp, net.bias[j].data(), z, wp);
           }
           if (j < n) add_moments(z, rows, wp, net.bias[j].data(), tile.data(), partial.data() + blk * 2 * wp);
@@ -1726,7 +1739,7 @@ void stored_forward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, T* save
       double row_max = -std::numeric_limits<double>::infinity(), denom = 0;
       const int64_t len = pb.lengths[b], row0 = pb.starts[b];
       for (int64_t t0 = 0; t0 < len; t0 += kTile) {
-        pool_rows(pb, scores + (row0 + t0) * wpn, wpn, std::min(kTile, len - t0), row0 + t0, acc.data(), row_max,
+        pool_rows(pb, scores + (first[b] + t0) * wpn, wpn, std::min(kTile, len - t0), row0 + t0, acc.data(), row_max,
                   denom);
       }
       const T inv = pb.norm == Normalization::kSoftmax && len > 0 ? static_cast<T>(1.0 / denom) : T(1);
@@ -1761,34 +1774,32 @@ PairBlocks pair_blocks(const Problem<T>& pb) {
   return blocks;
 }
 
-// User b's behaviours at rows [at, at + rows) of a row tile.
+// User b's behaviours [t0, t0 + rows) at rows [at, at + rows) of a row tile.
 struct Piece {
-  int64_t b, at, rows;
+  int64_t b, t0, at, rows;
 };
 
-// Calls fn(row, rows, pieces, count) for row tiles of at most kTile consecutive key rows [row, row + rows) over
-// the behaviours of users [first, last) in order: a tile spans users whose rows adjoin (jagged keys), and a
-// history longer than a tile's room continues in the next one. The layers above the first share their weights
-// across users, so their products run over these tiles rather than over each user's few rows.
+// Calls fn(p, rows, pieces, count) for row tiles of kTile consecutive pairs [p, p + rows) (the last one shorter)
+// over the behaviours of users [first, last) in order (pairs: pair_starts): a tile spans users, and a history
+// longer than a tile's room continues in the next one. The layers above the first share their weights across
+// users, so their products run over these tiles rather than over each user's few rows.
 template <typename T, typename Fn>
-void for_row_tiles(const Problem<T>& pb, int64_t first, int64_t last, Fn&& fn) {
+void for_row_tiles(const Problem<T>& pb, const std::vector<int64_t>& pairs, int64_t first, int64_t last, Fn&& fn) {
   Piece pieces[kTile];
-  int64_t count = 0, row = 0, rows = 0;
+  int64_t count = 0, rows = 0;
   for (int64_t b = first; b < last; ++b) {
-    for (int64_t start = pb.starts[b], left = pb.lengths[b]; left > 0;) {
-      if (rows > 0 && (start != row + rows || rows == kTile)) {
-        fn(row, rows, static_cast<const Piece*>(pieces), count);
+    for (int64_t t0 = 0; t0 < pb.lengths[b];) {
+      const int64_t take = std::min(pb.lengths[b] - t0, kTile - rows);
+      pieces[count++] = Piece{b, t0, rows, take};
+      rows += take;
+      t0 += take;
+      if (rows == kTile) {
+        fn(pairs[b] + t0 - rows, rows, static_cast<const Piece*>(pieces), count);
         count = rows = 0;
       }
-      if (rows == 0) row = start;
-      const int64_t take = std::min(left, kTile - rows);
-      pieces[count++] = Piece{b, rows, take};
-      rows += take;
-      start += take;
-      left -= take;
     }
   }
-  if (rows > 0) fn(row, rows, static_cast<const Piece*>(pieces), count);
+  if (rows > 0) fn(pairs[last] - rows, rows, static_cast<const Piece*>(pieces), count);
 }
 
 // Dice of hidden layer j in the stored backward, on a tile of `rows` rows: from z (z_j) and g (d/dh_j, replaced in
@@ -1913,18 +1924,18 @@ void fold_user_dc(const Net<T>& net, int64_t users, const T* DC, const T* Q, con
 // statistics' term of e_j added when the next pass (or layer 1's) reads it; then layer 1 per user as the
 // recomputing gradient pass (its product is per user: the effective weight Weff_b).
 template <typename T>
-void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const T* saved, const T* weight,
-                     const T* grad_score, const T* grad_out, const PairBlocks& blocks,
-                     std::vector<Partial<T>>& partials, BackwardOutputs& outs) {
-  const std::vector<int64_t> off = stored_offsets(net, num_keys);
+void stored_backward(Net<T>& net, const Problem<T>& pb, const T* saved, const T* weight, const T* grad_score,
+                     const T* grad_out, const PairBlocks& blocks, std::vector<Partial<T>>& partials,
+                     BackwardOutputs& outs) {
+  const std::vector<int64_t> off = stored_offsets(net, pb.valid), pairs = pair_starts(pb);
   const int64_t D = pb.D, n = net.n, wp0 = net.wp[0], wpn = net.wp[n];
   const T* scores = saved + off[n];
-  at::Tensor above;  // d/dh_{j+1} of every pair [N, wp_{j+1}] (j + 1 < n), statistics' term not yet subtracted
+  at::Tensor above;  // d/dh_{j+1} of every pair [V, wp_{j+1}] (j + 1 < n), statistics' term not yet subtracted
   for (int64_t j = n - 1; j >= 0; --j) {
     const int64_t wj = net.wp[j], wa = net.wp[j + 1];
     const T* Zj = saved + off[j];
     const T* Za = saved + off[j + 1];
-    at::Tensor here = at::empty({num_keys * wj}, outs.grad_keys.options());
+    at::Tensor here = at::empty({pb.valid * wj}, outs.grad_keys.options());
     T* dh = here.data_ptr<T>();
     T* e_above = j + 1 < n ? above.data_ptr<T>() : nullptr;
     at::parallel_for(0, blocks.count(), 1, [&](int64_t lo, int64_t hi) {
@@ -1932,7 +1943,7 @@ void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const 
       Vec<T> top(e_above ? 0 : kTile * wa), h(kTile * wj), wt(e_above ? 0 : kTile);
       for (int64_t blk = lo; blk < hi; ++blk) {
         Partial<T>& part = partials[blk];
-        for_row_tiles(pb, blocks.first[blk], blocks.first[blk + 1],
+        for_row_tiles(pb, pairs, blocks.first[blk], blocks.first[blk + 1],
                       [&](int64_t row, int64_t rows, const Piece* pieces, int64_t count) {
           T* gz = top.data();
           if (e_above) {  // e_{j+1}, complete now that layer j+1's sums are
@@ -1941,8 +1952,7 @@ void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const 
           } else {  // d loss / d score, piece by piece (wt, the pooling weights, unused here)
             for (int64_t i = 0; i < count; ++i) {
               const Piece& pc = pieces[i];
-              const int64_t at = row + pc.at;
-              score_gradient_tile(pb, wpn, pc.b, PairTile{at - pb.starts[pc.b], pc.rows, 0, 1}, scores + at * wpn,
+              score_gradient_tile(pb, wpn, pc.b, PairTile{pc.t0, pc.rows, 0, 1}, scores + (row + pc.at) * wpn,
                                   weight, grad_score, grad_out, gz + pc.at * wpn, wt.data());
             }
           }
@@ -1983,12 +1993,12 @@ void stored_backward(Net<T>& net, const Problem<T>& pb, int64_t num_keys, const 
         work.set_user_weff(net, q);
         work.clear_user_gradients();
         for (int64_t t0 = 0; t0 < pb.lengths[b]; t0 += kTile) {
-          const int64_t rows = std::min(kTile, pb.lengths[b] - t0), row = pb.starts[b] + t0;
+          const int64_t rows = std::min(kTile, pb.lengths[b] - t0), row = pb.starts[b] + t0, p = pairs[b] + t0;
           for (int64_t r = 0; r < rows; ++r) {  // the pooling weights (score_gradient_tile's, without its dots)
-            work.wt[r] = pb.norm == Normalization::kSoftmax ? weight[row + r] : pb.scale * scores[(row + r) * wpn];
+            work.wt[r] = pb.norm == Normalization::kSoftmax ? weight[row + r] : pb.scale * scores[(p + r) * wpn];
           }
-          dice_stored_tile<T>(net.acts[0], wp0, rows, Z0 + row * wp0, e0 + row * wp0, nullptr, nullptr);
-          layer1_backward_tile(net, pb, work, b, t0, rows, e0 + row * wp0, grad_out, gk_all, gv_all);
+          dice_stored_tile<T>(net.acts[0], wp0, rows, Z0 + p * wp0, e0 + p * wp0, nullptr, nullptr);
+          layer1_backward_tile(net, pb, work, b, t0, rows, e0 + p * wp0, grad_out, gk_all, gv_all);
         }
         layer1_backward_user(net, work, partials[blk], q, gq_all + b * D, false);
         std::copy(work.dc.begin(), work.dc.end(), DC.begin() + (b - first) * wp0);
@@ -2027,7 +2037,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_stored_forward(
                                        args.stats);
     const Problem<scalar_t> pb = make_problem<scalar_t>(args);
     choose_layer1(net, pb.B, pb.C, pb.valid);
-    stored_forward(net, pb, args.shape.num_keys, saved.data_ptr<scalar_t>(),
+    stored_forward(net, pb, saved.data_ptr<scalar_t>(),
                    args.stats.data_ptr<scalar_t>(), args.shape.hidden_total, eps, args.out.data_ptr<scalar_t>());
   });
   return {args.out, args.stats, saved};
@@ -2064,14 +2074,12 @@ attention_stored_backward(const at::Tensor& grad_out_, const at::Tensor& query_,
     if (args.norm == Normalization::kSoftmax) {
       weight.resize(shape.num_keys);
       grad_score.resize(shape.num_keys);
-      const T* scores = saved.data_ptr<T>() + stored_offsets(net, shape.num_keys)[net.n];
+      const T* scores = saved.data_ptr<T>() + stored_offsets(net, pb.valid)[net.n];
+      const std::vector<int64_t> pairs = pair_starts(pb);
       const int64_t wpn = net.wp[net.n];
       at::parallel_for(0, pb.B, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t b = lo; b < hi; ++b) {
-          for (int64_t t = 0; t < pb.lengths[b]; ++t) {
-            const int64_t row = pb.starts[b] + t;
-            weight[row] = pb.scale * scores[row * wpn];
-          }
+          for (int64_t t = 0; t < pb.lengths[b]; ++t) weight[pb.starts[b] + t] = pb.scale * scores[(pairs[b] + t) * wpn];
           if (pb.lengths[b] > 0) score_gradients_user(pb, grad_out.data_ptr<T>(), b, weight.data(), grad_score.data());
         }
       });
@@ -2080,8 +2088,8 @@ attention_stored_backward(const at::Tensor& grad_out_, const at::Tensor& query_,
     std::vector<Partial<T>> partials(blocks.count());
     zero_partials(partials, net);
     if (pb.valid > 0) {
-      stored_backward(net, pb, shape.num_keys, saved.data_ptr<T>(), weight.data(), grad_score.data(),
-                      grad_out.data_ptr<T>(), blocks, partials, outs);
+      stored_backward(net, pb, saved.data_ptr<T>(), weight.data(), grad_score.data(), grad_out.data_ptr<T>(), blocks,
+                      partials, outs);
     } else {
       outs.grad_query.zero_();
     }
