@@ -1657,15 +1657,15 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
 // a time over all the pairs, and the backward reads them: each layer is computed once in each direction, and the
 // backward keeps d/dh_j of all pairs [N, wp_j] between its pass over layer j (the weight gradient above, the Dice
 // sums and the gradient but for the statistics' term, one sigmoid per element: dice_stored_rows) and the next one,
-// which adds that term once the sums are complete. `saved` holds z_j as [V, wp_j] at offset V * (wp_0 + ... + wp_{j-1}), V the valid
-// pairs, indexed by pair: user b's behaviour t at pair_starts[b] + t (the lengths' prefix sum), whatever the keys'
-// layout, so padded keys ([B, L, D], half padding at typical lengths) store and walk their valid pairs alone and
-// the backward's row tiles span users; only layer 1's parts read keys and write key gradients at key rows
-// (starts[b] + t). The tensor keeps N x width values (the fake op's size, known without the lengths): the tail past
-// V x width is never touched. The forward's tiles run the same products
-// and activation code, in the same order and over the same tiles, as the recomputing kernels: both modes give
-// bitwise the same output and statistics. The backward runs the layers above the first over row tiles that span
-// users (for_row_tiles) and reduces its partials over pair_blocks, so its gradients equal the recomputing ones to
+// which adds that term once the sums are complete. `saved` holds z_j as [V, wp_j] at offset
+// V * (wp_0 + ... + wp_{j-1}), V the valid pairs, indexed by pair: user b's behaviour t at pair_starts[b] + t (the
+// lengths' prefix sum), whatever the keys' layout, so padded keys ([B, L, D], half padding at typical lengths)
+// store and walk their valid pairs alone and the backward's row tiles span users; only layer 1's parts read keys
+// and write key gradients at key rows (starts[b] + t). The tensor keeps N x width values (the fake op's size, known
+// without the lengths): the tail past V x width is never touched. The forward's tiles run the same products and
+// activation code, in the same order and over the same tiles, as the recomputing kernels: both modes give bitwise
+// the same output and statistics. The backward runs the layers above the first over row tiles that span users
+// (for_row_tiles) and reduces its partials over pair_blocks, so its gradients equal the recomputing ones to
 // rounding, and are bitwise reproducible at any thread count.
 
 // z_j of the stored layout: V = pb.valid rows of wp_j.
@@ -2079,7 +2079,9 @@ attention_stored_backward(const at::Tensor& grad_out_, const at::Tensor& query_,
       const int64_t wpn = net.wp[net.n];
       at::parallel_for(0, pb.B, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t b = lo; b < hi; ++b) {
-          for (int64_t t = 0; t < pb.lengths[b]; ++t) weight[pb.starts[b] + t] = pb.scale * scores[(pairs[b] + t) * wpn];
+          for (int64_t t = 0; t < pb.lengths[b]; ++t) {
+            weight[pb.starts[b] + t] = pb.scale * scores[(pairs[b] + t) * wpn];
+          }
           if (pb.lengths[b] > 0) score_gradients_user(pb, grad_out.data_ptr<T>(), b, weight.data(), grad_score.data());
         }
       });
