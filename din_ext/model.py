@@ -109,7 +109,7 @@ class SharedEmbedding(nn.Embedding):
         if len(ids) == 1:
             return (super().forward(ids[0]),)
         flat = super().forward(torch.cat([i.reshape(-1) for i in ids]))
-        parts = flat.split([i.numel() for i in ids])
+        parts = flat.split_with_sizes([i.numel() for i in ids])
         return tuple(part.view(*i.shape, self.embedding_dim) for part, i in zip(parts, ids))  # not -1: N may be 0
 
 
@@ -402,7 +402,9 @@ class DIN(nn.Module):
         candidates, query, keys = [], [], []
         for field in schema.item_fields:
             if field in schema.history_fields:
-                history = batch.hist[field] if total is None else batch.hist[field][:total]
+                history = batch.hist[field]
+                if total is not None and history.shape[0] != total:  # no slice op where it ends at total
+                    history = history[:total]
                 candidate, behaviours = self._lookup(field, batch.item[field], history)
                 query.append(candidate)
                 keys.append(behaviours)

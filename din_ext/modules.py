@@ -19,13 +19,15 @@ def _update_running_stats(modules: Sequence["Dice"], mean: torch.Tensor, var: to
     count: a 0-d tensor (counted on the device, no synchronization: about 12 ops a layer), or an int known on the
     host (with a shared fixed momentum, every layer at once: 4 ops in all)."""
     widths = [m.num_features for m in modules]
-    means, variances = (mean.split(widths), var.split(widths)) if len(modules) > 1 else ([mean], [var])
+    # split_with_sizes: Tensor.split's op without its Python wrapper (three calls a step for DIN's attention)
+    means, variances = ((mean.split_with_sizes(widths), var.split_with_sizes(widths)) if len(modules) > 1
+                        else ([mean], [var]))
     momenta = {m.momentum for m in modules}
     with torch.no_grad():
         if not isinstance(count, torch.Tensor) and len(momenta) == 1 and None not in momenta:
             if count > 1:
                 unbiased = var * count / (count - 1)
-                unbiased = unbiased.split(widths) if len(modules) > 1 else [unbiased]
+                unbiased = unbiased.split_with_sizes(widths) if len(modules) > 1 else [unbiased]
                 torch._foreach_lerp_([m.running_mean for m in modules] + [m.running_var for m in modules],
                                      [*means, *unbiased], momenta.pop())
                 torch._foreach_add_([m.num_batches_tracked for m in modules], 1)

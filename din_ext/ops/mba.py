@@ -67,7 +67,8 @@ def mba_embedding(
     else:
         op = torch.ops.din_ext.triton_mba_embedding if name == "triton" else torch.ops.din_ext.mba_embedding
         out, reg = op(weight, flat, frequencies, float(reg_lambda), padding, bool(sparse))[:2]
-    pieces = torch.split(out, [i.numel() for i in id_list]) if len(id_list) != 1 else [out]
+    # split_with_sizes: the op torch.split and Tensor.split reach through two Python wrappers a call
+    pieces = out.split_with_sizes([i.numel() for i in id_list]) if len(id_list) != 1 else [out]
     # A piece of 1-D ids has its shape already: no view, so no autograd node a piece and step (DIN: 7 a step).
     outs = tuple(p if i.dim() == 1 else p.view(*i.shape, weight.shape[1]) for p, i in zip(pieces, id_list))
     # The compiled op's reg is a non-differentiable output already (no detach op a table and step for it).
