@@ -102,9 +102,10 @@ class SharedEmbedding(nn.Embedding):
             self.register_buffer("unit_frequencies", None, persistent=False)
 
     def forward(self, *ids: torch.Tensor, checked: bool = False) -> Tuple[torch.Tensor, ...]:
-        if self.unit_frequencies is not None and torch.is_grad_enabled() and self.weight.requires_grad:
-            out, _ = mba_ops.mba_embedding(self.weight, list(ids), self.unit_frequencies, 0.0,
-                                           padding_idx=self.padding_idx, sparse=True, checked=checked)
+        frequencies, weight = self.unit_frequencies, self.weight  # each one Module.__getattr__ a call
+        if frequencies is not None and torch.is_grad_enabled() and weight.requires_grad:
+            out, _ = mba_ops.mba_embedding(weight, list(ids), frequencies, 0.0, padding_idx=self.padding_idx,
+                                           sparse=True, checked=checked)
             return out
         if len(ids) == 1:
             return (super().forward(ids[0]),)

@@ -183,11 +183,12 @@ class LocalActivationUnit(nn.Module):
         (B, C, Dv); a user without behaviours gets zeros. Dice's running statistics count every valid
         (candidate, behaviour) pair: C * sum(lengths) rows."""
         training = self.training and self.activation == "dice"
-        eps = self.activations[0].eps if self.activation == "dice" and len(self.activations) else 1e-8
+        linears, activations, last = self.linears, self.activations, self.out  # Module.__getattr__ once each
+        eps = activations[0].eps if self.activation == "dice" and len(activations) else 1e-8
         params = self.act_params()
         out, stats = ops.local_activation_attention(
-            query, keys, [lin.weight for lin in self.linears] + [self.out.weight],
-            [lin.bias for lin in self.linears] + [self.out.bias], params, lengths=lengths, offsets=offsets,
+            query, keys, [lin.weight for lin in linears] + [last.weight],
+            [lin.bias for lin in linears] + [last.bias], params, lengths=lengths, offsets=offsets,
             values=values, max_len=max_len, activation=self.activation, normalization=self.normalization,
             score_scale=self.score_scale, training=training, eps=eps, backend=self.backend, checked=checked)
         if training:

@@ -61,7 +61,9 @@ def mba_embedding(
     names = ["ids"] if single else [f"ids[{k}]" for k in range(len(id_list))]
     padding = check_inputs(weight, id_list, names, frequencies, reg_lambda, padding_idx, checked)
     name = _backend.resolve(backend, weight.device, OP)
-    flat = torch.cat([i.reshape(-1) for i in id_list]) if len(id_list) != 1 else id_list[0].reshape(-1)
+    # 1-D ids as they are: a reshape to their own shape is still an op (DIN: 8 a step)
+    flat_ids = [i if i.dim() == 1 else i.reshape(-1) for i in id_list]
+    flat = torch.cat(flat_ids) if len(flat_ids) != 1 else flat_ids[0]
     if name == "reference":
         out, reg = reference.mba_lookup(weight, flat, frequencies, float(reg_lambda), padding, bool(sparse))
     else:
