@@ -71,7 +71,7 @@ def local_activation_attention(
             training=training, eps=eps)
     if offsets is not None:
         offsets = offsets if offsets.dtype == torch.long else offsets.long()  # no aten::to call for int64
-        starts, row_lengths = offsets[:-1], offsets[1:] - offsets[:-1]
+        starts, row_lengths = offsets[:-1], torch.diff(offsets)  # one op rather than two slices and a sub
         bound = -1 if max_len is None else int(max_len)
     else:
         batch, bound = keys.shape[0], keys.shape[1]
