@@ -402,6 +402,9 @@ def _batches(data: Data, batch_size: int, shuffle: bool = False, seed: int = 0) 
 
 
 def _labels(batch: Interactions, tasks) -> torch.Tensor:
+    """The labels (S, T) of ``tasks``, in their order: one task's is a view of its column (no stack a step)."""
+    if len(tasks) == 1:
+        return batch.labels[tasks[0]].unsqueeze(1)
     return torch.stack([batch.labels[t] for t in tasks], dim=1)
 
 
