@@ -102,14 +102,15 @@ class SharedEmbedding(nn.Embedding):
             self.register_buffer("unit_frequencies", None, persistent=False)
 
     def forward(self, *ids: torch.Tensor, checked: bool = False) -> Tuple[torch.Tensor, ...]:
-        if self.unit_frequencies is not None and torch.is_grad_enabled() and self.weight.requires_grad:
-            out, _ = mba_ops.mba_embedding(self.weight, list(ids), self.unit_frequencies, 0.0,
-                                           padding_idx=self.padding_idx, sparse=True, checked=checked)
+        frequencies, weight = self.unit_frequencies, self.weight  # each one Module.__getattr__ a call
+        if frequencies is not None and torch.is_grad_enabled() and weight.requires_grad:
+            out, _ = mba_ops.mba_embedding(weight, list(ids), frequencies, 0.0, padding_idx=self.padding_idx,
+                                           sparse=True, checked=checked)
             return out
         if len(ids) == 1:
             return (super().forward(ids[0]),)
         flat = super().forward(torch.cat([i.reshape(-1) for i in ids]))
-        parts = flat.split([i.numel() for i in ids])
+        parts = flat.split_with_sizes([i.numel() for i in ids])
         return tuple(part.view(*i.shape, self.embedding_dim) for part, i in zip(parts, ids))  # not -1: N may be 0
 
 
@@ -402,7 +403,9 @@ class DIN(nn.Module):
         candidates, query, keys = [], [], []
         for field in schema.item_fields:
             if field in schema.history_fields:
-                history = batch.hist[field] if total is None else batch.hist[field][:total]
+                history = batch.hist[field]
+                if total is not None and history.shape[0] != total:  # no slice op where it ends at total
+                    history = history[:total]
                 candidate, behaviours = self._lookup(field, batch.item[field], history)
                 query.append(candidate)
                 keys.append(behaviours)

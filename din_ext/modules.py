@@ -19,13 +19,15 @@ def _update_running_stats(modules: Sequence["Dice"], mean: torch.Tensor, var: to
     count: a 0-d tensor (counted on the device, no synchronization: about 12 ops a layer), or an int known on the
     host (with a shared fixed momentum, every layer at once: 4 ops in all)."""
     widths = [m.num_features for m in modules]
-    means, variances = (mean.split(widths), var.split(widths)) if len(modules) > 1 else ([mean], [var])
+    # split_with_sizes: Tensor.split's op without its Python wrapper (three calls a step for DIN's attention)
+    means, variances = ((mean.split_with_sizes(widths), var.split_with_sizes(widths)) if len(modules) > 1
+                        else ([mean], [var]))
     momenta = {m.momentum for m in modules}
     with torch.no_grad():
         if not isinstance(count, torch.Tensor) and len(momenta) == 1 and None not in momenta:
             if count > 1:
                 unbiased = var * count / (count - 1)
-                unbiased = unbiased.split(widths) if len(modules) > 1 else [unbiased]
+                unbiased = unbiased.split_with_sizes(widths) if len(modules) > 1 else [unbiased]
                 torch._foreach_lerp_([m.running_mean for m in modules] + [m.running_var for m in modules],
                                      [*means, *unbiased], momenta.pop())
                 torch._foreach_add_([m.num_batches_tracked for m in modules], 1)
@@ -181,11 +183,12 @@ class LocalActivationUnit(nn.Module):
         (B, C, Dv); a user without behaviours gets zeros. Dice's running statistics count every valid
         (candidate, behaviour) pair: C * sum(lengths) rows."""
         training = self.training and self.activation == "dice"
-        eps = self.activations[0].eps if self.activation == "dice" and len(self.activations) else 1e-8
+        linears, activations, last = self.linears, self.activations, self.out  # Module.__getattr__ once each
+        eps = activations[0].eps if self.activation == "dice" and len(activations) else 1e-8
         params = self.act_params()
         out, stats = ops.local_activation_attention(
-            query, keys, [lin.weight for lin in self.linears] + [self.out.weight],
-            [lin.bias for lin in self.linears] + [self.out.bias], params, lengths=lengths, offsets=offsets,
+            query, keys, [lin.weight for lin in linears] + [last.weight],
+            [lin.bias for lin in linears] + [last.bias], params, lengths=lengths, offsets=offsets,
             values=values, max_len=max_len, activation=self.activation, normalization=self.normalization,
             score_scale=self.score_scale, training=training, eps=eps, backend=self.backend, checked=checked)
         if training:

@@ -149,7 +149,8 @@ class RowAdam(torch.optim.Optimizer):
     def kernel(tensors: Sequence[torch.Tensor]) -> str:
         """The step that updates ``tensors`` (parameters and moments) together: "fused" or "foreach" (see the
         class)."""
-        fused = _ext.has_cpp() and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        # is_cpu: t.device builds a torch.device a call (15 tensors a DIN step)
+        fused = _ext.has_cpp() and all(t.is_cpu and t.is_contiguous() for t in tensors)
         return "fused" if fused else "foreach"
 
     @torch.no_grad()
@@ -260,7 +261,7 @@ def _fused_adam_step(optimizer: torch.optim.Optimizer) -> bool:
             continue
         dtype = params[0].dtype
         states = [optimizer.state.get(p) for p in params]
-        if not all(state and p.device.type == "cpu" and p.dtype == dtype and not p.grad.is_sparse
+        if not all(state and p.is_cpu and p.dtype == dtype and not p.grad.is_sparse
                    for p, state in zip(params, states)):
             return False
         calls.append((group, params, states))
@@ -401,6 +402,9 @@ def _batches(data: Data, batch_size: int, shuffle: bool = False, seed: int = 0) 
 
 
 def _labels(batch: Interactions, tasks) -> torch.Tensor:
+    """The labels (S, T) of ``tasks``, in their order: one task's is a view of its column (no stack a step)."""
+    if len(tasks) == 1:
+        return batch.labels[tasks[0]].unsqueeze(1)
     return torch.stack([batch.labels[t] for t in tasks], dim=1)
 
 

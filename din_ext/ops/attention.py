@@ -70,13 +70,13 @@ def local_activation_attention(
             max_len=max_len, activation=activation, normalization=normalization, score_scale=score_scale,
             training=training, eps=eps)
     if offsets is not None:
-        offsets = offsets.long()
-        starts, row_lengths = offsets[:-1], offsets[1:] - offsets[:-1]
+        offsets = offsets if offsets.dtype == torch.long else offsets.long()  # no aten::to call for int64
+        starts, row_lengths = offsets[:-1], torch.diff(offsets)  # one op rather than two slices and a sub
         bound = -1 if max_len is None else int(max_len)
     else:
         batch, bound = keys.shape[0], keys.shape[1]
         starts = torch.arange(batch, device=keys.device, dtype=torch.long) * bound
-        row_lengths = lengths.long()
+        row_lengths = lengths if lengths.dtype == torch.long else lengths.long()
         keys = keys.reshape(batch * bound, keys.shape[2])
         if values is not None:
             values = values.reshape(batch * bound, values.shape[2])

@@ -61,13 +61,16 @@ def mba_embedding(
     names = ["ids"] if single else [f"ids[{k}]" for k in range(len(id_list))]
     padding = check_inputs(weight, id_list, names, frequencies, reg_lambda, padding_idx, checked)
     name = _backend.resolve(backend, weight.device, OP)
-    flat = torch.cat([i.reshape(-1) for i in id_list]) if len(id_list) != 1 else id_list[0].reshape(-1)
+    # 1-D ids as they are: a reshape to their own shape is still an op (DIN: 8 a step)
+    flat_ids = [i if i.dim() == 1 else i.reshape(-1) for i in id_list]
+    flat = torch.cat(flat_ids) if len(flat_ids) != 1 else flat_ids[0]
     if name == "reference":
         out, reg = reference.mba_lookup(weight, flat, frequencies, float(reg_lambda), padding, bool(sparse))
     else:
         op = torch.ops.din_ext.triton_mba_embedding if name == "triton" else torch.ops.din_ext.mba_embedding
         out, reg = op(weight, flat, frequencies, float(reg_lambda), padding, bool(sparse))[:2]
-    pieces = torch.split(out, [i.numel() for i in id_list]) if len(id_list) != 1 else [out]
+    # split_with_sizes: the op torch.split and Tensor.split reach through two Python wrappers a call
+    pieces = out.split_with_sizes([i.numel() for i in id_list]) if len(id_list) != 1 else [out]
     # A piece of 1-D ids has its shape already: no view, so no autograd node a piece and step (DIN: 7 a step).
     outs = tuple(p if i.dim() == 1 else p.view(*i.shape, weight.shape[1]) for p, i in zip(pieces, id_list))
     # The compiled op's reg is a non-differentiable output already (no detach op a table and step for it).
