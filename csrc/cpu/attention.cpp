@@ -708,13 +708,6 @@ void layer1_forward(const Net<T>& net, Work<T>& work, const T* keys, int64_t row
   gemm<T>().nn(rows, 2 * D, wp0, work.X.data(), 2 * D, net.KPT.data(), wp0, work.c.data(), z, wp0);
 }
 
-// Forward of `rows` behaviours (keys rows, contiguous) of the current user: z_0 .. z_upto and h_0 .. h_{upto-1}.
-template <typename T>
-void forward_tile(const Net<T>& net, Work<T>& work, const T* keys, int64_t rows, int64_t upto) {
-  layer1_forward(net, work, keys, rows, work.z[0].data());
-  forward_layers(net, work, rows, upto);
-}
-
 // The single-candidate layer 1 of a call. Per user, Weff_b = Kc + diag(q_b) Pc (set_user) is a pass over three
 // [D, H1] arrays, bound by L2 bandwidth (about 1.05 us at D = 64, H1 = 80: as much as ~10 behaviours' D x H1
 // products), and buys one D-deep product per behaviour; the split form z_0 = c_b + [k, k * q_b] [Kc; Pc]^T needs
@@ -898,11 +891,11 @@ void visit_user(const Net<T>& net, const Problem<T>& pb, Work<T>& work, MultiWor
     const bool dots = upto == net.n && !backward && !net.dice_train;
     for (int64_t t0 = 0; t0 < len; t0 += kTile) {
       const int64_t rows = std::min(kTile, len - t0);
+      layer1_forward(net, work, pb.keys + (row0 + t0) * D, rows, work.z[0].data());
       if (dots) {
-        layer1_forward(net, work, pb.keys + (row0 + t0) * D, rows, work.z[0].data());
         forward_scores(net, work, rows);
       } else {
-        forward_tile(net, work, pb.keys + (row0 + t0) * D, rows, upto);
+        forward_layers(net, work, rows, upto);
       }
       on_tile(PairTile{t0, rows, 0, 1});
     }
@@ -1924,10 +1917,10 @@ void fold_user_dc(const Net<T>& net, int64_t users, const T* DC, const T* Q, con
 // statistics' term of e_j added when the next pass (or layer 1's) reads it; then layer 1 per user as the
 // recomputing gradient pass (its product is per user: the effective weight Weff_b).
 template <typename T>
-void stored_backward(Net<T>& net, const Problem<T>& pb, const T* saved, const T* weight, const T* grad_score,
-                     const T* grad_out, const PairBlocks& blocks, std::vector<Partial<T>>& partials,
-                     BackwardOutputs& outs) {
-  const std::vector<int64_t> off = stored_offsets(net, pb.valid), pairs = pair_starts(pb);
+void stored_backward(Net<T>& net, const Problem<T>& pb, const std::vector<int64_t>& pairs, const T* saved,
+                     const T* weight, const T* grad_score, const T* grad_out, const PairBlocks& blocks,
+                     std::vector<Partial<T>>& partials, BackwardOutputs& outs) {
+  const std::vector<int64_t> off = stored_offsets(net, pb.valid);
   const int64_t D = pb.D, n = net.n, wp0 = net.wp[0], wpn = net.wp[n];
   const T* scores = saved + off[n];
   at::Tensor above;  // d/dh_{j+1} of every pair [V, wp_{j+1}] (j + 1 < n), statistics' term not yet subtracted
@@ -2070,12 +2063,12 @@ attention_stored_backward(const at::Tensor& grad_out_, const at::Tensor& query_,
     Net<T> net = pack<T>(shape.dim, weights, biases, act_params, args.act, training, eps, args.stats);
     const Problem<T> pb = make_problem<T>(args);
     choose_layer1(net, pb.B, pb.C, pb.valid);
+    const std::vector<int64_t> pairs = pair_starts(pb);
     Vec<T> weight, grad_score;
     if (args.norm == Normalization::kSoftmax) {
       weight.resize(shape.num_keys);
       grad_score.resize(shape.num_keys);
       const T* scores = saved.data_ptr<T>() + stored_offsets(net, pb.valid)[net.n];
-      const std::vector<int64_t> pairs = pair_starts(pb);
       const int64_t wpn = net.wp[net.n];
       at::parallel_for(0, pb.B, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t b = lo; b < hi; ++b) {
@@ -2090,8 +2083,8 @@ attention_stored_backward(const at::Tensor& grad_out_, const at::Tensor& query_,
     std::vector<Partial<T>> partials(blocks.count());
     zero_partials(partials, net);
     if (pb.valid > 0) {
-      stored_backward(net, pb, saved.data_ptr<T>(), weight.data(), grad_score.data(), grad_out.data_ptr<T>(), blocks,
-                      partials, outs);
+      stored_backward(net, pb, pairs, saved.data_ptr<T>(), weight.data(), grad_score.data(), grad_out.data_ptr<T>(),
+                      blocks, partials, outs);
     } else {
       outs.grad_query.zero_();
     }
