@@ -767,6 +767,36 @@ struct Problem {
   T scale;
 };
 
+// A partition of the users for the backward's block partials: contiguous blocks of about `per_block` (candidate,
+// behaviour) pairs each (at most kMaxBlocks), cut where the running count of pairs crosses a multiple of
+// valid / count. It depends on the lengths alone, not on the thread count, so the block partials' reductions stay
+// bitwise reproducible; each block's partials (every weight's gradient, ~45 KB at D = 32) are zeroed and reduced
+// once per backward pass, so a partition by users (64 blocks at any B >= 64, whatever the pairs) spent a fixed
+// cost per call that short histories did not pay back. At least `min_blocks` (users permitting), so that a few
+// threads still balance.
+constexpr int64_t kBlockPairs = 256;           // the stored backward's (one pass over the pairs per layer)
+constexpr int64_t kRecomputeBlockPairs = 1024;  // the recomputing backward's (a full MLP pass per pair and pass)
+constexpr int64_t kRecomputeMinBlocks = 16;     // its floor: a DIN step (B = 256, ~6400 pairs) would have 7
+
+struct PairBlocks {
+  std::vector<int64_t> first;  // count + 1 user boundaries: block i holds users [first[i], first[i + 1])
+  int64_t count() const { return static_cast<int64_t>(first.size()) - 1; }
+};
+
+template <typename T>
+PairBlocks pair_blocks(const Problem<T>& pb, int64_t per_block, int64_t min_blocks) {
+  const int64_t limit = std::min(kMaxBlocks, std::max<int64_t>(pb.B, 1));
+  const int64_t count = std::clamp<int64_t>((pb.valid + per_block - 1) / per_block, std::min(min_blocks, limit), limit);
+  PairBlocks blocks{std::vector<int64_t>(count + 1, pb.B)};
+  blocks.first[0] = 0;
+  int64_t seen = 0, next = 1;
+  for (int64_t b = 0; b < pb.B && next < count; ++b) {
+    seen += pb.C * pb.lengths[b];
+    while (next < count && seen * count >= next * pb.valid) blocks.first[next++] = b + 1;
+  }
+  return blocks;
+}
+
 // A tile of one user's (candidate, behaviour) pairs: candidates [c0, c0 + nc) against behaviours [t0, t0 + R);
 // pair row p = cc * R + r of the tile's buffers is candidate c0 + cc and behaviour t0 + r. With one candidate
 // (C = 1) a tile is R behaviours, as in the single-candidate kernels.
@@ -1339,21 +1369,21 @@ void layer1_backward_user(const Net<T>& net, const Work<T>& work, Partial<T>& pa
 // written once.
 template <typename T>
 void backward_pass(const Net<T>& net, const Problem<T>& pb, const T* weight, const T* grad_score, const T* grad_out,
-                   int64_t stop, std::vector<Partial<T>>& partials, BackwardOutputs* outs) {
-  const Blocks blocks(pb.B);
+                   int64_t stop, const PairBlocks& blocks, std::vector<Partial<T>>& partials,
+                   BackwardOutputs* outs) {
   const bool full = stop < 0;
   const int64_t C = pb.C, D = pb.D, Dv = pb.Dv, Dp = net.Dp, n = net.n, wp0 = net.wp[0], w0 = net.w[0];
   T* gq_all = full ? outs->grad_query.data_ptr<T>() : nullptr;
   T* gk_all = full ? outs->grad_keys.data_ptr<T>() : nullptr;
   T* gv_all = full && outs->grad_values.numel() ? outs->grad_values.data_ptr<T>() : nullptr;
-  at::parallel_for(0, blocks.count, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, blocks.count(), 1, [&](int64_t lo, int64_t hi) {
     const Gemm<T>& g = gemm<T>();
     Work<T> work(net);
     work.init_backward(net);
     const auto multi = make_multi(net, pb, C, full);
     for (int64_t blk = lo; blk < hi; ++blk) {
       Partial<T>& part = partials[blk];
-      for (int64_t b = blocks.first(blk, pb.B); b < blocks.last(blk, pb.B); ++b) {
+      for (int64_t b = blocks.first[blk]; b < blocks.first[blk + 1]; ++b) {
         const int64_t len = pb.lengths[b], row0 = pb.starts[b];
         const T* q = pb.query + b * C * D;  // the user's candidates [C, D]
         if (full) std::fill(gq_all + b * C * D, gq_all + (b + 1) * C * D, T(0));
@@ -1625,16 +1655,19 @@ attention_backward(const at::Tensor& grad_out_, const at::Tensor& query_, const 
       score_gradients(net, pb, grad_out.data_ptr<T>(), weight.data(), grad_score.data());
     }
 
-    std::vector<Partial<T>> partials(Blocks(shape.batch).count);
+    const PairBlocks blocks = pair_blocks(pb, kRecomputeBlockPairs, kRecomputeMinBlocks);
+    std::vector<Partial<T>> partials(blocks.count());
+    zero_partials(partials, net);
     if (net.dice_train && pb.valid > 0) {
+      // A sums pass writes act[j] alone: the partials are zeroed once, and act[j] again after its sums are read.
       for (int64_t j = net.n - 1; j >= 0; --j) {
-        zero_partials(partials, net);
-        backward_pass(net, pb, weight.data(), grad_score.data(), grad_out.data_ptr<T>(), j, partials, nullptr);
+        backward_pass(net, pb, weight.data(), grad_score.data(), grad_out.data_ptr<T>(), j, blocks, partials,
+                      nullptr);
         set_backward_sums(net, j, partials, pb.valid);
+        for (auto& p : partials) std::fill(p.act[j].begin(), p.act[j].end(), 0.0);
       }
     }
-    zero_partials(partials, net);
-    backward_pass(net, pb, weight.data(), grad_score.data(), grad_out.data_ptr<T>(), -1, partials, &outs);
+    backward_pass(net, pb, weight.data(), grad_score.data(), grad_out.data_ptr<T>(), -1, blocks, partials, &outs);
     write_gradients(net, args, partials, grad_weights, grad_biases, args.grad_act_params);
   });
   return {outs.grad_query, outs.grad_keys, outs.grad_values, grad_weights, grad_biases, args.grad_act_params};
@@ -1739,32 +1772,6 @@ void stored_forward(Net<T>& net, const Problem<T>& pb, T* saved, T* stats, int64
       for (int64_t d = 0; d < Dv; ++d) out[b * Dv + d] = acc[d] * inv;
     }
   });
-}
-
-// The stored backward's partition of the users: contiguous blocks of about kBlockPairs pairs each (at most
-// kMaxBlocks), cut where the running count of pairs crosses a multiple of valid / count. It depends on the lengths
-// alone, not on the thread count, so the block partials' reductions stay bitwise reproducible; at short
-// histories it has far fewer blocks than the users' Blocks (B = 256 at a mean of 13 behaviours: 14 against 64),
-// and each block's partials (every weight's gradient) are zeroed and reduced once.
-constexpr int64_t kBlockPairs = 256;
-
-struct PairBlocks {
-  std::vector<int64_t> first;  // count + 1 user boundaries: block i holds users [first[i], first[i + 1])
-  int64_t count() const { return static_cast<int64_t>(first.size()) - 1; }
-};
-
-template <typename T>
-PairBlocks pair_blocks(const Problem<T>& pb) {
-  const int64_t limit = std::min(kMaxBlocks, std::max<int64_t>(pb.B, 1));
-  const int64_t count = std::clamp<int64_t>((pb.valid + kBlockPairs - 1) / kBlockPairs, 1, limit);
-  PairBlocks blocks{std::vector<int64_t>(count + 1, pb.B)};
-  blocks.first[0] = 0;
-  int64_t seen = 0, next = 1;
-  for (int64_t b = 0; b < pb.B && next < count; ++b) {
-    seen += pb.lengths[b];
-    while (next < count && seen * count >= next * pb.valid) blocks.first[next++] = b + 1;
-  }
-  return blocks;
 }
 
 // User b's behaviours [t0, t0 + rows) at rows [at, at + rows) of a row tile.
@@ -2079,7 +2086,7 @@ attention_stored_backward(const at::Tensor& grad_out_, const at::Tensor& query_,
         }
       });
     }
-    const PairBlocks blocks = pair_blocks(pb);
+    const PairBlocks blocks = pair_blocks(pb, kBlockPairs, 1);
     std::vector<Partial<T>> partials(blocks.count());
     zero_partials(partials, net);
     if (pb.valid > 0) {
