@@ -973,18 +973,40 @@ std::unique_ptr<MultiWork<T>> make_multi(const Net<T>& net, const Problem<T>& pb
 // Forward
 
 // Shifted sums and sums of squares of a tile's z_j [rows, wp] (the bias is a cheap guess of the mean), taken in T
-// over the tile (at most kTile terms) into `tile` [2 * wp], then added to the double totals sum [2 * wp].
+// over the tile (at most kTile terms) into `tile` [2 * wp], then added to the double totals sum [2 * wp]. Columns
+// outer in blocks of two vectors (then one; wp is a multiple of kPad<T>, one vector), rows inner: a block's sums stay
+// in registers where a row-outer loop stored and reloaded tile at every element. Each column adds its rows in the
+// same order, and the baseline build has no FMA to contract v * v into: bitwise the row-outer loop's sums.
 template <typename T>
 void add_moments(const T* z, int64_t rows, int64_t wp, const T* shift, T* tile, double* sum) {
-  std::fill(tile, tile + 2 * wp, T(0));
-  T* tsum = tile;
-  T* tsq = tile + wp;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < wp; ++c) {
-      const T v = z[r * wp + c] - shift[c];
-      tsum[c] += v;
-      tsq[c] += v * v;
+  using V = typename Simd<T>::type;
+  constexpr int64_t L = Simd<T>::lanes;
+  int64_t c0 = 0;
+  for (; c0 + 2 * L <= wp; c0 += 2 * L) {
+    const V s0 = load(shift + c0), s1 = load(shift + c0 + L);
+    V t0 = {}, t1 = {}, q0 = {}, q1 = {};
+    for (int64_t r = 0; r < rows; ++r) {
+      const V v0 = load(z + r * wp + c0) - s0, v1 = load(z + r * wp + c0 + L) - s1;
+      t0 += v0;
+      t1 += v1;
+      q0 += v0 * v0;
+      q1 += v1 * v1;
     }
+    store(tile + c0, t0);
+    store(tile + c0 + L, t1);
+    store(tile + wp + c0, q0);
+    store(tile + wp + c0 + L, q1);
+  }
+  for (; c0 < wp; c0 += L) {
+    const V s0 = load(shift + c0);
+    V t0 = {}, q0 = {};
+    for (int64_t r = 0; r < rows; ++r) {
+      const V v0 = load(z + r * wp + c0) - s0;
+      t0 += v0;
+      q0 += v0 * v0;
+    }
+    store(tile + c0, t0);
+    store(tile + wp + c0, q0);
   }
   for (int64_t c = 0; c < 2 * wp; ++c) sum[c] += tile[c];
 }
