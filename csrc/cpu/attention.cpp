@@ -776,7 +776,8 @@ struct Problem {
 // threads still balance.
 constexpr int64_t kBlockPairs = 256;           // the stored backward's (one pass over the pairs per layer)
 constexpr int64_t kRecomputeBlockPairs = 1024;  // the recomputing backward's (a full MLP pass per pair and pass)
-constexpr int64_t kRecomputeMinBlocks = 16;     // its floor: a DIN step (B = 256, ~6400 pairs) would have 7
+constexpr int64_t kRecomputeMinBlocks = 16;     // its floor: B = 256 at the synthetic default's mean of 12.7
+                                                // behaviours (~3200 pairs) would have 4
 
 struct PairBlocks {
   std::vector<int64_t> first;  // count + 1 user boundaries: block i holds users [first[i], first[i + 1])
